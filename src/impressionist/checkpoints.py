@@ -1,0 +1,75 @@
+"""Training checkpoints that survive disconnects, and know which run they belong to.
+
+Each checkpoint is an ``accelerator.save_state`` folder (LoRA weights, optimizer, scheduler, RNG)
+plus ``impressionist.json`` with the hash of every param that shapes training and the loss history.
+A run resumes only from a checkpoint with its own hash; others are discarded with a log line, so
+``dvc exp run -S lora.rank=32`` never continues a rank-16 run, while raising ``train.max_steps``
+does continue. Folders appear by rename, so a kill during a save leaves no half checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+META = "impressionist.json"
+PREFIX = "step-"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX}{step:08d}"
+
+
+def read_meta(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((folder / META).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def list_checkpoints(root: Path) -> list[tuple[Path, dict[str, Any] | None]]:
+    """Finished checkpoint folders under ``root`` in step order, with their metadata."""
+    if not root.is_dir():
+        return []
+    found = [(p, read_meta(p)) for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)]
+    return sorted(found, key=lambda item: item[0].name)
+
+
+def select_resume(root: Path, run_hash: str, max_steps: int, log=print) -> tuple[Path, dict] | None:
+    """Newest checkpoint of this run at or below ``max_steps``; discards other runs' checkpoints.
+
+    Also removes temporary folders left by a save that was killed midway.
+    """
+    if root.is_dir():
+        for leftover in root.glob(f".{PREFIX}*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+    best = None
+    for folder, meta in list_checkpoints(root):
+        if meta is None or meta.get("run_hash") != run_hash:
+            reason = "unreadable metadata" if meta is None else (
+                f"params hash {meta.get('run_hash')} != {run_hash}")
+            log(f"train: discarding checkpoint {folder} (from another run: {reason})")
+            shutil.rmtree(folder, ignore_errors=True)
+        elif meta["step"] <= max_steps:
+            best = (folder, meta)
+    return best
+
+
+def staging_folder(root: Path, step: int) -> Path:
+    return root / f".{checkpoint_name(step)}.tmp"
+
+
+def publish(root: Path, step: int, meta: dict[str, Any], keep: int) -> Path:
+    """Write metadata into the staged save, rename it into place, keep the newest ``keep``."""
+    staged, final = staging_folder(root, step), root / checkpoint_name(step)
+    (staged / META).write_text(json.dumps(meta, indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staged, final)
+    same_run = [p for p, m in list_checkpoints(root) if m and m.get("run_hash") == meta["run_hash"]]
+    for old in same_run[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final

@@ -1,0 +1,99 @@
+"""``impressionist <stage>`` runs one stage; ``impressionist demo`` runs the whole graph offline.
+
+The demo is a DVC experiment of the unchanged ``dvc.yaml`` with the overrides in
+``configs/demo.yaml`` (a tiny random-weight Flux-architecture model built locally and a SYNTHETIC
+WikiArt-schema source), so ``dvc exp show`` lists it beside real runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError, stage_main
+
+STAGES = {
+    "download": "impressionist.download", "filter": "impressionist.filter",
+    "caption": "impressionist.caption", "encode": "impressionist.encode",
+    "train": "impressionist.train", "sample": "impressionist.sample",
+    "evaluate": "impressionist.evaluate",
+}
+DEMO_OVERRIDES = Path("configs/demo.yaml")
+
+
+def demo_overrides(path: Path = DEMO_OVERRIDES) -> dict[str, Any]:
+    if not Path(path).is_file():
+        raise UserError(f"{path} not found; run `impressionist demo` from the repository root")
+    return yaml.safe_load(Path(path).read_text())
+
+
+def apply_overrides(params: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """What ``dvc exp run -S section.key=value`` does to params.yaml, for tests and dry runs."""
+    for dotted, value in overrides.items():
+        node = params
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        if leaf not in node:
+            raise UserError(f"override {dotted}: params.yaml has no such key")
+        node[leaf] = value
+    return params
+
+
+def hydra_value(value: Any) -> str:
+    """Render a value in the Hydra override syntax that ``dvc exp run -S`` parses."""
+    if isinstance(value, str):
+        return "'" + value.replace("'", "\\'") + "'"
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def demo_command(overrides: dict[str, Any], name: str | None) -> list[str]:
+    command = ["dvc", "exp", "run"]
+    if name:
+        command += ["--name", name]
+    for key, value in overrides.items():
+        command += ["-S", f"{key}={hydra_value(value)}"]
+    return command
+
+
+def run_demo(name: str | None, dry_run: bool) -> int:
+    overrides = demo_overrides()
+    command = demo_command(overrides, name)
+    print("demo: " + " ".join(command))
+    if dry_run:
+        return 0
+    if subprocess.run(["git", "rev-parse", "--verify", "HEAD"], capture_output=True).returncode:
+        raise UserError("`dvc exp run` needs a git repository with at least one commit; run "
+                        "`git init && git add -A && git commit -m init` first")
+    env = dict(os.environ, DVC_NO_ANALYTICS="1")
+    # Stage commands call `python`: make it the interpreter this command runs in.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    dvc = shutil.which("dvc", path=env["PATH"]) or "dvc"
+    return subprocess.run([dvc, *command[1:]], env=env).returncode
+
+
+@stage_main
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="impressionist", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="run the whole graph offline as a DVC experiment")
+    demo.add_argument("--name", help="experiment name (default: DVC picks one)")
+    demo.add_argument("--dry-run", action="store_true", help="print the dvc command only")
+    for stage in STAGES:
+        commands.add_parser(stage, help=f"run the {stage} stage", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "demo":
+        sys.exit(run_demo(args.name, args.dry_run))
+    importlib.import_module(STAGES[args.command]).main(rest)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""Stage ``encode``: cache VAE latents and text embeddings once, so training never runs the VAE or
+the text encoders.
+
+Depends only on the base model, ``encode.*``, ``caption.max_sequence_length`` and the captions, so a
+change of ``lora.*`` or ``train.*`` does not re-run it. Images are assigned to aspect-ratio buckets
+around ``encode.resolution`` (sides multiples of 16) and centre-cropped to their bucket. The VAE and
+the text encoders are loaded, used and freed in turn, and shards are flushed as they fill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from .errors import UserError, atomic_dir, stage_main
+from .latent_cache import EMPTY_CAPTION_KEY, INDEX, ShardWriter
+from .models import (load_text_pipeline, load_vae, resolve_device, resolve_dtype,
+                     resolve_pretrained)
+from .params import fingerprint, load_params, require_positive, section
+
+FILTERED_DIR = Path("data/filtered")
+CAPTIONS = Path("data/captions/captions.parquet")
+CACHE_DIR = Path("data/cache")
+
+
+def aspect_buckets(resolution: int, min_aspect: float, max_aspect: float) -> list[tuple[int, int]]:
+    """(height, width) buckets of about resolution^2 pixels, sides multiples of 16."""
+    from diffusers.training_utils import generate_aspect_ratio_buckets
+
+    buckets = generate_aspect_ratio_buckets(resolution, divisibility=16)
+    kept = [(h, w) for h, w in buckets if min_aspect <= w / h <= max_aspect]
+    return sorted(kept, key=lambda hw: hw[1] / hw[0])
+
+
+def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    from diffusers.training_utils import find_nearest_bucket
+
+    return buckets[find_nearest_bucket(height, width, buckets)]
+
+
+def crop_to_bucket(image: Image.Image, bucket: tuple[int, int]) -> Image.Image:
+    """Resize so the image covers the bucket, then centre-crop (keeps the painting's proportions)."""
+    bh, bw = bucket
+    scale = max(bh / image.height, bw / image.width)
+    size = (max(bw, round(image.width * scale)), max(bh, round(image.height * scale)))
+    image = image.resize(size, Image.Resampling.LANCZOS)
+    left, top = (image.width - bw) // 2, (image.height - bh) // 2
+    return image.crop((left, top, left + bw, top + bh))
+
+
+def to_pixels(images: list[Image.Image]) -> torch.Tensor:
+    array = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
+    return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def caption_key(caption: str) -> str:
+    """Identical captions (common with template captions) share one cached embedding."""
+    return hashlib.sha256(caption.encode()).hexdigest()[:16]
+
+
+def _validate(cfg: dict[str, Any]) -> None:
+    resolution = require_positive(cfg["resolution"], "encode.resolution")
+    if resolution % 16:
+        raise UserError(f"encode.resolution={resolution} must be a multiple of 16 (FLUX packs "
+                        "2x2 latents of an 8x VAE)")
+    require_positive(cfg["batch_size"], "encode.batch_size")
+    require_positive(cfg["shard_size"], "encode.shard_size")
+    if not 0 < cfg["bucket_min_aspect"] <= 1 <= cfg["bucket_max_aspect"]:
+        raise UserError("encode.bucket_min_aspect must be in (0, 1] and bucket_max_aspect >= 1")
+
+
+def _training_rows(filtered_dir: Path, captions_path: Path) -> pd.DataFrame:
+    meta_path = filtered_dir / "metadata.parquet"
+    for path, stage in ((meta_path, "filter"), (captions_path, "caption")):
+        if not path.is_file():
+            raise UserError(f"{path} not found; run the {stage} stage first (`dvc repro {stage}`)")
+    meta = pd.read_parquet(meta_path)
+    captions = pd.read_parquet(captions_path)[["id", "caption"]]
+    rows = meta[meta["split"] == "train"].merge(captions, on="id", how="left")
+    if rows["caption"].isna().any():
+        missing = rows.loc[rows["caption"].isna(), "id"].iloc[0]
+        raise UserError(f"image {missing} has no caption; re-run the caption stage")
+    if rows.empty:
+        raise UserError("no training images after filtering; add images or relax filter params")
+    return rows.sort_values("id").reset_index(drop=True)
+
+
+@torch.no_grad()
+def _encode_latents(rows: pd.DataFrame, filtered_dir: Path, cfg: dict[str, Any], model_folder: str,
+                    dtype: torch.dtype, device: torch.device, out: Path) -> list[dict[str, Any]]:
+    buckets = aspect_buckets(cfg["resolution"], cfg["bucket_min_aspect"], cfg["bucket_max_aspect"])
+    by_bucket: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i, row in rows.iterrows():
+        by_bucket[nearest_bucket(int(row["height"]), int(row["width"]), buckets)].append(i)
+
+    vae = load_vae(model_folder, dtype).to(device).eval()
+    shift, scale = vae.config.shift_factor, vae.config.scaling_factor
+    writer = ShardWriter(out, "latents", cfg["shard_size"])
+    samples = []
+    flips = (False, True) if cfg["flip"] else (False,)
+    progress = tqdm(total=len(rows) * len(flips), desc="encode latents", unit="img")
+    for bucket in sorted(by_bucket):
+        indices = by_bucket[bucket]
+        for start in range(0, len(indices), cfg["batch_size"]):
+            batch = rows.loc[indices[start:start + cfg["batch_size"]]]
+            images = [crop_to_bucket(Image.open(filtered_dir / f).convert("RGB"), bucket)
+                      for f in batch["file"]]
+            for flip in flips:
+                shown = [im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for im in images] if flip else images
+                pixels = to_pixels(shown).to(device=device, dtype=dtype)
+                # The posterior mean, not a sample: the cache (and so training) stays deterministic.
+                latents = (vae.encode(pixels).latent_dist.mode() - shift) * scale
+                for (_, row), latent in zip(batch.iterrows(), latents):
+                    key = f"{row['id']}:flip" if flip else row["id"]
+                    writer.add(key, {"latent": latent})
+                    samples.append({"key": key, "id": row["id"], "bucket": list(bucket),
+                                    "flip": flip, "caption_key": caption_key(row["caption"]),
+                                    "shard": writer.location[key]})
+                progress.update(len(batch))
+    progress.close()
+    writer.flush()
+    del vae
+    _free(device)
+    return samples
+
+
+@torch.no_grad()
+def _encode_texts(captions: list[str], cfg: dict[str, Any], max_sequence_length: int,
+                  model_folder: str, dtype: torch.dtype, device: torch.device,
+                  out: Path) -> dict[str, str]:
+    pipe = load_text_pipeline(model_folder, dtype).to(device)
+    writer = ShardWriter(out, "text", cfg["shard_size"])
+    keyed = {caption_key(c): c for c in captions}
+    items = [(EMPTY_CAPTION_KEY, "")] + sorted(keyed.items())
+    for start in tqdm(range(0, len(items), cfg["batch_size"]), desc="encode captions"):
+        chunk = items[start:start + cfg["batch_size"]]
+        prompt_embeds, pooled, _ = pipe.encode_prompt(
+            prompt=[text for _, text in chunk], prompt_2=None, device=device,
+            max_sequence_length=max_sequence_length)
+        for (key, _), embeds, pool in zip(chunk, prompt_embeds, pooled):
+            writer.add(key, {"prompt_embeds": embeds, "pooled": pool})
+    writer.flush()
+    del pipe
+    _free(device)
+    return writer.location
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run(params: dict[str, Any], filtered_dir: Path = FILTERED_DIR, captions_path: Path = CAPTIONS,
+        out_dir: Path = CACHE_DIR) -> dict[str, Any]:
+    model_cfg, cfg = section(params, "model"), section(params, "encode")
+    max_sequence_length = section(params, "caption")["max_sequence_length"]
+    _validate(cfg)
+    device, dtype = resolve_device(model_cfg), resolve_dtype(model_cfg)
+    rows = _training_rows(Path(filtered_dir), Path(captions_path))
+    model_folder = resolve_pretrained(model_cfg["pretrained"], model_cfg.get("revision"))
+
+    with atomic_dir(out_dir) as tmp:
+        samples = _encode_latents(rows, Path(filtered_dir), cfg, model_folder, dtype, device, tmp)
+        text = _encode_texts(rows["caption"].tolist(), cfg, max_sequence_length, model_folder,
+                             dtype, device, tmp)
+        index = {
+            "fingerprint": fingerprint(model_cfg["pretrained"], model_cfg.get("revision"),
+                                       str(dtype), cfg, max_sequence_length,
+                                       rows[["id", "caption"]].values.tolist()),
+            "base_model": model_cfg["pretrained"],
+            "resolution": cfg["resolution"],
+            "max_sequence_length": max_sequence_length,
+            "samples": samples,
+            "text": text,
+        }
+        (tmp / INDEX).write_text(json.dumps(index, indent=1))
+    buckets = sorted({tuple(s["bucket"]) for s in samples})
+    print(f"encode: {len(samples)} latents in {len(buckets)} buckets {buckets}, "
+          f"{len(text) - 1} distinct captions -> {out_dir}")
+    return index
+
+
+@stage_main
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    run(load_params(args.params))
+
+
+if __name__ == "__main__":
+    main()

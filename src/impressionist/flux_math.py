@@ -1,0 +1,101 @@
+"""The FLUX.1 rectified-flow training objective, as diffusers' Flux LoRA script computes it.
+
+Reference: diffusers ``examples/dreambooth/train_dreambooth_lora_flux.py``. Latents are the VAE's
+``(latent - shift_factor) * scaling_factor``; they are packed into 2x2 patches, noised as
+``(1 - sigma) * x + sigma * noise`` and the transformer predicts the velocity ``noise - x`` given
+the timestep ``sigma`` (the pipeline's ``t / 1000``) and, for FLUX.1-dev, a guidance embedding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from diffusers import FluxPipeline
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from diffusers.training_utils import (compute_density_for_timestep_sampling,
+                                      compute_loss_weighting_for_sd3)
+
+TIMESTEP_SAMPLINGS = ("logit_normal", "flux_shift", "mode", "uniform")
+LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
+
+
+@dataclass(frozen=True)
+class TimestepSampling:
+    method: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    # FLUX.1-dev scheduler values for the resolution-dependent shift (flux_shift only).
+    base_seq_len: int = 256
+    max_seq_len: int = 4096
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) latents -> (B, H/2 * W/2, 4C) tokens, exactly as FluxPipeline packs them."""
+    b, c, h, w = latents.shape
+    return FluxPipeline._pack_latents(latents, b, c, h, w)
+
+
+def latent_image_ids(latent_height: int, latent_width: int, device, dtype) -> torch.Tensor:
+    """Position ids (row, column) of the packed latent tokens, shape (H/2 * W/2, 3)."""
+    return FluxPipeline._prepare_latent_image_ids(None, latent_height // 2, latent_width // 2,
+                                                  device, dtype)
+
+
+def text_ids(seq_len: int, device, dtype) -> torch.Tensor:
+    """Text tokens all sit at position zero in FLUX's 3-axis RoPE."""
+    return torch.zeros(seq_len, 3, device=device, dtype=dtype)
+
+
+def sample_sigmas(sampling: TimestepSampling, batch_size: int, image_seq_len: int,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Noise levels in (0, 1) for one batch, drawn with ``generator`` (on CPU, for determinism)."""
+    if sampling.method == "flux_shift":
+        # FLUX.1's inference shift: larger images spend more of training at high noise.
+        u = torch.sigmoid(torch.normal(sampling.logit_mean, sampling.logit_std, (batch_size,),
+                                       generator=generator))
+        mu = calculate_shift(image_seq_len, sampling.base_seq_len, sampling.max_seq_len,
+                             sampling.base_shift, sampling.max_shift)
+        return math.exp(mu) / (math.exp(mu) + (1 / u - 1))
+    return compute_density_for_timestep_sampling(
+        sampling.method, batch_size, logit_mean=sampling.logit_mean, logit_std=sampling.logit_std,
+        mode_scale=sampling.mode_scale, generator=generator)
+
+
+def noisy_latents(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    s = sigmas.view(-1, *([1] * (latents.ndim - 1))).to(latents.dtype)
+    return (1.0 - s) * latents + s * noise
+
+
+def flow_matching_loss(transformer, latents: torch.Tensor, noise: torch.Tensor,
+                       sigmas: torch.Tensor, prompt_embeds: torch.Tensor,
+                       pooled_prompt_embeds: torch.Tensor, guidance_scale: float | None,
+                       weighting: str = "none") -> torch.Tensor:
+    """Weighted MSE between the transformer's velocity and ``noise - latents`` (scalar)."""
+    b, _, h, w = latents.shape
+    dtype = next(transformer.parameters()).dtype
+    device = latents.device
+    model_input = pack_latents(noisy_latents(latents, noise, sigmas))
+    guidance = None
+    if transformer.config.guidance_embeds:
+        guidance = torch.full((b,), float(guidance_scale), device=device, dtype=torch.float32)
+    prediction = transformer(
+        hidden_states=model_input.to(dtype),
+        timestep=sigmas.to(device=device, dtype=dtype),
+        guidance=guidance,
+        pooled_projections=pooled_prompt_embeds.to(dtype),
+        encoder_hidden_states=prompt_embeds.to(dtype),
+        txt_ids=text_ids(prompt_embeds.shape[1], device, dtype),
+        img_ids=latent_image_ids(h, w, device, dtype),
+        return_dict=False,
+    )[0]
+    # Packing is a permutation of elements, so the loss is the same as in unpacked space.
+    target = pack_latents(noise - latents)
+    weights = compute_loss_weighting_for_sd3("none" if weighting == "none" else weighting,
+                                             sigmas=sigmas.to(device)).float()
+    per_sample = ((prediction.float() - target.float()) ** 2).reshape(b, -1).mean(dim=1)
+    return (weights * per_sample).mean()

@@ -1,0 +1,63 @@
+"""LoRA on the Flux transformer with peft: target-module presets and their validation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft import LoraConfig
+
+from .errors import UserError
+from .params import require_choice, require_positive
+
+ATTENTION = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+             "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
+# The set diffusers' train_dreambooth_lora_flux.py adapts when --lora_layers is not given.
+DIFFUSERS_DEFAULT = ATTENTION + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                                 "ff_context.net.2"]
+ALL_LINEAR = DIFFUSERS_DEFAULT + ["proj_mlp", "proj_out", "norm1.linear", "norm1_context.linear",
+                                  "norm.linear"]
+TARGET_PRESETS = {"attention": ATTENTION, "default": DIFFUSERS_DEFAULT, "all-linear": ALL_LINEAR}
+ADAPTER_NAME = "default"
+
+
+def linear_module_names(model: torch.nn.Module) -> set[str]:
+    """Names of nn.Linear layers inside the transformer blocks, without the block prefix."""
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            parts = name.split(".")
+            if parts[0] in ("transformer_blocks", "single_transformer_blocks"):
+                parts = parts[2:]
+            names.add(".".join(parts))
+    return names
+
+
+def resolve_targets(targets: Any, model: torch.nn.Module) -> list[str]:
+    """Expand a preset name or check an explicit list against the model's Linear layers."""
+    if isinstance(targets, str):
+        require_choice(targets, TARGET_PRESETS, "lora.targets")
+        return TARGET_PRESETS[targets]
+    if not isinstance(targets, list) or not targets:
+        raise UserError("lora.targets must be a preset name (attention, default, all-linear) or a "
+                        "non-empty list of module names")
+    valid = linear_module_names(model)
+    unknown = [t for t in targets if not any(v == t or v.endswith("." + t) for v in valid)]
+    if unknown:
+        raise UserError(f"lora.targets: unknown module(s) {', '.join(unknown)}; valid names: "
+                        f"{', '.join(sorted(valid))}")
+    return list(targets)
+
+
+def lora_config(cfg: dict[str, Any], model: torch.nn.Module) -> LoraConfig:
+    rank = cfg["rank"]
+    if not isinstance(rank, int) or rank <= 0:
+        raise UserError(f"params.yaml: lora.rank={rank!r} must be a positive integer")
+    require_positive(cfg["alpha"], "lora.alpha")
+    dropout = cfg.get("dropout", 0.0)
+    if not 0 <= dropout < 1:
+        raise UserError(f"params.yaml: lora.dropout={dropout!r} must be in [0, 1)")
+    init = require_choice(cfg.get("init", "gaussian"), ["gaussian", "default"], "lora.init")
+    return LoraConfig(r=rank, lora_alpha=cfg["alpha"], lora_dropout=dropout,
+                      init_lora_weights="gaussian" if init == "gaussian" else True,
+                      target_modules=resolve_targets(cfg["targets"], model))

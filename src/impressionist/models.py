@@ -1,0 +1,114 @@
+"""Where the base model comes from and how it is loaded: the one place every stage goes through.
+
+``model.pretrained`` is a Hub id (FLUX.1-dev), a local diffusers folder, or ``builtin:tiny-flux``
+(built locally, see :mod:`impressionist.tiny_flux`). All three end in the same
+``from_pretrained(folder)`` calls.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import DEMO_HINT, UserError, atomic_dir
+from .params import require_choice
+
+BUILTIN_TINY_FLUX = "builtin:tiny-flux"
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# Only the diffusers-format subfolders: the Hub repo also holds a 23 GB single-file checkpoint.
+DIFFUSERS_PATTERNS = ["model_index.json", "scheduler/*", "text_encoder/*", "text_encoder_2/*",
+                      "tokenizer/*", "tokenizer_2/*", "transformer/*", "vae/*"]
+
+
+def cache_root() -> Path:
+    """Folder for locally built artefacts (tiny models); ``IMPRESSIONIST_CACHE`` overrides it."""
+    return Path(os.environ.get("IMPRESSIONIST_CACHE", Path.cwd() / ".cache" / "impressionist"))
+
+
+def resolve_device(model_cfg: dict[str, Any]) -> torch.device:
+    name = require_choice(model_cfg.get("device", "cuda"), ["cuda", "cpu"], "model.device")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError(
+            "model.device is 'cuda' but no CUDA GPU is visible; the FLUX.1-dev recipe needs one "
+            f"(or set model.device: cpu at your own risk); {DEMO_HINT}")
+    return torch.device(name)
+
+
+def resolve_dtype(model_cfg: dict[str, Any]) -> torch.dtype:
+    return DTYPES[require_choice(model_cfg.get("dtype", "bfloat16"), DTYPES, "model.dtype")]
+
+
+def resolve_pretrained(name: str, revision: str | None = None) -> str:
+    """Return a local diffusers folder for ``name``, building or downloading it if needed."""
+    if name == BUILTIN_TINY_FLUX:
+        return str(_tiny_flux_folder())
+    if name.startswith("builtin:"):
+        raise UserError(f"model.pretrained={name!r}: the only builtin model is {BUILTIN_TINY_FLUX}")
+    local = Path(name).expanduser()
+    if local.exists():
+        if not (local / "model_index.json").is_file():
+            raise UserError(f"model.pretrained={name}: folder has no model_index.json "
+                            "(expected a diffusers pipeline folder)")
+        return str(local)
+    return _hub_snapshot(name, revision)
+
+
+def _tiny_flux_folder() -> Path:
+    from .tiny_flux import BUILDER_VERSION, save_tiny_flux
+
+    folder = cache_root() / f"tiny-flux-v{BUILDER_VERSION}"
+    if not (folder / "model_index.json").is_file():
+        with atomic_dir(folder) as tmp:
+            save_tiny_flux(tmp)
+    return folder
+
+
+def _hub_snapshot(repo_id: str, revision: str | None) -> str:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:  # already in the local Hub cache: no network needed
+        return snapshot_download(repo_id, revision=revision, allow_patterns=DIFFUSERS_PATTERNS,
+                                 local_files_only=True)
+    except Exception:
+        pass
+    hint = (f"accept its licence on the Hub, set HF_TOKEN (or run `hf auth login`) and check the "
+            f"network, or set model.pretrained to a local diffusers folder; {DEMO_HINT}")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        raise UserError(f"model {repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE "
+                        f"is set; {hint}")
+    try:
+        return snapshot_download(repo_id, revision=revision, allow_patterns=DIFFUSERS_PATTERNS)
+    except (GatedRepoError, RepositoryNotFoundError) as err:
+        raise UserError(f"no access to model {repo_id} on the Hugging Face Hub "
+                        f"({type(err).__name__}); {hint}") from err
+    except Exception as err:  # connection refused, DNS, timeouts: all mean "cannot download"
+        raise UserError(f"cannot download model {repo_id} from the Hugging Face Hub "
+                        f"({type(err).__name__}); {hint}") from err
+
+
+def load_pipeline(folder: str, dtype: torch.dtype, **components):
+    """The full FluxPipeline (components may be overridden, e.g. ``transformer=None``)."""
+    from diffusers import FluxPipeline
+
+    return FluxPipeline.from_pretrained(folder, dtype=dtype, **components)
+
+
+def load_text_pipeline(folder: str, dtype: torch.dtype):
+    """A FluxPipeline with only the tokenizers and text encoders loaded, for ``encode_prompt``."""
+    return load_pipeline(folder, dtype, transformer=None, vae=None)
+
+
+def load_vae(folder: str, dtype: torch.dtype):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(folder, subfolder="vae", dtype=dtype)
+
+
+def load_transformer(folder: str, dtype: torch.dtype):
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer", dtype=dtype)
