@@ -1,0 +1,453 @@
+"""Stage `download`: stream WikiArt rows of one style into ``data/raw``.
+
+Sources (``download.source``):
+
+- a Hub dataset id (``huggan/wikiart``): streamed, so only the rows read are fetched, never the
+  whole 37 GB;
+- a local parquet file, or a folder of parquet files, with the same schema (a mirror);
+- ``synthetic``: a SYNTHETIC parquet (see :mod:`impressionist.synthetic`) written to a temporary
+  folder and then read through the very same parquet code path as a local mirror.
+
+Writes ``data/raw/images/<id>.<ext>`` (the original bytes, never re-encoded) and
+``data/raw/metadata.parquet`` (see docs/layout.md). ``id`` is the first 16 hex digits of the
+image's sha256, so exact duplicates collapse to one file.
+
+Resumable: images appear one by one (temp file + rename) and the kept rows plus the stream
+position are recorded under ``data/raw/.partial/``. A rerun after an interruption continues from
+there. ``metadata.parquet`` is written last, as the completion marker, and ``.partial`` is
+removed then. (``atomic_dir`` would throw the partial work away, so it is not used here.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from .errors import DEMO_HINT, UserError, atomic_write_bytes, atomic_write_text, stage_main
+from .params import fingerprint, load_params, require, require_positive, section
+from .wikiart import HUB_DATASET
+
+RAW_DIR = Path("data/raw")
+SYNTHETIC = "synthetic"
+METADATA_FILE = "metadata.parquet"
+PARTIAL_DIR = ".partial"
+REQUIRED_COLUMNS = ("image", "artist", "genre", "style")
+METADATA_COLUMNS = ["id", "file", "artist", "genre", "style", "width", "height", "sha256", "source"]
+
+
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    """Errors a streamed read raises when the network or a file system hiccups; worth a retry.
+
+    huggingface_hub's HTTP errors are OSErrors, but the transport errors of its HTTP client
+    (httpx, or httpx2 in recent releases) are not, so they are added when installed.
+    """
+    errors: list[type[BaseException]] = [OSError, ConnectionError, TimeoutError]
+    for module_name in ("httpx2", "httpx"):
+        with contextlib.suppress(ImportError):
+            errors.append(__import__(module_name).TransportError)
+    return tuple(errors)
+
+
+TRANSIENT_ERRORS = _transient_errors()
+HUB_CHECK_TIMEOUT_S = 15
+SAVE_EVERY_SKIPPED = 200  # rows skipped between saves of the stream position
+# How many rows of the synthetic source to paint when download.max_images is 0 ("all").
+SYNTHETIC_DEFAULT_ROWS = 120
+# PIL format name -> file extension for the saved original bytes.
+EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
+
+
+@dataclass
+class Source:
+    """Where rows come from: ``kind`` is "hub", "parquet" or "synthetic"."""
+
+    kind: str
+    name: str                       # as written in params (recorded in metadata's `source` column)
+    data_files: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DownloadSummary:
+    kept: int
+    per_artist: dict[str, int]
+    skipped: dict[str, int]
+    resumed_from: int               # rows already kept by an interrupted earlier run
+
+
+def resolve_source(source: str) -> Source:
+    """Decide what ``download.source`` names, raising one clear line for a missing local source."""
+    if not isinstance(source, str) or not source.strip():
+        raise UserError("params.yaml: download.source is empty; set it to huggan/wikiart, a local parquet "
+                        "file or folder, or 'synthetic'")
+    if source == SYNTHETIC:
+        return Source("synthetic", source)
+    path = Path(source).expanduser()
+    if path.exists():
+        if path.is_file():
+            if path.suffix != ".parquet":
+                raise UserError(f"download.source {source} is not a .parquet file; point it at a parquet file "
+                                "or a folder of parquet files with the huggan/wikiart schema")
+            files = [path]
+        else:
+            files = sorted(p for p in path.rglob("*.parquet") if p.is_file())
+            if not files:
+                raise UserError(f"download.source folder {source} holds no .parquet files; point it at a "
+                                "mirror of huggan/wikiart's parquet shards")
+        return Source("parquet", source, [str(f) for f in files])
+    looks_like_path = source.startswith((".", "/", "~")) or source.endswith(".parquet") or source.count("/") != 1
+    if looks_like_path or not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+        raise UserError(f"download.source {source} does not exist; give an existing parquet file or folder, "
+                        f"a Hub dataset id such as {HUB_DATASET}, or 'synthetic'")
+    return Source("hub", source)
+
+
+def check_hub_reachable(dataset_id: str) -> None:
+    """Fail fast, with one line saying what to do, when the Hub dataset cannot be reached."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    fix = (f"check the network and your Hugging Face token (`hf auth login`), or set download.source to a "
+           f"local parquet mirror of {dataset_id}; {DEMO_HINT}")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if offline or getattr(constants, "HF_HUB_OFFLINE", False):
+        raise UserError(f"download.source is the Hub dataset {dataset_id} but HF_HUB_OFFLINE is set; unset it "
+                        f"and {fix}")
+    try:
+        HfApi().dataset_info(dataset_id, timeout=HUB_CHECK_TIMEOUT_S)
+    except GatedRepoError as err:
+        raise UserError(f"the Hub dataset {dataset_id} is gated: accept its terms on huggingface.co and log in "
+                        f"(`hf auth login`), or {fix.split(', or ', 1)[1]}") from err
+    except RepositoryNotFoundError as err:
+        local_note = f"no local path named {dataset_id} exists either; " if "/" in dataset_id else ""
+        raise UserError(f"the Hub has no dataset {dataset_id} (or it is private); {local_note}{fix}") from err
+    except Exception as err:  # network errors come in many types (requests, httpx, OSError)
+        reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+        raise UserError(f"cannot reach the Hugging Face Hub for {dataset_id} ({reason}); {fix}") from err
+
+
+def open_stream(source: Source):
+    """A streaming `datasets.IterableDataset` of the source, with images left as undecoded bytes."""
+    import datasets
+
+    try:
+        if source.kind == "hub":
+            stream = datasets.load_dataset(source.name, split="train", streaming=True)
+        else:
+            stream = datasets.load_dataset("parquet", data_files=source.data_files, split="train", streaming=True)
+    except TRANSIENT_ERRORS:
+        raise
+    except Exception as err:
+        raise UserError(f"cannot read download.source {source.name}: {str(err).splitlines()[0][:200]}") from err
+    features = stream.features
+    missing = [c for c in REQUIRED_COLUMNS if features is None or c not in features]
+    if missing:
+        raise UserError(f"download.source {source.name} lacks column(s) {', '.join(missing)}; it must have the "
+                        f"huggan/wikiart schema (image, artist, genre, style)")
+    # Keep the original bytes: no decode here (filter decodes once), no re-encoding, exact sha256.
+    return stream.cast_column("image", datasets.Image(decode=False))
+
+
+def label_decoder(features, column: str) -> tuple[Callable[[Any], str], list[str] | None]:
+    """How to turn a row's ``column`` value into a class name, and the valid names if known."""
+    from datasets import ClassLabel, Value
+
+    feature = features[column]
+    if isinstance(feature, ClassLabel):
+        return feature.int2str, list(feature.names)
+    if isinstance(feature, Value) and feature.dtype in ("string", "large_string"):
+        return str, None
+    raise UserError(f"column {column!r} of download.source is {feature}, expected a ClassLabel as in huggan/wikiart")
+
+
+def validate_names(wanted: list[str], valid: list[str] | None, what: str, param: str) -> None:
+    unknown = [name for name in wanted if valid is not None and name not in valid]
+    if unknown:
+        raise UserError(f"params.yaml: {param} has unknown {what} {', '.join(map(repr, unknown))}; valid "
+                        f"{what} names: {', '.join(valid)}")
+
+
+def image_header(data: bytes) -> tuple[str, int, int]:
+    """Extension, width and height from the image header only (no pixel decoding).
+
+    Bytes PIL cannot identify are kept as ``.bin`` with size 0x0; the filter stage rejects them
+    with a recorded reason rather than the download silently dropping them.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return EXTENSIONS.get(image.format, (image.format or "bin").lower()), image.width, image.height
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return "bin", 0, 0
+
+
+def image_bytes(cell: Any) -> bytes:
+    if isinstance(cell, dict):
+        if cell.get("bytes") is not None:
+            return bytes(cell["bytes"])
+        if cell.get("path") and Path(cell["path"]).is_file():
+            return Path(cell["path"]).read_bytes()
+    return b""
+
+
+class Progress:
+    """The resumable state of an unfinished download, kept in ``data/raw/.partial/``.
+
+    ``rows.jsonl`` gets one line per kept image, appended after the image file is in place;
+    ``state.json`` holds the stream position (`IterableDataset.state_dict()`) and is rewritten
+    atomically. A crash between the two only means a few rows are read again; kept ids are
+    skipped, so nothing is counted twice.
+    """
+
+    def __init__(self, raw_dir: Path, config_key: str):
+        self.dir = raw_dir / PARTIAL_DIR
+        self.rows_file = self.dir / "rows.jsonl"
+        self.state_file = self.dir / "state.json"
+        self.config_key = config_key
+        self.rows: list[dict] = []
+        self.stream_state: dict | None = None
+
+    def load(self) -> bool:
+        """Pick up an earlier run with the same params; returns whether there was one."""
+        if not self.state_file.is_file():
+            shutil.rmtree(self.dir, ignore_errors=True)
+            return False
+        try:
+            state = json.loads(self.state_file.read_text())
+            if state.get("config") != self.config_key:
+                raise ValueError("params changed")
+            lines = self.rows_file.read_text().splitlines() if self.rows_file.is_file() else []
+            rows = [json.loads(line) for line in lines if line.strip()]
+        except (ValueError, OSError) as err:
+            print(f"download: discarding unfinished earlier download ({err})", file=sys.stderr)
+            shutil.rmtree(self.dir, ignore_errors=True)
+            return False
+        # Drop a row whose image vanished, and a torn last line (JSON error above covers garbage).
+        self.rows = [row for row in rows if (self.dir.parent / row["file"]).is_file()]
+        self.stream_state = state.get("stream")
+        return True
+
+    def start(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        # Rewrite rows.jsonl so that it holds exactly the rows we trust.
+        atomic_write_text(self.rows_file, "".join(json.dumps(row) + "\n" for row in self.rows))
+        self.save_state(self.stream_state)
+
+    def add(self, row: dict) -> None:
+        with self.rows_file.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        self.rows.append(row)
+
+    def save_state(self, stream_state: dict | None) -> None:
+        self.stream_state = stream_state
+        atomic_write_text(self.state_file, json.dumps({"config": self.config_key, "stream": stream_state}))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _read_config(cfg: dict) -> dict:
+    source = require(cfg, "source", "download")
+    style = require(cfg, "style", "download")
+    if not isinstance(style, str) or not style:
+        raise UserError("params.yaml: download.style must be a style name such as Impressionism")
+    artists = cfg.get("artists") or []
+    if isinstance(artists, str):
+        artists = [artists]
+    if not isinstance(artists, list) or not all(isinstance(a, str) for a in artists):
+        raise UserError("params.yaml: download.artists must be a list of artist names, e.g. [claude-monet]")
+    max_images = require_positive(cfg.get("max_images", 0), "download.max_images", allow_zero=True)
+    if int(max_images) != max_images:
+        raise UserError(f"params.yaml: download.max_images={max_images!r} must be a whole number")
+    seed = cfg.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise UserError(f"params.yaml: download.seed={seed!r} must be an integer")
+    return {"source": str(source), "style": style, "artists": list(artists), "max_images": int(max_images),
+            "seed": seed}
+
+
+def run(cfg: dict, raw_dir: Path | str = RAW_DIR, *, retries: int = 5, backoff_s: float = 2.0) -> DownloadSummary:
+    """Download the rows selected by the ``download`` params section into ``raw_dir``.
+
+    Transient read errors restart the stream from the last saved position, up to ``retries``
+    times in a row with exponential backoff (``backoff_s``, doubled each time); then one UserError.
+    """
+    config = _read_config(cfg)
+    raw_dir = Path(raw_dir)
+    source = resolve_source(config["source"])
+    if source.kind == "hub":
+        check_hub_reachable(source.name)
+
+    with contextlib.ExitStack() as cleanup:
+        if source.kind == "synthetic":
+            from .synthetic import write_synthetic_wikiart
+
+            tmp = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="synthetic-wikiart-")))
+            rows = 2 * config["max_images"] if config["max_images"] else SYNTHETIC_DEFAULT_ROWS
+            write_synthetic_wikiart(tmp / "synthetic-wikiart.parquet", n_images=rows, seed=config["seed"])
+            source = Source("parquet", SYNTHETIC, [str(tmp / "synthetic-wikiart.parquet")])
+
+        def fresh_stream():
+            try:
+                return open_stream(source)
+            except TRANSIENT_ERRORS as err:
+                raise UserError(f"cannot open download.source {source.name}: {err}; check the network "
+                                f"or the files, then rerun") from err
+
+        # Open once before touching data/raw: a bad source or bad names must leave nothing behind.
+        stream = fresh_stream()
+        style_name, style_names = label_decoder(stream.features, "style")
+        artist_name, artist_names = label_decoder(stream.features, "artist")
+        genre_name, _ = label_decoder(stream.features, "genre")
+        validate_names([config["style"]], style_names, "style", "download.style")
+        validate_names(config["artists"], artist_names, "artist", "download.artists")
+
+        # Which rows qualify depends on these; max_images only says when to stop, so a resumed run
+        # may raise or lower it. The seed only matters for the synthetic source.
+        key_parts = {k: v for k, v in config.items()
+                     if k != "max_images" and (k != "seed" or config["source"] == SYNTHETIC)}
+        progress = Progress(raw_dir, fingerprint(key_parts))
+        (raw_dir / METADATA_FILE).unlink(missing_ok=True)  # the completion marker must not outlive a rerun
+        resumed = progress.load()
+        if config["max_images"]:
+            progress.rows = progress.rows[: config["max_images"]]
+        progress.start()
+        resumed_from = len(progress.rows)
+        if resumed:
+            print(f"download: resuming an unfinished download with {resumed_from} images already kept",
+                  file=sys.stderr)
+
+        images_dir = raw_dir / "images"
+        images_dir.mkdir(parents=True, exist_ok=True)
+        kept_ids = {row["id"] for row in progress.rows}
+        max_images = config["max_images"]
+        skipped: Counter[str] = Counter()
+
+        def skip_reason(example: dict) -> str | None:
+            """Why a streamed row is not wanted, or None to keep it."""
+            if style_name(example["style"]) != config["style"]:
+                return "other style"
+            if config["artists"] and artist_name(example["artist"]) not in config["artists"]:
+                return "other artist"
+            return None
+
+        def keep(example: dict) -> bool:
+            """Write the image (unless an interrupted run already did) and record the row."""
+            data = image_bytes(example["image"])
+            if not data:
+                skipped["no image bytes"] += 1
+                return False
+            digest = hashlib.sha256(data).hexdigest()
+            if digest[:16] in kept_ids:
+                skipped["duplicate"] += 1
+                return False
+            ext, width, height = image_header(data)
+            relative = f"images/{digest[:16]}.{ext}"
+            if not (raw_dir / relative).is_file():
+                atomic_write_bytes(raw_dir / relative, data)
+            progress.add({"id": digest[:16], "file": relative, "artist": artist_name(example["artist"]),
+                          "genre": genre_name(example["genre"]), "style": style_name(example["style"]),
+                          "width": width, "height": height, "sha256": digest, "source": source.name})
+            kept_ids.add(digest[:16])
+            return True
+
+        failures = 0
+        with tqdm(total=max_images or None, initial=len(progress.rows), unit="img", desc="download",
+                  disable=None) as bar:
+            while not (max_images and len(progress.rows) >= max_images):
+                if progress.stream_state is not None:
+                    stream.load_state_dict(progress.stream_state)
+                iterator = iter(stream)
+                try:
+                    unsaved_rows = 0
+                    for example in iterator:
+                        reason = skip_reason(example)
+                        if reason:
+                            skipped[reason] += 1
+                            unsaved_rows += 1
+                            # Save the position now and then, so that a retry does not reread long
+                            # stretches of other styles.
+                            if unsaved_rows >= SAVE_EVERY_SKIPPED:
+                                progress.save_state(stream.state_dict())
+                                unsaved_rows = 0
+                            continue
+                        if keep(example):
+                            bar.update(1)
+                            failures = 0  # progress: the retry budget is for errors in a row
+                        progress.save_state(stream.state_dict())
+                        unsaved_rows = 0
+                        if max_images and len(progress.rows) >= max_images:
+                            break
+                    else:
+                        progress.save_state(stream.state_dict())
+                        break  # the stream is exhausted
+                except TRANSIENT_ERRORS as err:
+                    failures += 1
+                    if failures > retries:
+                        raise UserError(
+                            f"reading download.source {source.name} failed {failures} times in a row "
+                            f"({type(err).__name__}: {str(err)[:160]}); the {len(progress.rows)} images kept so "
+                            f"far stay in {raw_dir}, rerun the stage to resume") from err
+                    wait = backoff_s * 2 ** (failures - 1)
+                    print(f"download: {type(err).__name__}: {str(err)[:160]}; retrying in {wait:.0f}s "
+                          f"({failures}/{retries})", file=sys.stderr)
+                    time.sleep(wait)
+                    stream = fresh_stream()
+                finally:
+                    close = getattr(iterator, "close", None)
+                    if close:  # end the parquet reader now rather than at interpreter exit
+                        close()
+
+    if not progress.rows:
+        progress.remove()
+        with contextlib.suppress(OSError):  # leave no empty folders behind
+            images_dir.rmdir()
+            raw_dir.rmdir()
+        raise UserError(f"no images of style {config['style']}"
+                        + (f" by {', '.join(config['artists'])}" if config["artists"] else "")
+                        + f" in download.source {config['source']}; check download.style and download.artists")
+    table = pd.DataFrame(progress.rows, columns=METADATA_COLUMNS)
+    # Images left over from an earlier run with other params are not part of this download.
+    wanted = {raw_dir / name for name in table["file"]}
+    for stray in images_dir.iterdir():
+        if stray not in wanted:
+            stray.unlink()
+    buffer = io.BytesIO()
+    table.to_parquet(buffer, index=False)
+    atomic_write_bytes(raw_dir / METADATA_FILE, buffer.getvalue())  # last: marks the download complete
+    progress.remove()
+
+    per_artist = dict(Counter(table["artist"]).most_common())
+    summary = DownloadSummary(len(table), per_artist, dict(skipped), resumed_from)
+    artists_text = ", ".join(f"{name} {count}" for name, count in per_artist.items())
+    skipped_text = ", ".join(f"{count} {why}" for why, count in sorted(skipped.items())) or "none"
+    print(f"download: kept {len(table)} images of {config['style']} from {config['source']} "
+          f"({artists_text}); skipped {skipped_text}")
+    return summary
+
+
+@stage_main
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Download WikiArt images of one style into data/raw.")
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    args = parser.parse_args(argv)
+    run(section(load_params(args.params), "download"), RAW_DIR)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Shared fixtures: the demo params, the tiny Flux pipeline and a small encoded cache.
+
+Everything is built offline inside pytest's temporary folders.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Locally built models go to a per-session folder, never the developer's .cache."""
+    folder = tmp_path_factory.mktemp("impressionist-cache")
+    old = os.environ.get("IMPRESSIONIST_CACHE")
+    os.environ["IMPRESSIONIST_CACHE"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("IMPRESSIONIST_CACHE", None)
+    else:
+        os.environ["IMPRESSIONIST_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def _demo_params_master():
+    from impressionist.cli import apply_overrides, demo_overrides
+    from impressionist.params import load_params
+
+    return apply_overrides(load_params(REPO / "params.yaml"), demo_overrides(REPO / "configs/demo.yaml"))
+
+
+@pytest.fixture
+def demo_params(_demo_params_master):
+    """params.yaml with configs/demo.yaml applied: a fresh copy each test may change."""
+    return copy.deepcopy(_demo_params_master)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(_isolated_cache):
+    from impressionist.models import BUILTIN_TINY_FLUX, resolve_pretrained
+
+    return resolve_pretrained(BUILTIN_TINY_FLUX)
+
+
+def write_filtered_dataset(root: Path, n_images: int = 12, seed: int = 0) -> tuple[Path, Path]:
+    """A data/filtered + data/captions pair in the layout of docs/layout.md (random pixels)."""
+    filtered, captions = root / "filtered", root / "captions"
+    (filtered / "images").mkdir(parents=True)
+    captions.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    sizes = [(96, 96), (128, 80), (80, 128)]
+    rows, caps = [], []
+    for i in range(n_images):
+        width, height = sizes[i % len(sizes)]
+        image_id = f"{i:016x}"
+        # Smooth colour fields, not white noise: something a tiny model can learn.
+        base = rng.random(3) * 255
+        yy, xx = np.mgrid[0:height, 0:width]
+        pixels = base + 60 * np.sin(xx[..., None] / (6 + i % 4) + np.arange(3)) * np.cos(yy[..., None] / 9)
+        Image.fromarray(np.clip(pixels, 0, 255).astype("uint8")).save(filtered / "images" / f"{image_id}.png")
+        split = "val" if i % 6 == 5 else "train"
+        rows.append(dict(id=image_id, file=f"images/{image_id}.png", artist="claude-monet",
+                         genre="landscape", style="Impressionism", width=width, height=height,
+                         split=split))
+        caps.append(dict(id=image_id, split=split, caption=f"trig, a painting number {i % 3}",
+                         caption_source="template"))
+    pd.DataFrame(rows).to_parquet(filtered / "metadata.parquet")
+    pd.DataFrame(caps).to_parquet(captions / "captions.parquet")
+    return filtered, captions / "captions.parquet"
+
+
+@pytest.fixture(scope="session")
+def encoded_cache(tmp_path_factory, _demo_params_master, tiny_flux_dir):
+    from impressionist import encode
+
+    root = tmp_path_factory.mktemp("encoded")
+    filtered, captions = write_filtered_dataset(root)
+    encode.run(copy.deepcopy(_demo_params_master), filtered, captions, root / "cache")
+    return root / "cache"

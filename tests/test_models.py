@@ -1,0 +1,66 @@
+"""Model resolution: the tiny builtin pipeline and the refusals for Hub, GPU and bad folders."""
+
+import json
+
+import pytest
+import torch
+
+from impressionist.errors import UserError
+from impressionist.models import (BUILTIN_TINY_FLUX, load_pipeline, resolve_device,
+                                  resolve_pretrained)
+from impressionist.tiny_flux import VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR
+
+
+def test_tiny_flux_is_a_diffusers_folder_with_flux_constants(tiny_flux_dir):
+    index = json.loads((__import__("pathlib").Path(tiny_flux_dir) / "model_index.json").read_text())
+    assert index["_class_name"] == "FluxPipeline"
+    pipe = load_pipeline(tiny_flux_dir, torch.float32)
+    assert pipe.vae.config.shift_factor == VAE_SHIFT_FACTOR == 0.1159
+    assert pipe.vae.config.scaling_factor == VAE_SCALING_FACTOR == 0.3611
+    assert pipe.transformer.config.joint_attention_dim == pipe.text_encoder_2.config.d_model
+    assert pipe.transformer.config.pooled_projection_dim == pipe.text_encoder.config.hidden_size
+    assert pipe.transformer.config.guidance_embeds
+    # tokenizer special ids agree with the text encoder config
+    assert pipe.tokenizer.eos_token_id == pipe.text_encoder.config.eos_token_id
+    assert pipe.tokenizer_2.model_max_length == 512
+
+
+def test_tiny_flux_is_deterministic_and_samples(tiny_flux_dir):
+    pipe = load_pipeline(tiny_flux_dir, torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+
+    def draw():
+        return pipe("a harbor", height=32, width=48, num_inference_steps=2, max_sequence_length=16,
+                    generator=torch.Generator().manual_seed(0), output_type="np").images
+
+    first, second = draw(), draw()
+    assert first.shape == (1, 32, 48, 3)
+    assert (first == second).all()
+
+
+def test_builtin_build_is_reused(tiny_flux_dir):
+    assert resolve_pretrained(BUILTIN_TINY_FLUX) == tiny_flux_dir
+
+
+def test_hub_model_without_network_is_one_clear_line(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(UserError) as err:
+        resolve_pretrained("black-forest-labs/FLUX.1-dev")
+    message = str(err.value)
+    assert "\n" not in message
+    assert "HF_TOKEN" in message and "impressionist demo" in message
+
+
+def test_local_folder_must_be_a_pipeline(tmp_path):
+    with pytest.raises(UserError, match="model_index.json"):
+        resolve_pretrained(str(tmp_path))
+    with pytest.raises(UserError, match="builtin"):
+        resolve_pretrained("builtin:huge-flux")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown on machines without a GPU")
+def test_cuda_requested_without_gpu():
+    with pytest.raises(UserError, match="no CUDA GPU.*impressionist demo"):
+        resolve_device({"device": "cuda"})
+    assert resolve_device({"device": "cpu"}).type == "cpu"
