@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +32,20 @@ def _isolated_cache(tmp_path_factory):
         os.environ["IMPRESSIONIST_CACHE"] = old
 
 
+def committed_params_text() -> str:
+    """params.yaml as committed. The workspace copy may hold a DVC experiment's overrides (the
+    demo is one: `dvc exp run -S` leaves its values in the workspace), which tests must not see."""
+    shown = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=REPO, capture_output=True, text=True)
+    return shown.stdout if shown.returncode == 0 else (REPO / "params.yaml").read_text()
+
+
 @pytest.fixture(scope="session")
 def _demo_params_master():
-    from impressionist.cli import apply_overrides, demo_overrides
-    from impressionist.params import load_params
+    import yaml
 
-    return apply_overrides(load_params(REPO / "params.yaml"), demo_overrides(REPO / "configs/demo.yaml"))
+    from impressionist.cli import apply_overrides, demo_overrides
+
+    return apply_overrides(yaml.safe_load(committed_params_text()), demo_overrides(REPO / "configs/demo.yaml"))
 
 
 @pytest.fixture

@@ -1,0 +1,120 @@
+"""The whole DVC graph on the demo profile, in a throw-away git repository.
+
+Slow (about two minutes): it runs every stage for real, then checks what DVC re-runs after a
+change, that metrics diff, and that push / clone / pull restores the outputs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import committed_params_text
+
+from impressionist.cli import apply_overrides, demo_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+ALL_STAGES = ["download", "filter", "caption", "encode", "train", "sample_base", "sample", "evaluate"]
+pytestmark = pytest.mark.slow
+
+
+def env() -> dict[str, str]:
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
+    return dict(os.environ, PATH=path, DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
+                GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+
+
+def sh(cwd: Path, *command: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=cwd, env=env(), capture_output=True, text=True)
+    if check and result.returncode:
+        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def ran_stages(output: str) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", output)
+
+
+def copy_project(dest: Path, params_overrides: dict | None = None, remote: Path | None = None) -> Path:
+    """A fresh git repository holding the project's tracked files (what a clone would have)."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.split()
+    for name in tracked:
+        if (REPO / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    params = apply_overrides(yaml.safe_load(committed_params_text()), params_overrides or {})
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(dest, "git", "init", "-q")
+    if remote:
+        sh(dest, "dvc", "remote", "modify", "local", "url", str(remote))
+    sh(dest, "git", "add", "-A")
+    sh(dest, "git", "commit", "-qm", "init")
+    return dest
+
+
+def set_param(repo: Path, dotted: str, value) -> None:
+    params = apply_overrides(yaml.safe_load((repo / "params.yaml").read_text()), {dotted: value})
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_demo_graph_reruns_only_what_changed_and_round_trips_through_the_remote(tmp_path):
+    remote = tmp_path / "remote"
+    repo = copy_project((tmp_path / "repo"), demo_overrides(REPO / "configs/demo.yaml"), remote)
+    first = sh(repo, "dvc", "repro")
+    assert ran_stages(first.stdout) == ALL_STAGES
+    for out in ("metrics/data.json", "metrics/train.json", "metrics/eval.json", "plots/samples_grid.png",
+                "plots/loss.png", "models/lora/pytorch_lora_weights.safetensors"):
+        assert (repo / out).is_file(), out
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "demo run")
+
+    assert ran_stages(sh(repo, "dvc", "repro").stdout) == []
+
+    set_param(repo, "lora.rank", 8)
+    rerun = sh(repo, "dvc", "repro")
+    assert ran_stages(rerun.stdout) == ["train", "sample", "evaluate"]
+
+    diff = sh(repo, "dvc", "metrics", "diff", "--md").stdout
+    for row in ("lora.fid", "lora.kid_mean", "lora.clip_score"):
+        assert re.search(rf"\|\s*metrics/eval.json\s*\|\s*{re.escape(row)}\s*\|", diff), (row, diff)
+    assert "base.fid" not in diff  # unchanged: the base-model samples were not regenerated
+
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "rank 8")
+    sh(repo, "dvc", "push")
+    clone = tmp_path / "clone"
+    sh(tmp_path, "git", "clone", "-q", str(repo), str(clone))
+    sh(clone, "dvc", "pull")
+    status = sh(clone, "dvc", "status").stdout
+    assert "Data and pipelines are up to date" in status, status
+    assert (clone / "models/lora/pytorch_lora_weights.safetensors").read_bytes() == \
+        (repo / "models/lora/pytorch_lora_weights.safetensors").read_bytes()
+
+
+def test_real_recipe_without_network_stops_at_download_with_one_line(tmp_path):
+    repo = copy_project(tmp_path / "repo")
+    environment = dict(env(), HF_HUB_OFFLINE="1")
+    result = subprocess.run(["dvc", "repro"], cwd=repo, env=environment, capture_output=True, text=True)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "huggan/wikiart" in errors[0] and "impressionist demo" in errors[0]
+    assert not (repo / "data/raw").exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU message")
+def test_gpu_recipe_without_gpu_stops_at_encode_with_one_line(tmp_path):
+    overrides = {k: v for k, v in demo_overrides(REPO / "configs/demo.yaml").items() if k != "model.device"}
+    repo = copy_project(tmp_path / "repo", overrides)
+    result = sh(repo, "dvc", "repro", "encode", check=False)
+    assert result.returncode != 0
+    assert ran_stages(result.stdout) == ["download", "filter", "caption", "encode"]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "no CUDA GPU" in errors[0], result.stderr
+    assert not (repo / "data/cache").exists()
