@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import shutil
 import signal
@@ -12,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image
 from safetensors.torch import load_file
 
 from impressionist import train
@@ -139,6 +142,10 @@ def test_sigkill_then_resume_gives_the_same_lora(demo_params, encoded_cache, tmp
     ({"train": {"optimizer": "adamw8bit"}}, "needs a CUDA GPU"),
     ({"train": {"mixed_precision": "fp16"}}, "needs a CUDA GPU"),
     ({"model": {"device": "cuda"}}, "no CUDA GPU"),
+    ({"train": {"base_quantization": "nf4"}}, "nf4 needs a CUDA GPU"),
+    ({"train": {"base_quantization": "fp8"}}, "fp8 needs a CUDA GPU"),
+    ({"train": {"base_quantization": "int3"}}, "train.base_quantization"),
+    ({"train": {"resume_from": "no/such/checkpoint"}}, "not a checkpoint written by the train stage"),
 ])
 def test_bad_params_stop_with_one_line(demo_params, encoded_cache, tmp_path, change, message):
     if change.get("model", {}).get("device") == "cuda" and torch.cuda.is_available():
@@ -167,3 +174,56 @@ def test_bucket_batches_are_deterministic_and_single_bucket():
         assert len({tuple(samples[i]["bucket"]) for i in batch}) == 1
     assert epoch0 == [train.BucketBatches(samples, 2, 3)[i] for i in range(5)]
     assert order[5] == order.epoch(1)[0] and order.epoch(1) != order.epoch(0)
+
+
+def test_explicit_resume_refuses_another_base_model_or_lora_shape(demo_params, encoded_cache, tmp_path,
+                                                                 monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = outputs(tmp_path)
+    train.run(small_run(demo_params, 10), encoded_cache, **out)
+    checkpoint = out["checkpoint_dir"] / "step-00000010"
+
+    other_rank = small_run(copy.deepcopy(demo_params), 10, rank=8)
+    other_rank["train"]["resume_from"] = str(checkpoint)
+    with pytest.raises(UserError, match="another LoRA shape"):
+        train.run(other_rank, encoded_cache, **outputs(tmp_path / "b"))
+
+    meta = json.loads((checkpoint / "impressionist.json").read_text())
+    meta["base_model"] = "black-forest-labs/FLUX.1-schnell"
+    (checkpoint / "impressionist.json").write_text(json.dumps(meta))
+    same = small_run(copy.deepcopy(demo_params), 12)
+    same["train"]["resume_from"] = str(checkpoint)
+    with pytest.raises(UserError, match="trained on black-forest-labs/FLUX.1-schnell"):
+        train.run(same, encoded_cache, **outputs(tmp_path / "c"))
+
+
+def test_validation_images_are_logged_to_both_trackers(demo_params, encoded_cache, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params = small_run(demo_params, 10, every=0)
+    params["train"]["validation"] = {"every": 5, "prompts": ["trig, a harbor"], "seed": 0, "steps": 2,
+                                     "guidance_scale": 3.5, "resolution": 32}
+    out = outputs(tmp_path)
+    train.run(params, encoded_cache, **out)
+    image = out["live_dir"] / "plots/images/validation_0.png"
+    assert Image.open(image).size == (32, 32)
+    events = list(out["log_dir"].rglob("events.out.tfevents.*"))
+    assert events and any(b"validation/0" in e.read_bytes() for e in events)
+
+
+def test_two_gloo_processes_train_identical_loras(demo_params, encoded_cache, tmp_path):
+    """A real 2-process DDP run on CPU (gloo): every rank must end with the same LoRA."""
+    params = small_run(demo_params, 6, every=3)
+    shutil.copytree(encoded_cache, tmp_path / "data/cache")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = dict(os.environ, ACCELERATE_USE_CPU="1")
+    accelerate = Path(sys.executable).parent / "accelerate"
+    result = subprocess.run(
+        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "impressionist.train"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((tmp_path / "models/lora/training_config.json").read_text())
+    assert len(config["rank_checksums"]) == 2
+    assert config["rank_checksums"][0] == config["rank_checksums"][1]
+    # the world size is part of the run hash: a 1-process rerun must not resume this run
+    assert config["run_hash"] != train.run_hash(params, CacheReader(tmp_path / "data/cache").index["fingerprint"], 1)

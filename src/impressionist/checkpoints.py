@@ -73,3 +73,24 @@ def publish(root: Path, step: int, meta: dict[str, Any], keep: int) -> Path:
     for old in same_run[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def explicit_resume(folder: Path, base_model: str, lora_fingerprint: str) -> tuple[Path, dict[str, Any]]:
+    """``train.resume_from``: continue a checkpoint the user points at (e.g. copied from Drive).
+
+    Other training params may differ (a new learning rate, more steps); the base model and the
+    LoRA's shape may not, since the saved tensors would not fit.
+    """
+    from .errors import UserError
+
+    meta = read_meta(folder) if folder.is_dir() else None
+    if meta is None:
+        raise UserError(f"train.resume_from={folder} is not a checkpoint written by the train stage "
+                        f"(no {META}); point it at a models/checkpoints/{PREFIX}* folder")
+    if meta.get("base_model") != base_model:
+        raise UserError(f"train.resume_from={folder} was trained on {meta.get('base_model')}, not "
+                        f"{base_model}; resume it with that model.pretrained or clear resume_from")
+    if meta.get("lora") != lora_fingerprint:
+        raise UserError(f"train.resume_from={folder} has another LoRA shape (rank/alpha/targets); "
+                        "use the lora params it was trained with or clear resume_from")
+    return folder, meta

@@ -108,7 +108,53 @@ def load_vae(folder: str, dtype: torch.dtype):
     return AutoencoderKL.from_pretrained(folder, subfolder="vae", dtype=dtype)
 
 
-def load_transformer(folder: str, dtype: torch.dtype):
+BASE_QUANTIZATIONS = ("none", "nf4", "fp8")
+
+
+def check_quantization(quantization: str, device: torch.device) -> str:
+    """NF4 (bitsandbytes) and fp8 (torchao) run on CUDA kernels only: refuse them elsewhere early."""
+    require_choice(quantization, BASE_QUANTIZATIONS, "train.base_quantization")
+    if quantization != "none" and device.type != "cuda":
+        raise UserError(f"train.base_quantization={quantization} needs a CUDA GPU "
+                        f"({'bitsandbytes' if quantization == 'nf4' else 'torchao float8'} kernels); "
+                        "use none on CPU")
+    if quantization == "fp8" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise UserError("train.base_quantization=fp8 needs FP8 tensor cores (compute capability 8.9+: "
+                        "L4, RTX 4090, H100); use nf4 on older GPUs")
+    package = {"nf4": "bitsandbytes", "fp8": "torchao"}.get(quantization)
+    if package:
+        try:
+            __import__(package)
+        except ImportError as err:
+            raise UserError(f"train.base_quantization={quantization} needs {package}: "
+                            f"pip install {package}") from err
+    return quantization
+
+
+def load_transformer(folder: str, dtype: torch.dtype, quantization: str = "none"):
+    """The Flux transformer; ``nf4`` loads its Linear weights 4-bit through diffusers' bitsandbytes
+    integration (QLoRA), ``fp8`` swaps them for torchao Float8Linear for fp8 matmuls."""
     from diffusers import FluxTransformer2DModel
 
-    return FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer", dtype=dtype)
+    if quantization == "nf4":
+        from diffusers import BitsAndBytesConfig
+        from peft import prepare_model_for_kbit_training
+
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                    bnb_4bit_compute_dtype=dtype)
+        transformer = FluxTransformer2DModel.from_pretrained(
+            folder, subfolder="transformer", dtype=dtype, quantization_config=config)
+        # Casts norms to fp32 and enables input grads; checkpointing is the trainer's choice.
+        return prepare_model_for_kbit_training(transformer, use_gradient_checkpointing=False)
+    transformer = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer", dtype=dtype)
+    if quantization == "fp8":
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+        def in_blocks(module: torch.nn.Module, name: str) -> bool:
+            # fp8 GEMMs need dimensions divisible by 16; embedders and the output head stay bf16.
+            return (isinstance(module, torch.nn.Linear) and "transformer_blocks" in name
+                    and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+
+        convert_to_float8_training(transformer, module_filter_fn=in_blocks,
+                                   config=Float8LinearConfig(pad_inner_dim=True))
+    return transformer

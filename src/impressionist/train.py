@@ -27,8 +27,10 @@ from .flux_math import (LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS, TimestepSampling, f
                         sample_sigmas)
 from .latent_cache import EMPTY_CAPTION_KEY, CacheReader
 from .lora import lora_config
-from .models import load_transformer, resolve_device, resolve_dtype, resolve_pretrained
+from .models import (check_quantization, load_transformer, resolve_device, resolve_dtype,
+                     resolve_pretrained)
 from .params import fingerprint, load_params, require_choice, require_positive, section
+from .validation_images import ValidationSampler
 
 CACHE_DIR = Path("data/cache")
 LORA_DIR = Path("models/lora")
@@ -41,7 +43,8 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 LORA_STATE = "lora_state.safetensors"  # inside a checkpoint: peft-format LoRA tensors
 
 # Params that do not change what a training step computes: changing them keeps checkpoints valid.
-NOT_SHAPING = {"max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "report_to"}
+NOT_SHAPING = {"max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "report_to",
+               "validation", "resume_from"}
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 TRACKERS = ("dvclive", "tensorboard")
@@ -63,6 +66,9 @@ def validate(cfg: dict[str, Any], device: torch.device) -> None:
         require_choice(tracker, TRACKERS, "train.report_to[]")
     if not 0 <= cfg["caption_dropout"] <= 1:
         raise UserError(f"params.yaml: train.caption_dropout={cfg['caption_dropout']} must be in [0, 1]")
+    check_quantization(cfg.get("base_quantization", "none"), device)
+    validation = cfg.get("validation") or {}
+    require_positive(validation.get("every", 0), "train.validation.every", allow_zero=True)
     if device.type != "cuda":
         if cfg["optimizer"] == "adamw8bit":
             raise UserError("train.optimizer=adamw8bit (bitsandbytes) needs a CUDA GPU; "
@@ -215,8 +221,9 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
     this_run = run_hash(params, cache.index["fingerprint"], world)
     set_seed(cfg["seed"])
 
-    transformer = load_transformer(resolve_pretrained(model_cfg["pretrained"], model_cfg.get("revision")),
-                                   resolve_dtype(model_cfg))
+    model_folder = resolve_pretrained(model_cfg["pretrained"], model_cfg.get("revision"))
+    transformer = load_transformer(model_folder, resolve_dtype(model_cfg),
+                                   cfg.get("base_quantization", "none"))
     transformer.requires_grad_(False)
     config = lora_config(lora_cfg, transformer)  # validates targets against this model
     transformer.add_adapter(config)
@@ -234,14 +241,23 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
     _register_lora_hooks(accelerator)
 
     start_step, history = 0, []
-    resume = checkpoints.select_resume(checkpoint_dir, this_run, cfg["max_steps"],
-                                       log=accelerator.print) if accelerator.is_main_process else None
-    resume = _broadcast(accelerator, resume)
+    if cfg.get("resume_from"):
+        resume = checkpoints.explicit_resume(Path(cfg["resume_from"]), model_cfg["pretrained"],
+                                             lora_fingerprint(lora_cfg))
+    else:
+        resume = checkpoints.select_resume(checkpoint_dir, this_run, cfg["max_steps"],
+                                           log=accelerator.print) if accelerator.is_main_process else None
+        resume = _broadcast(accelerator, resume)
     if resume:
         folder, meta = resume
         accelerator.load_state(str(folder))
         start_step, history = meta["step"], meta["history"]
         accelerator.print(f"train: resuming from {folder} at step {start_step} of {cfg['max_steps']}")
+    validation = cfg.get("validation") or {}
+    sampler = None
+    if validation.get("every") and accelerator.is_main_process:
+        sampler = ValidationSampler(validation, model_folder, resolve_dtype(model_cfg),
+                                    accelerator.device, cache.index["max_sequence_length"])
 
     accelerator.init_trackers("impressionist", config=_flat(params), init_kwargs={
         "dvclive": {"dir": str(live_dir), "save_dvc_exp": False, "dvcyaml": None}})
@@ -291,13 +307,18 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
             accelerator.log({k: v for k, v in entry.items() if k != "step"}, step=step)
             accelerator.print(f"train: step {step}/{cfg['max_steps']} loss {entry['loss']:.4f}")
         # The last step is checkpointed too, so raising train.max_steps later continues from it.
+        if sampler is not None and step % validation["every"] == 0:
+            _log_validation_images(accelerator, sampler, transformer, step)
         if cfg["checkpoint_every"] and (step % cfg["checkpoint_every"] == 0 or step == cfg["max_steps"]):
-            _save_checkpoint(accelerator, checkpoint_dir, step, this_run, history, model_cfg, cfg)
+            _save_checkpoint(accelerator, checkpoint_dir, step, this_run, history, model_cfg, lora_cfg, cfg)
         if stop_after is not None and step >= stop_after:
             accelerator.end_training()
             return {"stopped_at": step}
 
     accelerator.wait_for_everyone()
+    rank_checksums = _gather_checksums(accelerator, get_peft_model_state_dict(accelerator.unwrap_model(transformer)))
+    if len(set(rank_checksums)) != 1:
+        raise RuntimeError(f"LoRA weights differ between processes: {rank_checksums}")
     summary = {}
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(transformer)
@@ -314,7 +335,8 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
                 **_collate_lora_metadata({"transformer": unwrapped}))
             (tmp / "training_config.json").write_text(json.dumps(
                 {"base_model": model_cfg["pretrained"], "lora": lora_cfg, "train": cfg,
-                 "run_hash": this_run, "steps": step, "history": history}, indent=1))
+                 "run_hash": this_run, "steps": step, "rank_checksums": rank_checksums,
+                 "history": history}, indent=1))
         atomic_write_text(metrics_path, json.dumps(
             {k: summary[k] for k in ("steps", "final_loss", "train_samples")}, indent=1))
         save_loss_plot(history, Path(loss_plot))
@@ -323,16 +345,45 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
     return summary
 
 
-def _save_checkpoint(accelerator, root: Path, step: int, this_run: str, history, model_cfg, cfg):
+def _save_checkpoint(accelerator, root: Path, step: int, this_run: str, history, model_cfg, lora_cfg, cfg):
     staged = checkpoints.staging_folder(root, step)
     accelerator.save_state(str(staged))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final = checkpoints.publish(root, step, {
             "run_hash": this_run, "step": step, "base_model": model_cfg["pretrained"],
-            "history": history}, keep=cfg["keep_checkpoints"])
+            "lora": lora_fingerprint(lora_cfg), "history": history}, keep=cfg["keep_checkpoints"])
         accelerator.print(f"train: checkpoint {final}")
     accelerator.wait_for_everyone()
+
+
+def lora_fingerprint(lora_cfg: dict[str, Any]) -> str:
+    """What a checkpoint's LoRA tensors must agree with to be loadable."""
+    return fingerprint(lora_cfg.get("rank"), lora_cfg.get("alpha"), lora_cfg.get("targets"))
+
+
+def _log_validation_images(accelerator, sampler, transformer, step: int) -> None:
+    images = sampler.images(accelerator.unwrap_model(transformer))
+    for tracker in accelerator.trackers:
+        for i, image in enumerate(images):
+            if tracker.name == "dvclive":  # latest images only: they live in git with the metrics
+                tracker.tracker.log_image(f"validation_{i}.png", image)
+            elif tracker.name == "tensorboard":
+                tracker.tracker.add_image(f"validation/{i}", image, step, dataformats="HWC")
+    accelerator.print(f"train: validation images at step {step}")
+
+
+def _gather_checksums(accelerator, state: dict[str, torch.Tensor]) -> list[str]:
+    """One checksum of the LoRA tensors per process: DDP must leave every rank identical."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].detach().float().cpu().numpy().tobytes())
+    from accelerate.utils import gather_object
+
+    return list(gather_object([digest.hexdigest()[:16]]))
 
 
 def _broadcast(accelerator, value):
