@@ -77,11 +77,12 @@ def flow_matching_loss(transformer, latents: torch.Tensor, noise: torch.Tensor,
                        weighting: str = "none") -> torch.Tensor:
     """Weighted MSE between the transformer's velocity and ``noise - latents`` (scalar)."""
     b, _, h, w = latents.shape
-    dtype = next(transformer.parameters()).dtype
+    model = getattr(transformer, "module", transformer)  # config and dtype live on the unwrapped model (DDP)
+    dtype = model.dtype
     device = latents.device
     model_input = pack_latents(noisy_latents(latents, noise, sigmas))
     guidance = None
-    if transformer.config.guidance_embeds:
+    if model.config.guidance_embeds:
         guidance = torch.full((b,), float(guidance_scale), device=device, dtype=torch.float32)
     prediction = transformer(
         hidden_states=model_input.to(dtype),
