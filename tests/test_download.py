@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import shutil
+from pathlib import Path
 
 import datasets
 import pandas as pd
@@ -301,3 +304,235 @@ def test_rerun_is_idempotent_and_drops_stale_files(tmp_path, reference):
     download.run(config("synthetic", max_images=5), raw)
     table, files = raw_state(raw)
     assert table == first[0][:5] and len(files) == 5
+
+
+# --- a plain folder of images (the "imagefolder" source) ------------------------------------------
+
+def mirror_rows(mirror):
+    """The rows of a parquet mirror with class names: (image bytes, artist, genre, style)."""
+    table = datasets.Dataset.from_parquet(str(mirror)).cast_column("image", datasets.Image(decode=False))
+    names = {column: table.features[column].int2str for column in ("artist", "genre", "style")}
+    return [(row["image"]["bytes"], *(names[c](row[c]) for c in ("artist", "genre", "style"))) for row in table]
+
+
+def write_metadata(folder, name, records):
+    """Write ``records`` (dicts) as the folder's metadata.csv, metadata.jsonl or metadata.json."""
+    path = folder / name
+    if name.endswith(".csv"):
+        pd.DataFrame(records).to_csv(path, index=False)
+    elif name.endswith(".jsonl"):
+        path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    else:
+        path.write_text(json.dumps(records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def folder_records(tmp_path_factory, mirror):
+    """The mirror's rows as image files (``row-NNN.<ext>``, in the mirror's order) plus their labels.
+
+    Returns the folder (read-only for the tests, which copy it) and one metadata record per image.
+    """
+    folder = tmp_path_factory.mktemp("folder_source") / "paintings"
+    folder.mkdir()
+    records = []
+    for index, (data, artist, genre, style) in enumerate(mirror_rows(mirror)):
+        ext, _, _ = download.image_header(data)
+        name = f"row-{index:03d}.{'jpg' if ext == 'bin' else ext}"  # undecodable bytes keep a .jpg name
+        (folder / name).write_bytes(data)
+        records.append({"file_name": name, "artist": artist, "genre": genre, "style": style})
+    return folder, records
+
+
+def copy_folder(folder, tmp_path):
+    return Path(shutil.copytree(folder, tmp_path / folder.name))
+
+
+@pytest.mark.parametrize("metadata_name", ["metadata.csv", "metadata.jsonl", "metadata.json"])
+def test_image_folder_with_metadata_reads_like_the_parquet_mirror(tmp_path, folder_records, reference,
+                                                                  metadata_name):
+    folder, records = folder_records
+    folder = copy_folder(folder, tmp_path)
+    write_metadata(folder, metadata_name, records)
+    summary = download.run(config(folder), tmp_path / "raw")
+    # Same rows, ids, labels, sizes and image bytes as the parquet route (the reference), in the same order.
+    assert raw_state(tmp_path / "raw") == raw_state(reference[0])
+    table = pd.read_parquet(tmp_path / "raw" / "metadata.parquet")
+    assert list(table.columns) == LAYOUT_COLUMNS and set(table["source"]) == {str(folder)}
+    assert summary.per_artist == reference[1].per_artist and summary.skipped == reference[1].skipped
+
+
+def test_image_folder_without_metadata_is_the_requested_style(tmp_path, folder_records):
+    folder, records = folder_records
+    source = tmp_path / "mine"
+    (source / "nested" / "deeper").mkdir(parents=True)
+    (source / ".thumbnails").mkdir()
+    # name -> row of the fixture; "[1890]" would be a glob pattern if passed to datasets unescaped
+    chosen = {"a.jpg": 1, "nested/B [1890].PNG": 3, "nested/deeper/c*.webp": 4}
+    for name, row in chosen.items():
+        (source / name).write_bytes((folder / records[row]["file_name"]).read_bytes())
+    (source / ".thumbnails" / "a.jpg").write_bytes((folder / records[6]["file_name"]).read_bytes())
+    (source / "notes.md").write_text("not an image")
+
+    summary = download.run(config(source, style="Post_Impressionism", max_images=0), tmp_path / "raw")
+    table = pd.read_parquet(tmp_path / "raw" / "metadata.parquet")
+    expected_ids = sorted(hashlib.sha256((source / name).read_bytes()).hexdigest()[:16] for name in chosen)
+    assert sorted(table["id"]) == expected_ids, "every image, recursively, and nothing hidden"
+    assert set(table["artist"]) == {"Unknown Artist"} and set(table["genre"]) == {"Unknown Genre"}
+    assert set(table["style"]) == {"Post_Impressionism"}
+    assert summary.kept == 3 and summary.skipped == {}
+
+    # Without metadata no artist can be chosen but "Unknown Artist"; the error says why.
+    with pytest.raises(UserError) as error:
+        download.run(config(source, artists=["claude-monet"]), tmp_path / "raw2")
+    message = str(error.value)
+    assert "\n" not in message and "'claude-monet'" in message and "Unknown Artist" in message
+    assert "no metadata.csv" in message
+    assert not (tmp_path / "raw2").exists()
+
+
+def test_partial_metadata_falls_back_to_the_defaults(tmp_path, folder_records):
+    folder, records = folder_records
+    source = tmp_path / "mine"
+    source.mkdir()
+    for row in range(4):
+        (source / records[row]["file_name"]).write_bytes((folder / records[row]["file_name"]).read_bytes())
+    (source / "metadata.csv").write_text(
+        "file_name,artist,genre,style,title\n"
+        f"{records[0]['file_name']},claude-monet,landscape,Impressionism,Haystacks\n"
+        f"{records[1]['file_name']},,portrait,\n"                 # empty cells: the defaults
+        f"{records[2]['file_name']},rembrandt,portrait,Baroque,\n"  # another style: skipped
+    )                                                             # row 3 unlisted: the defaults
+    summary = download.run(config(source, max_images=0), tmp_path / "raw")
+    table = pd.read_parquet(tmp_path / "raw" / "metadata.parquet")
+    by_id = {row.id: (row.artist, row.genre, row.style) for row in table.itertuples()}
+
+    def image_id(row):
+        return hashlib.sha256((source / records[row]["file_name"]).read_bytes()).hexdigest()[:16]
+
+    assert by_id == {
+        image_id(0): ("claude-monet", "landscape", "Impressionism"),
+        image_id(1): ("Unknown Artist", "portrait", "Impressionism"),
+        image_id(3): ("Unknown Artist", "Unknown Genre", "Impressionism"),
+    }
+    assert summary.skipped == {"other style": 1}
+
+
+def test_image_folder_artists_are_validated_against_its_metadata(tmp_path, folder_records):
+    folder, records = folder_records
+    folder = copy_folder(folder, tmp_path)
+    metadata = write_metadata(folder, "metadata.jsonl", records)
+    impressionists = sorted({r["artist"] for r in records if r["style"] == "Impressionism"})
+    with pytest.raises(UserError) as error:
+        download.run(config(folder, artists=[impressionists[0], "claude-monnet"]), tmp_path / "raw")
+    message = str(error.value)
+    assert "\n" not in message and "'claude-monnet'" in message and str(metadata) in message
+    assert all(name in message for name in impressionists) and repr(impressionists[0]) not in message
+    assert not (tmp_path / "raw").exists()
+
+    download.run(config(folder, artists=impressionists[:1], max_images=0), tmp_path / "raw")
+    table = pd.read_parquet(tmp_path / "raw" / "metadata.parquet")
+    expected = [r for r in records if r["artist"] == impressionists[0] and r["style"] == "Impressionism"]
+    assert set(table["artist"]) == {impressionists[0]} and 0 < len(table) <= len(expected)
+
+
+def test_sidecar_captions_follow_the_renamed_images(tmp_path, folder_records):
+    from impressionist.caption import read_sidecar
+
+    folder, records = folder_records
+    source = tmp_path / "mine"
+    source.mkdir()
+    names = [records[row]["file_name"] for row in (0, 1)]
+    for name in names:
+        (source / name).write_bytes((folder / name).read_bytes())
+    caption = "impr3ssionism, a  haystack at dusk\nby Claude Monet ✓\n"
+    (source / names[0]).with_suffix(".txt").write_text(caption, encoding="utf-8")
+    raw = tmp_path / "raw"
+    download.run(config(source, max_images=0), raw)
+
+    ids = [hashlib.sha256((source / name).read_bytes()).hexdigest()[:16] for name in names]
+    assert (raw / "images" / f"{ids[0]}.txt").read_text(encoding="utf-8") == caption
+    assert not (raw / "images" / f"{ids[1]}.txt").exists()
+    assert read_sidecar(raw / "images", ids[0]) == "impr3ssionism, a haystack at dusk by Claude Monet ✓"
+    assert not list((raw / "images").glob(".*")), "no temporary files left behind"
+
+    # The sidecar is removed from the source: a rerun must not keep the stale copy.
+    (source / names[0]).with_suffix(".txt").unlink()
+    download.run(config(source, max_images=0), raw)
+    assert sorted(p.suffix for p in (raw / "images").iterdir()) == [".jpg", ".jpg"]
+
+
+def test_image_folder_resumes_after_a_transient_error(tmp_path, monkeypatch, folder_records, reference):
+    folder, records = folder_records
+    folder = copy_folder(folder, tmp_path)
+    write_metadata(folder, "metadata.csv", records)
+    log, opens = flaky_open_stream(monkeypatch, fail_after=8, error=OSError("stale file handle"))
+    download.run(config(folder), tmp_path / "raw", backoff_s=0)
+    assert len(opens) == 2 and ("resumed", True) in log
+    assert raw_state(tmp_path / "raw") == raw_state(reference[0])
+
+
+def test_folder_without_images_or_parquet_is_one_clear_error(tmp_path):
+    source = tmp_path / "notes"
+    source.mkdir()
+    (source / "readme.md").write_text("no paintings here")
+    (source / "metadata.csv").write_text("file_name,artist\n")
+    with pytest.raises(UserError) as error:
+        download.run(config(source), tmp_path / "raw")
+    message = str(error.value)
+    assert "\n" not in message and "no .parquet files and no images" in message and "jpg" in message
+    assert not (tmp_path / "raw").exists()
+
+
+@pytest.mark.parametrize("name, text, expected", [
+    ("metadata.csv", 'file_name,artist\n"row-000.jpg,claude-monet\n', "cannot read the metadata file"),
+    ("metadata.jsonl", '{"file_name": "row-000.jpg"}\n{"file_name": \n', "line 2"),
+    ("metadata.json", '{"file_name": "row-000.jpg"}', "list of objects"),
+    ("metadata.csv", "name,artist\nrow-000.jpg,claude-monet\n", "no file_name column"),
+    ("metadata.jsonl", '{"file_name": "row-000.jpg", "artist": 7}\n', "artist=7 in row 1"),
+    ("metadata.csv", "file_name,artist\nrow-000.jpg,a\nmissing.jpg,b\n../row-001.jpg,c\n",
+     "2 file_name(s) that are not images"),
+])
+def test_unreadable_metadata_is_one_error_naming_the_file_and_columns(tmp_path, folder_records, name, text,
+                                                                       expected):
+    source = tmp_path / "mine"
+    source.mkdir()
+    for row in range(2):
+        (source / f"row-{row:03d}.jpg").write_bytes((folder_records[0] / f"row-{row:03d}.jpg").read_bytes())
+    (source / name).write_text(text)
+    with pytest.raises(UserError) as error:
+        download.run(config(source), tmp_path / "raw")
+    message = str(error.value)
+    assert "\n" not in message and expected in message and str(source.resolve() / name) in message
+    if "not images" not in expected:
+        assert "file_name column" in message and "artist, genre and style" in message
+    assert not (tmp_path / "raw").exists()
+
+
+def test_two_metadata_files_are_ambiguous(tmp_path, folder_records):
+    folder, records = folder_records
+    folder = copy_folder(folder, tmp_path)
+    write_metadata(folder, "metadata.csv", records)
+    write_metadata(folder, "metadata.jsonl", records)
+    with pytest.raises(UserError, match="metadata.csv and metadata.jsonl; keep one"):
+        download.run(config(folder), tmp_path / "raw")
+    assert not (tmp_path / "raw").exists()
+
+
+def test_edited_folder_metadata_restarts_an_interrupted_download(tmp_path, monkeypatch, folder_records):
+    folder, records = folder_records
+    folder = copy_folder(folder, tmp_path)
+    write_metadata(folder, "metadata.csv", records)
+    raw = tmp_path / "raw"
+    with monkeypatch.context() as patch:
+        flaky_open_stream(patch, fail_after=9, error=KeyboardInterrupt())
+        with pytest.raises(KeyboardInterrupt):
+            download.run(config(folder), raw)
+    assert (raw / ".partial" / "rows.jsonl").read_text().strip(), "some rows were kept before the interruption"
+
+    renamed = [dict(r, artist="monet-renamed") if r["artist"] == "claude-monet" else r for r in records]
+    write_metadata(folder, "metadata.csv", renamed)
+    summary = download.run(config(folder), raw)
+    assert summary.resumed_from == 0, "rows kept under the old labels are not reused"
+    table = pd.read_parquet(raw / "metadata.parquet")
+    assert "claude-monet" not in set(table["artist"]) and "monet-renamed" in set(table["artist"])

@@ -6,7 +6,19 @@ Sources (``download.source``):
   whole 37 GB;
 - a local parquet file, or a folder of parquet files, with the same schema (a mirror);
 - ``synthetic``: a SYNTHETIC parquet (see :mod:`impressionist.synthetic`) written to a temporary
-  folder and then read through the very same parquet code path as a local mirror.
+  folder and then read through the very same parquet code path as a local mirror;
+- a folder of your own images (jpg, jpeg, png, webp, bmp, tif; searched recursively, hidden
+  folders skipped) that holds no parquet files: streamed with the ``imagefolder`` builder of
+  `datasets`. An optional ``metadata.csv``, ``metadata.jsonl`` or ``metadata.json`` (a list of
+  objects) at the top of the folder labels the images, keyed by ``file_name`` (the path relative to
+  the folder, as in Hugging Face's ImageFolder), with optional ``artist``, ``genre`` and ``style``
+  columns of plain text. An image it does not label counts as "Unknown Artist", "Unknown Genre" and
+  ``download.style``: a plain folder is assumed to be in the requested style unless its metadata
+  says otherwise. A kohya caption ``<stem>.txt`` next to an image is copied to
+  ``data/raw/images/<id>.txt``, where the caption stage uses it instead of its template.
+
+Every source is then read by the same code: a streaming `datasets.IterableDataset` with the
+columns image, artist, genre and style, filtered by ``download.style`` and ``download.artists``.
 
 Writes ``data/raw/images/<id>.<ext>`` (the original bytes, never re-encoded) and
 ``data/raw/metadata.parquet`` (see docs/layout.md). ``id`` is the first 16 hex digits of the
@@ -22,10 +34,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import hashlib
 import io
 import json
 import os
+import posixpath
 import re
 import shutil
 import sys
@@ -51,6 +65,16 @@ PARTIAL_DIR = ".partial"
 REQUIRED_COLUMNS = ("image", "artist", "genre", "style")
 METADATA_COLUMNS = ["id", "file", "artist", "genre", "style", "width", "height", "sha256", "source"]
 
+# A plain folder of images (the "imagefolder" source).
+FOLDER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+FOLDER_METADATA_FILES = ("metadata.csv", "metadata.jsonl", "metadata.json")
+FOLDER_LABEL_COLUMNS = ("artist", "genre", "style")
+FOLDER_METADATA_EXPECTED = ("expected a file_name column (each image's path relative to the folder) and optional "
+                            "artist, genre and style columns of text")
+UNKNOWN_ARTIST = "Unknown Artist"
+UNKNOWN_GENRE = "Unknown Genre"  # also a genre class of huggan/wikiart
+CAPTION_SUFFIX = ".txt"  # kohya sidecar caption, <stem>.txt next to the image
+
 
 def _transient_errors() -> tuple[type[BaseException], ...]:
     """Errors a streamed read raises when the network or a file system hiccups; worth a retry.
@@ -75,12 +99,50 @@ EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": 
 
 
 @dataclass
+class FolderIndex:
+    """The images of a plain folder source and the labels its metadata file gives them."""
+
+    root: Path
+    images: list[str]                       # absolute paths, sorted: the order of the stream
+    labels: dict[str, dict[str, str]]       # absolute image path -> the label columns its metadata row sets
+    metadata_file: Path | None
+    default_style: str
+
+    def default(self, column: str) -> str:
+        return {"artist": UNKNOWN_ARTIST, "genre": UNKNOWN_GENRE, "style": self.default_style}[column]
+
+    def label(self, image_path: str, column: str) -> str:
+        return self.labels.get(image_path, {}).get(column) or self.default(column)
+
+    def names(self, column: str) -> list[str]:
+        """Every name that ``column`` takes in this folder (what download.style/artists may ask for)."""
+        return sorted({self.label(path, column) for path in self.images})
+
+    def names_note(self, column: str) -> str:
+        if self.metadata_file is None:
+            return (f" ({self.root} has no {', '.join(FOLDER_METADATA_FILES)}, so every image counts as "
+                    f"{self.default(column)})")
+        return f" (from {self.metadata_file}; an image it gives no {column} counts as {self.default(column)})"
+
+    def add_labels(self, example: dict) -> dict:
+        """`IterableDataset.map` function: the artist, genre and style columns of one image."""
+        path = example["image"]["path"]
+        return {column: self.label(path, column) for column in FOLDER_LABEL_COLUMNS}
+
+    def caption(self, image_path: str) -> bytes | None:
+        """The bytes of the kohya sidecar caption next to the image, if there is one."""
+        sidecar = Path(image_path).with_suffix(CAPTION_SUFFIX)
+        return sidecar.read_bytes() if sidecar.is_file() else None
+
+
+@dataclass
 class Source:
-    """Where rows come from: ``kind`` is "hub", "parquet" or "synthetic"."""
+    """Where rows come from: ``kind`` is "hub", "parquet", "imagefolder" or "synthetic"."""
 
     kind: str
     name: str                       # as written in params (recorded in metadata's `source` column)
     data_files: list[str] = field(default_factory=list)
+    folder: FolderIndex | None = None  # only for "imagefolder"
 
 
 @dataclass
@@ -91,11 +153,116 @@ class DownloadSummary:
     resumed_from: int               # rows already kept by an interrupted earlier run
 
 
-def resolve_source(source: str) -> Source:
-    """Decide what ``download.source`` names, raising one clear line for a missing local source."""
+def find_folder_images(root: Path) -> list[Path]:
+    """Image files under ``root``, recursively, sorted; hidden files and folders are skipped."""
+    return sorted(p for p in root.rglob("*")
+                  if p.suffix.lower() in FOLDER_IMAGE_SUFFIXES and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
+def _metadata_records(path: Path) -> list[dict]:
+    """The rows of a folder's metadata file as dicts; raises ValueError (or OSError) when unreadable."""
+    if path.suffix == ".csv":
+        # All text: an artist called "NA" or a file called "1.jpg" must stay as written.
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+        return table.to_dict("records")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        records = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except ValueError as err:
+                    raise ValueError(f"line {number}: {err}") from err
+    else:
+        records = json.loads(text)
+        if not isinstance(records, list):
+            raise ValueError("a .json metadata file must hold a list of objects, one per image")
+    for number, record in enumerate(records, 1):
+        if not isinstance(record, dict):
+            raise ValueError(f"row {number} is {type(record).__name__}, not an object")
+    return records
+
+
+def read_folder_metadata(root: Path, images: list[Path]) -> tuple[Path | None, dict[str, dict[str, str]]]:
+    """The folder's metadata file (or None) and the labels it gives, keyed by absolute image path."""
+    found = [root / name for name in FOLDER_METADATA_FILES if (root / name).is_file()]
+    nested = sorted(p for p in root.rglob("metadata.*") if p.name in FOLDER_METADATA_FILES and p.parent != root
+                    and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    if nested:
+        raise UserError(f"download.source folder {root} has a metadata file below its top level ({nested[0]}); "
+                        f"only {root}/metadata.csv, .jsonl or .json is read: move its rows there, with "
+                        "file_name relative to the folder")
+    if len(found) > 1:
+        raise UserError(f"download.source folder {root} holds {' and '.join(p.name for p in found)}; keep one "
+                        "metadata file")
+    if not found:
+        return None, {}
+    path = found[0]
+    try:
+        records = _metadata_records(path)
+    except (ValueError, OSError, UnicodeDecodeError) as err:  # pandas' parser errors are ValueErrors
+        reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+        raise UserError(f"cannot read the metadata file {path} ({reason}); {FOLDER_METADATA_EXPECTED}") from err
+    if not records:
+        raise UserError(f"the metadata file {path} has no rows; {FOLDER_METADATA_EXPECTED}, or delete it")
+
+    if not any("file_name" in record for record in records):
+        raise UserError(f"the metadata file {path} has no file_name column; {FOLDER_METADATA_EXPECTED}")
+    by_relative = {p.relative_to(root).as_posix(): str(p) for p in images}
+    labels: dict[str, dict[str, str]] = {}
+    unknown: list[str] = []
+    for number, record in enumerate(records, 1):
+        file_name = record.get("file_name")
+        if not isinstance(file_name, str) or not file_name.strip():
+            raise UserError(f"the metadata file {path} has no file_name in row {number}; {FOLDER_METADATA_EXPECTED}")
+        relative = posixpath.normpath(file_name.strip().replace("\\", "/"))
+        if relative not in by_relative:
+            unknown.append(file_name)
+            continue
+        row = {}
+        for column in FOLDER_LABEL_COLUMNS:
+            value = record.get(column)
+            if value is None or (isinstance(value, float) and value != value) or value == "":
+                continue  # an empty cell: the default applies
+            if not isinstance(value, str):
+                raise UserError(f"the metadata file {path} has {column}={value!r} in row {number}; "
+                                f"{FOLDER_METADATA_EXPECTED}")
+            if value.strip():
+                row[column] = value.strip()
+        if by_relative[relative] in labels:
+            raise UserError(f"the metadata file {path} lists {file_name} twice; keep one row per image")
+        labels[by_relative[relative]] = row
+    if unknown:
+        raise UserError(f"the metadata file {path} lists {len(unknown)} file_name(s) that are not images in "
+                        f"{root} ({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}); give each "
+                        f"image's path relative to the folder, or remove those rows")
+    return path, labels
+
+
+def index_image_folder(root: Path, default_style: str) -> FolderIndex | None:
+    """The images of a plain folder and their labels; None if the folder holds no images."""
+    root = root.resolve()
+    images = find_folder_images(root)
+    if not images:
+        return None
+    metadata_file, labels = read_folder_metadata(root, images)
+    unlisted = len(images) - len(labels)
+    if metadata_file is not None and unlisted:
+        print(f"download: {unlisted} of the {len(images)} images in {root} have no row in {metadata_file.name}; "
+              f"they count as {UNKNOWN_ARTIST}, {UNKNOWN_GENRE}, {default_style}", file=sys.stderr)
+    return FolderIndex(root, [str(p) for p in images], labels, metadata_file, default_style)
+
+
+def resolve_source(source: str, default_style: str = "") -> Source:
+    """Decide what ``download.source`` names, raising one clear line for a missing local source.
+
+    ``default_style`` is the style of the images of a plain folder whose metadata gives none.
+    """
     if not isinstance(source, str) or not source.strip():
         raise UserError("params.yaml: download.source is empty; set it to huggan/wikiart, a local parquet "
-                        "file or folder, or 'synthetic'")
+                        "file or folder, a folder of images, or 'synthetic'")
     if source == SYNTHETIC:
         return Source("synthetic", source)
     path = Path(source).expanduser()
@@ -103,13 +270,18 @@ def resolve_source(source: str) -> Source:
         if path.is_file():
             if path.suffix != ".parquet":
                 raise UserError(f"download.source {source} is not a .parquet file; point it at a parquet file "
-                                "or a folder of parquet files with the huggan/wikiart schema")
+                                "or a folder of parquet files with the huggan/wikiart schema, or at a folder "
+                                "of images")
             files = [path]
         else:
             files = sorted(p for p in path.rglob("*.parquet") if p.is_file())
             if not files:
-                raise UserError(f"download.source folder {source} holds no .parquet files; point it at a "
-                                "mirror of huggan/wikiart's parquet shards")
+                folder = index_image_folder(path, default_style)
+                if folder is None:
+                    raise UserError(f"download.source folder {source} holds no .parquet files and no images "
+                                    f"({', '.join(s[1:] for s in FOLDER_IMAGE_SUFFIXES)}); point it at a mirror "
+                                    "of huggan/wikiart's parquet shards or at a folder of your own images")
+                return Source("imagefolder", source, folder.images, folder)
         return Source("parquet", source, [str(f) for f in files])
     looks_like_path = source.startswith((".", "/", "~")) or source.endswith(".parquet") or source.count("/") != 1
     if looks_like_path or not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
@@ -149,12 +321,25 @@ def open_stream(source: Source):
     try:
         if source.kind == "hub":
             stream = datasets.load_dataset(source.name, split="train", streaming=True)
+        elif source.kind == "imagefolder":
+            # The images only: the folder's metadata was read by resolve_source, and labels added
+            # below, because ImageFolder would drop the images its metadata file does not list.
+            # data_files rather than data_dir: no split inference from folder names like "test".
+            # Escaped, because data_files are glob patterns: "view [1890].jpg" would match nothing.
+            stream = datasets.load_dataset("imagefolder", data_files=[glob.escape(f) for f in source.data_files],
+                                           split="train", streaming=True, drop_labels=True, drop_metadata=True)
         else:
             stream = datasets.load_dataset("parquet", data_files=source.data_files, split="train", streaming=True)
     except TRANSIENT_ERRORS:
         raise
     except Exception as err:
         raise UserError(f"cannot read download.source {source.name}: {str(err).splitlines()[0][:200]}") from err
+    if source.folder is not None:
+        label = datasets.Value("string")
+        stream = stream.cast_column("image", datasets.Image(decode=False)).map(
+            source.folder.add_labels,
+            features=datasets.Features({"image": datasets.Image(decode=False), "artist": label, "genre": label,
+                                        "style": label}))
     features = stream.features
     missing = [c for c in REQUIRED_COLUMNS if features is None or c not in features]
     if missing:
@@ -176,11 +361,11 @@ def label_decoder(features, column: str) -> tuple[Callable[[Any], str], list[str
     raise UserError(f"column {column!r} of download.source is {feature}, expected a ClassLabel as in huggan/wikiart")
 
 
-def validate_names(wanted: list[str], valid: list[str] | None, what: str, param: str) -> None:
+def validate_names(wanted: list[str], valid: list[str] | None, what: str, param: str, note: str = "") -> None:
     unknown = [name for name in wanted if valid is not None and name not in valid]
     if unknown:
         raise UserError(f"params.yaml: {param} has unknown {what} {', '.join(map(repr, unknown))}; valid "
-                        f"{what} names: {', '.join(valid)}")
+                        f"{what} names: {', '.join(valid)}{note}")
 
 
 def image_header(data: bytes) -> tuple[str, int, int]:
@@ -289,7 +474,7 @@ def run(cfg: dict, raw_dir: Path | str = RAW_DIR, *, retries: int = 5, backoff_s
     """
     config = _read_config(cfg)
     raw_dir = Path(raw_dir)
-    source = resolve_source(config["source"])
+    source = resolve_source(config["source"], config["style"])
     if source.kind == "hub":
         check_hub_reachable(source.name)
 
@@ -314,13 +499,20 @@ def run(cfg: dict, raw_dir: Path | str = RAW_DIR, *, retries: int = 5, backoff_s
         style_name, style_names = label_decoder(stream.features, "style")
         artist_name, artist_names = label_decoder(stream.features, "artist")
         genre_name, _ = label_decoder(stream.features, "genre")
-        validate_names([config["style"]], style_names, "style", "download.style")
-        validate_names(config["artists"], artist_names, "artist", "download.artists")
+        folder = source.folder
+        if folder is not None:  # plain text labels: the valid names are those the folder's images carry
+            style_names, artist_names = folder.names("style"), folder.names("artist")
+        validate_names([config["style"]], style_names, "style", "download.style",
+                       folder.names_note("style") if folder else "")
+        validate_names(config["artists"], artist_names, "artist", "download.artists",
+                       folder.names_note("artist") if folder else "")
 
         # Which rows qualify depends on these; max_images only says when to stop, so a resumed run
         # may raise or lower it. The seed only matters for the synthetic source.
         key_parts = {k: v for k, v in config.items()
                      if k != "max_images" and (k != "seed" or config["source"] == SYNTHETIC)}
+        if folder is not None and folder.metadata_file is not None:  # edited labels: start afresh
+            key_parts["folder_metadata"] = hashlib.sha256(folder.metadata_file.read_bytes()).hexdigest()
         progress = Progress(raw_dir, fingerprint(key_parts))
         (raw_dir / METADATA_FILE).unlink(missing_ok=True)  # the completion marker must not outlive a rerun
         resumed = progress.load()
@@ -360,9 +552,16 @@ def run(cfg: dict, raw_dir: Path | str = RAW_DIR, *, retries: int = 5, backoff_s
             relative = f"images/{digest[:16]}.{ext}"
             if not (raw_dir / relative).is_file():
                 atomic_write_bytes(raw_dir / relative, data)
+            # The images are renamed to <id>.<ext>, so a sidecar caption follows as <id>.txt, where
+            # the caption stage looks for it. Written before the row is recorded, like the image.
+            caption = folder.caption(example["image"]["path"]) if folder is not None else None
+            caption_file = f"images/{digest[:16]}{CAPTION_SUFFIX}" if caption is not None else None
+            if caption is not None:
+                atomic_write_bytes(raw_dir / caption_file, caption)
             progress.add({"id": digest[:16], "file": relative, "artist": artist_name(example["artist"]),
                           "genre": genre_name(example["genre"]), "style": style_name(example["style"]),
-                          "width": width, "height": height, "sha256": digest, "source": source.name})
+                          "width": width, "height": height, "sha256": digest, "source": source.name,
+                          "caption_file": caption_file})  # not a metadata column; kept for the sweep below
             kept_ids.add(digest[:16])
             return True
 
@@ -424,6 +623,7 @@ def run(cfg: dict, raw_dir: Path | str = RAW_DIR, *, retries: int = 5, backoff_s
     table = pd.DataFrame(progress.rows, columns=METADATA_COLUMNS)
     # Images left over from an earlier run with other params are not part of this download.
     wanted = {raw_dir / name for name in table["file"]}
+    wanted |= {raw_dir / row["caption_file"] for row in progress.rows if row.get("caption_file")}
     for stray in images_dir.iterdir():
         if stray not in wanted:
             stray.unlink()

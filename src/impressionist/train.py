@@ -168,15 +168,34 @@ def save_loss_plot(history: list[dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
+def lora_state_dict(accelerator, model) -> dict[str, torch.Tensor]:
+    """The LoRA tensors of ``model``; under FSDP every rank must call this (it gathers shards)."""
+    from accelerate.utils import DistributedType
+    from peft.utils import get_peft_model_state_dict
+
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return get_peft_model_state_dict(unwrapped, state_dict=accelerator.get_state_dict(model))
+    return get_peft_model_state_dict(unwrapped)
+
+
 def _register_lora_hooks(accelerator) -> None:
-    """Checkpoints hold the LoRA tensors only, not the 12B frozen base weights."""
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    """Checkpoints hold the LoRA tensors only, not the 12B frozen base weights.
+
+    Under FSDP accelerate saves and loads the sharded model itself, so the hooks stay out of it.
+    """
+    from accelerate.utils import DistributedType
+    from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file, save_file
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return
 
     def save_hook(models, weights, output_dir):
         for model in models:
-            state = get_peft_model_state_dict(accelerator.unwrap_model(model))
-            save_file({k: v.contiguous() for k, v in state.items()}, str(Path(output_dir) / LORA_STATE))
+            if accelerator.is_main_process:  # every rank holds the same LoRA (DDP): one writer
+                state = lora_state_dict(accelerator, model)
+                save_file({k: v.contiguous() for k, v in state.items()}, str(Path(output_dir) / LORA_STATE))
             weights.pop()
 
     def load_hook(models, input_dir):
@@ -201,7 +220,6 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import _collate_lora_metadata, cast_training_params
     from diffusers import FluxPipeline
-    from peft.utils import get_peft_model_state_dict
 
     model_cfg, lora_cfg, cfg = (section(params, s) for s in ("model", "lora", "train"))
     device = resolve_device(model_cfg)
@@ -316,7 +334,8 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
             return {"stopped_at": step}
 
     accelerator.wait_for_everyone()
-    rank_checksums = _gather_checksums(accelerator, get_peft_model_state_dict(accelerator.unwrap_model(transformer)))
+    final_lora = lora_state_dict(accelerator, transformer)
+    rank_checksums = _gather_checksums(accelerator, final_lora)
     if len(set(rank_checksums)) != 1:
         raise RuntimeError(f"LoRA weights differ between processes: {rank_checksums}")
     summary = {}
@@ -331,7 +350,7 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
         }
         with atomic_dir(lora_dir) as tmp:
             FluxPipeline.save_lora_weights(
-                tmp, transformer_lora_layers=get_peft_model_state_dict(unwrapped),
+                tmp, transformer_lora_layers=final_lora,
                 **_collate_lora_metadata({"transformer": unwrapped}))
             (tmp / "training_config.json").write_text(json.dumps(
                 {"base_model": model_cfg["pretrained"], "lora": lora_cfg, "train": cfg,
