@@ -227,3 +227,16 @@ def test_two_gloo_processes_train_identical_loras(demo_params, encoded_cache, tm
     assert config["rank_checksums"][0] == config["rank_checksums"][1]
     # the world size is part of the run hash: a 1-process rerun must not resume this run
     assert config["run_hash"] != train.run_hash(params, CacheReader(tmp_path / "data/cache").index["fingerprint"], 1)
+
+
+def test_data_loader_workers_do_not_change_what_is_trained(demo_params, encoded_cache, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    loras = []
+    for workers in (0, 2):
+        params = small_run(copy.deepcopy(demo_params), 8, every=0)
+        params["train"].update(dataloader_workers=workers, gradient_accumulation_steps=2)
+        out = outputs(tmp_path / f"w{workers}")
+        train.run(params, encoded_cache, **out)
+        loras.append(load_file(out["lora_dir"] / LORA_FILE))
+    assert loras[0].keys() == loras[1].keys()
+    assert all(torch.equal(loras[0][k], loras[1][k]) for k in loras[0])

@@ -64,6 +64,15 @@ class CacheReader:
                             "check the filter stage's metrics/data.json")
         self._open = lru_cache(maxsize=8)(self._open_shard)
 
+    def __getstate__(self):  # data-loader workers re-open shards themselves: handles don't pickle
+        state = dict(self.__dict__)
+        del state["_open"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._open = lru_cache(maxsize=8)(self._open_shard)
+
     def _open_shard(self, shard: str):
         return safe_open(str(self.folder / shard), framework="pt")
 

@@ -44,7 +44,7 @@ LORA_STATE = "lora_state.safetensors"  # inside a checkpoint: peft-format LoRA t
 
 # Params that do not change what a training step computes: changing them keeps checkpoints valid.
 NOT_SHAPING = {"max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "report_to",
-               "validation", "resume_from"}
+               "validation", "resume_from", "dataloader_workers"}
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 TRACKERS = ("dvclive", "tensorboard")
@@ -107,6 +107,36 @@ class BucketBatches:
     def __getitem__(self, micro_batch: int) -> list[int]:
         epoch, position = divmod(micro_batch, self.batches_per_epoch)
         return self.epoch(epoch)[position]
+
+
+class MicroBatches(torch.utils.data.Dataset):
+    """Item ``k`` is this process's ``k``-th micro-batch, ready to move to the device.
+
+    Served through a DataLoader so workers read (and pin) the next batches from the cache while
+    the GPU trains on the current one; the content of every item depends only on ``k``, so the
+    number of workers never changes what is trained.
+    """
+
+    def __init__(self, cache: CacheReader, cfg: dict[str, Any], sampling: TimestepSampling,
+                 world: int, rank: int):
+        self.cache, self.cfg, self.sampling, self.world, self.rank = cache, cfg, sampling, world, rank
+        self.order = BucketBatches(cache.samples, cfg["batch_size"], cfg["seed"])
+
+    def __len__(self) -> int:
+        return self.cfg["max_steps"] * self.cfg["gradient_accumulation_steps"]
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        micro_batch = k * self.world + self.rank
+        return load_batch(self.cache, self.order[micro_batch],
+                          micro_batch_generator(self.cfg["seed"], micro_batch),
+                          self.cfg["caption_dropout"], self.sampling)
+
+
+def micro_batch_loader(dataset: MicroBatches, start_step: int, workers: int, pin: bool):
+    first = start_step * dataset.cfg["gradient_accumulation_steps"]
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=None, sampler=range(first, len(dataset)), num_workers=workers,
+        pin_memory=pin, prefetch_factor=4 if workers else None, persistent_workers=False)
 
 
 def micro_batch_generator(seed: int, micro_batch: int) -> torch.Generator:
@@ -233,6 +263,7 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
 
     accelerator = Accelerator(
         mixed_precision=MIXED_PRECISION[cfg["mixed_precision"]], cpu=device.type == "cpu",
+        dynamo_backend="inductor" if cfg.get("compile") else "no",
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(checkpoint_dir), logging_dir=str(log_dir)))
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -284,7 +315,8 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
 
     sampling = TimestepSampling(cfg["timestep_sampling"], cfg["logit_mean"], cfg["logit_std"],
                                 cfg["mode_scale"])
-    order = BucketBatches(cache.samples, cfg["batch_size"], cfg["seed"])
+    batches = iter(micro_batch_loader(MicroBatches(cache, cfg, sampling, world, rank), start_step,
+                                      cfg.get("dataloader_workers", 0), accelerator.device.type == "cuda"))
     accumulation = cfg["gradient_accumulation_steps"]
     images_per_step = cfg["batch_size"] * accumulation * world
     step, started = start_step, time.perf_counter()
@@ -293,10 +325,7 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
         step_started = time.perf_counter()
         losses = []
         for micro in range(accumulation):
-            micro_batch = (step * accumulation + micro) * world + rank
-            batch = load_batch(cache, order[micro_batch], micro_batch_generator(cfg["seed"], micro_batch),
-                               cfg["caption_dropout"], sampling)
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(batches).items()}
             sync = micro == accumulation - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(transformer):
                 loss = flow_matching_loss(transformer, guidance_scale=cfg["guidance_scale"],
