@@ -1,0 +1,95 @@
+"""The encode cache: buckets, FLUX latent scaling, flips, shards and caption embeddings."""
+
+import copy
+
+import pytest
+import torch
+from PIL import Image
+
+from impressionist import encode
+from impressionist.errors import UserError
+from impressionist.latent_cache import EMPTY_CAPTION_KEY, CacheReader
+from impressionist.models import load_text_pipeline, load_vae
+
+
+def test_buckets_are_multiples_of_16_near_the_target_area():
+    buckets = encode.aspect_buckets(512, 0.5, 2.0)
+    assert (512, 512) in buckets
+    for h, w in buckets:
+        assert h % 16 == 0 and w % 16 == 0
+        assert 0.5 <= w / h <= 2.0
+        assert abs(h * w - 512 * 512) / (512 * 512) < 0.1
+    assert encode.nearest_bucket(300, 600, buckets)[1] > encode.nearest_bucket(300, 600, buckets)[0]
+    assert encode.nearest_bucket(600, 300, buckets)[0] > encode.nearest_bucket(600, 300, buckets)[1]
+
+
+def test_crop_to_bucket_keeps_the_bucket_size():
+    image = Image.new("RGB", (333, 150))
+    assert encode.crop_to_bucket(image, (64, 128)).size == (128, 64)
+
+
+@pytest.fixture(scope="module")
+def flip_cache(tmp_path_factory, _demo_params_master, tiny_flux_dir):
+    from conftest import write_filtered_dataset
+
+    root = tmp_path_factory.mktemp("flip")
+    filtered, captions = write_filtered_dataset(root, n_images=8)
+    params = copy.deepcopy(_demo_params_master)
+    params["encode"].update(flip=True, shard_size=3)
+    encode.run(params, filtered, captions, root / "cache")
+    return root, params
+
+
+def test_latents_are_the_scaled_vae_posterior_mean(flip_cache, tiny_flux_dir):
+    root, params = flip_cache
+    cache = CacheReader(root / "cache")
+    sample = next(s for s in cache.samples if not s["flip"])
+    image = encode.crop_to_bucket(Image.open(root / "filtered/images" / f"{sample['id']}.png").convert("RGB"),
+                                  tuple(sample["bucket"]))
+    vae = load_vae(tiny_flux_dir, torch.float32)
+    with torch.no_grad():
+        mean = vae.encode(encode.to_pixels([image])).latent_dist.mean[0]
+    expected = (mean - vae.config.shift_factor) * vae.config.scaling_factor
+    # encode ran the image in a batch with others: convolution order differs in the last digits
+    torch.testing.assert_close(cache.latent(sample), expected, atol=1e-3, rtol=1e-3)
+    h, w = sample["bucket"]
+    assert cache.latent(sample).shape == (16, h // 8, w // 8)
+
+
+def test_flip_copies_and_shards(flip_cache):
+    root, _ = flip_cache
+    cache = CacheReader(root / "cache")
+    plain = {s["id"]: s for s in cache.samples if not s["flip"]}
+    flipped = {s["id"]: s for s in cache.samples if s["flip"]}
+    assert plain.keys() == flipped.keys() and len(plain) == 7  # 8 images, one in the val split
+    some = next(iter(plain))
+    assert not torch.equal(cache.latent(plain[some]), cache.latent(flipped[some]))
+    assert len(list((root / "cache").glob("latents-*.safetensors"))) == -(-14 // 3)  # 14 latents, 3 per shard
+
+
+def test_each_distinct_caption_is_encoded_once_plus_the_empty_one(flip_cache, tiny_flux_dir):
+    root, params = flip_cache
+    cache = CacheReader(root / "cache")
+    keys = {s["caption_key"] for s in cache.samples}
+    assert set(cache.index["text"]) == keys | {EMPTY_CAPTION_KEY}
+    pipe = load_text_pipeline(tiny_flux_dir, torch.float32)
+    with torch.no_grad():
+        embeds, pooled, _ = pipe.encode_prompt(prompt=[""], prompt_2=None, device="cpu",
+                                               max_sequence_length=params["caption"]["max_sequence_length"])
+    cached_embeds, cached_pooled = cache.text(EMPTY_CAPTION_KEY)
+    torch.testing.assert_close(cached_embeds, embeds[0])
+    torch.testing.assert_close(cached_pooled, pooled[0])
+    assert cached_embeds.shape[0] == params["caption"]["max_sequence_length"]
+
+
+def test_bad_input_leaves_no_cache(demo_params, tmp_path):
+    from conftest import write_filtered_dataset
+
+    filtered, captions = write_filtered_dataset(tmp_path, n_images=3)
+    demo_params["encode"]["resolution"] = 72
+    with pytest.raises(UserError, match="multiple of 16"):
+        encode.run(demo_params, filtered, captions, tmp_path / "cache")
+    demo_params["encode"]["resolution"] = 64
+    with pytest.raises(UserError, match="run the caption stage first"):
+        encode.run(demo_params, filtered, tmp_path / "missing.parquet", tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
