@@ -271,6 +271,12 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
     set_seed(cfg["seed"])
 
     model_folder = resolve_pretrained(model_cfg["pretrained"], model_cfg.get("revision"))
+    validation = cfg.get("validation") or {}
+    sampler = None
+    if validation.get("every") and accelerator.is_main_process:
+        # Before the transformer loads: the text encoders come and go while memory is still free.
+        sampler = ValidationSampler(validation, model_folder, resolve_dtype(model_cfg),
+                                    accelerator.device, cache.index["max_sequence_length"])
     transformer = load_transformer(model_folder, resolve_dtype(model_cfg),
                                    cfg.get("base_quantization", "none"))
     transformer.requires_grad_(False)
@@ -302,11 +308,6 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
         accelerator.load_state(str(folder))
         start_step, history = meta["step"], meta["history"]
         accelerator.print(f"train: resuming from {folder} at step {start_step} of {cfg['max_steps']}")
-    validation = cfg.get("validation") or {}
-    sampler = None
-    if validation.get("every") and accelerator.is_main_process:
-        sampler = ValidationSampler(validation, model_folder, resolve_dtype(model_cfg),
-                                    accelerator.device, cache.index["max_sequence_length"])
 
     accelerator.init_trackers("impressionist", config=_flat(params), init_kwargs={
         "dvclive": {"dir": str(live_dir), "save_dvc_exp": False, "dvcyaml": None}})
