@@ -32,7 +32,7 @@ DEMO_CFG = {
     "clip_pretrained": "builtin",
     "seed": 0,
 }
-SECTION_KEYS = {"fid", "kid_mean", "kid_std", "clip_score", "style_score", "n_fake"}
+SECTION_KEYS = {"fid", "kid_mean", "kid_std", "clip_score", "style_score", "n_fake", "kid_subset_size"}
 DELTA_KEYS = {"fid", "kid_mean", "kid_std", "clip_score", "style_score"}
 
 
@@ -322,6 +322,12 @@ def test_run_writes_stable_metrics_and_plots(tmp_path, monkeypatch):
 
     assert written["n_real"] == 6  # validation rows only, not the 3 training rows
     assert written["base"]["n_fake"] == written["lora_scale_1.0"]["n_fake"] == 4
+    # KID's subset size, lowered from the requested 1000 to the smaller side (4 generated images)
+    assert written["base"]["kid_subset_size"] == written["lora"]["kid_subset_size"] == 4
+    # flat numbers only under each key: what `dvc metrics diff` / `dvc exp show` compare
+    for value in written.values():
+        leaves = value.values() if isinstance(value, dict) else [value]
+        assert all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in leaves)
     assert written["lora"]["lora_scale"] == 1.0
     assert {k: v for k, v in written["lora"].items() if k != "lora_scale"} == written["lora_scale_1.0"]
     for name in DELTA_KEYS:
@@ -379,8 +385,11 @@ def _missing_png(root):
         (_remove_lora, {}, "run the sample stages first"),
         (_empty_base, {}, "lists no images"),
         (_drop_split, {}, "no 'split' column"),
-        (_no_val, {}, "0 validation image"),
-        (_one_image_at_a_scale, {}, "lora_scale 0.5; FID/KID need at least 2"),
+        (_no_val, {}, "0 validation image(s); FID and KID need at least 2 real images — raise "
+                      "filter.val_fraction"),
+        (_one_image_at_a_scale, {}, "has 1 image(s) at lora_scale 0.5; FID/KID need at least 2 per set "
+                                    "(prompts x seeds) — add seeds to sample.seeds or prompts to "
+                                    "sample.prompts / sample.val_captions"),
         (_missing_png, {}, "missing from"),
         (None, {"fid_features": "inception", "inception_weights": "/nowhere/pt_inception.pth"},
          "inception_weights"),
@@ -414,3 +423,12 @@ def test_main_reports_bad_input_as_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err
     assert "samples" in err and "run the sample stages first" in err
+
+
+def test_small_sample_note_points_to_kid():
+    metrics = {"n_real": 600, "base": {"n_fake": 800}, "lora": {"n_fake": 12, "lora_scale": 1.0},
+               "delta": {"fid": 1.0}, "real": {"style_score": 0.5}}
+    note = evaluate.small_sample_note(metrics)
+    assert note.startswith("note: FID from 12 images") and "kid_mean" in note and "\n" not in note
+    assert evaluate.small_sample_note({**metrics, "lora": {"n_fake": 900}}) is None
+    assert "from 3 images" in evaluate.small_sample_note({**metrics, "n_real": 3, "lora": {"n_fake": 900}})

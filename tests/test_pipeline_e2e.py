@@ -20,7 +20,7 @@ from conftest import committed_params_text
 from impressionist.cli import apply_overrides, demo_overrides
 
 REPO = Path(__file__).resolve().parents[1]
-ALL_STAGES = ["download", "filter", "caption", "encode", "train", "sample_base", "sample", "evaluate"]
+ALL_STAGES = ["download", "filter", "caption", "encode", "train", "export", "sample_base", "sample", "evaluate"]
 pytestmark = pytest.mark.slow
 
 
@@ -79,7 +79,7 @@ def test_demo_graph_reruns_only_what_changed_and_round_trips_through_the_remote(
 
     set_param(repo, "lora.rank", 8)
     rerun = sh(repo, "dvc", "repro")
-    assert ran_stages(rerun.stdout) == ["train", "sample", "evaluate"]
+    assert ran_stages(rerun.stdout) == ["train", "export", "sample", "evaluate"]
 
     diff = sh(repo, "dvc", "metrics", "diff", "--md").stdout
     for row in ("lora.fid", "lora.kid_mean", "lora.clip_score"):

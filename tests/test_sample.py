@@ -1,4 +1,4 @@
-"""Sampling with and without the LoRA, the grid, and the refusals."""
+"""Sampling with and without the LoRA, the prompt set, the grid, and the refusals."""
 
 import pandas as pd
 import pytest
@@ -6,6 +6,7 @@ from PIL import Image
 
 from impressionist import sample, train
 from impressionist.errors import UserError
+from impressionist.grid import sample_grid_figure
 
 
 @pytest.fixture(scope="module")
@@ -23,22 +24,100 @@ def trained_lora(tmp_path_factory, _demo_params_master, encoded_cache):
 
 def small(params):
     params["sample"].update(prompts=["a harbor at sunset", "a field"], seeds=[0, 1], resolution=32,
-                            steps=2, lora_scales=[0.5, 1.0])
+                            steps=2, lora_scales=[0.5, 1.0], val_captions=0)
     return params
+
+
+# Validation captions as the caption stage writes them: the trigger is already inside, and not
+# always first (a sidecar caption is verbatim). Rows are out of id order on purpose.
+CAPTION_ROWS = [
+    ("00000000000000c0", "val", "trig, a painting of a landscape by Claude Monet"),
+    ("00000000000000a0", "train", "trig, a training caption that must never be sampled"),
+    ("00000000000000b0", "val", "a quiet river at dawn, trig style"),
+    ("00000000000000d0", "val", "trig, a painting of a landscape by Claude Monet"),  # a repeat of c0
+    ("00000000000000e0", "val", "trig, a portrait sitter by Mary Cassatt"),
+    ("0000000000000010", "val", "   "),                                                # blank: skipped
+]
+
+
+def write_captions(path, rows=CAPTION_ROWS):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame([dict(id=i, split=s, caption=c, caption_source="template") for i, s, c in rows]).to_parquet(path)
+    return path
+
+
+def test_prompt_set_is_subjects_with_trigger_then_val_captions_verbatim(demo_params, tmp_path):
+    params = small(demo_params)
+    params["caption"]["trigger"] = "trig"
+    params["sample"]["val_captions"] = 3
+    captions = write_captions(tmp_path / "captions.parquet")
+    assert sample.prompt_set(params, captions) == [
+        ("trig, a harbor at sunset", "subject"),
+        ("trig, a field", "subject"),
+        # first distinct validation captions by image id: b0, c0 (d0 repeats c0), e0
+        ("a quiet river at dawn, trig style", "val_caption"),
+        ("trig, a painting of a landscape by Claude Monet", "val_caption"),
+        ("trig, a portrait sitter by Mary Cassatt", "val_caption"),
+    ]
+    params["sample"]["val_captions"] = 1
+    assert [p for p, _ in sample.prompt_set(params, captions)][-1] == "a quiet river at dawn, trig style"
+    # captions alone are a prompt set; the captions file is not read when none are asked for
+    params["sample"].update(prompts=[], val_captions=2)
+    assert len(sample.prompt_set(params, captions)) == 2
+    params["sample"].update(prompts=["a field"], val_captions=0)
+    assert sample.prompt_set(params, tmp_path / "absent.parquet") == [("trig, a field", "subject")]
+
+
+@pytest.mark.parametrize(("change", "needle"), [
+    ({"val_captions": 4}, "only 3 distinct validation caption"),
+    ({"val_captions": -1}, "sample.val_captions"),
+    ({"val_captions": True}, "sample.val_captions"),
+    ({"val_captions": "2"}, "sample.val_captions"),
+    ({"prompts": [], "val_captions": 0}, "prompt set is empty"),
+    ({"prompts": ["ok", " "]}, "sample.prompts"),
+])
+def test_prompt_set_refusals(demo_params, tmp_path, change, needle):
+    params = small(demo_params)
+    params["sample"].update(change)
+    with pytest.raises(UserError) as err:
+        sample.prompt_set(params, write_captions(tmp_path / "captions.parquet"))
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_missing_captions_file_is_one_line_before_any_model(demo_params, tmp_path, monkeypatch):
+    params = small(demo_params)
+    params["sample"]["val_captions"] = 2
+    monkeypatch.setattr(sample, "load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(UserError) as err:
+        sample.run_base(params, tmp_path / "base", tmp_path / "no" / "captions.parquet")
+    message = str(err.value)
+    assert "captions.parquet not found" in message and "dvc repro caption" in message
+    assert "sample.val_captions: 0" in message and "\n" not in message
+    assert not (tmp_path / "base").exists()
 
 
 def test_base_then_lora_samples_and_grid(demo_params, trained_lora, tmp_path):
     params = small(demo_params)
-    sample.run_base(params, tmp_path / "base")
+    params["caption"]["trigger"] = "trig"
+    params["sample"]["val_captions"] = 1
+    captions = write_captions(tmp_path / "captions.parquet")
+    sample.run_base(params, tmp_path / "base", captions)
     base = pd.read_csv(tmp_path / "base/samples.csv")
-    assert len(base) == 4 and set(base.lora_scale) == {0.0}
-    assert base.prompt.iloc[0] == f"{params['caption']['trigger']}, a harbor at sunset"
+    assert len(base) == 6 and set(base.lora_scale) == {0.0}
+    assert list(base.prompt.drop_duplicates()) == ["trig, a harbor at sunset", "trig, a field",
+                                                   "a quiet river at dawn, trig style"]
+    assert list(base.prompt_source.drop_duplicates()) == ["subject", "val_caption"]
     assert Image.open(tmp_path / "base" / base.file.iloc[0]).size == (32, 32)
 
-    sample.run_lora(params, trained_lora, tmp_path / "base", tmp_path / "lora", tmp_path / "grid.png")
+    sample.run_lora(params, trained_lora, tmp_path / "base", tmp_path / "lora", tmp_path / "grid.png", captions)
     lora = pd.read_csv(tmp_path / "lora/samples.csv")
-    assert sorted(lora.lora_scale.unique()) == [0.5, 1.0] and len(lora) == 8
-    assert Image.open(tmp_path / "grid.png").size[0] > 3 * 32
+    assert sorted(lora.lora_scale.unique()) == [0.5, 1.0] and len(lora) == 12
+    # the LoRA images use exactly the base images' prompts and seeds at every scale
+    for scale in (0.5, 1.0):
+        at = lora[lora.lora_scale == scale]
+        assert list(zip(at.prompt, at.seed)) == list(zip(base.prompt, base.seed))
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.size[0] > 3 * 32 and grid.size[1] > 6 * 32
 
     # Same prompt and seed: the LoRA changes the picture, and the scale matters.
     def pixels(folder, table, scale):
@@ -58,7 +137,34 @@ def test_sampling_is_deterministic(demo_params, tmp_path):
         assert Image.open(tmp_path / "a" / name).tobytes() == Image.open(tmp_path / "b" / name).tobytes()
 
 
-def test_refusals(demo_params, tmp_path):
+def _write_samples(folder, rows, colour):
+    folder.mkdir(parents=True)
+    for i, row in enumerate(rows):
+        row["file"] = f"{i}.png"
+        Image.new("RGB", (16, 16), colour).save(folder / row["file"])
+    pd.DataFrame(rows).to_csv(folder / "samples.csv", index=False)
+
+
+def test_grid_is_captioned_rows_prompts_columns_scales(tmp_path):
+    prompts = [("trig, a harbor at sunset", "subject"), ("trig, a landscape by Claude Monet", "val_caption")]
+    base = [dict(prompt=p, seed=0, lora_scale=0.0, prompt_source=s) for p, s in prompts]
+    lora = [dict(prompt=p, seed=0, lora_scale=scale, prompt_source=s) for scale in (0.5, 1.0) for p, s in prompts]
+    _write_samples(tmp_path / "base", base, (255, 0, 0))
+    _write_samples(tmp_path / "lora", lora[:-1], (0, 0, 255))  # the last cell is missing
+    fig = sample_grid_figure(tmp_path / "base", tmp_path / "lora")
+    axes = fig.axes
+    assert len(axes) == 2 * 3
+    assert [ax.get_title() for ax in axes[:3]] == ["base", "LoRA x0.5", "LoRA x1"]
+    row_labels = [" ".join(t.get_text().split()) for ax in axes[::3] for t in ax.texts]
+    assert row_labels == ["trig, a harbor at sunset (seed 0)", "val caption: trig, a landscape by Claude Monet (seed 0)"]
+    # base cells show the base images, LoRA cells the LoRA images, the missing one says so
+    assert axes[0].images[0].get_array()[0, 0].tolist() == [255, 0, 0]
+    assert axes[1].images[0].get_array()[0, 0].tolist() == [0, 0, 255]
+    assert not axes[5].images and [t.get_text() for t in axes[5].texts] == ["missing"]
+
+
+def test_refusals(demo_params, tmp_path, monkeypatch):
+    monkeypatch.setattr(sample, "load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
     params = small(demo_params)
     with pytest.raises(UserError, match="no LoRA"):
         sample.run_lora(params, tmp_path / "missing", tmp_path / "base", tmp_path / "out", tmp_path / "g.png")
@@ -69,4 +175,19 @@ def test_refusals(demo_params, tmp_path):
     params["sample"]["resolution"] = 40
     with pytest.raises(UserError, match="multiple of 16"):
         sample.run_base(params, tmp_path / "base")
+    params = small(demo_params)
+    params["sample"]["seeds"] = []
+    with pytest.raises(UserError, match="sample.seeds"):
+        sample.run_base(params, tmp_path / "base")
+
+    # base samples made with other prompts than the params ask for: refused before loading a model
+    params = small(demo_params)
+    lora_dir = tmp_path / "lora"
+    lora_dir.mkdir()
+    (lora_dir / sample.LORA_WEIGHTS).write_bytes(b"")
+    stale = [dict(prompt="an old prompt", seed=s, lora_scale=0.0, prompt_source="subject") for s in (0, 1)]
+    _write_samples(tmp_path / "stale", stale, (0, 0, 0))
+    with pytest.raises(UserError, match="dvc repro sample_base"):
+        sample.run_lora(params, lora_dir, tmp_path / "stale", tmp_path / "out", tmp_path / "g.png")
     assert not (tmp_path / "base").exists() and not (tmp_path / "out").exists()
+    assert not (tmp_path / "g.png").exists()

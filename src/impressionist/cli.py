@@ -26,6 +26,8 @@ STAGES = {
     "train": "impressionist.train", "sample": "impressionist.sample",
     "evaluate": "impressionist.evaluate",
 }
+COMMANDS = {**STAGES, "export": "impressionist.export", "publish": "impressionist.publish",
+            "report": "impressionist.report"}
 DEMO_OVERRIDES = Path("configs/demo.yaml")
 
 
@@ -89,10 +91,14 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--dry-run", action="store_true", help="print the dvc command only")
     for stage in STAGES:
         commands.add_parser(stage, help=f"run the {stage} stage", add_help=False)
+    commands.add_parser("export", add_help=False, help="write the kohya/ComfyUI LoRA (and fused transformer)")
+    commands.add_parser("publish", add_help=False, help="upload the LoRA and model card to the Hub")
+    commands.add_parser("report", add_help=False,
+                        help="write the pull-request report (metrics/params diff, grid, verdicts)")
     args, rest = parser.parse_known_args(argv)
     if args.command == "demo":
         sys.exit(run_demo(args.name, args.dry_run))
-    importlib.import_module(STAGES[args.command]).main(rest)
+    importlib.import_module(COMMANDS[args.command]).main(rest)
 
 
 if __name__ == "__main__":

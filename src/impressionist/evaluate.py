@@ -11,9 +11,12 @@ Metrics, per generated set (base, and each LoRA scale):
   KernelInceptionDistance against the validation paintings. Real and generated images go through
   the same :func:`prepare_images` (shorter side resized to ``evaluate.image_size`` with antialiased
   bicubic, centre crop, uint8). KID's subset size is ``min(kid_subset_size, n_real, n_fake)``
-  (:func:`kid_subset_size`), its 100 subsets drawn from ``evaluate.seed``. Both need at least 2
-  images on each side; with fewer the stage stops with one line before any heavy work (a KID-only
-  fallback is not possible: KID's unbiased MMD also needs 2 images per subset).
+  (:func:`kid_subset_size`), its 100 subsets drawn from ``evaluate.seed``; the size used is
+  recorded as ``kid_subset_size``. Both need at least 2 images on each side; with fewer the stage
+  stops with one line naming the params that raise the count, before any heavy work (a KID-only
+  fallback is not possible: KID's unbiased MMD divides by m(m-1) and needs 2 images per subset too).
+  With 2 or more but few images (< ``FEW_IMAGES``) FID is strongly biased upwards, so the stage
+  prints a note to read KID, which is unbiased at any sample size (:func:`small_sample_note`).
 * ``clip_score``: as torchmetrics' CLIPScore, ``100 * max(cos(image, prompt), 0)`` averaged over
   images, each against the prompt it was generated from; computed with open_clip.
 * ``style_score``: mean open_clip zero-shot probability of "Impressionism" among the 27 WikiArt
@@ -22,8 +25,9 @@ Metrics, per generated set (base, and each LoRA scale):
 
 ``eval.json`` = ``{"n_real", "real": {"style_score"}, "base": {...}, "lora": {... at the largest
 scale, + "lora_scale"}, "delta": {lora - base}, "lora_scale_<s>": {...} for each scale}``, where
-``{...}`` = ``fid, kid_mean, kid_std, clip_score, style_score, n_fake``. DVC flattens these to stable
-names (``base.fid``, ``lora.clip_score``, ``delta.style_score``...).
+``{...}`` = ``fid, kid_mean, kid_std, clip_score, style_score, n_fake, kid_subset_size``; ``delta``
+holds the first five. All values are numbers; DVC flattens them to stable names (``base.fid``,
+``lora.clip_score``, ``delta.style_score``...) for ``dvc metrics diff`` and ``dvc exp show``.
 
 With ``builtin:tiny`` / ``builtin:tiny-clip`` (the demo) all feature nets are random: the numbers
 then only show the pipeline works, not anything about the paintings.
@@ -34,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +64,11 @@ STYLE_PROMPT = "an {} painting"
 SAMPLES_COLUMNS = ("file", "prompt", "seed", "lora_scale")
 BATCH_SIZE = 16
 KID_SUBSETS = 100
+# FID needs a covariance and KID's unbiased MMD divides by m(m-1): neither exists for one image.
+MIN_IMAGES = 2
+# Below this many images per set FID is strongly biased upwards (its covariance has far fewer
+# samples than feature dimensions); KID is unbiased at any size, so it is the one to read then.
+FEW_IMAGES = 500
 SAMPLE_HINT = "run the sample stages first (`dvc repro sample_base sample`)"
 
 
@@ -165,9 +175,10 @@ class FidKid:
 
     def compute(self) -> dict[str, float]:
         """``{"fid", "kid_mean", "kid_std", "kid_subset_size"}`` for the generated images added so far."""
-        if self.n_real < 2 or self.n_fake < 2:
+        if self.n_real < MIN_IMAGES or self.n_fake < MIN_IMAGES:
             raise UserError(
-                f"FID/KID need at least 2 real and 2 generated images, got {self.n_real} and {self.n_fake}"
+                f"FID/KID need at least {MIN_IMAGES} real and {MIN_IMAGES} generated images, got "
+                f"{self.n_real} and {self.n_fake}"
             )
         subset = kid_subset_size(self.requested_subset_size, self.n_real, self.n_fake)
         self.kid.subset_size = subset
@@ -336,10 +347,10 @@ def read_validation_set(filtered_dir: Path | str) -> ImageSet:
     if "split" not in table.columns:
         raise UserError(f"{meta} has no 'split' column; re-run the filter stage")
     val = table[table["split"] == "val"]
-    if len(val) < 2:
+    if len(val) < MIN_IMAGES:
         raise UserError(
-            f"{meta} has {len(val)} validation image(s); FID/KID need at least 2 — raise "
-            f"filter.val_fraction or download more images"
+            f"{meta} has {len(val)} validation image(s); FID and KID need at least {MIN_IMAGES} real "
+            f"images — raise filter.val_fraction (or download.max_images)"
         )
     if "file" in val.columns:
         paths = [filtered_dir / str(f) for f in val["file"]]
@@ -365,12 +376,13 @@ def generated_sets(samples_dir: Path | str) -> tuple[ImageSet, list[ImageSet]]:
         for scale, group in sorted(lora.groupby("lora_scale"), key=lambda kv: kv[0])
     ]
     for image_set in [base_set, *lora_sets]:
-        if len(image_set) < 2:
+        if len(image_set) < MIN_IMAGES:
             where = samples_dir / ("base" if image_set is base_set else "lora")
             at = "" if image_set is base_set else f" at lora_scale {image_set.lora_scale:g}"
             raise UserError(
-                f"{where} has {len(image_set)} image{at}; FID/KID need at least 2 per set — add "
-                f"prompts or seeds to the sample section of params.yaml"
+                f"{where} has {len(image_set)} image(s){at}; FID/KID need at least {MIN_IMAGES} per set "
+                f"(prompts x seeds) — add seeds to sample.seeds or prompts to sample.prompts / "
+                f"sample.val_captions"
             )
     return base_set, lora_sets
 
@@ -421,6 +433,7 @@ def _score_set(image_set: ImageSet, fidkid: FidKid, clip: ClipScorer, image_size
 def _section(result: Mapping[str, float]) -> dict[str, float | int]:
     out: dict[str, float | int] = {name: float(result[name]) for name in METRICS}
     out["n_fake"] = int(result["n_fake"])
+    out["kid_subset_size"] = int(result["kid_subset_size"])
     return out
 
 
@@ -476,6 +489,17 @@ def run(eval_cfg: Mapping[str, Any], samples_dir: Path | str, filtered_dir: Path
     return metrics
 
 
+def small_sample_note(metrics: Mapping[str, Any], few: int = FEW_IMAGES) -> str | None:
+    """A one-line note when a set is small enough for FID's bias to dominate, else None."""
+    smallest = min([int(metrics["n_real"])] + [int(v["n_fake"]) for v in metrics.values()
+                                               if isinstance(v, dict) and "n_fake" in v])
+    if smallest >= few:
+        return None
+    return (f"note: FID from {smallest} images per set is strongly biased (it wants thousands); compare "
+            f"base and LoRA by KID (kid_mean, unbiased at any size), or generate more images (sample.seeds, "
+            f"sample.prompts, sample.val_captions)")
+
+
 @stage_main
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m impressionist.evaluate", description=__doc__.splitlines()[0])
@@ -491,6 +515,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"evaluate: {metrics['n_real']} real images; base FID {metrics['base']['fid']:.3f}, "
           f"LoRA@{lora['lora_scale']:g} FID {lora['fid']:.3f}; style score "
           f"{metrics['base']['style_score']:.3f} -> {lora['style_score']:.3f}; wrote {args.metrics}")
+    note = small_sample_note(metrics)
+    if note:
+        print(note, file=sys.stderr)
 
 
 if __name__ == "__main__":

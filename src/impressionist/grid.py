@@ -1,4 +1,8 @@
-"""The base-vs-LoRA sample grid: rows are prompts (one per seed), columns base | LoRA scales."""
+"""The base-vs-LoRA sample grid: rows are prompts (one per seed), columns base | LoRA scales.
+
+Every row is captioned with its prompt and seed (validation captions are marked "val caption"),
+every column with "base" or "LoRA x<scale>", so the PNG reads on its own in a pull request.
+"""
 
 from __future__ import annotations
 
@@ -6,36 +10,63 @@ import textwrap
 from pathlib import Path
 
 import pandas as pd
+from matplotlib.figure import Figure
 from PIL import Image
 
+from .plotting import new_figure, save_figure
 
-def save_sample_grid(base_dir: Path, lora_dir: Path, path: Path) -> None:
-    import matplotlib
+CELL_INCHES = 2.2
+LABEL_INCHES = 2.4   # room for the wrapped prompt left of the first column
+LABEL_WIDTH = 34     # characters per line of a wrapped prompt
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    base = pd.read_csv(Path(base_dir) / "samples.csv").assign(folder=str(base_dir))
-    lora = pd.read_csv(Path(lora_dir) / "samples.csv").assign(folder=str(lora_dir))
-    table = pd.concat([base, lora])
+def column_title(scale: float) -> str:
+    return "base" if scale == 0 else f"LoRA x{scale:g}"
+
+
+def row_label(prompt: str, seed: int, source: str | None) -> str:
+    marker = "val caption: " if source == "val_caption" else ""
+    return "\n".join(textwrap.wrap(f"{marker}{prompt} (seed {seed})", LABEL_WIDTH))
+
+
+def _samples(folder: Path) -> pd.DataFrame:
+    table = pd.read_csv(Path(folder) / "samples.csv").assign(folder=str(folder))
+    if "prompt_source" not in table.columns:  # samples.csv written before the column existed
+        table["prompt_source"] = None
+    return table
+
+
+def save_sample_grid(base_dir: Path, lora_dir: Path, path: Path) -> Path:
+    """Draw ``samples/base`` and ``samples/lora`` (their ``samples.csv``) as one captioned PNG."""
+    return save_figure(sample_grid_figure(base_dir, lora_dir), path)
+
+
+def sample_grid_figure(base_dir: Path, lora_dir: Path) -> Figure:
+    """The grid as a matplotlib Figure: one row per (prompt, seed), one column per LoRA scale (0 = base)."""
+    table = pd.concat([_samples(base_dir), _samples(lora_dir)], ignore_index=True)
     scales = sorted(table["lora_scale"].unique())
     rows = table[["prompt", "seed"]].drop_duplicates().values.tolist()
-    fig, axes = plt.subplots(len(rows), len(scales), squeeze=False,
-                             figsize=(2.2 * len(scales), 2.2 * len(rows)))
+    fig = new_figure(LABEL_INCHES + CELL_INCHES * len(scales), 0.7 + CELL_INCHES * len(rows))
+    grid = fig.add_gridspec(len(rows), len(scales), left=LABEL_INCHES / fig.get_figwidth(), right=0.99,
+                            top=1 - 0.62 / fig.get_figheight(), bottom=0.01, wspace=0.04, hspace=0.06)
     for r, (prompt, seed) in enumerate(rows):
         for c, scale in enumerate(scales):
-            ax = axes[r][c]
-            ax.axis("off")
+            ax = fig.add_subplot(grid[r, c])
+            ax.set_xticks([])
+            ax.set_yticks([])
             match = table[(table.prompt == prompt) & (table.seed == seed) & (table.lora_scale == scale)]
-            if not match.empty:
+            if match.empty:  # shown as an empty, labelled cell rather than silently dropped
+                ax.text(0.5, 0.5, "missing", transform=ax.transAxes, ha="center", va="center", fontsize=8)
+            else:
                 item = match.iloc[0]
-                ax.imshow(Image.open(Path(item.folder) / item.file))
+                with Image.open(Path(item.folder) / item.file) as image:
+                    ax.imshow(image.convert("RGB"))
             if r == 0:
-                ax.set_title("base" if scale == 0 else f"LoRA x{scale:g}", fontsize=9)
+                ax.set_title(column_title(scale), fontsize=10)
             if c == 0:
-                ax.text(-0.05, 0.5, "\n".join(textwrap.wrap(f"{prompt} (seed {seed})", 28)),
-                        transform=ax.transAxes, ha="right", va="center", fontsize=7)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+                source = match.iloc[0].prompt_source if not match.empty else None
+                ax.text(-0.04, 0.5, row_label(prompt, int(seed), source), transform=ax.transAxes,
+                        ha="right", va="center", fontsize=7)
+    fig.suptitle("rows: prompt (seed) · columns: base model | LoRA scale", fontsize=9,
+                 x=0.5, y=1 - 0.08 / fig.get_figheight(), va="top")
+    return fig

@@ -1,8 +1,17 @@
 """Stages ``sample_base`` and ``sample``: images from fixed prompts and seeds, without and with the LoRA.
 
-The base-model images depend only on the base model and the ``sample`` params, so they are a
-stage of their own and are not regenerated when only the LoRA changes. The LoRA images use the
-same prompts and seeds at each ``sample.lora_scales`` value, and a grid puts them side by side.
+The prompt set (:func:`prompt_set`) is fixed by params and data, never by chance:
+
+* ``sample.prompts``: held-out subjects ("a harbor at sunset", ...), with the trigger word placed
+  first as the caption template places it ("impr3ssionism, a harbor at sunset");
+* ``sample.val_captions``: the first N distinct captions of the validation split of
+  ``data/captions/captions.parquet`` (rows sorted by image id). They are used verbatim: they are
+  the captions as the caption stage wrote them, so the trigger is already where training saw it.
+
+The base-model images depend only on the base model, the prompt set and the sampler params, so
+they are a stage of their own and are not regenerated when only the LoRA changes. The LoRA images
+use the same prompts and seeds at each ``sample.lora_scales`` value, and a grid puts them side by
+side.
 """
 
 from __future__ import annotations
@@ -20,37 +29,94 @@ from .grid import save_sample_grid
 from .models import load_pipeline, resolve_device, resolve_dtype, resolve_pretrained
 from .params import load_params, require_positive, section
 
+CAPTIONS = Path("data/captions/captions.parquet")
 BASE_DIR = Path("samples/base")
 LORA_SAMPLES_DIR = Path("samples/lora")
 LORA_DIR = Path("models/lora")
 GRID = Path("plots/samples_grid.png")
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 ADAPTER = "impressionist"
+SUBJECT, VAL_CAPTION = "subject", "val_caption"  # the `prompt_source` column of samples.csv
 
 
-def prompts(cfg: dict[str, Any], trigger: str) -> list[str]:
-    """The prompt set, with the trigger word placed as the caption template places it (first)."""
+def subject_prompts(cfg: dict[str, Any], trigger: str) -> list[str]:
+    """``sample.prompts`` with the trigger word placed as the caption template places it (first)."""
     items = cfg.get("prompts") or []
-    if not items or not all(isinstance(p, str) and p.strip() for p in items):
-        raise UserError("params.yaml: sample.prompts must be a non-empty list of prompts")
-    return [f"{trigger}, {p}" if trigger else p for p in items]
+    if not isinstance(items, list) or not all(isinstance(p, str) and p.strip() for p in items):
+        raise UserError("params.yaml: sample.prompts must be a list of non-empty prompts")
+    return [f"{trigger}, {p.strip()}" if trigger else p.strip() for p in items]
 
 
-def validate(cfg: dict[str, Any], device: torch.device) -> None:
+def val_caption_count(cfg: dict[str, Any]) -> int:
+    count = cfg.get("val_captions", 0)
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        raise UserError(f"params.yaml: sample.val_captions={count!r} must be an integer >= 0 "
+                        "(0 = no validation captions in the prompt set)")
+    return count
+
+
+def validation_captions(count: int, captions_path: Path | str = CAPTIONS) -> list[str]:
+    """The first ``count`` distinct captions of the validation split, rows sorted by image id.
+
+    Distinct, because template captions repeat ("... a landscape by Claude Monet") and a repeated
+    prompt would only repeat a row of the grid. Used verbatim: they already hold the trigger.
+    """
+    if count == 0:
+        return []
+    captions_path = Path(captions_path)
+    if not captions_path.is_file():
+        raise UserError(f"{captions_path} not found, but sample.val_captions={count} takes prompts from "
+                        "it; run the caption stage first (`dvc repro caption`) or set sample.val_captions: 0")
+    try:
+        table = pd.read_parquet(captions_path)
+    except Exception as err:
+        raise UserError(f"{captions_path} could not be read: {str(err).splitlines()[0]}") from err
+    missing = [c for c in ("id", "split", "caption") if c not in table.columns]
+    if missing:
+        raise UserError(f"{captions_path} lacks column(s) {', '.join(missing)}; re-run the caption stage")
+    val = table[table["split"] == "val"].sort_values("id", kind="stable")
+    captions = [c.strip() for c in val["caption"].dropna().astype(str) if c.strip()]
+    distinct = list(dict.fromkeys(captions))
+    if len(distinct) < count:
+        raise UserError(f"sample.val_captions={count} but {captions_path} has only {len(distinct)} distinct "
+                        f"validation caption(s); lower sample.val_captions or raise filter.val_fraction")
+    return distinct[:count]
+
+
+def prompt_set(params: dict[str, Any], captions_path: Path | str = CAPTIONS) -> list[tuple[str, str]]:
+    """``[(prompt, source), ...]``: the held-out subjects, then the validation captions."""
+    cfg = section(params, "sample")
+    count = val_caption_count(cfg)
+    subjects = subject_prompts(cfg, section(params, "caption").get("trigger") or "")
+    if not subjects and count == 0:
+        raise UserError("the prompt set is empty: params.yaml lists no sample.prompts and sample.val_captions "
+                        "is 0; add held-out subjects to sample.prompts or set sample.val_captions > 0")
+    pairs = [(p, SUBJECT) for p in subjects] + [(c, VAL_CAPTION) for c in validation_captions(count, captions_path)]
+    unique: dict[str, str] = {}
+    for prompt, source in pairs:  # a caption equal to a subject prompt is sampled once
+        unique.setdefault(prompt, source)
+    return list(unique.items())
+
+
+def validate(params: dict[str, Any]) -> torch.device:
+    """Check the sampler params before any model is loaded; return the device to sample on."""
+    cfg = section(params, "sample")
+    device = resolve_device(section(params, "model"))
     resolution = require_positive(cfg["resolution"], "sample.resolution")
     if resolution % 16:
         raise UserError(f"sample.resolution={resolution} must be a multiple of 16")
     require_positive(cfg["steps"], "sample.steps")
-    if not cfg.get("seeds"):
-        raise UserError("params.yaml: sample.seeds must list at least one seed")
+    seeds = cfg.get("seeds")
+    if not seeds or not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                             for s in seeds):
+        raise UserError("params.yaml: sample.seeds must list at least one integer seed")
     if cfg.get("cpu_offload") and device.type != "cuda":
         raise UserError("sample.cpu_offload moves models between a GPU and the CPU; it needs CUDA")
+    return device
 
 
-def load(params: dict[str, Any]):
+def load(params: dict[str, Any], device: torch.device):
     model_cfg, cfg = section(params, "model"), section(params, "sample")
-    device = resolve_device(model_cfg)
-    validate(cfg, device)
     folder = resolve_pretrained(model_cfg["pretrained"], model_cfg.get("revision"))
     pipe = load_pipeline(folder, resolve_dtype(model_cfg))
     if cfg.get("cpu_offload"):
@@ -64,11 +130,12 @@ def load(params: dict[str, Any]):
 
 
 @torch.no_grad()
-def generate(pipe, cfg: dict[str, Any], prompt_list: list[str], lora_scale: float,
+def generate(pipe, cfg: dict[str, Any], prompt_list: list[tuple[str, str]], lora_scale: float,
              out_dir: Path) -> list[dict[str, Any]]:
     rows = []
-    jobs = [(i, p, s) for i, p in enumerate(prompt_list) for s in cfg["seeds"]]
-    for index, prompt, seed in tqdm(jobs, desc=f"sample (lora x{lora_scale:g})" if lora_scale else "sample (base)"):
+    jobs = [(i, p, src, s) for i, (p, src) in enumerate(prompt_list) for s in cfg["seeds"]]
+    for index, prompt, source, seed in tqdm(
+            jobs, desc=f"sample (lora x{lora_scale:g})" if lora_scale else "sample (base)"):
         image = pipe(
             prompt, height=cfg["resolution"], width=cfg["resolution"],
             num_inference_steps=cfg["steps"], guidance_scale=cfg["guidance_scale"],
@@ -78,31 +145,46 @@ def generate(pipe, cfg: dict[str, Any], prompt_list: list[str], lora_scale: floa
         ).images[0]
         name = f"p{index:02d}_seed{seed}_scale{lora_scale:g}.png"
         image.save(out_dir / name)
-        rows.append({"file": name, "prompt": prompt, "seed": int(seed), "lora_scale": float(lora_scale)})
+        rows.append({"file": name, "prompt": prompt, "seed": int(seed), "lora_scale": float(lora_scale),
+                     "prompt_source": source})
     return rows
 
 
-def run_base(params: dict[str, Any], out_dir: Path = BASE_DIR) -> None:
-    prompt_list = prompts(section(params, "sample"), section(params, "caption")["trigger"])
-    pipe, cfg = load(params)
+def run_base(params: dict[str, Any], out_dir: Path = BASE_DIR, captions_path: Path = CAPTIONS) -> None:
+    prompt_list = prompt_set(params, captions_path)
+    device = validate(params)
+    pipe, cfg = load(params, device)
     with atomic_dir(out_dir) as tmp:
         pd.DataFrame(generate(pipe, cfg, prompt_list, 0.0, tmp)).to_csv(tmp / "samples.csv", index=False)
     print(f"sample_base: {len(prompt_list) * len(cfg['seeds'])} images -> {out_dir}")
 
 
+def check_base_samples(base_dir: Path, prompt_list: list[tuple[str, str]], seeds: list[Any]) -> None:
+    """The base-model samples must show the same prompts and seeds, or the grid compares nothing."""
+    csv = Path(base_dir) / "samples.csv"
+    if not csv.is_file():
+        raise UserError(f"no base-model samples in {base_dir}; run `dvc repro sample_base` first")
+    table = pd.read_csv(csv)
+    made = set(zip(table["prompt"].astype(str), table["seed"].astype(int)))
+    wanted = {(p, int(s)) for p, _ in prompt_list for s in seeds}
+    if made != wanted:
+        raise UserError(f"{base_dir} holds samples of other prompts or seeds than params.yaml asks for; "
+                        "run `dvc repro sample_base` first")
+
+
 def run_lora(params: dict[str, Any], lora_dir: Path = LORA_DIR, base_dir: Path = BASE_DIR,
-             out_dir: Path = LORA_SAMPLES_DIR, grid_path: Path = GRID) -> None:
+             out_dir: Path = LORA_SAMPLES_DIR, grid_path: Path = GRID, captions_path: Path = CAPTIONS) -> None:
     cfg = section(params, "sample")
-    prompt_list = prompts(cfg, section(params, "caption")["trigger"])
+    prompt_list = prompt_set(params, captions_path)
+    device = validate(params)
     scales = cfg.get("lora_scales") or []
     if not scales or any(not isinstance(s, (int, float)) or s <= 0 for s in scales):
         raise UserError("params.yaml: sample.lora_scales must list LoRA scales > 0, e.g. [0.5, 1.0]")
     if not (Path(lora_dir) / LORA_WEIGHTS).is_file():
         raise UserError(f"no LoRA at {lora_dir}/{LORA_WEIGHTS}; run the train stage first "
                         "(`dvc repro train`)")
-    if not (Path(base_dir) / "samples.csv").is_file():
-        raise UserError(f"no base-model samples in {base_dir}; run `dvc repro sample_base` first")
-    pipe, cfg = load(params)
+    check_base_samples(Path(base_dir), prompt_list, cfg["seeds"])
+    pipe, cfg = load(params, device)
     pipe.load_lora_weights(str(lora_dir), adapter_name=ADAPTER)
     with atomic_dir(out_dir) as tmp:
         rows = []
@@ -110,7 +192,8 @@ def run_lora(params: dict[str, Any], lora_dir: Path = LORA_DIR, base_dir: Path =
             pipe.set_adapters([ADAPTER], adapter_weights=[float(scale)])
             rows += generate(pipe, cfg, prompt_list, float(scale), tmp)
         pd.DataFrame(rows).to_csv(tmp / "samples.csv", index=False)
-    save_sample_grid(Path(base_dir), Path(out_dir), Path(grid_path))
+        # Drawn from the finished temporary folder: a failed grid leaves no samples/lora behind.
+        save_sample_grid(Path(base_dir), tmp, Path(grid_path))
     print(f"sample: {len(rows)} LoRA images -> {out_dir}, grid -> {grid_path}")
 
 

@@ -1,0 +1,256 @@
+"""The Gradio demo: one prompt, the base model and the LoRA side by side with the same seed.
+
+``app.py`` at the repository root (the Hugging Face Spaces convention) is ``build_demo(load_settings())``.
+Settings come from the ``app`` section of params.yaml (plus ``model``, ``sample.prompts`` and
+``caption.trigger``), and every one of them can be overridden by an environment variable
+``IMPRESSIONIST_<KEY>`` (``IMPRESSIONIST_BASE_MODEL``, ``IMPRESSIONIST_LORA``, ...), so the same
+file runs the tiny builtin model on a laptop and FLUX.1-dev with the published LoRA on a GPU Space.
+
+One pipeline holds the LoRA as a named adapter; the base image is drawn with the adapter disabled
+and the LoRA image with it enabled at the requested scale. Two pipelines would hold two copies of
+the 12B-parameter transformer (and of the text encoders) for the same result. Because switching
+the adapter changes shared state, one lock serialises generation; the queue's concurrency limit
+(``app.concurrency_limit``, 1 by default: one GPU) decides how many requests wait for it at once.
+
+:class:`Generator` is usable without any UI: ``Generator(settings)(prompt, seed=...)`` returns the
+two PIL images, or raises :class:`~impressionist.errors.UserError` for out-of-bounds input.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import UserError
+from .params import load_params
+
+ENV_PREFIX = "IMPRESSIONIST_"
+ADAPTER = "impressionist"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+# Used when params.yaml has no `app` section (or on a Space without params.yaml).
+APP_DEFAULTS: dict[str, Any] = {
+    "base_model": "",           # "" = model.pretrained
+    "lora": "models/lora",      # a LoRA folder or a Hub repo id
+    "dtype": "",                # "" = model.dtype on a GPU, float32 on the CPU
+    "max_steps": 50,
+    "max_resolution": 1024,
+    "min_resolution": 256,
+    "max_prompt_chars": 300,
+    "max_guidance": 10.0,
+    "max_lora_scale": 2.0,
+    "concurrency_limit": 1,
+    "max_queue_size": 16,
+}
+MULTIPLE = 16  # FLUX image sides: 8x VAE downsampling, then 2x2 latent packing
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    base_model: str
+    revision: str | None
+    lora: str
+    dtype: str
+    device: str
+    trigger: str
+    examples: list[str] = field(default_factory=list)
+    default_steps: int = 28
+    default_guidance: float = 3.5
+    default_size: int = 1024
+    max_steps: int = 50
+    max_resolution: int = 1024
+    min_resolution: int = 256
+    max_prompt_chars: int = 300
+    max_guidance: float = 10.0
+    max_lora_scale: float = 2.0
+    concurrency_limit: int = 1
+    max_queue_size: int = 16
+
+
+def _from_env(key: str, default: Any, environ: Mapping[str, str]) -> Any:
+    name = ENV_PREFIX + key.upper()
+    if name not in environ:
+        return default
+    raw = environ[name]
+    try:
+        if isinstance(default, bool):
+            return raw.lower() in ("1", "true", "yes")
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+    except ValueError:
+        raise UserError(f"environment variable {name}={raw!r} must be a {type(default).__name__}") from None
+    return raw
+
+
+def load_settings(params: dict[str, Any] | None = None,
+                  environ: Mapping[str, str] | None = None) -> AppSettings:
+    """Settings from params (``IMPRESSIONIST_PARAMS`` or ./params.yaml, if present) and the environment."""
+    import torch
+
+    environ = os.environ if environ is None else environ
+    if params is None:
+        path = Path(environ.get(ENV_PREFIX + "PARAMS", "params.yaml"))
+        params = load_params(path) if path.is_file() else {}
+    model = params.get("model") or {}
+    sample = params.get("sample") or {}
+    cfg = {**APP_DEFAULTS, **(params.get("app") or {})}
+    cfg = {key: _from_env(key, value, environ) for key, value in cfg.items()}
+    base_model = cfg["base_model"] or model.get("pretrained") or "black-forest-labs/FLUX.1-dev"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = cfg["dtype"] or (model.get("dtype", "bfloat16") if device == "cuda" else "float32")
+    trigger = str(_from_env("trigger", (params.get("caption") or {}).get("trigger", ""), environ))
+    prompts = [f"{trigger}, {p}" if trigger else p for p in sample.get("prompts") or []]
+    for key in ("max_steps", "max_resolution", "min_resolution", "max_prompt_chars", "concurrency_limit",
+                "max_queue_size"):
+        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
+            raise UserError(f"app.{key}={cfg[key]!r} must be a positive integer")
+    if cfg["min_resolution"] > cfg["max_resolution"] or cfg["max_resolution"] % MULTIPLE:
+        raise UserError(f"app.max_resolution={cfg['max_resolution']} must be a multiple of {MULTIPLE} "
+                        f"and at least app.min_resolution={cfg['min_resolution']}")
+    size = int(sample.get("resolution", cfg["max_resolution"]))
+    size = min(max(size, cfg["min_resolution"]), cfg["max_resolution"]) // MULTIPLE * MULTIPLE
+    return AppSettings(
+        base_model=str(base_model),
+        revision=model.get("revision") if base_model == model.get("pretrained") else None,
+        lora=str(cfg["lora"]), dtype=str(dtype), device=device, trigger=trigger, examples=prompts,
+        default_steps=min(int(sample.get("steps", 28)), cfg["max_steps"]),
+        default_guidance=min(float(sample.get("guidance_scale", 3.5)), float(cfg["max_guidance"])),
+        default_size=max(size, MULTIPLE),
+        **{key: cfg[key] for key in ("max_steps", "max_resolution", "min_resolution", "max_prompt_chars",
+                                     "concurrency_limit", "max_queue_size")},
+        max_guidance=float(cfg["max_guidance"]), max_lora_scale=float(cfg["max_lora_scale"]),
+    )
+
+
+def check_request(settings: AppSettings, prompt: str, seed: Any, steps: Any, guidance: Any,
+                  lora_scale: Any, width: Any, height: Any) -> dict[str, Any]:
+    """Validated generation arguments, or a UserError that says which input and which bounds."""
+    prompt = (prompt or "").strip()
+    if not prompt:
+        raise UserError("the prompt is empty; describe a picture, e.g. "
+                        f"'{settings.examples[0] if settings.examples else 'a harbor at sunset'}'")
+    if len(prompt) > settings.max_prompt_chars:
+        raise UserError(f"the prompt has {len(prompt)} characters; the limit is {settings.max_prompt_chars}")
+
+    def whole(value, name, low, high):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise UserError(f"{name} must be a whole number, got {value!r}")
+        if not low <= value <= high:
+            raise UserError(f"{name} must be between {low} and {high}, got {int(value)}")
+        return int(value)
+
+    def number(value, name, low, high):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise UserError(f"{name} must be between {low:g} and {high:g}, got {value!r}")
+        return float(value)
+
+    sizes = {}
+    for name, value in (("width", width), ("height", height)):
+        sizes[name] = whole(value, name, settings.min_resolution, settings.max_resolution)
+        if sizes[name] % MULTIPLE:
+            raise UserError(f"{name} must be a multiple of {MULTIPLE}, got {sizes[name]}")
+    return dict(prompt=prompt, seed=whole(seed, "seed", 0, 2**32 - 1),
+                steps=whole(steps, "steps", 1, settings.max_steps),
+                guidance=number(guidance, "guidance", 0.0, settings.max_guidance),
+                lora_scale=number(lora_scale, "LoRA scale", 0.0, settings.max_lora_scale), **sizes)
+
+
+class Generator:
+    """The base model with the LoRA as a switchable adapter; call it for (base, LoRA) images."""
+
+    def __init__(self, settings: AppSettings):
+        import torch
+
+        from .models import DTYPES, load_pipeline, resolve_pretrained
+
+        self.settings = settings
+        if settings.dtype not in DTYPES:
+            raise UserError(f"dtype {settings.dtype!r} is not one of {', '.join(DTYPES)}")
+        lora = Path(settings.lora)
+        local = lora.exists()
+        if not local and (settings.lora.count("/") != 1 or settings.lora.startswith((".", "/"))):
+            raise UserError(f"no LoRA at {settings.lora}; run `dvc repro train`, or set "
+                            f"{ENV_PREFIX}LORA to a LoRA folder or a Hub repo id")
+        if local and not (lora / LORA_WEIGHTS).is_file():
+            raise UserError(f"{lora} has no {LORA_WEIGHTS}; run `dvc repro train` first")
+        folder = resolve_pretrained(settings.base_model, settings.revision)
+        self.pipe = load_pipeline(folder, DTYPES[settings.dtype])
+        self.pipe.to(torch.device(settings.device))
+        self.pipe.set_progress_bar_config(disable=True)
+        self.pipe.load_lora_weights(settings.lora, weight_name=LORA_WEIGHTS, adapter_name=ADAPTER)
+        self._lock = threading.Lock()
+
+    def __call__(self, prompt: str, seed: int = 0, steps: int | None = None,
+                 guidance: float | None = None, lora_scale: float = 1.0, width: int | None = None,
+                 height: int | None = None):
+        import torch
+
+        s = self.settings
+        args = check_request(s, prompt, seed, s.default_steps if steps is None else steps,
+                             s.default_guidance if guidance is None else guidance, lora_scale,
+                             width or s.default_size, height or s.default_size)
+
+        def draw():
+            return self.pipe(args["prompt"], height=args["height"], width=args["width"],
+                             num_inference_steps=args["steps"], guidance_scale=args["guidance"],
+                             # The same CPU generator seed for both images: same starting noise.
+                             generator=torch.Generator("cpu").manual_seed(args["seed"])).images[0]
+
+        with self._lock, torch.no_grad():
+            self.pipe.disable_lora()
+            base = draw()
+            self.pipe.enable_lora()
+            self.pipe.set_adapters([ADAPTER], adapter_weights=[args["lora_scale"]])
+            lora = draw()
+        return base, lora
+
+
+def build_demo(settings: AppSettings, generator: Generator | None = None):
+    """The ``gr.Blocks`` app, its queue set up; ``generator`` defaults to one built from ``settings``."""
+    import gradio as gr
+
+    generator = generator or Generator(settings)
+
+    def generate(prompt, seed, steps, guidance, lora_scale, width, height):
+        try:
+            return generator(prompt, seed, steps, guidance, lora_scale, width, height)
+        except UserError as err:
+            raise gr.Error(str(err)) from err
+
+    s = settings
+    with gr.Blocks(title="impressionist: FLUX.1 + Impressionism LoRA") as demo:
+        trigger = f" Start prompts with the trigger word **`{s.trigger}`**." if s.trigger else ""
+        gr.Markdown(f"## impressionist — base model vs LoRA\nBase model `{s.base_model}`, LoRA "
+                    f"`{s.lora}`. Both images use the same seed.{trigger}")
+        with gr.Row():
+            prompt = gr.Textbox(label="prompt", lines=2, max_length=s.max_prompt_chars,
+                                value=s.examples[0] if s.examples else "", elem_id="prompt", scale=4)
+            run = gr.Button("Generate", variant="primary", elem_id="generate", scale=1)
+        with gr.Row():
+            seed = gr.Number(label="seed", value=0, precision=0, minimum=0, maximum=2**32 - 1)
+            steps = gr.Slider(1, s.max_steps, value=s.default_steps, step=1, label="steps")
+            guidance = gr.Slider(0.0, s.max_guidance, value=s.default_guidance, step=0.1, label="guidance")
+            lora_scale = gr.Slider(0.0, s.max_lora_scale, value=1.0, step=0.05, label="LoRA scale")
+        with gr.Row():
+            width = gr.Slider(s.min_resolution, s.max_resolution, value=s.default_size, step=MULTIPLE,
+                              label="width")
+            height = gr.Slider(s.min_resolution, s.max_resolution, value=s.default_size, step=MULTIPLE,
+                               label="height")
+        with gr.Row():
+            base_image = gr.Image(label="base model", type="pil", format="png", elem_id="base-image")
+            lora_image = gr.Image(label="with LoRA", type="pil", format="png", elem_id="lora-image")
+        if s.examples:
+            gr.Examples(examples=[[p] for p in s.examples], inputs=[prompt], label="example prompts")
+        inputs = [prompt, seed, steps, guidance, lora_scale, width, height]
+        run.click(generate, inputs, [base_image, lora_image], api_name="generate")
+        prompt.submit(generate, inputs, [base_image, lora_image], api_name=False)
+    demo.queue(default_concurrency_limit=s.concurrency_limit, max_size=s.max_queue_size)
+    return demo
+
+
+def describe(settings: AppSettings) -> str:
+    return ", ".join(f"{k}={v}" for k, v in asdict(settings).items() if k != "examples")

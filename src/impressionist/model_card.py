@@ -1,0 +1,185 @@
+"""The Hub model card (README.md) for the LoRA: YAML metadata plus what a user needs to know.
+
+Built with huggingface_hub's ``ModelCardData`` (base_model, licence, tags, the trigger word as
+``instance_prompt``, a widget image) and a Markdown body: how to load the diffusers and the
+kohya/ComfyUI files, the training params actually used (``models/lora/training_config.json``), the
+evaluation table (``metrics/eval.json``) and a note on the data. It says plainly when the LoRA comes
+from the offline demo (tiny random-weight model, synthetic images, random metric networks).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+BUILTIN_PREFIX = "builtin:"
+METRIC_COLUMNS = [("fid", "FID ↓"), ("kid_mean", "KID ↓"), ("clip_score", "CLIP score ↑"),
+                  ("style_score", "style score ↑"), ("n_fake", "images")]
+
+
+def is_hub_id(name: str) -> bool:
+    """A Hub repo id, not a builtin model or a local folder (only those belong in base_model)."""
+    return (bool(name) and not name.startswith(BUILTIN_PREFIX) and not Path(name).expanduser().exists()
+            and name.count("/") == 1)
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    return str(value) if isinstance(value, int) else f"{value:.4g}"
+
+
+def metrics_table(metrics: dict[str, Any]) -> str:
+    """Rows: the base model, then the LoRA at each evaluated scale; columns as METRIC_COLUMNS."""
+    rows = [("base model", metrics["base"])] if "base" in metrics else []
+    scales = sorted((float(k.removeprefix("lora_scale_")), v) for k, v in metrics.items()
+                    if k.startswith("lora_scale_"))
+    rows += [(f"LoRA × {scale:g}", values) for scale, values in scales]
+    if not rows and "lora" in metrics:
+        rows.append(("LoRA", metrics["lora"]))
+    header = "| | " + " | ".join(title for _, title in METRIC_COLUMNS) + " |"
+    lines = [header, "|---" * (len(METRIC_COLUMNS) + 1) + "|"]
+    for label, values in rows:
+        cells = []
+        for key, _ in METRIC_COLUMNS:
+            cell = _number(values.get(key, "–"))
+            if key == "kid_mean" and "kid_std" in values:
+                cell += f" ± {_number(values['kid_std'])}"
+            cells.append(cell)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def training_table(training: dict[str, Any], resolution: Any) -> str:
+    lora, train = training.get("lora", {}), training.get("train", {})
+    batch = train.get("batch_size")
+    accumulation = train.get("gradient_accumulation_steps", 1)
+    rows = [
+        ("base model", f"`{training.get('base_model')}`"),
+        ("steps", training.get("steps", train.get("max_steps"))),
+        ("LoRA rank / alpha", f"{lora.get('rank')} / {lora.get('alpha')}"),
+        ("LoRA targets", f"`{lora.get('targets')}`"),
+        ("learning rate", f"{train.get('learning_rate')} ({train.get('lr_scheduler')}, "
+                          f"{train.get('lr_warmup_steps')} warm-up steps)"),
+        ("optimizer", train.get("optimizer")),
+        ("batch size", f"{batch} × {accumulation} accumulation steps"),
+        ("resolution", f"{resolution} px (aspect buckets)"),
+        ("mixed precision", train.get("mixed_precision")),
+        ("timestep sampling", train.get("timestep_sampling")),
+        ("guidance while training", train.get("guidance_scale")),
+        ("caption dropout", train.get("caption_dropout")),
+        ("seed", train.get("seed")),
+    ]
+    return "\n".join(["| param | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
+
+
+def data_note(download: dict[str, Any], data_metrics: dict[str, Any] | None) -> str:
+    source = str(download.get("source"))
+    if source == "synthetic":
+        return ("**This LoRA was trained on SYNTHETIC, procedurally painted images** in the WikiArt "
+                "schema (the project's offline demo), not on paintings. It shows that the pipeline "
+                "works and nothing about art.")
+    count = f" {data_metrics['train']}" if data_metrics and "train" in data_metrics else ""
+    artists = download.get("artists") or []
+    who = f" (artists: {', '.join(artists)})" if artists else ""
+    origin = (f"[`{source}`](https://huggingface.co/datasets/{source})" if is_hub_id(source)
+              else f"the local source `{source}`")
+    research = "; the dataset is provided for research use" if is_hub_id(source) else ""
+    return (f"Trained on{count} paintings of the WikiArt style *{download.get('style')}*{who} from "
+            f"{origin}, filtered for size, aspect, colour and near-duplicates. WikiArt images remain "
+            f"subject to the terms of their rights holders{research}.")
+
+
+def build_card(*, repo_id: str, params: dict[str, Any], training: dict[str, Any],
+               metrics: dict[str, Any], publish_cfg: dict[str, Any], lora_file: str, kohya_file: str,
+               grid_file: str, data_metrics: dict[str, Any] | None = None):
+    """The ``huggingface_hub.ModelCard`` for the upload folder (files named relative to it)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    trigger = params.get("caption", {}).get("trigger", "")
+    base_model = str(training.get("base_model") or params["model"]["pretrained"])
+    download = params.get("download", {})
+    sample = params.get("sample", {})
+    prompt = next(iter(sample.get("prompts") or []), "a harbor at sunset")
+    full_prompt = f"{trigger}, {prompt}" if trigger else prompt
+    demo = base_model.startswith(BUILTIN_PREFIX) or download.get("source") == "synthetic"
+    data = ModelCardData(
+        base_model=base_model if is_hub_id(base_model) else None,
+        library_name="diffusers", pipeline_tag="text-to-image",
+        license=publish_cfg["license"], license_name=publish_cfg.get("license_name"),
+        license_link=publish_cfg.get("license_link"),
+        tags=list(publish_cfg.get("tags") or []),
+        datasets=[download["source"]] if is_hub_id(str(download.get("source", ""))) else None,
+        instance_prompt=trigger or None,
+        widget=[{"text": full_prompt, "output": {"url": grid_file}}],
+    )
+    name = repo_id.split("/")[-1]
+    evaluate = params.get("evaluate", {})
+    random_nets = str(evaluate.get("fid_features", "")).startswith(BUILTIN_PREFIX) or \
+        str(evaluate.get("clip_model", "")).startswith(BUILTIN_PREFIX)
+    metric_note = ("**These numbers come from random-weight feature networks (the offline demo) and "
+                   "mean nothing about image quality.**" if random_nets else
+                   f"FID/KID with {evaluate.get('fid_features', 'inception')} features, CLIP and style "
+                   f"scores with open_clip {evaluate.get('clip_model')} ({evaluate.get('clip_pretrained')}); "
+                   f"{metrics.get('n_real', '?')} validation paintings as the real set.")
+    demo_warning = ("> **Offline demo artefact**: trained on the project's tiny random-weight "
+                    "FLUX-architecture model and/or synthetic images. It is not a usable "
+                    "FLUX.1-dev LoRA.\n\n" if demo else "")
+    base_link = (f"[{base_model}](https://huggingface.co/{base_model})" if is_hub_id(base_model)
+                 else f"`{base_model}`")
+    body = f"""
+# {name}
+
+{demo_warning}A LoRA for {base_link} {"made by the offline demo of" if demo else "that paints in the manner of the French Impressionists, trained with"}
+the `impressionist` DVC pipeline (rectified-flow objective, cached latents and text embeddings,
+peft LoRA on the transformer).
+
+![base model vs LoRA, same prompts and seeds]({grid_file})
+
+*Left: the base model; right: with the LoRA at each evaluated scale; same prompts and seeds.*
+
+## Trigger word
+
+Start prompts with **`{trigger}`**, e.g. `{full_prompt}`.
+
+## Use with 🧨 diffusers
+
+```python
+import torch
+from diffusers import FluxPipeline
+
+pipe = FluxPipeline.from_pretrained("{base_model}", dtype=torch.bfloat16).to("cuda")
+pipe.load_lora_weights("{repo_id}", weight_name="{lora_file}")
+image = pipe("{full_prompt}", num_inference_steps={sample.get('steps', 28)},
+             guidance_scale={sample.get('guidance_scale', 3.5)},
+             joint_attention_kwargs={{"scale": 1.0}}).images[0]  # scale = LoRA strength
+```
+
+## Use with ComfyUI, Forge or kohya's sd-scripts
+
+`{kohya_file}` holds the same LoRA in the kohya layout (`lora_unet_*` keys with Black Forest Labs
+module names, fused q/k/v, `.alpha` per layer). Put it in `ComfyUI/models/loras/` and load it with a
+*LoraLoader* node on FLUX.1-dev.
+
+## Training
+
+{training_table(training, params.get("encode", {}).get("resolution"))}
+
+## Evaluation
+
+{metrics_table(metrics)}
+
+{metric_note} Generated with {sample.get('steps')} steps, guidance {sample.get('guidance_scale')},
+{sample.get('resolution')} px, prompts from `sample.prompts` and seeds {sample.get('seeds')}.
+
+## Data
+
+{data_note(download, data_metrics)}
+
+## Licence
+
+FLUX.1-dev is released under the FLUX.1 [dev] Non-Commercial License
+([{publish_cfg.get('license_name')}]({publish_cfg.get('license_link')})); LoRAs trained on it are derivatives
+and inherit its terms: no commercial use.
+"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")

@@ -1,0 +1,210 @@
+"""``python -m impressionist.publish``: the LoRA, its kohya/ComfyUI twin, the sample grid and a
+model card to a Hugging Face Hub model repo.
+
+Not a DVC stage (it needs the network and a token, and its result lives on the Hub): run it after
+``dvc repro``. The upload folder is built first, the same way for ``--dry-run`` (which writes it to
+``--out``, default ``build/hub/``, and uploads nothing) and for a real upload (which builds it in a
+temporary folder), so the dry run shows exactly what would be uploaded.
+
+The token comes only from the environment (``HF_TOKEN``) or ``hf auth login`` via
+``huggingface_hub.get_token()``; it is never read from params, never printed, never written. A
+real upload checks the token and the connection (``whoami``) before it creates anything; if the
+upload itself fails, a repo this command just created is deleted again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError, atomic_dir, stage_main
+from .model_card import BUILTIN_PREFIX, build_card
+from .params import load_params, section
+
+LORA_DIR = Path("models/lora")
+EXPORT_DIR = Path("models/export")
+GRID = Path("plots/samples_grid.png")
+EVAL_METRICS = Path("metrics/eval.json")
+DATA_METRICS = Path("metrics/data.json")
+HUB_DIR = Path("build/hub")
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+TRAINING_CONFIG = "training_config.json"
+EXPORT_MANIFEST = "export.json"  # written by the export stage: names its files
+CARD = "README.md"
+GRID_IN_REPO = "images/samples_grid.png"
+DEFAULTS = {
+    "repo_id": "", "private": True,
+    "tags": ["text-to-image", "diffusers", "lora", "flux", "template:sd-lora", "impressionism"],
+    "license": "other", "license_name": "flux-1-dev-non-commercial-license",
+    "license_link": "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md",
+    "commit_message": "Upload impressionist LoRA",
+}
+TOKEN_HINT = "set HF_TOKEN in the environment or run `hf auth login`"
+
+
+def publish_cfg(params: dict[str, Any], repo_id: str | None = None) -> dict[str, Any]:
+    """The ``publish`` section with defaults; ``repo_id`` (from ``--repo-id``) overrides it."""
+    given = params.get("publish") or {}
+    if any("token" in str(key).lower() for key in given):
+        raise UserError("params.yaml: never put a Hugging Face token in params (it would end up in git "
+                        f"and DVC); remove it and {TOKEN_HINT}")
+    cfg = {**DEFAULTS, **given}
+    if repo_id:
+        cfg["repo_id"] = repo_id
+    if not cfg["repo_id"]:
+        raise UserError("no Hub repo to publish to: set publish.repo_id in params.yaml or pass "
+                        "--repo-id, e.g. --repo-id your-name/impressionist-flux-lora")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(cfg["repo_id"])
+    except HFValidationError as err:
+        raise UserError(f"publish.repo_id={cfg['repo_id']!r} is not a valid Hub repo id: "
+                        f"{str(err).splitlines()[0]}") from err
+    if cfg["repo_id"].count("/") != 1:
+        raise UserError(f"publish.repo_id={cfg['repo_id']!r} needs a namespace: your-name/{cfg['repo_id']}")
+    if not isinstance(cfg["private"], bool):
+        raise UserError(f"params.yaml: publish.private={cfg['private']!r} must be true or false")
+    return cfg
+
+
+def _read_json(path: Path, producer: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"{path} not found; run `{producer}` first")
+    return json.loads(path.read_text())
+
+
+def build_folder(params: dict[str, Any], cfg: dict[str, Any], out: Path, lora_dir: Path = LORA_DIR,
+                 export_dir: Path = EXPORT_DIR, grid: Path = GRID, eval_metrics: Path = EVAL_METRICS,
+                 data_metrics: Path = DATA_METRICS) -> list[str]:
+    """Write the upload folder to ``out`` (atomically) and return its files, relative to it."""
+    lora_dir, export_dir, grid = Path(lora_dir), Path(export_dir), Path(grid)
+    if not (lora_dir / LORA_WEIGHTS).is_file():
+        raise UserError(f"no LoRA at {lora_dir / LORA_WEIGHTS}; run `dvc repro train` first")
+    training = _read_json(lora_dir / TRAINING_CONFIG, "dvc repro train")
+    manifest = _read_json(export_dir / EXPORT_MANIFEST, "dvc repro export")
+    kohya = export_dir / manifest["kohya_file"]
+    if not kohya.is_file():
+        raise UserError(f"{kohya} not found; run `dvc repro export` again")
+    if not grid.is_file():
+        raise UserError(f"no sample grid at {grid}; run `dvc repro sample` first")
+    metrics = _read_json(Path(eval_metrics), "dvc repro evaluate")
+    data = json.loads(Path(data_metrics).read_text()) if Path(data_metrics).is_file() else None
+    card = build_card(repo_id=cfg["repo_id"], params=params, training=training, metrics=metrics,
+                      publish_cfg=cfg, lora_file=LORA_WEIGHTS, kohya_file=kohya.name,
+                      grid_file=GRID_IN_REPO, data_metrics=data)
+    with atomic_dir(out) as tmp:
+        shutil.copy2(lora_dir / LORA_WEIGHTS, tmp / LORA_WEIGHTS)
+        shutil.copy2(kohya, tmp / kohya.name)
+        (tmp / GRID_IN_REPO).parent.mkdir(parents=True)
+        shutil.copy2(grid, tmp / GRID_IN_REPO)
+        card.save(tmp / CARD)
+    return sorted(str(p.relative_to(out)) for p in Path(out).rglob("*") if p.is_file())
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def hub_token() -> str:
+    """The token from HF_TOKEN or the ``hf auth login`` file; never from params."""
+    from huggingface_hub import get_token
+
+    token = get_token()
+    if not token:
+        raise UserError(f"no Hugging Face token found; {TOKEN_HINT} (a token with write access)")
+    return token
+
+
+def check_access(api, token: str) -> str:
+    """The user name behind the token; one clear line if the Hub is unreachable or refuses it."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if _offline():
+        raise UserError("HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it, or use --dry-run "
+                        "to write the upload folder only")
+    try:
+        return api.whoami(token=token)["name"]
+    except HfHubHTTPError as err:
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        if status in (401, 403):
+            raise UserError(f"the Hugging Face Hub refused the token (HTTP {status}); {TOKEN_HINT} "
+                            "with a token that has write access") from err
+        raise UserError(f"the Hugging Face Hub answered HTTP {status}; try again later") from err
+    except Exception as err:  # DNS, refused connection, timeouts, offline mode: "cannot reach"
+        raise UserError(f"cannot reach the Hugging Face Hub ({type(err).__name__}); check the network, "
+                        "or use --dry-run to write the upload folder only") from err
+
+
+def upload(params: dict[str, Any], cfg: dict[str, Any], **paths) -> str:
+    """Create the repo (if needed) and upload the folder in one commit; returns the repo URL."""
+    from huggingface_hub import HfApi
+
+    base = str(params["model"]["pretrained"])
+    if base.startswith(BUILTIN_PREFIX):
+        raise UserError(f"this LoRA was trained on {base}, the offline demo's random-weight model; "
+                        "publish a LoRA trained on FLUX.1-dev (`dvc repro` with params.yaml), or use "
+                        "--dry-run to see the upload folder")
+    repo_id = cfg["repo_id"]
+    with tempfile.TemporaryDirectory(prefix="impressionist-hub-") as tmp:
+        folder = Path(tmp) / "upload"
+        build_folder(params, cfg, folder, **paths)  # missing inputs stop here, before any Hub call
+        token = hub_token()
+        api = HfApi()
+        check_access(api, token)
+        try:
+            existed = api.repo_exists(repo_id, token=token)
+            url = api.create_repo(repo_id, private=cfg["private"], exist_ok=True, token=token)
+        except Exception as err:  # e.g. no write access to that namespace
+            raise UserError(f"cannot create the Hub repo {repo_id} ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0] if str(err) else ''}); check the name and "
+                            "the token's write access") from err
+        try:
+            api.upload_folder(repo_id=repo_id, folder_path=folder, token=token,
+                              commit_message=cfg["commit_message"])
+        except Exception as err:
+            if not existed:  # leave no empty repo behind
+                try:
+                    api.delete_repo(repo_id, token=token, missing_ok=True)
+                except Exception:
+                    pass
+            raise UserError(f"upload to {repo_id} failed ({type(err).__name__}); nothing was "
+                            "committed; check the network and try again") from err
+    return str(url)
+
+
+def run(params: dict[str, Any], repo_id: str | None = None, dry_run: bool = False,
+        out: Path = HUB_DIR, **paths) -> list[str] | str:
+    cfg = publish_cfg(params, repo_id)
+    section(params, "model")
+    if dry_run:
+        files = build_folder(params, cfg, Path(out), **paths)
+        print(f"publish --dry-run: {len(files)} files for {cfg['repo_id']} -> {out} "
+              f"({', '.join(files)}); nothing uploaded")
+        return files
+    url = upload(params, cfg, **paths)
+    print(f"publish: uploaded to {url}")
+    return url
+
+
+@stage_main
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description="Publish the LoRA, its kohya/ComfyUI file, the sample grid and a model card to the Hub")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--repo-id", help="Hub model repo, e.g. your-name/impressionist-flux-lora "
+                        "(default: publish.repo_id)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="write the upload folder to --out and upload nothing")
+    parser.add_argument("--out", default=str(HUB_DIR), help="where --dry-run writes the folder")
+    args = parser.parse_args(argv)
+    run(load_params(args.params), args.repo_id, args.dry_run, Path(args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""The Gradio app on localhost with the tiny model, called through gradio_client: two images with the
+same seed, the base one equal to the plain base model's, bounds refused with a message, one job at
+a time, and settings from params overridden by the environment."""
+
+from __future__ import annotations
+
+import copy
+import socket
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from impressionist import app, train
+from impressionist.errors import UserError
+
+PROMPT = "impr3ssionism, a harbor at sunset"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def app_params(params: dict, lora_dir) -> dict:
+    params = copy.deepcopy(params)
+    params["app"] = {"lora": str(lora_dir), "min_resolution": 32, "max_resolution": 96,
+                     "max_steps": 6, "max_prompt_chars": 60, "concurrency_limit": 1}
+    params["sample"].update(steps=2, resolution=64)
+    return params
+
+
+@pytest.fixture(scope="module")
+def trained_lora(tmp_path_factory, _demo_params_master, encoded_cache):
+    root = tmp_path_factory.mktemp("app-lora")
+    params = copy.deepcopy(_demo_params_master)
+    params["lora"].update(rank=4, alpha=4)
+    params["train"].update(max_steps=5, checkpoint_every=0, learning_rate=1e-2)
+    train.run(params, encoded_cache, lora_dir=root / "lora", checkpoint_dir=root / "ckpt",
+              metrics_path=root / "m.json", loss_plot=root / "loss.png", live_dir=root / "live",
+              log_dir=root / "logs")
+    return root / "lora"
+
+
+class Recording:
+    """Wraps the real Generator and records when each call runs."""
+
+    def __init__(self, generator):
+        self.generator, self.spans = generator, []
+
+    def __call__(self, *args, **kwargs):
+        start = time.perf_counter()
+        result = self.generator(*args, **kwargs)
+        self.spans.append((start, time.perf_counter()))
+        return result
+
+
+@pytest.fixture(scope="module")
+def server(_demo_params_master, trained_lora, tmp_path_factory):
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("gradio")))
+    settings = app.load_settings(app_params(_demo_params_master, trained_lora), environ={})
+    generator = Recording(app.Generator(settings))
+    demo = app.build_demo(settings, generator)
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
+                            quiet=True)
+    yield url, settings, generator
+    demo.close()
+    monkeypatch.undo()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from gradio_client import Client
+
+    return Client(server[0], verbose=False)
+
+
+def test_two_images_with_the_same_seed(client, server, tiny_flux_dir):
+    from impressionist.models import load_pipeline
+
+    base_file, lora_file = client.predict(PROMPT, 7, 3, 3.5, 1.0, 64, 48, api_name="/generate")
+    base, lora = (np.asarray(Image.open(f).convert("RGB"), dtype=np.int16) for f in (base_file, lora_file))
+    assert base.shape == lora.shape == (48, 64, 3)
+    assert np.abs(base - lora).max() > 5  # the LoRA changes the picture
+
+    # The base image is exactly what the plain base model draws from that seed.
+    pipe = load_pipeline(tiny_flux_dir, torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    plain = pipe(PROMPT, height=48, width=64, num_inference_steps=3, guidance_scale=3.5,
+                 generator=torch.Generator("cpu").manual_seed(7)).images[0]
+    assert (np.asarray(plain, dtype=np.int16) == base).all()
+
+    # LoRA scale 0 is the base model again; the same request gives the same pictures.
+    zero_base, zero_lora = client.predict(PROMPT, 7, 3, 3.5, 0.0, 64, 48, api_name="/generate")
+    assert Image.open(zero_lora).tobytes() == Image.open(zero_base).tobytes() == Image.open(base_file).tobytes()
+
+
+@pytest.mark.parametrize("args, message", [
+    ((PROMPT, 0, 50, 3.5, 1.0, 64, 64), "greater than maximum value 6"),   # steps (slider bound)
+    ((PROMPT, 0, 2, 3.5, 1.0, 512, 64), "greater than maximum value 96"),  # width (slider bound)
+    ((PROMPT, 0, 2, 3.5, 9.0, 64, 64), "greater than maximum value 2"),    # LoRA scale
+    ((PROMPT, 0, 2, 3.5, 1.0, 40, 64), "width must be a multiple of 16, got 40"),
+    ("x" * 61, "the prompt has 61 characters; the limit is 60"),
+    ("   ", "the prompt is empty"),
+])
+def test_out_of_bounds_inputs_are_refused(client, server, args, message):
+    from gradio_client.exceptions import AppError
+
+    if isinstance(args, str):
+        args = (args, 0, 2, 3.5, 1.0, 64, 64)
+    calls_before = len(server[2].spans)
+    with pytest.raises(AppError, match=message):
+        client.predict(*args, api_name="/generate")
+    assert len(server[2].spans) == calls_before  # refused before any image was drawn
+
+
+def test_queue_runs_one_job_at_a_time(client, server):
+    generator = server[2]
+    generator.spans.clear()
+    jobs = [client.submit(PROMPT, seed, 6, 3.5, 1.0, 96, 96, api_name="/generate") for seed in (1, 2, 3)]
+    for job in jobs:
+        assert len(job.result(timeout=120)) == 2
+    spans = sorted(generator.spans)
+    assert len(spans) == 3
+    assert all(earlier[1] <= later[0] for earlier, later in zip(spans, spans[1:]))  # no overlap
+
+
+def test_generator_works_without_the_ui(server):
+    settings, generator = server[1], server[2].generator
+    base, lora = generator(PROMPT, seed=3)  # defaults: sample.steps, guidance, resolution
+    assert base.size == lora.size == (settings.default_size, settings.default_size) == (64, 64)
+    with pytest.raises(UserError, match="steps must be between 1 and 6, got 7"):
+        generator(PROMPT, steps=7)
+    with pytest.raises(UserError, match="seed must be a whole number"):
+        generator(PROMPT, seed=1.5)
+
+
+def test_settings_from_params_and_environment(demo_params, trained_lora, tmp_path, monkeypatch):
+    params = app_params(demo_params, trained_lora)
+    settings = app.load_settings(params, environ={})
+    assert settings.base_model == "builtin:tiny-flux" and settings.lora == str(trained_lora)
+    assert settings.examples == [f"impr3ssionism, {p}" for p in demo_params["sample"]["prompts"]]
+    assert settings.device == ("cuda" if torch.cuda.is_available() else "cpu")
+    overridden = app.load_settings(params, environ={
+        "IMPRESSIONIST_BASE_MODEL": "black-forest-labs/FLUX.1-dev",
+        "IMPRESSIONIST_LORA": "someone/impressionist-flux-lora", "IMPRESSIONIST_MAX_STEPS": "40",
+        "IMPRESSIONIST_MAX_RESOLUTION": "1024", "IMPRESSIONIST_CONCURRENCY_LIMIT": "2"})
+    assert (overridden.base_model, overridden.lora) == ("black-forest-labs/FLUX.1-dev",
+                                                        "someone/impressionist-flux-lora")
+    assert (overridden.max_steps, overridden.max_resolution, overridden.concurrency_limit) == (40, 1024, 2)
+    # No params file at all (a bare Space): the real recipe's defaults.
+    monkeypatch.chdir(tmp_path)
+    bare = app.load_settings(environ={})
+    assert bare.base_model == "black-forest-labs/FLUX.1-dev" and bare.lora == "models/lora"
+    with pytest.raises(UserError, match="IMPRESSIONIST_MAX_STEPS='many' must be a int"):
+        app.load_settings(params, environ={"IMPRESSIONIST_MAX_STEPS": "many"})
+    with pytest.raises(UserError, match="no LoRA at"):
+        app.Generator(app.load_settings(params, environ={"IMPRESSIONIST_LORA": str(tmp_path / "none")}))
