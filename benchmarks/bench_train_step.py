@@ -186,6 +186,14 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def cpu_name() -> str:
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or "CPU"
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
 def peak_tflops(device) -> float | None:
     if device.type != "cuda":
         return None
@@ -223,7 +231,7 @@ def main() -> None:
                  for r in (512, 1024)]
 
     peak = peak_tflops(device)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     lines = [f"### {args.profile} profile — {device_name}, {dt.date.today()}",
              f"`python benchmarks/bench_train_step.py {' '.join(sys.argv[1:])}` (torch {torch.__version__}, "
              f"batch {args.batch_size}, LoRA rank {args.rank}, T5 length {args.max_sequence_length}, "
