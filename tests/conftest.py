@@ -20,7 +20,7 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _isolated_cache(tmp_path_factory):
+def isolated_cache(tmp_path_factory):
     """Locally built models go to a per-session folder, never the developer's .cache."""
     folder = tmp_path_factory.mktemp("impressionist-cache")
     old = os.environ.get("IMPRESSIONIST_CACHE")
@@ -55,7 +55,7 @@ def demo_params(_demo_params_master):
 
 
 @pytest.fixture(scope="session")
-def tiny_flux_dir(_isolated_cache):
+def tiny_flux_dir(isolated_cache):
     from impressionist.models import BUILTIN_TINY_FLUX, resolve_pretrained
 
     return resolve_pretrained(BUILTIN_TINY_FLUX)

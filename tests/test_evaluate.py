@@ -36,21 +36,9 @@ SECTION_KEYS = {"fid", "kid_mean", "kid_std", "clip_score", "style_score", "n_fa
 DELTA_KEYS = {"fid", "kid_mean", "kid_std", "clip_score", "style_score"}
 
 
-@pytest.fixture(scope="session")
-def shared_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("impressionist-cache")
-
-
-@pytest.fixture(autouse=True)
-def _cache_env(monkeypatch, shared_cache):
-    monkeypatch.setenv("IMPRESSIONIST_CACHE", str(shared_cache))
-
-
 @pytest.fixture(scope="module")
-def tiny_clip(shared_cache):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("IMPRESSIONIST_CACHE", str(shared_cache))
-        return load_clip("builtin:tiny-clip", "builtin")
+def tiny_clip(isolated_cache):
+    return load_clip("builtin:tiny-clip", "builtin")
 
 
 def smooth_image(rng: np.random.Generator, size: tuple[int, int] = (48, 48), shift: int = 0) -> Image.Image:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import urllib.error
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,16 +12,6 @@ from impressionist.errors import UserError
 from impressionist.feature_nets import (
     TinyFeatureNet, cache_dir, fid_feature_extractor, load_clip, tiny_clip_checkpoint,
 )
-
-
-@pytest.fixture(scope="session")
-def shared_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("impressionist-cache")
-
-
-@pytest.fixture(autouse=True)
-def _cache_env(monkeypatch, shared_cache):
-    monkeypatch.setenv("IMPRESSIONIST_CACHE", str(shared_cache))
 
 
 def _one_line(err: pytest.ExceptionInfo) -> str:
@@ -126,12 +115,12 @@ def test_cache_dir_follows_env_or_cwd(monkeypatch, tmp_path):
     assert cache_dir() == tmp_path / ".cache" / "impressionist"
 
 
-def test_tiny_clip_is_built_once_and_identical_across_caches(monkeypatch, tmp_path, shared_cache):
+def test_tiny_clip_is_built_once_and_identical_across_caches(monkeypatch, tmp_path, isolated_cache):
     import open_clip
 
     model, preprocess, tokenizer = load_clip("builtin:tiny-clip", "builtin")
     checkpoint = tiny_clip_checkpoint()
-    assert checkpoint.is_file() and checkpoint.parent.parent == shared_cache
+    assert checkpoint.is_file() and checkpoint.parent.parent == isolated_cache
     stamp = checkpoint.stat().st_mtime_ns
     load_clip("builtin:tiny-clip", "builtin")
     assert checkpoint.stat().st_mtime_ns == stamp  # reused, not rebuilt

@@ -21,7 +21,6 @@ from impressionist import train
 from impressionist.errors import UserError
 from impressionist.flux_math import flow_matching_loss
 from impressionist.latent_cache import CacheReader
-from impressionist.models import load_transformer
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
