@@ -221,3 +221,13 @@ def test_bad_params_fail_before_reading_images(tmp_path, key, value):
 def test_missing_raw_metadata_says_to_run_download(tmp_path):
     with pytest.raises(UserError, match="run the download stage"):
         run_filter(tmp_path / "raw", tmp_path)
+
+
+def test_artists_plot_says_when_the_images_are_synthetic():
+    from impressionist.filter import plot_artists
+
+    table = pd.DataFrame({"artist": ["claude-monet", "edgar-degas"], "split": ["train", "val"],
+                          "source": ["synthetic", "synthetic"]})
+    assert "SYNTHETIC" in plot_artists(table).axes[0].get_title()
+    table["source"] = "huggan/wikiart"
+    assert "SYNTHETIC" not in plot_artists(table).axes[0].get_title()

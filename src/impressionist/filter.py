@@ -221,7 +221,9 @@ def plot_artists(table: pd.DataFrame, top: int = 30):
     ax.barh(counts.index, counts["train"], label="train", color="#4c72b0")
     ax.barh(counts.index, counts["val"], left=counts["train"], label="val", color="#dd8452")
     ax.set_xlabel("images")
-    ax.set_title(f"Images per artist after filtering ({len(table)} total)")
+    synthetic = "source" in table and (table["source"] == "synthetic").all()
+    ax.set_title(f"Images per artist after filtering ({len(table)} total"
+                 + (", SYNTHETIC demo images)" if synthetic else ")"))
     ax.legend(loc="lower right")
     fig.tight_layout()
     return fig
