@@ -46,12 +46,12 @@ GPUS = {
     "L4": ("NVIDIA L4", 22.5, (8, 9)),
     "T4": ("Tesla T4", 15.0, (7, 5)),
 }
-EXPECTED = {  # dtype, mixed precision, base quantization, gradient checkpointing, optimizer, cpu offload
-    "H100": ("bfloat16", "bf16", "none", False, "adamw", False),
-    "A100-80": ("bfloat16", "bf16", "none", False, "adamw", False),
-    "A100-40": ("bfloat16", "bf16", "none", True, "adamw", True),
-    "L4": ("bfloat16", "bf16", "nf4", True, "adamw8bit", True),
-    "T4": ("float16", "fp16", "nf4", True, "adamw8bit", True),
+EXPECTED = {  # dtype, mixed precision, base quantization, gradient checkpointing, optimizer, sample offload
+    "H100": ("bfloat16", "bf16", "none", False, "adamw", "none"),
+    "A100-80": ("bfloat16", "bf16", "none", False, "adamw", "none"),
+    "A100-40": ("bfloat16", "bf16", "none", True, "adamw", "model"),
+    "L4": ("bfloat16", "bf16", "nf4", True, "adamw8bit", "sequential"),
+    "T4": ("float16", "fp16", "nf4", True, "adamw8bit", "sequential"),
 }
 
 
@@ -59,7 +59,7 @@ EXPECTED = {  # dtype, mixed precision, base quantization, gradient checkpointin
 def test_each_colab_gpu_gets_its_recipe(gpu):
     overrides = colab.gpu_overrides(*GPUS[gpu])
     keys = ("model.dtype", "train.mixed_precision", "train.base_quantization",
-            "train.gradient_checkpointing", "train.optimizer", "sample.cpu_offload")
+            "train.gradient_checkpointing", "train.optimizer", "sample.offload")
     got = tuple(overrides[k] for k in keys)
     assert got == EXPECTED[gpu]
     assert overrides["model.device"] == "cuda"

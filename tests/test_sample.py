@@ -191,3 +191,16 @@ def test_refusals(demo_params, tmp_path, monkeypatch):
         sample.run_lora(params, lora_dir, tmp_path / "stale", tmp_path / "out", tmp_path / "g.png")
     assert not (tmp_path / "base").exists() and not (tmp_path / "out").exists()
     assert not (tmp_path / "g.png").exists()
+
+
+@pytest.mark.parametrize("mode, message", [("sequential", "needs CUDA"), ("model", "needs CUDA"),
+                                           ("disk", "sample.offload")])
+def test_offload_modes_are_checked_before_loading(demo_params, tmp_path, mode, message):
+    import torch
+
+    if torch.cuda.is_available() and message == "needs CUDA":
+        pytest.skip("this machine has a GPU: the refusal is for machines without one")
+    demo_params["sample"]["offload"] = mode
+    with pytest.raises(UserError, match=message):
+        sample.run_base(demo_params, tmp_path / "base")
+    assert not (tmp_path / "base").exists()

@@ -224,7 +224,8 @@ BF16_GIB = 35.0   # A100-40GB, L40S, A6000: bf16 weights fit; activations need g
 MIN_GIB = 14.0    # T4 (15 GiB): NF4 weights + 8-bit AdamW + checkpointing need about 9-10 GB.
 SAMPLE_ON_GPU_GIB = 70.0  # the whole sampling pipeline (transformer + 9.5 GB T5 + CLIP + VAE) stays
                           # on the GPU; below, sample moves each model in only while it runs.
-SAMPLE_MIN_GIB = 26.0     # with model offload the 16-bit transformer alone (23.8 GB) must fit.
+SAMPLE_MIN_GIB = 26.0     # with model offload the 16-bit transformer alone (23.8 GB) must fit;
+                          # below, sequential offload streams the weights layer by layer (slow).
 OFFLOAD_RAM_GIB = 40.0    # model offload holds the whole bf16 pipeline (~34 GB) in system RAM.
 # GPUs without bf16 tensor cores (compute capability < 8.0) train in fp16 instead.
 NO_BF16_NAMES = ("T4", "V100", "P100", "P4", "K80")
@@ -262,7 +263,8 @@ def gpu_overrides(name: str, memory_gib: float,
         "train.gradient_checkpointing": memory_gib < LARGE_GIB,
         "train.optimizer": "adamw8bit" if quantized else "adamw",
         "train.checkpoint_every": CHECKPOINT_EVERY_NF4 if quantized else CHECKPOINT_EVERY_BF16,
-        "sample.cpu_offload": memory_gib < SAMPLE_ON_GPU_GIB,
+        "sample.offload": ("none" if memory_gib >= SAMPLE_ON_GPU_GIB else
+                           "model" if memory_gib >= SAMPLE_MIN_GIB else "sequential"),
     }
 
 
@@ -292,11 +294,11 @@ def choose_recipe(gpu: Gpu | None, demo: dict[str, Any], *, profile: str = "auto
     kind = ("NF4 base (QLoRA) + 8-bit AdamW" if overrides["train.base_quantization"] == "nf4"
             else "bf16 base" if overrides["model.dtype"] == "bfloat16" else "fp16 base")
     notes = []
-    if overrides["sample.cpu_offload"] and gpu.memory_gib < SAMPLE_MIN_GIB:
+    if overrides["sample.offload"] == "sequential":
         notes.append(f"the 16-bit FLUX.1-dev transformer (23.8 GB) does not fit this GPU's "
-                     f"{gpu.memory_gib:.0f} GiB for sampling: training runs, but sample_base/sample "
-                     "will run out of GPU memory")
-    if overrides["sample.cpu_offload"] and ram_gib is not None and ram_gib < OFFLOAD_RAM_GIB:
+                     f"{gpu.memory_gib:.0f} GiB: sampling streams its weights layer by layer "
+                     "(sample.offload: sequential), which is slow")
+    if overrides["sample.offload"] != "none" and ram_gib is not None and ram_gib < OFFLOAD_RAM_GIB:
         notes.append(f"sampling with model offload holds the pipeline (~34 GB) in system RAM but this "
                      f"runtime has {ram_gib:.0f} GiB: enable High-RAM (Runtime > Change runtime type)")
     return Recipe(f"{gpu.name} ({gpu.memory_gib:.0f} GiB): {kind}", overrides, notes)

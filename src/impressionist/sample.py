@@ -27,7 +27,7 @@ from tqdm import tqdm
 from .errors import UserError, atomic_dir, stage_main
 from .grid import save_sample_grid
 from .models import load_pipeline, resolve_device, resolve_dtype, resolve_pretrained
-from .params import load_params, require_positive, section
+from .params import load_params, require_choice, require_positive, section
 
 CAPTIONS = Path("data/captions/captions.parquet")
 BASE_DIR = Path("samples/base")
@@ -36,6 +36,7 @@ LORA_DIR = Path("models/lora")
 GRID = Path("plots/samples_grid.png")
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 ADAPTER = "impressionist"
+OFFLOAD_MODES = ("none", "model", "sequential")
 SUBJECT, VAL_CAPTION = "subject", "val_caption"  # the `prompt_source` column of samples.csv
 
 
@@ -110,8 +111,10 @@ def validate(params: dict[str, Any]) -> torch.device:
     if not seeds or not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool)
                                                              for s in seeds):
         raise UserError("params.yaml: sample.seeds must list at least one integer seed")
-    if cfg.get("cpu_offload") and device.type != "cuda":
-        raise UserError("sample.cpu_offload moves models between a GPU and the CPU; it needs CUDA")
+    offload = require_choice(cfg.get("offload", "none"), OFFLOAD_MODES, "sample.offload")
+    if offload != "none" and device.type != "cuda":
+        raise UserError(f"sample.offload={offload} moves weights between a GPU and the CPU; it needs CUDA "
+                        "(use none on CPU)")
     return device
 
 
@@ -119,8 +122,11 @@ def load(params: dict[str, Any], device: torch.device):
     model_cfg, cfg = section(params, "model"), section(params, "sample")
     folder = resolve_pretrained(model_cfg["pretrained"], model_cfg.get("revision"))
     pipe = load_pipeline(folder, resolve_dtype(model_cfg))
-    if cfg.get("cpu_offload"):
+    offload = cfg.get("offload", "none")
+    if offload == "model":  # each model moves to the GPU while it runs: the transformer must fit
         pipe.enable_model_cpu_offload()
+    elif offload == "sequential":  # weights stream in layer by layer: fits small GPUs, slowly
+        pipe.enable_sequential_cpu_offload()
     else:
         pipe.to(device)
     if cfg.get("vae_tiling"):
