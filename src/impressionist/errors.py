@@ -23,6 +23,12 @@ class UserError(Exception):
     """A problem with the input or environment that the user can fix; printed as one line."""
 
 
+def first_line(err: BaseException, limit: int = 240) -> str:
+    """An exception as one short line for an error message (its type when it has no text)."""
+    text = (str(err).strip() or type(err).__name__).splitlines()[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def stage_main(fn: Callable[..., None]) -> Callable[..., None]:
     """Wrap a stage entry point so UserError becomes one line on stderr and exit code 2."""
 

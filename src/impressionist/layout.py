@@ -1,0 +1,17 @@
+"""Where the stages read and write (see docs/layout.md and dvc.yaml): one definition per path.
+
+Paths are relative to the repository root, where DVC runs every stage.
+"""
+
+from pathlib import Path
+
+RAW_DIR = Path("data/raw")
+FILTERED_DIR = Path("data/filtered")
+CAPTIONS_DIR = Path("data/captions")
+CAPTIONS = CAPTIONS_DIR / "captions.parquet"
+CACHE_DIR = Path("data/cache")
+LORA_DIR = Path("models/lora")
+# The file name FluxPipeline.save_lora_weights writes and load_lora_weights looks for.
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+SAMPLES_DIR = Path("samples")
+SAMPLE_GRID = Path("plots/samples_grid.png")
