@@ -46,16 +46,28 @@ def trained_lora(tmp_path_factory, _demo_params_master, encoded_cache):
 
 
 class Recording:
-    """Wraps the real Generator and records when each call runs."""
+    """Wraps the real Generator: records when each call runs, and counts the images its pipeline draws."""
 
     def __init__(self, generator):
-        self.generator, self.spans = generator, []
+        self.generator, self.spans, self.draws = generator, [], 0
+        pipe, recording = generator.pipe, self
+
+        class CountingPipe:
+            def __getattr__(self, name):  # disable_lora, set_adapters, ...: the real pipeline's
+                return getattr(pipe, name)
+
+            def __call__(self, *args, **kwargs):
+                recording.draws += 1
+                return pipe(*args, **kwargs)
+
+        generator.pipe = CountingPipe()
 
     def __call__(self, *args, **kwargs):
         start = time.perf_counter()
-        result = self.generator(*args, **kwargs)
-        self.spans.append((start, time.perf_counter()))
-        return result
+        try:
+            return self.generator(*args, **kwargs)
+        finally:  # refused calls too: a span says the call ran, not that it succeeded
+            self.spans.append((start, time.perf_counter()))
 
 
 @pytest.fixture(scope="module")
@@ -113,10 +125,10 @@ def test_out_of_bounds_inputs_are_refused(client, server, args, message):
 
     if isinstance(args, str):
         args = (args, 0, 2, 3.5, 1.0, 64, 64)
-    calls_before = len(server[2].spans)
+    draws_before = server[2].draws
     with pytest.raises(AppError, match=message):
         client.predict(*args, api_name="/generate")
-    assert len(server[2].spans) == calls_before  # refused before any image was drawn
+    assert server[2].draws == draws_before  # refused before any image was drawn
 
 
 def test_queue_runs_one_job_at_a_time(client, server):
@@ -132,8 +144,10 @@ def test_queue_runs_one_job_at_a_time(client, server):
 
 def test_generator_works_without_the_ui(server):
     settings, generator = server[1], server[2].generator
+    draws_before = server[2].draws
     base, lora = generator(PROMPT, seed=3)  # defaults: sample.steps, guidance, resolution
     assert base.size == lora.size == (settings.default_size, settings.default_size) == (64, 64)
+    assert server[2].draws == draws_before + 2  # the counter sees the pipeline's draws
     with pytest.raises(UserError, match="steps must be between 1 and 6, got 7"):
         generator(PROMPT, steps=7)
     with pytest.raises(UserError, match="seed must be a whole number"):
@@ -161,3 +175,39 @@ def test_settings_from_params_and_environment(demo_params, trained_lora, tmp_pat
         app.load_settings(params, environ={"IMPRESSIONIST_MAX_STEPS": "many"})
     with pytest.raises(UserError, match="no LoRA at"):
         app.Generator(app.load_settings(params, environ={"IMPRESSIONIST_LORA": str(tmp_path / "none")}))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"min_resolution": 40}, "app.min_resolution=40 must be a multiple of 16"),
+    ({"max_resolution": 100}, "app.max_resolution=100 must be a multiple of 16"),
+    ({"min_resolution": 128, "max_resolution": 64}, "must be at least app.min_resolution=128"),
+    ({"max_guidance": -1.0}, "app.max_guidance=-1.0 must be a positive number"),
+    ({"max_lora_scale": True}, "app.max_lora_scale=True must be a positive number"),
+    ({"max_lora_scale": "2"}, "app.max_lora_scale='2' must be a positive number"),
+])
+def test_bad_settings_are_one_line(demo_params, change, message):
+    params = app_params(demo_params, "models/lora")
+    params["app"].update(change)
+    with pytest.raises(UserError, match=message) as err:
+        app.load_settings(params, environ={})
+    assert "\n" not in str(err.value)
+
+
+def test_a_lora_that_does_not_load_is_one_line_naming_the_setting(demo_params, tmp_path):
+    from safetensors.torch import save_file
+
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    (garbage / app.LORA_WEIGHTS).write_bytes(b"not a safetensors file")
+    other_model = tmp_path / "other-model"  # a LoRA whose layers have another base model's shape
+    other_model.mkdir()
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 7),
+               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(9, 4)},
+              str(other_model / app.LORA_WEIGHTS))
+    for lora in (garbage, other_model):
+        settings = app.load_settings(app_params(demo_params, lora), environ={})
+        with pytest.raises(UserError) as err:
+            app.Generator(settings)
+        message = str(err.value)
+        assert f"cannot load the LoRA {lora}" in message and "IMPRESSIONIST_LORA" in message
+        assert "app.lora" in message and "\n" not in message

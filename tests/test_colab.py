@@ -110,6 +110,67 @@ def test_recipe_notes_warn_when_sampling_cannot_fit():
     assert h100.notes == [] and "bf16 base" in h100.name
 
 
+def recipe_for(gpu: str, ram_gib: float = 200.0) -> colab.Recipe:
+    return colab.choose_recipe(colab.Gpu(*GPUS[gpu]), demo_overrides(REPO / "configs/demo.yaml"), ram_gib=ram_gib)
+
+
+def test_a_rerun_on_another_gpu_keeps_the_first_runs_training_params(tmp_path):
+    path = tmp_path / "drive" / "recipe.json"
+    l4 = recipe_for("L4")
+    assert colab.keep_first_recipe(path, l4) == l4 and path.is_file()  # the first run: chosen and saved
+    assert colab.keep_first_recipe(path, recipe_for("L4")) == l4  # the same GPU again
+
+    # After a disconnect Colab hands out an A100 80 GB: its own recipe would be bf16 without NF4 and
+    # with AdamW (another run hash: training would start over). The L4's training params stay; the
+    # memory settings are the A100's.
+    kept = colab.keep_first_recipe(path, recipe_for("A100-80"))
+    assert kept.overrides == {
+        "model.device": "cuda", "model.dtype": "bfloat16", "train.mixed_precision": "bf16",
+        "train.base_quantization": "nf4", "train.optimizer": "adamw8bit",  # the L4's
+        "train.gradient_checkpointing": False, "train.checkpoint_every": 50, "sample.offload": "none"}
+    assert any("first run" in note for note in kept.notes)
+
+    # A T4 has no bf16, and no GPU at all cannot train: one line each, saying how to reset.
+    for other, needle in ((recipe_for("T4"), "needs bf16"),
+                          (colab.choose_recipe(None, demo_overrides(REPO / "configs/demo.yaml")), "no GPU")):
+        with pytest.raises(UserError) as err:
+            colab.keep_first_recipe(path, other)
+        message = str(err.value)
+        assert needle in message and str(path) in message and "PROJECT" in message and "\n" not in message
+    assert colab.keep_first_recipe(path, recipe_for("L4")) == l4  # nothing was overwritten
+
+
+def test_a_bf16_first_recipe_needs_a_gpu_that_holds_the_bf16_base(tmp_path):
+    path = tmp_path / "recipe.json"
+    colab.keep_first_recipe(path, recipe_for("A100-40"))
+    with pytest.raises(UserError, match="needs 35 GiB that this runtime's NVIDIA L4"):
+        colab.keep_first_recipe(path, recipe_for("L4"))
+    h100 = colab.keep_first_recipe(path, recipe_for("H100"))
+    assert h100.overrides["train.base_quantization"] == "none"
+    assert h100.overrides["train.gradient_checkpointing"] is False  # the H100's own memory setting
+
+
+def test_a_demo_project_stays_a_demo_and_a_broken_recipe_file_is_one_line(tmp_path):
+    demo = demo_overrides(REPO / "configs/demo.yaml")
+    path = tmp_path / "recipe.json"
+    cpu = colab.choose_recipe(None, demo)
+    assert colab.keep_first_recipe(path, cpu) == cpu
+    assert colab.keep_first_recipe(path, colab.choose_recipe(None, demo)) == cpu
+    with pytest.raises(UserError, match="first run used the recipe 'offline demo"):
+        colab.keep_first_recipe(path, recipe_for("H100"))
+    path.write_text("{not json")
+    with pytest.raises(UserError, match="not a recipe this notebook wrote.*delete it"):
+        colab.keep_first_recipe(path, cpu)
+
+
+def test_select_recipe_keeps_the_recipe_in_the_drive_project(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU: the demo
+    layout = colab.DriveLayout.under(tmp_path / "drive").create()
+    recipe = colab.select_recipe(REPO, "auto", layout)
+    assert recipe.demo and json.loads(layout.recipe.read_text())["demo"] is True
+    assert layout.recipe.parent == layout.root  # not in state/, which mirrors files of the checkout
+
+
 def test_nvidia_smi_output_is_parsed_and_cuda_visible_devices_is_honoured(tmp_path, monkeypatch):
     assert colab.parse_nvidia_smi("NVIDIA A100-SXM4-40GB, 40960, 8.0\n") == \
         colab.Gpu("NVIDIA A100-SXM4-40GB", 40.0, (8, 0))
@@ -287,8 +348,49 @@ def test_login_checks_the_model_gate_and_keeps_the_token_in_memory_only(tmp_path
 
 # --------------------------------------------------------------------------- the run command
 
-def test_the_run_is_dvc_repro_that_skips_missing_data_and_pulls_what_a_stage_needs():
-    assert colab.repro_command() == ["dvc", "repro", "--pull", "--allow-missing"]
+def test_the_run_skips_finished_stages_whose_outputs_are_gone_and_pulls_what_a_stage_needs(tmp_path):
+    """A fresh clone has dvc.lock (from Drive) and the cache, but no outputs. `make` has a persist out,
+    as download and train do, so DVC keeps no run-cache for it: plain `dvc repro` would run it again."""
+    from test_pipeline_e2e import sh
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "params.yaml").write_text("a:\n  n: 1\nb:\n  k: 1\n")
+    read = "import json, yaml; p = yaml.safe_load(open('params.yaml')); "
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "make": {"cmd": f'python -c "{read}open(\'data.txt\', \'w\').write(str(p[\'a\'][\'n\']))"',
+                 "params": ["a"], "outs": [{"data.txt": {"persist": True}}]},
+        "use": {"cmd": f'python -c "{read}json.dump(open(\'data.txt\').read() + str(p[\'b\'][\'k\']), '
+                       f'open(\'m.json\', \'w\'))"',
+                "deps": ["data.txt"], "params": ["b"], "metrics": [{"m.json": {"cache": False}}]}}}))
+    sh(repo, "git", "init", "-q")
+    sh(repo, "dvc", "init", "-q")
+    layout = colab.DriveLayout.under(tmp_path / "drive").create()
+    colab.run(repo, layout, {}, out=io.StringIO())
+    assert json.loads((repo / "m.json").read_text()) == "11"
+
+    (repo / "data.txt").unlink()  # the outputs are only in the cache now
+    shown = io.StringIO()
+    colab.run(repo, layout, {}, out=shown)
+    assert "Running stage" not in shown.getvalue()
+    assert not (repo / "data.txt").exists()  # skipped without copying the output back
+
+    shown = io.StringIO()
+    colab.run(repo, layout, {"b.k": 2}, out=shown)  # `use` must run: it gets data.txt from the cache
+    assert "Stage 'make' didn't change, skipping" in shown.getvalue()
+    assert "Running stage 'use'" in shown.getvalue()
+    assert json.loads((repo / "m.json").read_text()) == "12"
+
+    (repo / "data.txt").unlink()
+    assert "Running stage 'make'" in sh(repo, "dvc", "repro", "--dry", check=False).stdout  # what the flags avoid
+
+
+def test_without_dvc_the_run_stops_with_one_line(tmp_path, monkeypatch):
+    (tmp_path / "params.yaml").write_text("a:\n  n: 1\n")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setattr("sys.executable", str(tmp_path / "bin" / "python"))
+    with pytest.raises(UserError, match="dvc is not installed"):
+        colab.run(tmp_path, colab.DriveLayout.under(tmp_path / "drive").create(), {}, out=io.StringIO())
 
 
 def test_params_are_written_like_dvc_exp_run_set_param_keeping_comments(tmp_path):
@@ -441,7 +543,8 @@ def project_checkout(dest: Path) -> Path:
     from test_pipeline_e2e import copy_project, sh
 
     repo = copy_project(dest)
-    for name in ("src/impressionist/colab.py", "notebooks/train_colab.ipynb"):
+    for name in ("src/impressionist/colab.py", "notebooks/train_colab.ipynb", "src/impressionist/dvc_cli.py",
+                 "src/impressionist/hub.py", "src/impressionist/tables.py", "src/impressionist/prompts.py"):
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         (repo / name).write_bytes((REPO / name).read_bytes())
     sh(repo, "git", "add", "-A")

@@ -6,6 +6,8 @@ import hashlib
 import io
 import json
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import datasets
@@ -17,7 +19,8 @@ from impressionist import download
 from impressionist.errors import DEMO_HINT, UserError
 from impressionist.synthetic import write_synthetic_wikiart
 
-LAYOUT_COLUMNS = ["id", "file", "artist", "genre", "style", "width", "height", "sha256", "source"]
+# docs/layout.md's columns of data/raw/metadata.parquet, written out (not read from the code).
+LAYOUT_COLUMNS = ["id", "file", "artist", "genre", "style", "width", "height", "sha256", "source", "revision"]
 MAX_IMAGES = 12
 SEED = 5
 
@@ -42,10 +45,11 @@ def synthetic_mirror(folder, shards=1):
 
 
 def raw_state(raw_dir):
-    """Everything a run leaves in data/raw: the table (without `source`) and each file's bytes hash."""
+    """Everything a run leaves in data/raw: the table (without `source` and `revision`, which say
+    where the rows came from) and each file's bytes hash."""
     table = pd.read_parquet(raw_dir / "metadata.parquet")
     files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((raw_dir / "images").iterdir())}
-    return table.drop(columns="source").to_dict("records"), files
+    return table.drop(columns=["source", "revision"]).to_dict("records"), files
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +72,7 @@ def test_synthetic_source_writes_the_layout(reference):
     assert list(table.columns) == LAYOUT_COLUMNS
     assert len(table) == MAX_IMAGES == summary.kept
     assert set(table["style"]) == {"Impressionism"}
-    assert set(table["source"]) == {"synthetic"}
+    assert set(table["source"]) == {"synthetic"} and set(table["revision"]) == {""}  # not a Hub dataset
     assert not (raw / ".partial").exists()
     assert sorted(p.name for p in (raw / "images").iterdir()) == sorted(f.split("/")[1] for f in table["file"])
     for row in table.itertuples():
@@ -104,12 +108,53 @@ def test_hub_source_uses_the_same_streaming_code(tmp_path, monkeypatch, referenc
             return real_load_dataset("parquet", data_files=[str(mirror)], split=kwargs["split"], streaming=True)
         return real_load_dataset(path, *args, **kwargs)
 
-    monkeypatch.setattr(download, "check_hub_reachable", lambda dataset_id: calls.append(("checked", dataset_id)))
+    commit = "0123456789abcdef0123456789abcdef01234567"  # what the Hub resolves the branch to
+
+    def fake_check(dataset_id, revision):
+        calls.append(("checked", dataset_id, revision))
+        return commit
+
+    monkeypatch.setattr(download, "check_hub_reachable", fake_check)
     monkeypatch.setattr(datasets, "load_dataset", fake_hub)
-    download.run(config("huggan/wikiart"), tmp_path / "raw")
-    assert calls[0] == ("checked", "huggan/wikiart")
-    assert calls[1] == ("huggan/wikiart", {"split": "train", "streaming": True})
+    download.run(config("huggan/wikiart", revision="main"), tmp_path / "raw")
+    assert calls[0] == ("checked", "huggan/wikiart", "main")
+    # The stream reads the commit the branch resolved to, and the table records it.
+    assert calls[1] == ("huggan/wikiart", {"split": "train", "streaming": True, "revision": commit})
     assert raw_state(tmp_path / "raw") == raw_state(reference[0])
+    table = pd.read_parquet(tmp_path / "raw" / "metadata.parquet")
+    assert set(table["source"]) == {"huggan/wikiart"} and set(table["revision"]) == {commit}
+
+
+def test_hub_revision_is_passed_to_the_hub_and_a_missing_one_is_one_line(tmp_path, monkeypatch):
+    import httpx
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import RevisionNotFoundError
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    asked = []
+
+    class Info:
+        sha = "feedface" * 5
+
+    def dataset_info(self, repo_id, revision=None, timeout=None, **kwargs):
+        asked.append((repo_id, revision))
+        if revision == "v9":  # the Hub's answer for a branch, tag or commit it does not have
+            url = f"https://huggingface.co/api/datasets/{repo_id}/revision/{revision}"
+            raise RevisionNotFoundError("Revision Not Found", response=httpx.Response(
+                404, request=httpx.Request("GET", url)))
+        return Info()
+
+    monkeypatch.setattr(HfApi, "dataset_info", dataset_info)
+    assert download.check_hub_reachable("huggan/wikiart", "v1") == Info.sha
+    assert asked == [("huggan/wikiart", "v1")]
+    with pytest.raises(UserError) as error:
+        download.run(config("huggan/wikiart", revision="v9"), tmp_path / "raw")
+    message = str(error.value)
+    assert "\n" not in message and "no revision 'v9'" in message and "download.revision" in message
+    assert not (tmp_path / "raw").exists()
+    with pytest.raises(UserError, match="download.revision"):
+        download.run(config("huggan/wikiart", revision=""), tmp_path / "raw")
 
 
 def test_hub_offline_is_one_clear_error_before_any_output(tmp_path, monkeypatch, capsys):
@@ -291,6 +336,41 @@ def test_persistent_errors_give_up_with_one_line_and_keep_the_partial_work(tmp_p
     assert len((raw / ".partial" / "rows.jsonl").read_text().splitlines()) > 0
     download.run(config("synthetic"), raw)  # the network is back
     assert raw_state(raw) == raw_state(reference[0])
+
+
+def test_a_failed_write_to_data_raw_is_one_line_and_not_retried(tmp_path, monkeypatch):
+    """Disk full or no permission on data/raw is not a network hiccup: no retries, no "reading failed"."""
+    import errno
+
+    real_open_stream, opens = download.open_stream, []
+    monkeypatch.setattr(download, "open_stream", lambda source: opens.append(source) or real_open_stream(source))
+
+    def disk_full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(download, "atomic_write_bytes", disk_full)
+    with pytest.raises(UserError) as error:
+        download.run(config("synthetic"), tmp_path / "raw", retries=3, backoff_s=0)
+    message = str(error.value)
+    assert "\n" not in message and "cannot write to" in message and "No space left on device" in message
+    assert "times in a row" not in message and len(opens) == 1  # opened once to check names, never reopened
+
+
+def png_header_only(width, height):
+    """A PNG that declares width x height pixels and holds none: PIL reads only its header."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_a_decompression_bomb_is_kept_as_bin_for_the_filter_to_reject():
+    assert download.image_header(png_header_only(300, 200)) == ("png", 300, 200)
+    bomb = png_header_only(20000, 20000)  # 400 MP: over twice PIL's limit
+    with pytest.raises(Image.DecompressionBombError):  # what PIL does with it on its own
+        Image.open(io.BytesIO(bomb))
+    assert download.image_header(bomb) == ("bin", 0, 0)
 
 
 def test_rerun_is_idempotent_and_drops_stale_files(tmp_path, reference):

@@ -35,7 +35,7 @@ def flip_cache(tmp_path_factory, _demo_params_master, tiny_flux_dir):
     root = tmp_path_factory.mktemp("flip")
     filtered, captions = write_filtered_dataset(root, n_images=8)
     params = copy.deepcopy(_demo_params_master)
-    params["encode"].update(flip=True, shard_size=3)
+    params["encode"].update(flip=True, shard_size=3, batch_size=3)  # several batches of each kind
     encode.run(params, filtered, captions, root / "cache")
     return root, params
 
@@ -92,4 +92,23 @@ def test_bad_input_leaves_no_cache(demo_params, tmp_path):
     demo_params["encode"]["resolution"] = 64
     with pytest.raises(UserError, match="run the caption stage first"):
         encode.run(demo_params, filtered, tmp_path / "missing.parquet", tmp_path / "cache")
+    del demo_params["encode"]["shard_size"]
+    with pytest.raises(UserError, match="'encode.shard_size' is missing"):
+        encode.run(demo_params, filtered, captions, tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
+
+
+def test_failure_mid_run_leaves_no_cache_and_no_temporary_folder(demo_params, tmp_path):
+    from conftest import write_filtered_dataset
+
+    filtered, captions = write_filtered_dataset(tmp_path, n_images=6)
+    # A corrupt training image is only met while latents are written into the temporary folder.
+    (filtered / "images" / f"{4:016x}.png").write_bytes(b"not a png")
+    leftover = tmp_path / ".cache.tmp-0badf00d"  # what a SIGKILLed earlier run leaves
+    leftover.mkdir()
+    (leftover / "latents-00000.safetensors").write_bytes(b"partial")
+    with pytest.raises(UserError, match="cannot be read as an image") as err:
+        encode.run(demo_params, filtered, captions, tmp_path / "cache")
+    assert "\n" not in str(err.value) and "re-run the filter stage" in str(err.value)
+    assert not (tmp_path / "cache").exists()
+    assert not list(tmp_path.glob(".cache.tmp-*"))

@@ -150,6 +150,47 @@ def test_fid_zero_for_same_set_and_grows_with_shift():
     assert scorer.compute()["fid"] == pytest.approx(results[40]["fid"], rel=0.25)
 
 
+class CountingNet(TinyFeatureNet):
+    """The tiny feature net, counting the images it is run on."""
+
+    def __init__(self):
+        super().__init__()
+        self.images_seen = 0
+
+    def forward(self, images):
+        self.images_seen += images.shape[0]
+        return super().forward(images)
+
+
+@pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance` will save")
+def test_fid_and_kid_share_one_feature_pass_and_equal_torchmetrics_own():
+    """Each image goes through the feature network once, and FID/KID are what torchmetrics gives when
+    each metric runs the network itself."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    rng = np.random.default_rng(8)
+    real = prepare_images([smooth_image(rng) for _ in range(7)], 32)
+    fake = prepare_images([smooth_image(rng, shift=30) for _ in range(5)], 32)
+    net = CountingNet()
+    scorer = FidKid(net, kid_subset_size=4, seed=3)
+    scorer.add_real(real)
+    scorer.add_fake(fake)
+    ours = scorer.compute()
+    assert net.images_seen == 7 + 5
+
+    fid = FrechetInceptionDistance(feature=TinyFeatureNet())
+    kid = KernelInceptionDistance(feature=TinyFeatureNet(), subsets=evaluate.KID_SUBSETS, subset_size=4)
+    for metric in (fid, kid):
+        metric.update(real, real=True)
+        metric.update(fake, real=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)  # FidKid draws KID's subsets from its seed
+        kid_mean, kid_std = kid.compute()
+    assert ours["fid"] == pytest.approx(float(fid.compute()), rel=1e-9)
+    assert (ours["kid_mean"], ours["kid_std"]) == pytest.approx((float(kid_mean), float(kid_std)), rel=1e-9)
+
+
 @pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance` will save")
 def test_kid_subset_size_adapts_and_is_seeded():
     assert kid_subset_size(1000, 5, 3) == 3
@@ -372,7 +413,7 @@ def _missing_png(root):
     [
         (_remove_lora, {}, "run the sample stages first"),
         (_empty_base, {}, "lists no images"),
-        (_drop_split, {}, "no 'split' column"),
+        (_drop_split, {}, "lacks column(s) split; rerun the filter stage"),
         (_no_val, {}, "0 validation image(s); FID and KID need at least 2 real images — raise "
                       "filter.val_fraction"),
         (_one_image_at_a_scale, {}, "has 1 image(s) at lora_scale 0.5; FID/KID need at least 2 per set "

@@ -152,15 +152,46 @@ def test_tiny_clip_wrong_pretrained_is_user_error():
 
 def test_real_clip_offline_download_is_one_line_user_error(monkeypatch):
     import open_clip.factory
+    import open_clip.model
 
     def offline(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
 
+    def must_not_build(*args, **kwargs):
+        raise AssertionError("built the 428M-parameter model before the weights were there")
+
     monkeypatch.setattr(open_clip.factory, "download_pretrained", offline)
+    monkeypatch.setattr(open_clip.model.CLIP, "__init__", must_not_build)
     with pytest.raises(UserError) as err:
         load_clip("ViT-L-14", "openai")
     message = _one_line(err)
     assert "ViT-L-14" in message and "clip_pretrained" in message
+    assert "couldn't connect" in message  # the reason is the failed download, not any other failure
+
+
+def test_real_recipe_clip_is_built_with_quick_gelu(monkeypatch, tmp_path):
+    """params.yaml's CLIP (ViT-L-14 + openai) was trained with QuickGELU; open_clip builds plain GELU for
+    "ViT-L-14" unless told. Built on the meta device with a stand-in download: no network, no 1.7 GB."""
+    import open_clip.factory
+    import yaml
+    from conftest import committed_params_text
+    from open_clip.transformer import QuickGELU
+
+    cfg = yaml.safe_load(committed_params_text())["evaluate"]
+    assert open_clip.get_pretrained_cfg(cfg["clip_model"], cfg["clip_pretrained"]).get("quick_gelu")
+    weights = tmp_path / "clip.pt"
+    weights.write_bytes(b"stand-in")
+    loaded = []
+    monkeypatch.setattr(open_clip.factory, "download_pretrained", lambda *a, **k: str(weights))
+    monkeypatch.setattr(open_clip.factory, "load_checkpoint", lambda model, path, **k: loaded.append(path))
+    monkeypatch.setattr(open_clip.factory, "_set_model_device_and_precision", lambda *a, **k: None)
+    with torch.device("meta"):
+        model, _, _ = load_clip(cfg["clip_model"], cfg["clip_pretrained"])
+    assert loaded == [str(weights)]
+    activations = {type(m) for m in model.modules() if type(m).__name__ in ("GELU", "QuickGELU")}
+    assert activations == {QuickGELU}
+    # A tag trained with plain GELU keeps it.
+    assert not feature_nets.needs_quick_gelu("ViT-B-32", "laion2b_s34b_b79k")
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import struct
+import zlib
 
 import numpy as np
 import pandas as pd
@@ -16,13 +18,23 @@ from impressionist.errors import UserError
 from impressionist.synthetic import paint, synthetic_rows
 
 CFG = {"min_side": 96, "max_aspect": 2.5, "drop_grayscale": True, "phash_threshold": 4, "val_fraction": 0.3}
-RAW_COLUMNS = ["id", "file", "artist", "genre", "style", "width", "height", "sha256", "source"]
+# docs/layout.md's columns of data/raw/metadata.parquet, written out (not read from the code).
+RAW_COLUMNS = ["id", "file", "artist", "genre", "style", "width", "height", "sha256", "source", "revision"]
 
 
 def encode(image, fmt, **kwargs):
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **kwargs)
     return buffer.getvalue()
+
+
+def png_header_only(width, height):
+    """A PNG that declares width x height pixels and holds none: PIL reads only its header."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
 def painted(width, height, seed):
@@ -48,7 +60,7 @@ class RawBuilder:
             (self.raw_dir / file).write_bytes(data)
         self.rows.append({"id": digest[:16], "file": file, "artist": artist, "genre": "landscape",
                           "style": "Impressionism", "width": width, "height": height, "sha256": digest,
-                          "source": "test"})
+                          "source": "test", "revision": ""})
         return digest[:16]
 
     def save(self, rows=None):
@@ -75,6 +87,8 @@ def planted(tmp_path_factory):
     full = encode(painted(150, 120, 1), "JPEG", quality=90)
     plant("truncated", full[: len(full) * 6 // 10], "jpg", "undecodable")
     plant("garbage", b"this is not an image at all", "bin", "undecodable")
+    # Declares 400 MP: PIL refuses to open it (DecompressionBombError); download keeps it as .bin.
+    plant("decompression_bomb", png_header_only(20000, 20000), "bin", "undecodable")
     plant("missing", encode(painted(150, 120, 2), "JPEG"), "jpg", "missing_file", write=False)
     plant("tiny", encode(painted(20, 20, 3), "JPEG"), "jpg", "too_small")
     plant("panorama", encode(painted(300, 100, 4), "JPEG"), "jpg", "extreme_aspect")
@@ -123,7 +137,7 @@ def test_planted_defects_are_rejected_with_their_reason_and_nothing_else(planted
     assert list(kept.columns) == RAW_COLUMNS + ["split"]
     assert metrics["images_in"] == len(raw) and metrics["kept"] == len(kept)
     assert metrics["rejected_by_reason"] == {
-        "missing_file": 1, "undecodable": 2, "too_small": 1, "extreme_aspect": 1, "grayscale": 3,
+        "missing_file": 1, "undecodable": 3, "too_small": 1, "extreme_aspect": 1, "grayscale": 3,
         "near_duplicate": 1}
     assert json.loads((out / "metrics" / "data.json").read_text()) == metrics
 

@@ -38,8 +38,21 @@ def test_tiny_flux_is_deterministic_and_samples(tiny_flux_dir):
     assert (first == second).all()
 
 
-def test_builtin_build_is_reused(tiny_flux_dir):
+def test_builtin_build_is_reused(tiny_flux_dir, monkeypatch):
+    from impressionist import tiny_flux
+
+    monkeypatch.setattr(tiny_flux, "save_tiny_flux", lambda folder: pytest.fail("rebuilt"))
     assert resolve_pretrained(BUILTIN_TINY_FLUX) == tiny_flux_dir
+
+
+def test_building_the_tiny_model_leaves_the_global_rng_alone():
+    from impressionist.tiny_flux import build_tiny_flux_pipeline
+
+    torch.manual_seed(1234)
+    expected = torch.rand(4)
+    torch.manual_seed(1234)
+    build_tiny_flux_pipeline()
+    assert torch.equal(torch.rand(4), expected)
 
 
 def test_hub_model_without_network_is_one_clear_line(monkeypatch, tmp_path):

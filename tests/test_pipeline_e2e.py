@@ -98,6 +98,15 @@ def test_demo_graph_reruns_only_what_changed_and_round_trips_through_the_remote(
         (repo / "models/lora/pytorch_lora_weights.safetensors").read_bytes()
 
 
+def test_demo_refuses_unknown_options(capsys):
+    from impressionist import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--dry-rn"])  # a typo must not start a full run
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --dry-rn" in capsys.readouterr().err
+
+
 def test_real_recipe_without_network_stops_at_download_with_one_line(tmp_path):
     repo = copy_project(tmp_path / "repo")
     environment = dict(env(), HF_HUB_OFFLINE="1")

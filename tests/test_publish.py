@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,12 @@ class RecordingHub:
         return [name for name, _ in self.calls]
 
 
+def online(monkeypatch):
+    """HF_HUB_OFFLINE unset, also where huggingface_hub read it at import (a test run with it set)."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+
+
 def folder_bytes(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
@@ -150,7 +157,7 @@ def test_card_for_the_real_recipe(recipe_params, artefacts, tmp_path):
 
 
 def test_upload_sends_exactly_the_dry_run_folder(recipe_params, artefacts, tmp_path, monkeypatch):
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    online(monkeypatch)
     monkeypatch.setenv("HF_TOKEN", SECRET)
     hub = RecordingHub()
     monkeypatch.setattr("huggingface_hub.HfApi", hub)
@@ -168,7 +175,7 @@ def test_upload_sends_exactly_the_dry_run_folder(recipe_params, artefacts, tmp_p
 @pytest.mark.parametrize("case", ["offline", "unreachable", "no-token"])
 def test_no_network_or_token_is_one_error_before_anything(case, recipe_params, artefacts, monkeypatch, capsys):
     monkeypatch.setenv("HF_TOKEN", SECRET)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    online(monkeypatch)
     hub = RecordingHub()
     if case == "offline":
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -191,7 +198,7 @@ def test_no_network_or_token_is_one_error_before_anything(case, recipe_params, a
 
 def test_failed_upload_removes_the_repo_it_created(recipe_params, artefacts, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", SECRET)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    online(monkeypatch)
     hub = RecordingHub(fail="upload_folder", error=ConnectionError("reset by peer"))
     monkeypatch.setattr("huggingface_hub.HfApi", hub)
     with pytest.raises(UserError, match="nothing was committed"):
@@ -228,3 +235,38 @@ def test_refusals(demo_params, recipe_params, artefacts, tmp_path, monkeypatch, 
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: params file") and "\n" not in err
+
+
+@pytest.mark.parametrize("name, text, needle", [
+    ("export.json", "{not json", "export.json is not readable JSON"),
+    ("export.json", '{"rank": 4}', "export.json lacks kohya_file; run `dvc repro export` again"),
+    ("eval.json", "[1, 2]", "eval.json holds a JSON list, not an object; run `dvc repro evaluate` again"),
+])
+def test_broken_stage_outputs_are_one_line(demo_params, artefacts, tmp_path, name, text, needle):
+    broken = dict(artefacts)
+    if name == "export.json":
+        broken["export_dir"] = tmp_path / "export"
+        shutil.copytree(artefacts["export_dir"], broken["export_dir"])
+        (broken["export_dir"] / name).write_text(text)
+    else:
+        broken["eval_metrics"] = tmp_path / name
+        broken["eval_metrics"].write_text(text)
+    with pytest.raises(UserError, match=needle) as info:
+        publish.run(demo_params, REPO, dry_run=True, out=tmp_path / "hub", **broken)
+    assert "\n" not in str(info.value) and not (tmp_path / "hub").exists()
+
+
+@pytest.mark.parametrize("value", ["1", "ON", "yes", "True", "0", "", "off"])
+def test_hub_offline_reads_the_variable_as_huggingface_hub_does(value, monkeypatch):
+    """One reading of HF_HUB_OFFLINE for download, publish and models: the values huggingface_hub
+    itself takes as true (its ENV_VARS_TRUE_VALUES), "on" included."""
+    from huggingface_hub import constants
+
+    from impressionist.hub import hub_offline
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    assert hub_offline() == (value.upper() in constants.ENV_VARS_TRUE_VALUES)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # set when huggingface_hub was imported
+    assert hub_offline()

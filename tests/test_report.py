@@ -219,3 +219,24 @@ def test_demo_networks_are_flagged_next_to_the_verdicts(tmp_path):
         "model": {"pretrained": "black-forest-labs/FLUX.1-dev"},
         "evaluate": {"fid_features": "inception", "clip_model": "ViT-L-14"}}))
     assert report.random_nets_note(tmp_path) is None
+
+
+def test_dvc_failures_and_a_missing_dvc_are_one_line(tmp_path, monkeypatch):
+    """The shared dvc runner (report and Colab): DVC's own ERROR line, not its last hint line."""
+    from impressionist import dvc_cli
+
+    output = "Traceback (most recent call last):\nERROR: unexpected error - boom\n\nHaving any troubles? Hit us up\n"
+    assert dvc_cli.error_line(output) == "ERROR: unexpected error - boom"
+    assert dvc_cli.error_line("only this\n\n") == "only this"
+    folder = tmp_path / "no-repo"
+    folder.mkdir()
+    with pytest.raises(UserError) as err:
+        dvc_cli.run_dvc(folder, "status")  # not a DVC repository
+    message = str(err.value)
+    assert message.startswith("`dvc status` failed in ") and "ERROR: you are not inside of a DVC repository" in message
+    assert "\n" not in message
+
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setattr("sys.executable", str(tmp_path / "bin" / "python"))
+    with pytest.raises(UserError, match="dvc is not installed; `pip install -r requirements.txt`"):
+        dvc_cli.run_dvc(folder, "status")

@@ -1,5 +1,7 @@
 """Sampling with and without the LoRA, the prompt set, the grid, and the refusals."""
 
+import copy
+
 import pandas as pd
 import pytest
 from PIL import Image
@@ -178,6 +180,10 @@ def test_refusals(demo_params, tmp_path, monkeypatch):
     params = small(demo_params)
     params["sample"]["seeds"] = []
     with pytest.raises(UserError, match="sample.seeds"):
+        sample.run_base(params, tmp_path / "base")
+    params = copy.deepcopy(small(demo_params))  # small() changes demo_params itself
+    del params["sample"]["guidance_scale"]
+    with pytest.raises(UserError, match="'sample.guidance_scale' is missing"):
         sample.run_base(params, tmp_path / "base")
 
     # base samples made with other prompts than the params ask for: refused before loading a model

@@ -17,7 +17,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from impressionist import train
+from impressionist import checkpoints, train
 from impressionist.errors import UserError
 from impressionist.flux_math import flow_matching_loss
 from impressionist.latent_cache import CacheReader
@@ -81,10 +81,13 @@ def test_checkpoints_resume_only_matching_runs(demo_params, encoded_cache, tmp_p
     assert sorted(p.name for p in out["checkpoint_dir"].iterdir()) == ["step-00000010", "step-00000020"]
     capsys.readouterr()
 
-    # More steps with the same params: continues from the last checkpoint.
+    # More steps with the same params (a constant schedule): continues from the last checkpoint.
     summary = train.run(small_run(demo_params, 30), encoded_cache, **out)
     assert summary["resumed_from_step"] == 20 and summary["steps"] == 30
     assert "resuming from" in capsys.readouterr().out
+    # keep_checkpoints (2 in params.yaml) pruned step 10 once step 30 was written
+    assert demo_params["train"]["keep_checkpoints"] == 2
+    assert sorted(p.name for p in out["checkpoint_dir"].iterdir()) == ["step-00000020", "step-00000030"]
 
     # A different rank: the old checkpoints are discarded with a log line, training starts at 0.
     summary = train.run(small_run(demo_params, 10, rank=8), encoded_cache, **out)
@@ -93,8 +96,7 @@ def test_checkpoints_resume_only_matching_runs(demo_params, encoded_cache, tmp_p
     assert "discarding checkpoint" in log and "resuming" not in log
     assert load_file(out["lora_dir"] / LORA_FILE)[
         "transformer.transformer_blocks.0.attn.to_q.lora_A.weight"].shape[0] == 8
-    # keep_checkpoints bounds what stays on disk
-    assert len(list(out["checkpoint_dir"].iterdir())) <= demo_params["train"]["keep_checkpoints"]
+    assert sorted(p.name for p in out["checkpoint_dir"].iterdir()) == ["step-00000010"]
 
 
 def _run_stage(workdir: Path, kill_after_checkpoint: bool = False) -> subprocess.CompletedProcess | None:
@@ -134,6 +136,46 @@ def test_sigkill_then_resume_gives_the_same_lora(demo_params, encoded_cache, tmp
         assert torch.equal(expected[key], got[key]), key
 
 
+def test_resume_with_lora_dropout_gives_the_same_lora(demo_params, encoded_cache, tmp_path, monkeypatch):
+    """Dropout draws from the global RNG, which load_state restores: nothing may draw from it in
+    between (a DataLoader iterator would), or the resumed run drops other units."""
+    monkeypatch.chdir(tmp_path)
+    params = small_run(demo_params, 20, every=10)
+    params["lora"]["dropout"] = 0.1
+    whole, split = outputs(tmp_path / "whole"), outputs(tmp_path / "split")
+    train.run(copy.deepcopy(params), encoded_cache, **whole)
+    interrupted = copy.deepcopy(params)
+    interrupted["train"]["max_steps"] = 10  # stops right after its step-10 checkpoint
+    train.run(interrupted, encoded_cache, **split)
+    assert train.run(copy.deepcopy(params), encoded_cache, **split)["resumed_from_step"] == 10
+
+    expected = load_file(whole["lora_dir"] / LORA_FILE)
+    got = load_file(split["lora_dir"] / LORA_FILE)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+
+
+def test_a_rerun_continues_its_own_checkpoints_before_resume_from(demo_params, encoded_cache, tmp_path,
+                                                                   monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    out = outputs(tmp_path)
+    train.run(small_run(copy.deepcopy(demo_params), 10), encoded_cache, **out)
+    earlier = out["checkpoint_dir"] / "step-00000010"
+
+    # Another learning rate (another run hash), started from the earlier run's checkpoint...
+    params = small_run(copy.deepcopy(demo_params), 20)
+    params["train"].update(learning_rate=5e-4, resume_from=str(earlier))
+    assert train.run(copy.deepcopy(params), encoded_cache, **out)["resumed_from_step"] == 10
+    # ...and rerun with more steps (say after a disconnect): it continues from its own step 20.
+    params["train"]["max_steps"] = 30
+    capsys.readouterr()
+    assert train.run(params, encoded_cache, **out)["resumed_from_step"] == 20
+    assert "resuming from" in capsys.readouterr().out
+    # the resume_from folder is another run's, but it was asked for: never discarded
+    assert earlier.is_dir()
+
+
 @pytest.mark.parametrize("change, message", [
     ({"lora": {"rank": 0}}, "lora.rank"),
     ({"lora": {"targets": ["to_q", "not_a_layer"]}}, "unknown module(s) not_a_layer"),
@@ -161,6 +203,68 @@ def test_bad_params_stop_with_one_line(demo_params, encoded_cache, tmp_path, cha
 def test_empty_or_missing_cache_is_refused(demo_params, tmp_path):
     with pytest.raises(UserError, match="run the encode stage first"):
         train.run(demo_params, tmp_path / "nothing", **outputs(tmp_path))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "index.json").write_text(json.dumps({"base_model": "builtin:tiny-flux", "samples": [], "text": {}}))
+    with pytest.raises(UserError, match="is empty: no training images"):
+        train.run(demo_params, empty, **outputs(tmp_path))
+
+
+def _without(section: dict, key: str) -> dict:
+    section.pop(key)
+    return section
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda p: p["train"].update(lr_scheduler="cosine_annealing"), "train.lr_scheduler"),
+    (lambda p: _without(p["train"], "lr_scheduler"), "'train.lr_scheduler' is missing"),
+    (lambda p: _without(p["lora"], "rank"), "'lora.rank' is missing"),
+    (lambda p: p["lora"].update(targets="everything"), "lora.targets"),
+    (lambda p: p["lora"].update(init="orthogonal"), "lora.init"),
+    (lambda p: p["lora"].update(dropout=1.5), "lora.dropout"),
+    (lambda p: p["train"].update(optimizer="prodigy", learning_rate=1e-4), "train.learning_rate: 1.0"),
+    (lambda p: p["train"]["validation"].update(every=5, steps=0), "train.validation.steps"),
+    (lambda p: p["train"]["validation"].update(every=5, resolution=40), "train.validation.resolution"),
+    (lambda p: _without(p["train"]["validation"], "guidance_scale"), "'train.validation.guidance_scale' is missing"),
+    (lambda p: p["train"]["validation"].update(every=5, prompts=[]), "train.validation.prompts"),
+])
+def test_bad_params_are_refused_before_any_model_loads(demo_params, encoded_cache, tmp_path, monkeypatch,
+                                                       change, message):
+    monkeypatch.setattr(train, "resolve_pretrained", lambda *a, **k: pytest.fail("model resolved"))
+    demo_params["train"]["validation"]["every"] = 30  # on, as in the demo
+    change(demo_params)
+    with pytest.raises(UserError, match=message) as err:
+        train.run(demo_params, encoded_cache, **outputs(tmp_path))
+    assert "\n" not in str(err.value)
+    assert not any(tmp_path.iterdir())
+
+
+def test_run_hash_ignores_max_steps_only_under_a_constant_schedule(demo_params):
+    def run_hash(**changes):
+        params = copy.deepcopy(demo_params)
+        params["train"].update(changes)
+        return train.run_hash(params, "cache", 1)
+
+    assert demo_params["train"]["lr_scheduler"] == "constant_with_warmup"
+    assert run_hash(max_steps=10) == run_hash(max_steps=20)
+    assert run_hash(max_steps=10, lr_scheduler="cosine") != run_hash(max_steps=20, lr_scheduler="cosine")
+    # Recomputing activations does not change the maths: toggling it keeps the checkpoints.
+    assert run_hash(gradient_checkpointing=True) == run_hash(gradient_checkpointing=False)
+    assert run_hash(compile=True) != run_hash(compile=False)
+
+
+def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):
+    def save(step, run="a"):
+        staged = checkpoints.staging_folder(tmp_path, step)
+        staged.mkdir(parents=True)
+        return checkpoints.publish(tmp_path, step, {"run_hash": run, "step": step}, keep=1)
+
+    for step in (10, 20, 30):
+        save(step)
+    save(5, run="b")  # another run's checkpoint is not this run's to prune
+    # max_steps lowered below 30 (a constant schedule resumes): the new step-25 checkpoint stays
+    assert save(25).is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000005", "step-00000025", "step-00000030"]
 
 
 def test_bucket_batches_are_deterministic_and_single_bucket():

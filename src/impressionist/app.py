@@ -24,16 +24,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import UserError
+from .errors import UserError, first_line
+from .layout import LORA_DIR, LORA_WEIGHTS
 from .params import load_params
+from .prompts import with_trigger
 
 ENV_PREFIX = "IMPRESSIONIST_"
 ADAPTER = "impressionist"
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 # Used when params.yaml has no `app` section (or on a Space without params.yaml).
 APP_DEFAULTS: dict[str, Any] = {
     "base_model": "",           # "" = model.pretrained
-    "lora": "models/lora",      # a LoRA folder or a Hub repo id
+    "lora": LORA_DIR.as_posix(),  # a LoRA folder or a Hub repo id
     "dtype": "",                # "" = model.dtype on a GPU, float32 on the CPU
     "max_steps": 50,
     "max_resolution": 1024,
@@ -103,14 +104,21 @@ def load_settings(params: dict[str, Any] | None = None,
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = cfg["dtype"] or (model.get("dtype", "bfloat16") if device == "cuda" else "float32")
     trigger = str(_from_env("trigger", (params.get("caption") or {}).get("trigger", ""), environ))
-    prompts = [f"{trigger}, {p}" if trigger else p for p in sample.get("prompts") or []]
+    prompts = [with_trigger(trigger, p) for p in sample.get("prompts") or []]
     for key in ("max_steps", "max_resolution", "min_resolution", "max_prompt_chars", "concurrency_limit",
                 "max_queue_size"):
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
             raise UserError(f"app.{key}={cfg[key]!r} must be a positive integer")
-    if cfg["min_resolution"] > cfg["max_resolution"] or cfg["max_resolution"] % MULTIPLE:
-        raise UserError(f"app.max_resolution={cfg['max_resolution']} must be a multiple of {MULTIPLE} "
-                        f"and at least app.min_resolution={cfg['min_resolution']}")
+    for key in ("min_resolution", "max_resolution"):  # the sliders step by 16 from the minimum
+        if cfg[key] % MULTIPLE:
+            raise UserError(f"app.{key}={cfg[key]} must be a multiple of {MULTIPLE} (FLUX image sides)")
+    if cfg["min_resolution"] > cfg["max_resolution"]:
+        raise UserError(f"app.max_resolution={cfg['max_resolution']} must be at least "
+                        f"app.min_resolution={cfg['min_resolution']}")
+    for key in ("max_guidance", "max_lora_scale"):
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise UserError(f"app.{key}={value!r} must be a positive number")
     size = int(sample.get("resolution", cfg["max_resolution"]))
     size = min(max(size, cfg["min_resolution"]), cfg["max_resolution"]) // MULTIPLE * MULTIPLE
     return AppSettings(
@@ -181,7 +189,17 @@ class Generator:
         self.pipe = load_pipeline(folder, DTYPES[settings.dtype])
         self.pipe.to(torch.device(settings.device))
         self.pipe.set_progress_bar_config(disable=True)
-        self.pipe.load_lora_weights(settings.lora, weight_name=LORA_WEIGHTS, adapter_name=ADAPTER)
+        try:
+            self.pipe.load_lora_weights(settings.lora, weight_name=LORA_WEIGHTS, adapter_name=ADAPTER)
+        except (OSError, ValueError, RuntimeError) as err:
+            # OSError: no such file or Hub repo, unreadable safetensors, Hub HTTP errors (HfHubHTTPError
+            # is one); RuntimeError from load_state_dict: layers of another base model's shape.
+            if isinstance(err, RuntimeError) and "state_dict" not in str(err):
+                raise  # e.g. out of GPU memory: not a problem with the LoRA
+            raise UserError(f"cannot load the LoRA {settings.lora} into {settings.base_model} "
+                            f"({first_line(err, 160)}); set {ENV_PREFIX}LORA (or app.lora in params.yaml) "
+                            f"to a folder holding {LORA_WEIGHTS} trained on this base model, or the Hub repo id "
+                            "of one") from err
         self._lock = threading.Lock()
 
     def __call__(self, prompt: str, seed: int = 0, steps: int | None = None,
@@ -247,7 +265,7 @@ def build_demo(settings: AppSettings, generator: Generator | None = None):
             gr.Examples(examples=[[p] for p in s.examples], inputs=[prompt], label="example prompts")
         inputs = [prompt, seed, steps, guidance, lora_scale, width, height]
         run.click(generate, inputs, [base_image, lora_image], api_name="generate")
-        prompt.submit(generate, inputs, [base_image, lora_image], api_name=False)
+        prompt.submit(generate, inputs, [base_image, lora_image], api_visibility="private")
     demo.queue(default_concurrency_limit=s.concurrency_limit, max_size=s.max_queue_size)
     return demo
 

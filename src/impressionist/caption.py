@@ -22,16 +22,14 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from .errors import DEMO_HINT, UserError, atomic_dir, stage_main
+from .errors import DEMO_HINT, UserError, atomic_dir, first_line, stage_main
+from .layout import CAPTIONS, CAPTIONS_DIR, FILTERED_DIR, RAW_DIR
 from .params import load_params, require, require_positive, section
+from .tables import METADATA_FILE, read_table
+from .wikiart import UNKNOWN_ARTIST
 
-FILTERED_DIR = Path("data/filtered")
-RAW_DIR = Path("data/raw")
-CAPTIONS_DIR = Path("data/captions")
-CAPTIONS_FILE = "captions.parquet"
 TEMPLATE_FIELDS = ("trigger", "artist", "genre", "style")
-
-UNKNOWN_ARTIST = "Unknown Artist"
+FILTERED_COLUMNS = ("id", "split", "artist", "genre", "style")  # what captions are made from
 # Names whose hyphens are part of the name itself, or whose capitals are not word-initial; the
 # slug alone cannot say which hyphen separates words.
 ARTIST_DISPLAY_NAMES = {
@@ -116,7 +114,8 @@ def template_fields(template: str) -> list[str]:
     try:
         return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
     except ValueError as err:
-        raise UserError(f"params.yaml: caption.template {template!r} is not a valid format string ({err})") from err
+        raise UserError(f"params.yaml: caption.template {template!r} is not a valid format string "
+                        f"({first_line(err)})") from err
 
 
 def validate_template(template: Any) -> str:
@@ -169,26 +168,14 @@ def load_t5_tokenizer(model_cfg: dict):
     try:
         return AutoTokenizer.from_pretrained(str(location), subfolder="tokenizer_2", revision=revision)
     except Exception as err:
-        reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
-        raise UserError(f"cannot load the T5 tokenizer (tokenizer_2) of model.pretrained={pretrained} ({reason}); "
+        raise UserError(f"cannot load the T5 tokenizer (tokenizer_2) of model.pretrained={pretrained} "
+                        f"({first_line(err, 160)}); "
                         f"check the network and your Hugging Face token (the FLUX.1-dev licence must be accepted), "
                         f"or point model.pretrained at a local copy; {DEMO_HINT}") from err
 
 
 def read_filtered_metadata(filtered_dir: Path) -> pd.DataFrame:
-    path = filtered_dir / "metadata.parquet"
-    if not path.is_file():
-        raise UserError(f"{path} not found; run the filter stage first (`dvc repro filter`)")
-    try:
-        table = pd.read_parquet(path)
-    except Exception as err:
-        raise UserError(f"{path} is not a readable parquet table ({type(err).__name__}); rerun the filter stage") from err
-    missing = [c for c in ("id", "split", "artist", "genre", "style") if c not in table.columns]
-    if missing:
-        raise UserError(f"{path} lacks column(s) {', '.join(missing)}; rerun the filter stage")
-    if table.empty:
-        raise UserError(f"{path} lists no images; rerun the filter stage")
-    return table
+    return read_table(filtered_dir / METADATA_FILE, FILTERED_COLUMNS, "filter")
 
 
 def run(cfg: dict, model_cfg: dict, filtered_dir: Path | str = FILTERED_DIR, raw_dir: Path | str = RAW_DIR,
@@ -223,7 +210,7 @@ def run(cfg: dict, model_cfg: dict, filtered_dir: Path | str = FILTERED_DIR, raw
     })
 
     with atomic_dir(captions_dir) as out:
-        result.to_parquet(out / CAPTIONS_FILE, index=False)
+        result.to_parquet(out / CAPTIONS.name, index=False)
 
     n_sidecar = sources.count("sidecar")
     print(f"caption: {len(result)} captions ({len(result) - n_sidecar} from the template, {n_sidecar} from sidecar "

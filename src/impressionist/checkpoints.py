@@ -4,7 +4,9 @@ Each checkpoint is an ``accelerator.save_state`` folder (LoRA weights, optimizer
 plus ``impressionist.json`` with the hash of every param that shapes training and the loss history.
 A run resumes only from a checkpoint with its own hash; others are discarded with a log line, so
 ``dvc exp run -S lora.rank=32`` never continues a rank-16 run, while raising ``train.max_steps``
-does continue. Folders appear by rename, so a kill during a save leaves no half checkpoint.
+continues when the learning-rate schedule is constant (a decaying schedule depends on
+``max_steps``, so it is part of the hash then). Folders appear by rename, so a kill during a save
+leaves no half checkpoint.
 """
 
 from __future__ import annotations
@@ -38,16 +40,21 @@ def list_checkpoints(root: Path) -> list[tuple[Path, dict[str, Any] | None]]:
     return sorted(found, key=lambda item: item[0].name)
 
 
-def select_resume(root: Path, run_hash: str, max_steps: int, log=print) -> tuple[Path, dict] | None:
-    """Newest checkpoint of this run at or below ``max_steps``; discards other runs' checkpoints.
+def select_resume(root: Path, run_hash: str, max_steps: int, log=print,
+                  protect: Path | None = None) -> tuple[Path, dict] | None:
+    """Newest checkpoint of this run at or below ``max_steps``; discards other runs' checkpoints
+    (except ``protect``: the ``train.resume_from`` folder, which may lie in ``root``).
 
     Also removes temporary folders left by a save that was killed midway.
     """
     if root.is_dir():
         for leftover in root.glob(f".{PREFIX}*"):
             shutil.rmtree(leftover, ignore_errors=True)
+    protected = Path(protect).resolve() if protect else None
     best = None
     for folder, meta in list_checkpoints(root):
+        if protected is not None and folder.resolve() == protected:
+            continue
         if meta is None or meta.get("run_hash") != run_hash:
             reason = "unreadable metadata" if meta is None else (
                 f"params hash {meta.get('run_hash')} != {run_hash}")
@@ -63,13 +70,19 @@ def staging_folder(root: Path, step: int) -> Path:
 
 
 def publish(root: Path, step: int, meta: dict[str, Any], keep: int) -> Path:
-    """Write metadata into the staged save, rename it into place, keep the newest ``keep``."""
+    """Write metadata into the staged save, rename it into place, keep the newest ``keep`` of this
+    run at or below ``step``.
+
+    Checkpoints of this run beyond ``step`` (left when ``train.max_steps`` was lowered) are not
+    counted, so the checkpoint just written is never the one pruned.
+    """
     staged, final = staging_folder(root, step), root / checkpoint_name(step)
     (staged / META).write_text(json.dumps(meta, indent=1))
     if final.exists():
         shutil.rmtree(final)
     os.replace(staged, final)
-    same_run = [p for p, m in list_checkpoints(root) if m and m.get("run_hash") == meta["run_hash"]]
+    same_run = [p for p, m in list_checkpoints(root)
+                if m and m.get("run_hash") == meta["run_hash"] and m.get("step", step + 1) <= step]
     for old in same_run[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -95,8 +95,11 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("publish", add_help=False, help="upload the LoRA and model card to the Hub")
     commands.add_parser("report", add_help=False,
                         help="write the pull-request report (metrics/params diff, grid, verdicts)")
+    # Stage commands parse their own options (the rest); the demo has none beyond its own.
     args, rest = parser.parse_known_args(argv)
     if args.command == "demo":
+        if rest:
+            demo.error(f"unrecognized arguments: {' '.join(rest)}")
         sys.exit(run_demo(args.name, args.dry_run))
     importlib.import_module(COMMANDS[args.command]).main(rest)
 

@@ -14,6 +14,11 @@ project folder on Google Drive instead (:class:`DriveLayout`):
   ``dvc.lock`` is what tells DVC that a stage has finished; the run-cache cannot replace it, since
   DVC keeps no run-cache for stages with ``persist`` outs (download and train).
 - ``logs/``: the full output of every run (the notebook's own output is lost with the runtime).
+- ``recipe.json``: the recipe the first run chose for its GPU (:func:`keep_first_recipe`). A runtime
+  after a disconnect may get another GPU; choosing afresh would change params that shape training
+  (``model.dtype``, ``train.base_quantization``, ``train.optimizer``, ``train.mixed_precision``) and
+  silently start training over, so later runs keep the first recipe's training params (memory
+  settings follow the GPU at hand) or stop with one line when this GPU cannot run them.
 
 The run writes the overrides into ``params.yaml`` exactly as ``dvc exp run -S`` would, then runs
 ``dvc repro --pull --allow-missing``: a finished stage whose outputs are only in the cache is skipped
@@ -30,12 +35,14 @@ thousands of small files in one folder (``data/raw/images``), git and DVC would 
 index files on it, and every output would be stored twice on Drive (workspace and cache).
 
 Choices are functions, so they are tested: :func:`gpu_overrides` (which recipe for which GPU),
-:class:`DriveLayout` (where things go on Drive), :func:`repro_command`, :func:`state_paths`.
+:func:`keep_first_recipe`, :class:`DriveLayout` (where things go on Drive), :func:`repro_command`,
+:func:`state_paths`.
 
 Local test mode: ``IMPRESSIONIST_COLAB_LOCAL=/some/folder`` makes that folder stand in for Google
 Drive, skips the Hub login (no token) and the package installs, so the notebook runs headless
 on CPU (``tests/test_colab.py``). ``IMPRESSIONIST_REPO=/path/to/checkout`` makes the notebook use
-an existing checkout instead of cloning.
+an existing checkout instead of cloning (its first cell reads it, before this package can be
+imported).
 """
 
 from __future__ import annotations
@@ -58,10 +65,12 @@ from typing import Any, Callable, Iterable
 import yaml
 
 from .cli import apply_overrides, demo_overrides, hydra_value
-from .errors import UserError
+from .dvc_cli import dvc_environment, dvc_executable, run_dvc
+from .errors import UserError, atomic_write_bytes, atomic_write_text, first_line
+from .hub import is_hub_id
+from .layout import SAMPLE_GRID
 
 ENV_LOCAL = "IMPRESSIONIST_COLAB_LOCAL"  # a folder standing in for Drive: local test mode
-ENV_REPO = "IMPRESSIONIST_REPO"          # an existing checkout: the notebook does not clone
 DRIVE_MOUNT = Path("/content/drive")
 DRIVE_HOME = DRIVE_MOUNT / "MyDrive"
 DEFAULT_PROJECT = "impressionist"
@@ -132,6 +141,11 @@ class DriveLayout:
     def logs(self) -> Path:
         return self.root / "logs"
 
+    @property
+    def recipe(self) -> Path:
+        """The first run's recipe (:func:`keep_first_recipe`); beside ``state/``, which mirrors repo files."""
+        return self.root / "recipe.json"
+
     def create(self) -> "DriveLayout":
         for folder in (self.dvc_cache, self.checkpoints, self.state, self.logs):
             folder.mkdir(parents=True, exist_ok=True)
@@ -181,7 +195,7 @@ def login(env: Environment, model: str | None = None, *, token: str | None = Non
         raise UserError(f"the Hugging Face Hub refused this token or cannot be reached "
                         f"({type(err).__name__}); create a read token at "
                         "https://huggingface.co/settings/tokens") from None
-    if model and _is_hub_id(model):
+    if model and is_hub_id(model):
         try:
             api.auth_check(model, token=token)
         except (GatedRepoError, RepositoryNotFoundError) as err:
@@ -201,10 +215,6 @@ def _colab_secret(name: str) -> str | None:
         return userdata.get(name)
     except Exception:  # no secret, access not granted, or not on Colab: fall back to the prompt
         return None
-
-
-def _is_hub_id(name: str) -> bool:
-    return not name.startswith("builtin:") and not Path(name).expanduser().exists() and name.count("/") == 1
 
 
 # --------------------------------------------------------------------------- GPU -> recipe
@@ -243,29 +253,48 @@ def has_bf16(name: str, capability: tuple[int, int] | None = None) -> bool:
     return not any(re.search(rf"\b{tag}\b", name, re.IGNORECASE) for tag in NO_BF16_NAMES)
 
 
-def gpu_overrides(name: str, memory_gib: float,
-                  capability: tuple[int, int] | None = None) -> dict[str, Any]:
-    """The params overrides for training FLUX.1-dev on one GPU of this name and memory (GiB).
+# The overrides that shape what training learns (the trainer hashes them into its checkpoints'
+# run hash): a rerun on another GPU must keep the first run's, or training starts over. The others
+# (memory_overrides) only trade memory for speed and follow the GPU at hand.
+TRAINING_KEYS = ("model.device", "model.dtype", "train.mixed_precision", "train.base_quantization",
+                 "train.optimizer")
 
-    >= 70 GiB: bf16 base, no gradient checkpointing; 35-70: bf16 + checkpointing; 14-35 (L4, T4):
-    NF4 base (QLoRA) + checkpointing + 8-bit AdamW; fp16 where the GPU has no bf16.
-    """
-    if memory_gib < MIN_GIB:
-        raise UserError(f"the GPU {name} has {memory_gib:.1f} GiB; training FLUX.1-dev needs at least "
-                        f"{MIN_GIB:.0f} GiB (a T4 or better): pick another runtime type")
-    bf16 = has_bf16(name, capability)
-    quantized = memory_gib < BF16_GIB
+
+def training_overrides(bf16: bool, quantized: bool) -> dict[str, Any]:
+    """The GPU recipe's params that shape training (:data:`TRAINING_KEYS`)."""
     return {
         "model.device": "cuda",
         "model.dtype": "bfloat16" if bf16 else "float16",
         "train.mixed_precision": "bf16" if bf16 else "fp16",
         "train.base_quantization": "nf4" if quantized else "none",
-        "train.gradient_checkpointing": memory_gib < LARGE_GIB,
         "train.optimizer": "adamw8bit" if quantized else "adamw",
+    }
+
+
+def memory_overrides(memory_gib: float, quantized: bool) -> dict[str, Any]:
+    """The GPU recipe's memory and speed settings for a GPU of ``memory_gib`` GiB."""
+    return {
+        "train.gradient_checkpointing": memory_gib < LARGE_GIB,
         "train.checkpoint_every": CHECKPOINT_EVERY_NF4 if quantized else CHECKPOINT_EVERY_BF16,
         "sample.offload": ("none" if memory_gib >= SAMPLE_ON_GPU_GIB else
                            "model" if memory_gib >= SAMPLE_MIN_GIB else "sequential"),
     }
+
+
+def gpu_overrides(name: str, memory_gib: float,
+                  capability: tuple[int, int] | None = None) -> dict[str, Any]:
+    """The params overrides for training FLUX.1-dev on one GPU of this name and memory (GiB).
+
+    Training: >= 70 GiB: bf16 base, no gradient checkpointing; 35-70: bf16 + checkpointing; 14-35
+    (L4, T4, V100 32 GB): NF4 base (QLoRA) + checkpointing + 8-bit AdamW; fp16 where the GPU has no
+    bf16. Sampling (``sample.offload``): >= 70 GiB none; 26-70 model; below 26 sequential.
+    """
+    if memory_gib < MIN_GIB:
+        raise UserError(f"the GPU {name} has {memory_gib:.1f} GiB; training FLUX.1-dev needs at least "
+                        f"{MIN_GIB:.0f} GiB (a T4 or better): pick another runtime type")
+    quantized = memory_gib < BF16_GIB
+    return {**training_overrides(has_bf16(name, capability), quantized),
+            **memory_overrides(memory_gib, quantized)}
 
 
 @dataclass(frozen=True)
@@ -273,6 +302,8 @@ class Recipe:
     name: str
     overrides: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    gpu: Gpu | None = None  # the GPU it was chosen for (None: no GPU)
+    demo: bool = False      # the offline demo (configs/demo.yaml) rather than a GPU recipe
 
     def describe(self) -> str:
         lines = [f"recipe: {self.name}"] + [f"  {k} = {v}" for k, v in self.overrides.items()]
@@ -289,10 +320,18 @@ def choose_recipe(gpu: Gpu | None, demo: dict[str, Any], *, profile: str = "auto
         return Recipe("offline demo (configs/demo.yaml)", dict(demo), [
             f"{why}: the tiny random-weight Flux model on SYNTHETIC images, on CPU; its metrics say "
             "nothing about real paintings. For the real run pick a GPU runtime (Runtime > Change "
-            "runtime type)."])
+            "runtime type)."], gpu=gpu, demo=True)
     overrides = gpu_overrides(gpu.name, gpu.memory_gib, gpu.capability)
-    kind = ("NF4 base (QLoRA) + 8-bit AdamW" if overrides["train.base_quantization"] == "nf4"
+    return Recipe(f"{gpu.name} ({gpu.memory_gib:.0f} GiB): {_training_kind(overrides)}", overrides,
+                  _sampling_notes(overrides, gpu, ram_gib), gpu=gpu)
+
+
+def _training_kind(overrides: dict[str, Any]) -> str:
+    return ("NF4 base (QLoRA) + 8-bit AdamW" if overrides["train.base_quantization"] == "nf4"
             else "bf16 base" if overrides["model.dtype"] == "bfloat16" else "fp16 base")
+
+
+def _sampling_notes(overrides: dict[str, Any], gpu: Gpu, ram_gib: float | None) -> list[str]:
     notes = []
     if overrides["sample.offload"] == "sequential":
         notes.append(f"the 16-bit FLUX.1-dev transformer (23.8 GB) does not fit this GPU's "
@@ -301,7 +340,60 @@ def choose_recipe(gpu: Gpu | None, demo: dict[str, Any], *, profile: str = "auto
     if overrides["sample.offload"] != "none" and ram_gib is not None and ram_gib < OFFLOAD_RAM_GIB:
         notes.append(f"sampling with model offload holds the pipeline (~34 GB) in system RAM but this "
                      f"runtime has {ram_gib:.0f} GiB: enable High-RAM (Runtime > Change runtime type)")
-    return Recipe(f"{gpu.name} ({gpu.memory_gib:.0f} GiB): {kind}", overrides, notes)
+    return notes
+
+
+def keep_first_recipe(path: Path | str, recipe: Recipe, ram_gib: float | None = None) -> Recipe:
+    """The recipe for this run of a Drive project whose first run chose ``path``'s recipe.
+
+    The first run saves its recipe to ``path``. A later run on a runtime that chose ``recipe`` (it
+    may have another GPU, or none) keeps the first recipe's training params (:data:`TRAINING_KEYS`,
+    which the trainer's run hash covers: another value would start training over) with memory
+    settings for its own GPU, or stops with one line saying how to reset when it cannot run them.
+    """
+    path = Path(path)
+    reset = (f"or start over with this runtime's recipe: delete {path} (training restarts from step 0) "
+             "or set PROJECT to a new folder")
+    if not path.is_file():
+        record = {"name": recipe.name, "demo": recipe.demo, "gpu": recipe.gpu.name if recipe.gpu else None,
+                  "training": {} if recipe.demo else {k: recipe.overrides[k] for k in TRAINING_KEYS}}
+        atomic_write_text(path, json.dumps(record, indent=1) + "\n")
+        return recipe
+    try:
+        first = json.loads(path.read_text())
+        name, was_demo, training = str(first["name"]), bool(first["demo"]), dict(first["training"])
+        if not was_demo and set(training) != set(TRAINING_KEYS):
+            raise ValueError(f"training params {sorted(training)}")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{path} is not a recipe this notebook wrote ({first_line(err, 120)}); delete it to "
+                        "choose the recipe afresh (training restarts from step 0)") from err
+    if was_demo or recipe.demo:
+        if was_demo and recipe.demo:
+            return recipe
+        now = ("the offline demo (" + ("PROFILE='demo')" if recipe.gpu else "no GPU in this runtime)")
+               if recipe.demo else f"a {recipe.gpu.name}")
+        raise UserError(f"this PROJECT's first run used the recipe {name!r} but this runtime gets {now}; "
+                        f"run it on a runtime like the first one (Runtime > Change runtime type), {reset}")
+    if {k: recipe.overrides[k] for k in TRAINING_KEYS} == training:
+        return recipe
+    gpu = recipe.gpu
+    quantized = training["train.base_quantization"] != "none"
+    lacks = []
+    if training["model.dtype"] == "bfloat16" and not has_bf16(gpu.name, gpu.capability):
+        lacks.append("bf16")
+    if gpu.memory_gib < (MIN_GIB if quantized else BF16_GIB):
+        lacks.append(f"{MIN_GIB if quantized else BF16_GIB:.0f} GiB")
+    if lacks:
+        raise UserError(f"this PROJECT trains with the recipe of its first run ({name}), which needs "
+                        f"{' and '.join(lacks)} that this runtime's {gpu.name} ({gpu.memory_gib:.0f} GiB) "
+                        f"lacks; another recipe would restart training. Pick a runtime with a GPU like the "
+                        f"first one (Runtime > Change runtime type), {reset}")
+    overrides = {**training, **memory_overrides(gpu.memory_gib, quantized)}
+    notes = _sampling_notes(overrides, gpu, ram_gib) + [
+        f"kept the training params of this PROJECT's first run ({name}) so that training resumes; "
+        f"memory settings for this {gpu.name}"]
+    return Recipe(f"{gpu.name} ({gpu.memory_gib:.0f} GiB): {_training_kind(overrides)}, as the first run",
+                  overrides, notes, gpu=gpu)
 
 
 def detect_gpu(environ: dict[str, str] | None = None, runner=subprocess.run) -> Gpu | None:
@@ -345,10 +437,15 @@ def system_ram_gib(meminfo: Path = Path("/proc/meminfo")) -> float | None:
     return int(match.group(1)) / 2**20 if match else None
 
 
-def select_recipe(repo: Path | str, profile: str = "auto") -> Recipe:
-    """The recipe for this runtime: detect the GPU and RAM, read the demo overrides from the repo."""
-    return choose_recipe(detect_gpu(), demo_overrides(Path(repo) / "configs/demo.yaml"),
-                         profile=profile, ram_gib=system_ram_gib())
+def select_recipe(repo: Path | str, profile: str = "auto", layout: DriveLayout | None = None) -> Recipe:
+    """The recipe for this runtime: detect the GPU and RAM, read the demo overrides from the repo.
+
+    With ``layout``, the Drive project's first recipe is kept (:func:`keep_first_recipe`).
+    """
+    ram_gib = system_ram_gib()
+    recipe = choose_recipe(detect_gpu(), demo_overrides(Path(repo) / "configs/demo.yaml"),
+                           profile=profile, ram_gib=ram_gib)
+    return recipe if layout is None else keep_first_recipe(layout.recipe, recipe, ram_gib)
 
 
 # --------------------------------------------------------------------------- the working copy
@@ -382,10 +479,7 @@ def _files_under(root: Path, rel: str) -> dict[str, Path]:
 
 
 def _copy_atomic(source: Path, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.partial")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, dest)
+    atomic_write_bytes(dest, source.read_bytes())  # the outs mirrored are small: metrics, plots, logs
 
 
 class StateMirror:
@@ -453,7 +547,7 @@ class StateMirror:
         try:
             self.sync()
         except OSError as err:  # a Drive hiccup must not stop training; the next pass retries
-            self.errors.append(f"{type(err).__name__}: {err}")
+            self.errors.append(f"{type(err).__name__}: {first_line(err)}")
 
     def __enter__(self) -> "StateMirror":
         self._thread = threading.Thread(target=self._loop, name="drive-state-mirror", daemon=True)
@@ -524,14 +618,6 @@ def drop_incomplete_checkpoints(folder: Path | str, log: Callable[[str], None] =
     return removed
 
 
-def _dvc(repo: Path, *args: str) -> None:
-    result = subprocess.run([_dvc_executable(), *args], cwd=repo, env=run_environment(repo),
-                            capture_output=True, text=True)
-    if result.returncode:
-        last = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["(no output)"]
-        raise UserError(f"`dvc {' '.join(args)}` failed in {repo}: {last[0]}")
-
-
 def prepare(repo: Path | str, layout: DriveLayout) -> None:
     """Point the working copy at Drive: DVC cache, checkpoint folder, and (in a fresh clone) the
     dvc.lock and uncached outs of the last session."""
@@ -541,8 +627,8 @@ def prepare(repo: Path | str, layout: DriveLayout) -> None:
     layout.create()
     # --local: .dvc/config.local is git-ignored, so the committed config stays as it is. Workspace
     # (local disk) and cache (Drive) are on different filesystems: copy is the only link type.
-    _dvc(repo, "cache", "dir", "--local", str(layout.dvc_cache))
-    _dvc(repo, "config", "--local", "cache.type", "copy")
+    run_dvc(repo, "cache", "dir", "--local", str(layout.dvc_cache), env=run_environment(repo))
+    run_dvc(repo, "config", "--local", "cache.type", "copy", env=run_environment(repo))
     drop_incomplete_checkpoints(layout.checkpoints)
     link_checkpoints(repo, layout.checkpoints)
 
@@ -597,17 +683,11 @@ def apply_params(repo: Path | str, overrides: dict[str, Any]) -> None:
 
 
 def run_environment(repo: Path | str) -> dict[str, str]:
-    env = dict(os.environ, DVC_NO_ANALYTICS="1", PYTHONUNBUFFERED="1")
-    # Stage commands call `python` and import `impressionist`: the interpreter of this kernel, and
-    # the checkout's own code (the one DVC hashes as deps), whatever else is installed.
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(Path(repo).resolve() / "src"),
-                                                    env.get("PYTHONPATH", "")] if p)
-    return env
-
-
-def _dvc_executable() -> str:
-    return shutil.which("dvc", path=run_environment(".")["PATH"]) or "dvc"
+    # Stage commands call `python` and import `impressionist`: the interpreter of this kernel (first
+    # on PATH), and the checkout's own code (the one DVC hashes as deps), whatever else is installed.
+    pythonpath = os.pathsep.join(p for p in [str(Path(repo).resolve() / "src"), os.environ.get("PYTHONPATH", "")]
+                                 if p)
+    return dvc_environment(PYTHONUNBUFFERED="1", PYTHONPATH=pythonpath)
 
 
 def run(repo: Path | str, layout: DriveLayout, overrides: dict[str, Any], *,
@@ -622,13 +702,14 @@ def run(repo: Path | str, layout: DriveLayout, overrides: dict[str, Any], *,
     out = out or sys.stdout
     apply_params(repo, overrides)
     command = repro_command()
+    dvc = dvc_executable()  # before any output: no dvc is one line, not a traceback
     log_path = layout.logs / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"
     layout.logs.mkdir(parents=True, exist_ok=True)
     _say(f"params.yaml: {len(overrides)} overrides set; {' '.join(command)}; full log: {log_path}")
     mirror = StateMirror(repo, layout.state, state_paths(repo / "dvc.yaml"), mirror_interval)
     with mirror, open(log_path, "ab") as log:
         # Its own process group: a stop reaches dvc and the stage it runs, and nothing else.
-        process = subprocess.Popen([_dvc_executable(), *command[1:]], cwd=repo,
+        process = subprocess.Popen([dvc, *command[1:]], cwd=repo,
                                    env=run_environment(repo), stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -684,7 +765,7 @@ def _stop(process: subprocess.Popen, grace: float = 30.0) -> None:
 
 # --------------------------------------------------------------------------- results, errors
 
-RESULT_FILES = ("plots/samples_grid.png", "metrics/eval.json", "metrics/train.json")
+RESULT_FILES = (SAMPLE_GRID.as_posix(), "metrics/eval.json", "metrics/train.json")
 
 
 def show_results(repo: Path | str) -> dict[str, Any]:
@@ -700,7 +781,7 @@ def show_results(repo: Path | str) -> dict[str, Any]:
     except ImportError:
         display = None
     if display:
-        display(Image(filename=str(repo / "plots/samples_grid.png")))
+        display(Image(filename=str(repo / SAMPLE_GRID)))
     for name, values in metrics.items():
         print(f"{name}:\n{json.dumps(values, indent=1)}")
     return metrics

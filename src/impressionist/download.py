@@ -22,12 +22,17 @@ columns image, artist, genre and style, filtered by ``download.style`` and ``dow
 
 Writes ``data/raw/images/<id>.<ext>`` (the original bytes, never re-encoded) and
 ``data/raw/metadata.parquet`` (see docs/layout.md). ``id`` is the first 16 hex digits of the
-image's sha256, so exact duplicates collapse to one file.
+image's sha256, so exact duplicates collapse to one file. A Hub dataset is read at
+``download.revision`` (a branch, tag or commit; "main" by default), resolved once to its commit,
+which the ``revision`` column records: a rerun of the same params reads the same rows, and the
+table says which version of the dataset it came from.
 
 Resumable: images appear one by one (temp file + rename) and the kept rows plus the stream
 position are recorded under ``data/raw/.partial/``. A rerun after an interruption continues from
 there. ``metadata.parquet`` is written last, as the completion marker, and ``.partial`` is
-removed then. (``atomic_dir`` would throw the partial work away, so it is not used here.)
+removed then. (``atomic_dir`` would throw the partial work away, so it is not used here.) Only
+reading the source is retried after a transient error; a failed write to ``data/raw`` (disk full,
+permissions) stops at once with one line.
 """
 
 from __future__ import annotations
@@ -38,7 +43,6 @@ import glob
 import hashlib
 import io
 import json
-import os
 import posixpath
 import re
 import shutil
@@ -54,16 +58,17 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from .errors import DEMO_HINT, UserError, atomic_write_bytes, atomic_write_text, stage_main
-from .params import fingerprint, load_params, require, require_positive, section
-from .wikiart import HUB_DATASET
+from .errors import DEMO_HINT, UserError, atomic_write_bytes, atomic_write_text, first_line, stage_main
+from .hub import hub_offline
+from .layout import RAW_DIR
+from .params import fingerprint, load_params, require, require_int, require_positive, section
+from .tables import METADATA_FILE, RAW_COLUMNS
+from .wikiart import HUB_DATASET, UNKNOWN_ARTIST, UNKNOWN_GENRE
 
-RAW_DIR = Path("data/raw")
 SYNTHETIC = "synthetic"
-METADATA_FILE = "metadata.parquet"
 PARTIAL_DIR = ".partial"
-REQUIRED_COLUMNS = ("image", "artist", "genre", "style")
-METADATA_COLUMNS = ["id", "file", "artist", "genre", "style", "width", "height", "sha256", "source"]
+REQUIRED_COLUMNS = ("image", "artist", "genre", "style")  # of the source (huggan/wikiart's schema)
+DEFAULT_REVISION = "main"
 
 # A plain folder of images (the "imagefolder" source).
 FOLDER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
@@ -71,8 +76,6 @@ FOLDER_METADATA_FILES = ("metadata.csv", "metadata.jsonl", "metadata.json")
 FOLDER_LABEL_COLUMNS = ("artist", "genre", "style")
 FOLDER_METADATA_EXPECTED = ("expected a file_name column (each image's path relative to the folder) and optional "
                             "artist, genre and style columns of text")
-UNKNOWN_ARTIST = "Unknown Artist"
-UNKNOWN_GENRE = "Unknown Genre"  # also a genre class of huggan/wikiart
 CAPTION_SUFFIX = ".txt"  # kohya sidecar caption, <stem>.txt next to the image
 
 
@@ -143,6 +146,7 @@ class Source:
     name: str                       # as written in params (recorded in metadata's `source` column)
     data_files: list[str] = field(default_factory=list)
     folder: FolderIndex | None = None  # only for "imagefolder"
+    revision: str = ""              # only for "hub": the dataset commit read (metadata's `revision`)
 
 
 @dataclass
@@ -203,8 +207,8 @@ def read_folder_metadata(root: Path, images: list[Path]) -> tuple[Path | None, d
     try:
         records = _metadata_records(path)
     except (ValueError, OSError, UnicodeDecodeError) as err:  # pandas' parser errors are ValueErrors
-        reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
-        raise UserError(f"cannot read the metadata file {path} ({reason}); {FOLDER_METADATA_EXPECTED}") from err
+        raise UserError(f"cannot read the metadata file {path} ({first_line(err, 160)}); "
+                        f"{FOLDER_METADATA_EXPECTED}") from err
     if not records:
         raise UserError(f"the metadata file {path} has no rows; {FOLDER_METADATA_EXPECTED}, or delete it")
 
@@ -290,19 +294,24 @@ def resolve_source(source: str, default_style: str = "") -> Source:
     return Source("hub", source)
 
 
-def check_hub_reachable(dataset_id: str) -> None:
-    """Fail fast, with one line saying what to do, when the Hub dataset cannot be reached."""
-    from huggingface_hub import HfApi, constants
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+def check_hub_reachable(dataset_id: str, revision: str = DEFAULT_REVISION) -> str | None:
+    """Fail fast, with one line saying what to do, when the Hub dataset cannot be reached.
+
+    Returns the commit that ``revision`` (a branch, tag or commit) names now, when the Hub says.
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
     fix = (f"check the network and your Hugging Face token (`hf auth login`), or set download.source to a "
            f"local parquet mirror of {dataset_id}; {DEMO_HINT}")
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    if offline or getattr(constants, "HF_HUB_OFFLINE", False):
+    if hub_offline():
         raise UserError(f"download.source is the Hub dataset {dataset_id} but HF_HUB_OFFLINE is set; unset it "
                         f"and {fix}")
     try:
-        HfApi().dataset_info(dataset_id, timeout=HUB_CHECK_TIMEOUT_S)
+        info = HfApi().dataset_info(dataset_id, revision=revision, timeout=HUB_CHECK_TIMEOUT_S)
+    except RevisionNotFoundError as err:
+        raise UserError(f"the Hub dataset {dataset_id} has no revision {revision!r}; set download.revision to "
+                        f"one of its branches, tags or commits (default: {DEFAULT_REVISION})") from err
     except GatedRepoError as err:
         raise UserError(f"the Hub dataset {dataset_id} is gated: accept its terms on huggingface.co and log in "
                         f"(`hf auth login`), or {fix.split(', or ', 1)[1]}") from err
@@ -310,8 +319,9 @@ def check_hub_reachable(dataset_id: str) -> None:
         local_note = f"no local path named {dataset_id} exists either; " if "/" in dataset_id else ""
         raise UserError(f"the Hub has no dataset {dataset_id} (or it is private); {local_note}{fix}") from err
     except Exception as err:  # network errors come in many types (requests, httpx, OSError)
-        reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
-        raise UserError(f"cannot reach the Hugging Face Hub for {dataset_id} ({reason}); {fix}") from err
+        raise UserError(f"cannot reach the Hugging Face Hub for {dataset_id} ({first_line(err, 160)}); "
+                        f"{fix}") from err
+    return getattr(info, "sha", None)
 
 
 def open_stream(source: Source):
@@ -320,7 +330,8 @@ def open_stream(source: Source):
 
     try:
         if source.kind == "hub":
-            stream = datasets.load_dataset(source.name, split="train", streaming=True)
+            stream = datasets.load_dataset(source.name, split="train", streaming=True,
+                                           revision=source.revision or DEFAULT_REVISION)
         elif source.kind == "imagefolder":
             # The images only: the folder's metadata was read by resolve_source, and labels added
             # below, because ImageFolder would drop the images its metadata file does not list.
@@ -333,7 +344,7 @@ def open_stream(source: Source):
     except TRANSIENT_ERRORS:
         raise
     except Exception as err:
-        raise UserError(f"cannot read download.source {source.name}: {str(err).splitlines()[0][:200]}") from err
+        raise UserError(f"cannot read download.source {source.name}: {first_line(err, 200)}") from err
     if source.folder is not None:
         label = datasets.Value("string")
         stream = stream.cast_column("image", datasets.Image(decode=False)).map(
@@ -371,13 +382,15 @@ def validate_names(wanted: list[str], valid: list[str] | None, what: str, param:
 def image_header(data: bytes) -> tuple[str, int, int]:
     """Extension, width and height from the image header only (no pixel decoding).
 
-    Bytes PIL cannot identify are kept as ``.bin`` with size 0x0; the filter stage rejects them
-    with a recorded reason rather than the download silently dropping them.
+    Bytes PIL cannot identify, and images so large that PIL refuses them as a decompression bomb
+    (over twice ``Image.MAX_IMAGE_PIXELS``, about 179 megapixels), are kept as ``.bin`` with size
+    0x0; the filter stage rejects them with a recorded reason rather than the download silently
+    dropping them or stopping.
     """
     try:
         with Image.open(io.BytesIO(data)) as image:
             return EXTENSIONS.get(image.format, (image.format or "bin").lower()), image.width, image.height
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError):
         return "bin", 0, 0
 
 
@@ -419,7 +432,7 @@ class Progress:
             lines = self.rows_file.read_text().splitlines() if self.rows_file.is_file() else []
             rows = [json.loads(line) for line in lines if line.strip()]
         except (ValueError, OSError) as err:
-            print(f"download: discarding unfinished earlier download ({err})", file=sys.stderr)
+            print(f"download: discarding unfinished earlier download ({first_line(err)})", file=sys.stderr)
             shutil.rmtree(self.dir, ignore_errors=True)
             return False
         # Drop a row whose image vanished, and a torn last line (JSON error above covers garbage).
@@ -459,24 +472,38 @@ def _read_config(cfg: dict) -> dict:
     max_images = require_positive(cfg.get("max_images", 0), "download.max_images", allow_zero=True)
     if int(max_images) != max_images:
         raise UserError(f"params.yaml: download.max_images={max_images!r} must be a whole number")
-    seed = cfg.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise UserError(f"params.yaml: download.seed={seed!r} must be an integer")
+    seed = require_int(cfg.get("seed", 0), "download.seed")
+    revision = cfg.get("revision", DEFAULT_REVISION)
+    if not isinstance(revision, str) or not revision.strip():
+        raise UserError(f"params.yaml: download.revision={revision!r} must be a branch, tag or commit of the Hub "
+                        f"dataset (default: {DEFAULT_REVISION})")
     return {"source": str(source), "style": style, "artists": list(artists), "max_images": int(max_images),
-            "seed": seed}
+            "seed": seed, "revision": revision.strip()}
+
+
+@contextlib.contextmanager
+def _writing_to(raw_dir: Path):
+    """A failed write to data/raw (disk full, permissions) is one line, not a network failure."""
+    try:
+        yield
+    except OSError as err:
+        raise UserError(f"cannot write to {raw_dir} ({first_line(err, 160)}); free disk space or fix its "
+                        f"permissions, then rerun the stage: it resumes with the images kept so far") from err
 
 
 def run(cfg: dict, raw_dir: Path | str = RAW_DIR, *, retries: int = 5, backoff_s: float = 2.0) -> DownloadSummary:
     """Download the rows selected by the ``download`` params section into ``raw_dir``.
 
-    Transient read errors restart the stream from the last saved position, up to ``retries``
-    times in a row with exponential backoff (``backoff_s``, doubled each time); then one UserError.
+    Transient errors while reading the source restart the stream from the last saved position, up
+    to ``retries`` times in a row with exponential backoff (``backoff_s``, doubled each time); then
+    one UserError. Errors writing ``raw_dir`` are not retried.
     """
     config = _read_config(cfg)
     raw_dir = Path(raw_dir)
     source = resolve_source(config["source"], config["style"])
     if source.kind == "hub":
-        check_hub_reachable(source.name)
+        # Pin the commit once: every (re)opened stream of this run reads the same rows.
+        source.revision = check_hub_reachable(source.name, config["revision"]) or config["revision"]
 
     with contextlib.ExitStack() as cleanup:
         if source.kind == "synthetic":
@@ -491,8 +518,8 @@ def run(cfg: dict, raw_dir: Path | str = RAW_DIR, *, retries: int = 5, backoff_s
             try:
                 return open_stream(source)
             except TRANSIENT_ERRORS as err:
-                raise UserError(f"cannot open download.source {source.name}: {err}; check the network "
-                                f"or the files, then rerun") from err
+                raise UserError(f"cannot open download.source {source.name}: {first_line(err, 160)}; check the "
+                                f"network or the files, then rerun") from err
 
         # Open once before touching data/raw: a bad source or bad names must leave nothing behind.
         stream = fresh_stream()
@@ -508,24 +535,29 @@ def run(cfg: dict, raw_dir: Path | str = RAW_DIR, *, retries: int = 5, backoff_s
                        folder.names_note("artist") if folder else "")
 
         # Which rows qualify depends on these; max_images only says when to stop, so a resumed run
-        # may raise or lower it. The seed only matters for the synthetic source.
+        # may raise or lower it. The seed only matters for the synthetic source, the revision for
+        # the Hub, where the commit it resolved to counts: a moved branch is another dataset.
         key_parts = {k: v for k, v in config.items()
-                     if k != "max_images" and (k != "seed" or config["source"] == SYNTHETIC)}
+                     if k != "max_images" and (k != "seed" or config["source"] == SYNTHETIC)
+                     and (k != "revision" or source.kind == "hub")}
+        if source.kind == "hub":
+            key_parts["commit"] = source.revision
         if folder is not None and folder.metadata_file is not None:  # edited labels: start afresh
             key_parts["folder_metadata"] = hashlib.sha256(folder.metadata_file.read_bytes()).hexdigest()
         progress = Progress(raw_dir, fingerprint(key_parts))
-        (raw_dir / METADATA_FILE).unlink(missing_ok=True)  # the completion marker must not outlive a rerun
-        resumed = progress.load()
-        if config["max_images"]:
-            progress.rows = progress.rows[: config["max_images"]]
-        progress.start()
+        with _writing_to(raw_dir):
+            (raw_dir / METADATA_FILE).unlink(missing_ok=True)  # the completion marker must not outlive a rerun
+            resumed = progress.load()
+            if config["max_images"]:
+                progress.rows = progress.rows[: config["max_images"]]
+            progress.start()
+            images_dir = raw_dir / "images"
+            images_dir.mkdir(parents=True, exist_ok=True)
         resumed_from = len(progress.rows)
         if resumed:
             print(f"download: resuming an unfinished download with {resumed_from} images already kept",
                   file=sys.stderr)
 
-        images_dir = raw_dir / "images"
-        images_dir.mkdir(parents=True, exist_ok=True)
         kept_ids = {row["id"] for row in progress.rows}
         max_images = config["max_images"]
         skipped: Counter[str] = Counter()
@@ -538,9 +570,14 @@ def run(cfg: dict, raw_dir: Path | str = RAW_DIR, *, retries: int = 5, backoff_s
                 return "other artist"
             return None
 
-        def keep(example: dict) -> bool:
-            """Write the image (unless an interrupted run already did) and record the row."""
+        def read_source(example: dict) -> tuple[bytes, bytes | None]:
+            """The image's bytes and its sidecar caption's, if any: reads of the source."""
             data = image_bytes(example["image"])
+            caption = folder.caption(example["image"]["path"]) if folder is not None and data else None
+            return data, caption
+
+        def keep(example: dict, data: bytes, caption: bytes | None) -> bool:
+            """Write the image (unless an interrupted run already did) and record the row."""
             if not data:
                 skipped["no image bytes"] += 1
                 return False
@@ -554,28 +591,51 @@ def run(cfg: dict, raw_dir: Path | str = RAW_DIR, *, retries: int = 5, backoff_s
                 atomic_write_bytes(raw_dir / relative, data)
             # The images are renamed to <id>.<ext>, so a sidecar caption follows as <id>.txt, where
             # the caption stage looks for it. Written before the row is recorded, like the image.
-            caption = folder.caption(example["image"]["path"]) if folder is not None else None
             caption_file = f"images/{digest[:16]}{CAPTION_SUFFIX}" if caption is not None else None
             if caption is not None:
                 atomic_write_bytes(raw_dir / caption_file, caption)
             progress.add({"id": digest[:16], "file": relative, "artist": artist_name(example["artist"]),
                           "genre": genre_name(example["genre"]), "style": style_name(example["style"]),
                           "width": width, "height": height, "sha256": digest, "source": source.name,
+                          "revision": source.revision,
                           "caption_file": caption_file})  # not a metadata column; kept for the sweep below
             kept_ids.add(digest[:16])
             return True
 
         failures = 0
+        exhausted = False
         with tqdm(total=max_images or None, initial=len(progress.rows), unit="img", desc="download",
-                  disable=None) as bar:
-            while not (max_images and len(progress.rows) >= max_images):
+                  disable=None) as bar, _writing_to(raw_dir):
+            while not exhausted and not (max_images and len(progress.rows) >= max_images):
                 if progress.stream_state is not None:
                     stream.load_state_dict(progress.stream_state)
                 iterator = iter(stream)
                 try:
                     unsaved_rows = 0
-                    for example in iterator:
-                        reason = skip_reason(example)
+                    while True:
+                        # Only reading the source is retried; what follows writes data/raw.
+                        try:
+                            example = next(iterator, None)
+                            reason = None if example is None else skip_reason(example)
+                            data, caption = (read_source(example) if example is not None and reason is None
+                                             else (b"", None))
+                        except TRANSIENT_ERRORS as err:
+                            failures += 1
+                            if failures > retries:
+                                raise UserError(
+                                    f"reading download.source {source.name} failed {failures} times in a row "
+                                    f"({type(err).__name__}: {first_line(err, 160)}); the {len(progress.rows)} "
+                                    f"images kept so far stay in {raw_dir}, rerun the stage to resume") from err
+                            wait = backoff_s * 2 ** (failures - 1)
+                            print(f"download: {type(err).__name__}: {first_line(err, 160)}; retrying in "
+                                  f"{wait:.0f}s ({failures}/{retries})", file=sys.stderr)
+                            time.sleep(wait)
+                            stream = fresh_stream()
+                            break  # reopen, continuing from the last saved position
+                        if example is None:
+                            progress.save_state(stream.state_dict())
+                            exhausted = True
+                            break
                         if reason:
                             skipped[reason] += 1
                             unsaved_rows += 1
@@ -585,28 +645,13 @@ def run(cfg: dict, raw_dir: Path | str = RAW_DIR, *, retries: int = 5, backoff_s
                                 progress.save_state(stream.state_dict())
                                 unsaved_rows = 0
                             continue
-                        if keep(example):
+                        if keep(example, data, caption):
                             bar.update(1)
                             failures = 0  # progress: the retry budget is for errors in a row
                         progress.save_state(stream.state_dict())
                         unsaved_rows = 0
                         if max_images and len(progress.rows) >= max_images:
                             break
-                    else:
-                        progress.save_state(stream.state_dict())
-                        break  # the stream is exhausted
-                except TRANSIENT_ERRORS as err:
-                    failures += 1
-                    if failures > retries:
-                        raise UserError(
-                            f"reading download.source {source.name} failed {failures} times in a row "
-                            f"({type(err).__name__}: {str(err)[:160]}); the {len(progress.rows)} images kept so "
-                            f"far stay in {raw_dir}, rerun the stage to resume") from err
-                    wait = backoff_s * 2 ** (failures - 1)
-                    print(f"download: {type(err).__name__}: {str(err)[:160]}; retrying in {wait:.0f}s "
-                          f"({failures}/{retries})", file=sys.stderr)
-                    time.sleep(wait)
-                    stream = fresh_stream()
                 finally:
                     close = getattr(iterator, "close", None)
                     if close:  # end the parquet reader now rather than at interpreter exit
@@ -620,23 +665,25 @@ def run(cfg: dict, raw_dir: Path | str = RAW_DIR, *, retries: int = 5, backoff_s
         raise UserError(f"no images of style {config['style']}"
                         + (f" by {', '.join(config['artists'])}" if config["artists"] else "")
                         + f" in download.source {config['source']}; check download.style and download.artists")
-    table = pd.DataFrame(progress.rows, columns=METADATA_COLUMNS)
-    # Images left over from an earlier run with other params are not part of this download.
-    wanted = {raw_dir / name for name in table["file"]}
-    wanted |= {raw_dir / row["caption_file"] for row in progress.rows if row.get("caption_file")}
-    for stray in images_dir.iterdir():
-        if stray not in wanted:
-            stray.unlink()
-    buffer = io.BytesIO()
-    table.to_parquet(buffer, index=False)
-    atomic_write_bytes(raw_dir / METADATA_FILE, buffer.getvalue())  # last: marks the download complete
+    table = pd.DataFrame(progress.rows, columns=RAW_COLUMNS)
+    with _writing_to(raw_dir):
+        # Images left over from an earlier run with other params are not part of this download.
+        wanted = {raw_dir / name for name in table["file"]}
+        wanted |= {raw_dir / row["caption_file"] for row in progress.rows if row.get("caption_file")}
+        for stray in images_dir.iterdir():
+            if stray not in wanted:
+                stray.unlink()
+        buffer = io.BytesIO()
+        table.to_parquet(buffer, index=False)
+        atomic_write_bytes(raw_dir / METADATA_FILE, buffer.getvalue())  # last: marks the download complete
     progress.remove()
 
     per_artist = dict(Counter(table["artist"]).most_common())
     summary = DownloadSummary(len(table), per_artist, dict(skipped), resumed_from)
     artists_text = ", ".join(f"{name} {count}" for name, count in per_artist.items())
     skipped_text = ", ".join(f"{count} {why}" for why, count in sorted(skipped.items())) or "none"
-    print(f"download: kept {len(table)} images of {config['style']} from {config['source']} "
+    at = f" at {source.revision[:12]}" if source.revision else ""
+    print(f"download: kept {len(table)} images of {config['style']} from {config['source']}{at} "
           f"({artists_text}); skipped {skipped_text}")
     return summary
 

@@ -10,7 +10,6 @@ the text encoders are loaded, used and freed in turn, and shards are flushed as 
 from __future__ import annotations
 
 import argparse
-import gc
 import hashlib
 import json
 from collections import defaultdict
@@ -20,18 +19,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from diffusers.training_utils import free_memory
 from PIL import Image
 from tqdm import tqdm
 
-from .errors import UserError, atomic_dir, stage_main
+from .errors import UserError, atomic_dir, first_line, stage_main
 from .latent_cache import EMPTY_CAPTION_KEY, INDEX, ShardWriter
-from .models import (load_text_pipeline, load_vae, resolve_device, resolve_dtype,
-                     resolve_pretrained)
-from .params import fingerprint, load_params, require_positive, section
-
-FILTERED_DIR = Path("data/filtered")
-CAPTIONS = Path("data/captions/captions.parquet")
-CACHE_DIR = Path("data/cache")
+from .layout import CACHE_DIR, CAPTIONS, FILTERED_DIR
+from .models import encode_prompts, load_vae, resolve_device, resolve_dtype, resolve_pretrained
+from .params import (fingerprint, load_params, require, require_int, require_keys, require_multiple,
+                     require_positive, section)
 
 
 def aspect_buckets(resolution: int, min_aspect: float, max_aspect: float) -> list[tuple[int, int]]:
@@ -47,6 +44,16 @@ def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> t
     from diffusers.training_utils import find_nearest_bucket
 
     return buckets[find_nearest_bucket(height, width, buckets)]
+
+
+def load_image(path: Path) -> Image.Image:
+    """An RGB image of data/filtered; an unreadable file is one clear line, not a traceback."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise UserError(f"{path} cannot be read as an image ({first_line(err)}); re-run the filter stage "
+                        "(`dvc repro -f filter`)") from err
 
 
 def crop_to_bucket(image: Image.Image, bucket: tuple[int, int]) -> Image.Image:
@@ -70,14 +77,15 @@ def caption_key(caption: str) -> str:
 
 
 def _validate(cfg: dict[str, Any]) -> None:
-    resolution = require_positive(cfg["resolution"], "encode.resolution")
-    if resolution % 16:
-        raise UserError(f"encode.resolution={resolution} must be a multiple of 16 (FLUX packs "
-                        "2x2 latents of an 8x VAE)")
-    require_positive(cfg["batch_size"], "encode.batch_size")
-    require_positive(cfg["shard_size"], "encode.shard_size")
-    if not 0 < cfg["bucket_min_aspect"] <= 1 <= cfg["bucket_max_aspect"]:
-        raise UserError("encode.bucket_min_aspect must be in (0, 1] and bucket_max_aspect >= 1")
+    require_keys(cfg, ("resolution", "bucket_min_aspect", "bucket_max_aspect", "batch_size", "shard_size"),
+                 "encode")
+    require_multiple(cfg["resolution"], 16, "encode.resolution", "FLUX packs 2x2 latents of an 8x VAE")
+    require_int(cfg["batch_size"], "encode.batch_size", minimum=1)
+    require_int(cfg["shard_size"], "encode.shard_size", minimum=1)
+    low = require_positive(cfg["bucket_min_aspect"], "encode.bucket_min_aspect")
+    high = require_positive(cfg["bucket_max_aspect"], "encode.bucket_max_aspect")
+    if not low <= 1 <= high:
+        raise UserError("params.yaml: encode.bucket_min_aspect must be in (0, 1] and bucket_max_aspect >= 1")
 
 
 def _training_rows(filtered_dir: Path, captions_path: Path) -> pd.DataFrame:
@@ -108,14 +116,13 @@ def _encode_latents(rows: pd.DataFrame, filtered_dir: Path, cfg: dict[str, Any],
     shift, scale = vae.config.shift_factor, vae.config.scaling_factor
     writer = ShardWriter(out, "latents", cfg["shard_size"])
     samples = []
-    flips = (False, True) if cfg["flip"] else (False,)
+    flips = (False, True) if cfg.get("flip", False) else (False,)
     progress = tqdm(total=len(rows) * len(flips), desc="encode latents", unit="img")
     for bucket in sorted(by_bucket):
         indices = by_bucket[bucket]
         for start in range(0, len(indices), cfg["batch_size"]):
             batch = rows.loc[indices[start:start + cfg["batch_size"]]]
-            images = [crop_to_bucket(Image.open(filtered_dir / f).convert("RGB"), bucket)
-                      for f in batch["file"]]
+            images = [crop_to_bucket(load_image(filtered_dir / f), bucket) for f in batch["file"]]
             for flip in flips:
                 shown = [im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for im in images] if flip else images
                 pixels = to_pixels(shown).to(device=device, dtype=dtype)
@@ -131,41 +138,36 @@ def _encode_latents(rows: pd.DataFrame, filtered_dir: Path, cfg: dict[str, Any],
     progress.close()
     writer.flush()
     del vae
-    _free(device)
+    free_memory()  # the text encoders come next
     return samples
 
 
-@torch.no_grad()
 def _encode_texts(captions: list[str], cfg: dict[str, Any], max_sequence_length: int,
                   model_folder: str, dtype: torch.dtype, device: torch.device,
                   out: Path) -> dict[str, str]:
-    pipe = load_text_pipeline(model_folder, dtype).to(device)
     writer = ShardWriter(out, "text", cfg["shard_size"])
     keyed = {caption_key(c): c for c in captions}
     items = [(EMPTY_CAPTION_KEY, "")] + sorted(keyed.items())
-    for start in tqdm(range(0, len(items), cfg["batch_size"]), desc="encode captions"):
-        chunk = items[start:start + cfg["batch_size"]]
-        prompt_embeds, pooled, _ = pipe.encode_prompt(
-            prompt=[text for _, text in chunk], prompt_2=None, device=device,
-            max_sequence_length=max_sequence_length)
-        for (key, _), embeds, pool in zip(chunk, prompt_embeds, pooled):
-            writer.add(key, {"prompt_embeds": embeds, "pooled": pool})
+    batches = encode_prompts(model_folder, dtype, device, [text for _, text in items], max_sequence_length,
+                             batch_size=cfg["batch_size"])
+    done = 0
+    with tqdm(total=len(items), desc="encode captions") as progress:
+        for prompt_embeds, pooled in batches:  # written shard by shard as they come
+            chunk = items[done:done + len(prompt_embeds)]
+            for (key, _), embeds, pool in zip(chunk, prompt_embeds, pooled, strict=True):
+                writer.add(key, {"prompt_embeds": embeds, "pooled": pool})
+            done += len(chunk)
+            progress.update(len(chunk))
     writer.flush()
-    del pipe
-    _free(device)
     return writer.location
-
-
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def run(params: dict[str, Any], filtered_dir: Path = FILTERED_DIR, captions_path: Path = CAPTIONS,
         out_dir: Path = CACHE_DIR) -> dict[str, Any]:
     model_cfg, cfg = section(params, "model"), section(params, "encode")
-    max_sequence_length = section(params, "caption")["max_sequence_length"]
+    max_sequence_length = require_int(require(section(params, "caption"), "max_sequence_length", "caption"),
+                                      "caption.max_sequence_length", minimum=1)
+    require(model_cfg, "pretrained", "model")
     _validate(cfg)
     device, dtype = resolve_device(model_cfg), resolve_dtype(model_cfg)
     rows = _training_rows(Path(filtered_dir), Path(captions_path))

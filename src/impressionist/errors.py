@@ -48,10 +48,13 @@ def atomic_dir(final: Path | str) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces ``final``, on error it is removed.
 
     A crashed or refused stage therefore never leaves a half-written output that DVC or the next
-    stage could mistake for a finished one.
+    stage could mistake for a finished one. A process killed outright (SIGKILL, a lost VM) cannot
+    clean up, so temporary siblings of ``final`` found on entry are removed: only a killed earlier
+    run of the same writer leaves them (callers that may run concurrently serialise themselves).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(final)
     tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
@@ -62,6 +65,16 @@ def atomic_dir(final: Path | str) -> Iterator[Path]:
     if final.exists():
         shutil.rmtree(final) if final.is_dir() else final.unlink()
     os.replace(tmp, final)
+
+
+def _remove_leftovers(final: Path) -> None:
+    prefix = f".{final.name}.tmp-"
+    for leftover in final.parent.iterdir():
+        if leftover.name.startswith(prefix):
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:

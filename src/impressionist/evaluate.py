@@ -8,7 +8,8 @@ several ``lora_scale`` values, each scored separately) and the validation split 
 Metrics, per generated set (base, and each LoRA scale):
 
 * ``fid``, ``kid_mean``, ``kid_std``: torchmetrics FrechetInceptionDistance and
-  KernelInceptionDistance against the validation paintings. Real and generated images go through
+  KernelInceptionDistance against the validation paintings, both fed the same features: each image
+  goes through the feature network (Inception) once. Real and generated images go through
   the same :func:`prepare_images` (shorter side resized to ``evaluate.image_size`` with antialiased
   bicubic, centre crop, uint8). KID's subset size is ``min(kid_subset_size, n_real, n_fake)``
   (:func:`kid_subset_size`), its 100 subsets drawn from ``evaluate.seed``; the size used is
@@ -50,12 +51,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .errors import UserError, atomic_write_text, stage_main
-from .feature_nets import (
-    FID_FEATURE_CHOICES, INCEPTION, INCEPTION_WEIGHTS_FILE, check_clip_params, fid_feature_extractor,
-    load_clip,
-)
-from .params import load_params, require, require_choice, section
+from .errors import UserError, atomic_write_text, first_line, stage_main
+from .feature_nets import INCEPTION, check_clip_params, check_fid_params, fid_feature_extractor, load_clip
+from .layout import FILTERED_DIR, SAMPLES_DIR
+from .params import load_params, require, require_int, section
+from .tables import METADATA_FILE, read_table
 from .wikiart import STYLES
 
 METRICS = ("fid", "kid_mean", "kid_std", "clip_score", "style_score")
@@ -132,11 +132,27 @@ def kid_subset_size(requested: int, n_real: int, n_fake: int) -> int:
     return max(1, min(int(requested), int(n_real), int(n_fake)))
 
 
+class _Extracted(torch.nn.Module):
+    """The "feature network" torchmetrics is given: the features were already extracted.
+
+    FID and KID read the same features of the same images, so the feature network runs once per
+    image and hands its output to both metrics through this identity.
+    """
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features  # torchmetrics sizes its state from it (no dummy probe)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
 class FidKid:
     """FID and KID (torchmetrics) of several generated sets against one real set.
 
     Real features are extracted once (``reset_real_features=False``); :meth:`compute` scores the
-    generated images added since the last call and then forgets them.
+    generated images added since the last call and then forgets them. ``feature_net`` must have an
+    int ``num_features`` (as :func:`~impressionist.feature_nets.fid_feature_extractor`'s nets do).
     """
 
     def __init__(self, feature_net: torch.nn.Module, kid_subset_size: int = 1000, seed: int = 0,
@@ -144,14 +160,19 @@ class FidKid:
         from torchmetrics.image.fid import FrechetInceptionDistance
         from torchmetrics.image.kid import KernelInceptionDistance
 
+        num_features = getattr(feature_net, "num_features", None)
+        if not isinstance(num_features, int):
+            raise TypeError("FidKid needs a feature network with an int `num_features`")
         self.requested_subset_size = int(kid_subset_size)
         self.seed = int(seed)
         self.device = torch.device(device)
-        self.fid = FrechetInceptionDistance(feature=feature_net, reset_real_features=False).to(self.device)
+        self.feature_net = feature_net.to(self.device).eval()
+        extracted = _Extracted(num_features)
+        self.fid = FrechetInceptionDistance(feature=extracted, reset_real_features=False).to(self.device)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
             self.kid = KernelInceptionDistance(
-                feature=feature_net, subsets=KID_SUBSETS, subset_size=self.requested_subset_size,
+                feature=extracted, subsets=KID_SUBSETS, subset_size=self.requested_subset_size,
                 reset_real_features=False,
             ).to(self.device)
         self.n_real = 0
@@ -161,9 +182,9 @@ class FidKid:
     def _update(self, images: torch.Tensor, real: bool) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise TypeError("FidKid takes uint8 (N, 3, S, S) batches from prepare_images()")
-        images = images.to(self.device)
-        self.fid.update(images, real=real)
-        self.kid.update(images, real=real)
+        features = self.feature_net(images.to(self.device))
+        self.fid.update(features, real=real)
+        self.kid.update(features, real=real)
 
     def add_real(self, images: torch.Tensor) -> None:
         self._update(images, real=True)
@@ -276,29 +297,17 @@ class ImageSet:
 def check_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Validate the `evaluate` section; return it with defaults filled and types normalised."""
     out = dict(cfg)
-    out["fid_features"] = require_choice(require(cfg, "fid_features", "evaluate"), FID_FEATURE_CHOICES,
-                                         "evaluate.fid_features")
+    require(cfg, "fid_features", "evaluate")
+    out["fid_features"], out["inception_weights"] = check_fid_params(cfg)
     for key, minimum in (("image_size", 1), ("kid_subset_size", 2)):
-        value = require(cfg, key, "evaluate")
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise UserError(f"params.yaml: evaluate.{key}={value!r} must be an integer >= {minimum}")
-    seed = cfg.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise UserError(f"params.yaml: evaluate.seed={seed!r} must be an integer")
-    out["seed"] = seed
+        require_int(require(cfg, key, "evaluate"), f"evaluate.{key}", minimum=minimum)
+    out["seed"] = require_int(cfg.get("seed", 0), "evaluate.seed")
     for key in ("clip_model", "clip_pretrained"):
         value = require(cfg, key, "evaluate")
         if value is not None and not isinstance(value, str):
             raise UserError(f"params.yaml: evaluate.{key}={value!r} must be a string")
     if not (cfg.get("clip_model") or "").strip():
         raise UserError("params.yaml: evaluate.clip_model is empty")
-    weights = str(cfg.get("inception_weights") or "").strip()
-    out["inception_weights"] = weights
-    if out["fid_features"] == INCEPTION and weights and not Path(weights).expanduser().is_file():
-        raise UserError(
-            f"evaluate.inception_weights={weights!r} does not exist; point it at a local copy of "
-            f"{INCEPTION_WEIGHTS_FILE} or set it to \"\" to download it"
-        )
     check_clip_params(cfg["clip_model"], cfg.get("clip_pretrained"))
     return out
 
@@ -316,7 +325,7 @@ def read_samples(folder: Path | str) -> pd.DataFrame:
     except pd.errors.EmptyDataError:
         table = pd.DataFrame(columns=list(SAMPLES_COLUMNS))
     except Exception as err:
-        raise UserError(f"{csv} could not be read: {str(err).splitlines()[0]}") from err
+        raise UserError(f"{csv} could not be read: {first_line(err)}") from err
     missing = [c for c in SAMPLES_COLUMNS if c not in table.columns]
     if missing:
         raise UserError(f"{csv} lacks column(s) {', '.join(missing)}; re-run the sample stage")
@@ -337,27 +346,15 @@ def read_samples(folder: Path | str) -> pd.DataFrame:
 def read_validation_set(filtered_dir: Path | str) -> ImageSet:
     """The validation split of ``data/filtered`` (``split == "val"``), the real reference images."""
     filtered_dir = Path(filtered_dir)
-    meta = filtered_dir / "metadata.parquet"
-    if not meta.is_file():
-        raise UserError(f"{meta} not found; run the filter stage first (`dvc repro filter`)")
-    try:
-        table = pd.read_parquet(meta)
-    except Exception as err:
-        raise UserError(f"{meta} could not be read: {str(err).splitlines()[0]}") from err
-    if "split" not in table.columns:
-        raise UserError(f"{meta} has no 'split' column; re-run the filter stage")
+    meta = filtered_dir / METADATA_FILE
+    table = read_table(meta, ("file", "split"), "filter")
     val = table[table["split"] == "val"]
     if len(val) < MIN_IMAGES:
         raise UserError(
             f"{meta} has {len(val)} validation image(s); FID and KID need at least {MIN_IMAGES} real "
             f"images — raise filter.val_fraction (or download.max_images)"
         )
-    if "file" in val.columns:
-        paths = [filtered_dir / str(f) for f in val["file"]]
-    elif "id" in val.columns:
-        paths = [filtered_dir / "images" / f"{i}.png" for i in val["id"]]
-    else:
-        raise UserError(f"{meta} has neither a 'file' nor an 'id' column; re-run the filter stage")
+    paths = [filtered_dir / str(f) for f in val["file"]]
     absent = [p for p in paths if not p.is_file()]
     if absent:
         raise UserError(f"{len(absent)} validation image(s) missing under {filtered_dir} (first: {absent[0]}); "
@@ -397,7 +394,7 @@ def _load_rgb(path: Path) -> Image.Image:
         with Image.open(path) as img:
             return img.convert("RGB")
     except Exception as err:
-        raise UserError(f"{path} is not a readable image: {str(err).splitlines()[0]}") from err
+        raise UserError(f"{path} is not a readable image: {first_line(err)}") from err
 
 
 def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -504,8 +501,8 @@ def small_sample_note(metrics: Mapping[str, Any], few: int = FEW_IMAGES) -> str 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m impressionist.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml", help="params file (reads its `evaluate` section)")
-    parser.add_argument("--samples", default="samples", help="folder with base/ and lora/ sample folders")
-    parser.add_argument("--filtered", default="data/filtered", help="filter stage output (val split = real set)")
+    parser.add_argument("--samples", default=str(SAMPLES_DIR), help="folder with base/ and lora/ sample folders")
+    parser.add_argument("--filtered", default=str(FILTERED_DIR), help="filter stage output (val split = real set)")
     parser.add_argument("--metrics", default="metrics/eval.json", help="metrics JSON to write")
     parser.add_argument("--plots", default="plots", help="folder for eval_*.png")
     args = parser.parse_args(argv)

@@ -37,11 +37,10 @@ from typing import Any
 import torch
 
 from .errors import UserError, atomic_dir, stage_main
+from .layout import LORA_DIR, LORA_WEIGHTS
 from .params import load_params, require_positive, section
 
-LORA_DIR = Path("models/lora")
 EXPORT_DIR = Path("models/export")
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # what train writes (diffusers' default name)
 # Not ending in "pytorch_lora_weights.safetensors": diffusers' load_lora_weights(repo) picks the
 # diffusers file when both sit in one Hub repo.
 KOHYA_FILE = "impressionist_lora_kohya.safetensors"

@@ -13,6 +13,10 @@
   ``"builtin:tiny-clip"``: a tiny random open_clip CLIP, built once from a fixed seed, saved to the
   cache folder (:func:`cache_dir`) and loaded back through open_clip's ordinary local-checkpoint
   path, with open_clip's own BPE tokenizer. Again: random weights, for offline runs and tests only.
+  A pretrained tag whose weights were trained with QuickGELU (OpenAI's, among others: open_clip's
+  pretrained config says ``quick_gelu``) gets a model built with QuickGELU; open_clip builds plain
+  GELU for a name such as ``ViT-L-14`` whatever the tag, and only warns. A local checkpoint file of
+  such weights needs the ``-quickgelu`` model name (``ViT-L-14-quickgelu``).
 
 Inputs to the FID/KID extractors are ``(N, 3, H, W)`` tensors, uint8 in [0, 255] (what torchmetrics'
 Inception expects); the tiny net also accepts floats in [0, 1].
@@ -30,8 +34,8 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import nn
 
-from .errors import DEMO_HINT, UserError, atomic_write_bytes, atomic_write_text
-from .params import fingerprint
+from .errors import DEMO_HINT, UserError, atomic_write_bytes, atomic_write_text, first_line
+from .params import fingerprint, require_choice
 
 TINY_FID = "builtin:tiny"
 INCEPTION = "inception"
@@ -57,11 +61,6 @@ def cache_dir() -> Path:
     from .models import cache_root
 
     return cache_root()
-
-
-def _first_line(err: BaseException, limit: int = 240) -> str:
-    text = (str(err).strip() or type(err).__name__).splitlines()[0]
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,41 +123,45 @@ def _inception(weights_path: str | None) -> nn.Module:
     return net
 
 
+def check_fid_params(cfg: Mapping[str, Any]) -> tuple[str, str]:
+    """``(fid_features, inception_weights)`` of the `evaluate` section, checked cheaply (no model).
+
+    One line for an unknown ``fid_features`` or an ``inception_weights`` file that does not exist.
+    """
+    kind = require_choice(cfg.get("fid_features", INCEPTION), FID_FEATURE_CHOICES, "evaluate.fid_features")
+    weights = str(cfg.get("inception_weights") or "").strip()
+    if kind == INCEPTION and weights and not Path(weights).expanduser().is_file():
+        raise UserError(
+            f"evaluate.inception_weights={weights!r} does not exist; point it at a local copy of "
+            f"{INCEPTION_WEIGHTS_FILE} (pytorch-fid's pt_inception-2015-12-05-6726825d.pth) or set it to \"\" "
+            "to download it"
+        )
+    return kind, weights
+
+
 def fid_feature_extractor(cfg: Mapping[str, Any]) -> nn.Module:
     """The feature network for FID and KID named by ``cfg["fid_features"]`` (the `evaluate` section).
 
     Returns an ``nn.Module`` in eval mode with an int ``num_features``, mapping uint8
-    ``(N, 3, H, W)`` images to ``(N, num_features)``; pass it as ``feature=`` to torchmetrics'
-    FrechetInceptionDistance / KernelInceptionDistance. Raises UserError (one line) when the
+    ``(N, 3, H, W)`` images to ``(N, num_features)``. Raises UserError (one line) when the
     Inception weights are neither a readable local file nor downloadable.
     """
-    kind = cfg.get("fid_features", INCEPTION)
+    kind, weights = check_fid_params(cfg)
     if kind == TINY_FID:
         return TinyFeatureNet()
-    if kind != INCEPTION:
-        raise UserError(
-            f"params.yaml: evaluate.fid_features={kind!r} is not one of {', '.join(FID_FEATURE_CHOICES)}"
-        )
-    weights = str(cfg.get("inception_weights") or "").strip()
     if weights:
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise UserError(
-                f"evaluate.inception_weights={weights!r} does not exist; point it at a local copy of "
-                f"{INCEPTION_WEIGHTS_FILE} (pytorch-fid's pt_inception-2015-12-05-6726825d.pth) or set it to \"\""
-            )
         try:
-            return _inception(str(path))
+            return _inception(str(Path(weights).expanduser()))
         except Exception as err:  # corrupt file, wrong state dict, ...
             raise UserError(
                 f"evaluate.inception_weights={weights!r} is not a usable {INCEPTION_WEIGHTS_FILE} "
-                f"state dict: {_first_line(err)}"
+                f"state dict: {first_line(err)}"
             ) from err
     try:
         return _inception(None)
     except Exception as err:  # no network, HTTP error, truncated download, ...
         raise UserError(
-            f"the Inception weights for FID/KID could not be downloaded ({_first_line(err)}); set "
+            f"the Inception weights for FID/KID could not be downloaded ({first_line(err)}); set "
             f"evaluate.inception_weights to a local copy of {INCEPTION_WEIGHTS_FILE} (same file as "
             f"pytorch-fid's pt_inception-2015-12-05-6726825d.pth), or {DEMO_HINT}"
         ) from err
@@ -228,16 +231,27 @@ def load_clip(model_name: str, pretrained: str | None) -> tuple[nn.Module, Calla
         local = Path(pretrained).expanduser()
         name, source = model_name, (str(local) if pretrained and local.is_file() else pretrained)
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=source or None)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=source or None, force_quick_gelu=needs_quick_gelu(name, source))
         tokenizer = open_clip.get_tokenizer(name)
     except Exception as err:
         raise UserError(
-            f"could not load CLIP model {model_name!r} with pretrained={pretrained!r}: {_first_line(err)}; "
+            f"could not load CLIP model {model_name!r} with pretrained={pretrained!r}: {first_line(err)}; "
             f"with no network, set evaluate.clip_pretrained to a local checkpoint file, or {DEMO_HINT}"
         ) from err
     model.requires_grad_(False)
     model.eval()
     return model, preprocess, tokenizer
+
+
+def needs_quick_gelu(model_name: str, pretrained: str | None) -> bool:
+    """Whether the weights of open_clip tag ``pretrained`` for ``model_name`` were trained with
+    QuickGELU (open_clip's pretrained config says so; it does not apply it by itself)."""
+    import open_clip
+
+    if not pretrained or model_name.startswith(("hf-hub:", "local-dir:")):
+        return False
+    return bool(open_clip.get_pretrained_cfg(model_name, pretrained).get("quick_gelu", False))
 
 
 def check_clip_params(model_name: str, pretrained: str | None) -> None:

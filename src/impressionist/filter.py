@@ -37,16 +37,15 @@ from PIL import Image, ImageFile, ImageOps
 from tqdm import tqdm
 
 from .errors import UserError, atomic_dir, atomic_write_text, stage_main
+from .layout import FILTERED_DIR, RAW_DIR
 from .params import load_params, require, require_positive, section
 from .plotting import save_figure
+from .tables import METADATA_FILE, RAW_COLUMNS, read_table
 
-RAW_DIR = Path("data/raw")
-FILTERED_DIR = Path("data/filtered")
 METRICS_PATH = Path("metrics/data.json")
 PLOT_PATH = Path("plots/data_artists.png")
 
 REASONS = ["missing_file", "undecodable", "too_small", "extreme_aspect", "grayscale", "near_duplicate"]
-RAW_COLUMNS = ["id", "file", "artist", "genre", "style", "width", "height", "sha256", "source"]
 GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 # RGB counts as gray when 99% of pixels have channels within this many levels of each other;
 # JPEG chroma noise on gray content stays well below it, sepia and muted colour stay above.
@@ -189,20 +188,7 @@ def _read_config(cfg: dict) -> dict:
 
 
 def read_raw_metadata(raw_dir: Path) -> pd.DataFrame:
-    path = raw_dir / "metadata.parquet"
-    if not path.is_file():
-        raise UserError(f"{path} not found; run the download stage first (`dvc repro download`)")
-    try:
-        table = pd.read_parquet(path)
-    except Exception as err:
-        raise UserError(f"{path} is not a readable parquet table ({type(err).__name__}); rerun the download "
-                        "stage") from err
-    missing = [c for c in RAW_COLUMNS if c not in table.columns]
-    if missing:
-        raise UserError(f"{path} lacks column(s) {', '.join(missing)}; rerun the download stage")
-    if table.empty:
-        raise UserError(f"{path} lists no images; check the download params and rerun the download stage")
-    return table
+    return read_table(raw_dir / METADATA_FILE, RAW_COLUMNS, "download")
 
 
 def plot_artists(table: pd.DataFrame, top: int = 30):
@@ -277,7 +263,7 @@ def run(cfg: dict, raw_dir: Path | str = RAW_DIR, filtered_dir: Path | str = FIL
                             f"{config['val_fraction']}); {'raise' if n_val == 0 else 'lower'} filter.val_fraction "
                             "or download more images")
         kept = kept.reset_index(drop=True)
-        kept.to_parquet(out / "metadata.parquet", index=False)
+        kept.to_parquet(out / METADATA_FILE, index=False)
 
         rejected = pd.DataFrame([(i, reasons[i]) for i in raw["id"] if reasons[i]], columns=["id", "reason"])
         rejected.to_csv(out / "rejected.csv", index=False)

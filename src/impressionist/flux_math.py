@@ -96,7 +96,7 @@ def flow_matching_loss(transformer, latents: torch.Tensor, noise: torch.Tensor,
     )[0]
     # Packing is a permutation of elements, so the loss is the same as in unpacked space.
     target = pack_latents(noise - latents)
-    weights = compute_loss_weighting_for_sd3("none" if weighting == "none" else weighting,
-                                             sigmas=sigmas.to(device)).float()
+    # "none" gives weights of one (diffusers' fallback for any other scheme name).
+    weights = compute_loss_weighting_for_sd3(weighting, sigmas=sigmas.to(device)).float()
     per_sample = ((prediction.float() - target.float()) ** 2).reshape(b, -1).mean(dim=1)
     return (weights * per_sample).mean()

@@ -30,10 +30,7 @@ def row_label(prompt: str, seed: int, source: str | None) -> str:
 
 
 def _samples(folder: Path) -> pd.DataFrame:
-    table = pd.read_csv(Path(folder) / "samples.csv").assign(folder=str(folder))
-    if "prompt_source" not in table.columns:  # samples.csv written before the column existed
-        table["prompt_source"] = None
-    return table
+    return pd.read_csv(Path(folder) / "samples.csv").assign(folder=str(folder))
 
 
 def save_sample_grid(base_dir: Path, lora_dir: Path, path: Path) -> Path:

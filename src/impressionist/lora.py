@@ -8,7 +8,7 @@ import torch
 from peft import LoraConfig
 
 from .errors import UserError
-from .params import require_choice, require_positive
+from .params import require_choice, require_keys, require_positive
 
 ATTENTION = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
              "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
@@ -18,7 +18,7 @@ DIFFUSERS_DEFAULT = ATTENTION + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.
 ALL_LINEAR = DIFFUSERS_DEFAULT + ["proj_mlp", "proj_out", "norm1.linear", "norm1_context.linear",
                                   "norm.linear"]
 TARGET_PRESETS = {"attention": ATTENTION, "default": DIFFUSERS_DEFAULT, "all-linear": ALL_LINEAR}
-ADAPTER_NAME = "default"
+INITS = {"gaussian": "gaussian", "default": True}  # lora.init -> peft's init_lora_weights
 
 
 def linear_module_names(model: torch.nn.Module) -> set[str]:
@@ -33,14 +33,33 @@ def linear_module_names(model: torch.nn.Module) -> set[str]:
     return names
 
 
+def validate_lora(cfg: dict[str, Any]) -> None:
+    """Every lora.* check that needs no model; only an explicit targets list waits for the model
+    (its names are checked against the model's layers in :func:`resolve_targets`)."""
+    require_keys(cfg, ("rank", "alpha", "targets"), "lora")
+    rank = cfg["rank"]
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+        raise UserError(f"params.yaml: lora.rank={rank!r} must be a positive integer")
+    require_positive(cfg["alpha"], "lora.alpha")
+    dropout = cfg.get("dropout", 0.0)
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
+        raise UserError(f"params.yaml: lora.dropout={dropout!r} must be in [0, 1)")
+    require_choice(cfg.get("init", "gaussian"), INITS, "lora.init")
+    targets = cfg["targets"]
+    if isinstance(targets, str):
+        require_choice(targets, TARGET_PRESETS, "lora.targets")
+    elif not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
+        raise UserError("params.yaml: lora.targets must be a preset name (attention, default, all-linear) "
+                        "or a non-empty list of module names")
+
+
 def resolve_targets(targets: Any, model: torch.nn.Module) -> list[str]:
     """Expand a preset name or check an explicit list against the model's Linear layers."""
     if isinstance(targets, str):
-        require_choice(targets, TARGET_PRESETS, "lora.targets")
-        return TARGET_PRESETS[targets]
+        return TARGET_PRESETS[require_choice(targets, TARGET_PRESETS, "lora.targets")]
     if not isinstance(targets, list) or not targets:
-        raise UserError("lora.targets must be a preset name (attention, default, all-linear) or a "
-                        "non-empty list of module names")
+        raise UserError("params.yaml: lora.targets must be a preset name (attention, default, all-linear) "
+                        "or a non-empty list of module names")
     valid = linear_module_names(model)
     unknown = [t for t in targets if not any(v == t or v.endswith("." + t) for v in valid)]
     if unknown:
@@ -50,14 +69,7 @@ def resolve_targets(targets: Any, model: torch.nn.Module) -> list[str]:
 
 
 def lora_config(cfg: dict[str, Any], model: torch.nn.Module) -> LoraConfig:
-    rank = cfg["rank"]
-    if not isinstance(rank, int) or rank <= 0:
-        raise UserError(f"params.yaml: lora.rank={rank!r} must be a positive integer")
-    require_positive(cfg["alpha"], "lora.alpha")
-    dropout = cfg.get("dropout", 0.0)
-    if not 0 <= dropout < 1:
-        raise UserError(f"params.yaml: lora.dropout={dropout!r} must be in [0, 1)")
-    init = require_choice(cfg.get("init", "gaussian"), ["gaussian", "default"], "lora.init")
-    return LoraConfig(r=rank, lora_alpha=cfg["alpha"], lora_dropout=dropout,
-                      init_lora_weights="gaussian" if init == "gaussian" else True,
+    validate_lora(cfg)
+    return LoraConfig(r=cfg["rank"], lora_alpha=cfg["alpha"], lora_dropout=cfg.get("dropout", 0.0),
+                      init_lora_weights=INITS[cfg.get("init", "gaussian")],
                       target_modules=resolve_targets(cfg["targets"], model))

@@ -9,18 +9,13 @@ from the offline demo (tiny random-weight model, synthetic images, random metric
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-BUILTIN_PREFIX = "builtin:"
+from .hub import BUILTIN_PREFIX, is_hub_id
+from .prompts import with_trigger
+
 METRIC_COLUMNS = [("fid", "FID ↓"), ("kid_mean", "KID ↓"), ("clip_score", "CLIP score ↑"),
                   ("style_score", "style score ↑"), ("n_fake", "images")]
-
-
-def is_hub_id(name: str) -> bool:
-    """A Hub repo id, not a builtin model or a local folder (only those belong in base_model)."""
-    return (bool(name) and not name.startswith(BUILTIN_PREFIX) and not Path(name).expanduser().exists()
-            and name.count("/") == 1)
 
 
 def _number(value: Any) -> str:
@@ -101,7 +96,7 @@ def build_card(*, repo_id: str, params: dict[str, Any], training: dict[str, Any]
     download = params.get("download", {})
     sample = params.get("sample", {})
     prompt = next(iter(sample.get("prompts") or []), "a harbor at sunset")
-    full_prompt = f"{trigger}, {prompt}" if trigger else prompt
+    full_prompt = with_trigger(trigger, prompt)
     demo = base_model.startswith(BUILTIN_PREFIX) or download.get("source") == "synthetic"
     data = ModelCardData(
         base_model=base_model if is_hub_id(base_model) else None,

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 import torch
 
-from .errors import DEMO_HINT, UserError, atomic_dir
+from .errors import DEMO_HINT, UserError, atomic_dir, first_line
 from .params import require_choice
 
 BUILTIN_TINY_FLUX = "builtin:tiny-flux"
@@ -57,12 +57,20 @@ def resolve_pretrained(name: str, revision: str | None = None) -> str:
 
 
 def _tiny_flux_folder() -> Path:
+    from filelock import FileLock
+
     from .tiny_flux import BUILDER_VERSION, save_tiny_flux
 
     folder = cache_root() / f"tiny-flux-v{BUILDER_VERSION}"
-    if not (folder / "model_index.json").is_file():
-        with atomic_dir(folder) as tmp:
-            save_tiny_flux(tmp)
+    if (folder / "model_index.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # Several processes may ask at once (DDP ranks, parallel test workers): one builds, the others
+    # wait and reuse it (atomic_dir would otherwise remove a build in progress as a leftover).
+    with FileLock(str(folder.parent / f".{folder.name}.lock")):
+        if not (folder / "model_index.json").is_file():
+            with atomic_dir(folder) as tmp:
+                save_tiny_flux(tmp)
     return folder
 
 
@@ -77,7 +85,9 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> str:
         pass
     hint = (f"accept its licence on the Hub, set HF_TOKEN (or run `hf auth login`) and check the "
             f"network, or set model.pretrained to a local diffusers folder; {DEMO_HINT}")
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+    from .hub import hub_offline
+
+    if hub_offline():
         raise UserError(f"model {repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE "
                         f"is set; {hint}")
     try:
@@ -108,7 +118,43 @@ def load_vae(folder: str, dtype: torch.dtype):
     return AutoencoderKL.from_pretrained(folder, subfolder="vae", dtype=dtype)
 
 
+@torch.no_grad()
+def encode_prompts(folder: str, dtype: torch.dtype, device: torch.device, prompts: Sequence[str],
+                   max_sequence_length: int, batch_size: int = 8) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """T5 and pooled CLIP embeddings of ``prompts``, yielded in order one batch at a time as CPU
+    tensors ``(prompt_embeds, pooled_prompt_embeds)``, so a caller can write them out as they come.
+
+    The text encoders are loaded for this alone and freed (with the device's cache) after the last
+    batch, so they never sit in memory beside the VAE or the transformer.
+    """
+    from diffusers.training_utils import free_memory
+
+    pipe = load_text_pipeline(folder, dtype).to(device)
+    try:
+        for start in range(0, len(prompts), batch_size):
+            outputs = pipe.encode_prompt(prompt=list(prompts[start:start + batch_size]), prompt_2=None,
+                                         device=device, max_sequence_length=max_sequence_length)
+            yield outputs[0].cpu(), outputs[1].cpu()
+            del outputs
+    finally:
+        del pipe
+        free_memory()
+
+
 BASE_QUANTIZATIONS = ("none", "nf4", "fp8")
+
+
+def require_package(package: str, setting: str) -> None:
+    """Refuse ``setting`` (e.g. ``train.optimizer=adamw8bit``) before any model loads when its
+    package is missing or cannot be imported here."""
+    import importlib
+
+    try:
+        importlib.import_module(package)
+    except ImportError as err:
+        raise UserError(f"{setting} needs {package}: pip install {package}") from err
+    except Exception as err:  # e.g. bitsandbytes without its CUDA libraries
+        raise UserError(f"{setting} needs {package}, which fails to import here: {first_line(err)}") from err
 
 
 def check_quantization(quantization: str, device: torch.device) -> str:
@@ -123,11 +169,7 @@ def check_quantization(quantization: str, device: torch.device) -> str:
                         "L4, RTX 4090, H100); use nf4 on older GPUs")
     package = {"nf4": "bitsandbytes", "fp8": "torchao"}.get(quantization)
     if package:
-        try:
-            __import__(package)
-        except ImportError as err:
-            raise UserError(f"train.base_quantization={quantization} needs {package}: "
-                            f"pip install {package}") from err
+        require_package(package, f"train.base_quantization={quantization}")
     return quantization
 
 
@@ -144,7 +186,9 @@ def load_transformer(folder: str, dtype: torch.dtype, quantization: str = "none"
                                     bnb_4bit_compute_dtype=dtype)
         transformer = FluxTransformer2DModel.from_pretrained(
             folder, subfolder="transformer", dtype=dtype, quantization_config=config)
-        # Casts norms to fp32 and enables input grads; checkpointing is the trainer's choice.
+        # Freezes the base, casts every parameter that is not 4-bit (embedders, norms, biases,
+        # the output head) from 16-bit to fp32 and enables input grads; checkpointing is the
+        # trainer's choice.
         return prepare_model_for_kbit_training(transformer, use_gradient_checkpointing=False)
     transformer = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer", dtype=dtype)
     if quantization == "fp8":

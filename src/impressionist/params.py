@@ -43,6 +43,13 @@ def require(cfg: dict[str, Any], key: str, where: str) -> Any:
     return cfg[key]
 
 
+def require_keys(cfg: dict[str, Any], keys: Iterable[str], where: str) -> None:
+    """Check up front that every key without a sensible default is present (one line if not)."""
+    missing = [f"'{where}.{key}'" for key in keys if key not in cfg]
+    if missing:
+        raise UserError(f"params.yaml: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing")
+
+
 def require_choice(value: Any, choices: Iterable[str], name: str) -> str:
     choices = list(choices)
     if value not in choices:
@@ -55,6 +62,21 @@ def require_positive(value: Any, name: str, *, allow_zero: bool = False) -> Any:
     if not ok or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise UserError(f"params.yaml: {name}={value!r} must be a number {bound}")
+    return value
+
+
+def require_int(value: Any, name: str, *, minimum: int = 0) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise UserError(f"params.yaml: {name}={value!r} must be an integer >= {minimum}")
+    return value
+
+
+def require_multiple(value: Any, multiple: int, name: str, why: str = "") -> int:
+    """A positive integer that is a multiple of ``multiple`` (image sides: FLUX packs 2x2 patches of
+    latents from an 8x-downsampling VAE, so pixel sides must be multiples of 16)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value % multiple:
+        raise UserError(f"params.yaml: {name}={value!r} must be a positive multiple of {multiple}"
+                        + (f" ({why})" if why else ""))
     return value
 
 

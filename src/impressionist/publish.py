@@ -16,23 +16,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError, atomic_dir, stage_main
-from .model_card import BUILTIN_PREFIX, build_card
-from .params import load_params, section
+from .errors import UserError, atomic_dir, first_line, stage_main
+from .hub import BUILTIN_PREFIX, hub_offline
+from .layout import LORA_DIR, LORA_WEIGHTS
+from .layout import SAMPLE_GRID as GRID
+from .model_card import build_card
+from .params import load_params, require, section
 
-LORA_DIR = Path("models/lora")
 EXPORT_DIR = Path("models/export")
-GRID = Path("plots/samples_grid.png")
 EVAL_METRICS = Path("metrics/eval.json")
 DATA_METRICS = Path("metrics/data.json")
 HUB_DIR = Path("build/hub")
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 TRAINING_CONFIG = "training_config.json"
 EXPORT_MANIFEST = "export.json"  # written by the export stage: names its files
 CARD = "README.md"
@@ -65,7 +64,7 @@ def publish_cfg(params: dict[str, Any], repo_id: str | None = None) -> dict[str,
         validate_repo_id(cfg["repo_id"])
     except HFValidationError as err:
         raise UserError(f"publish.repo_id={cfg['repo_id']!r} is not a valid Hub repo id: "
-                        f"{str(err).splitlines()[0]}") from err
+                        f"{first_line(err)}") from err
     if cfg["repo_id"].count("/") != 1:
         raise UserError(f"publish.repo_id={cfg['repo_id']!r} needs a namespace: your-name/{cfg['repo_id']}")
     if not isinstance(cfg["private"], bool):
@@ -73,10 +72,20 @@ def publish_cfg(params: dict[str, Any], repo_id: str | None = None) -> dict[str,
     return cfg
 
 
-def _read_json(path: Path, producer: str) -> dict[str, Any]:
+def _read_json(path: Path, producer: str, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A JSON object another stage wrote, with the ``required`` keys; one line if it is not."""
     if not path.is_file():
         raise UserError(f"{path} not found; run `{producer}` first")
-    return json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:  # JSONDecodeError is a ValueError
+        raise UserError(f"{path} is not readable JSON ({first_line(err, 120)}); run `{producer}` again") from err
+    if not isinstance(data, dict):
+        raise UserError(f"{path} holds a JSON {type(data).__name__}, not an object; run `{producer}` again")
+    missing = [key for key in required if key not in data]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}; run `{producer}` again")
+    return data
 
 
 def build_folder(params: dict[str, Any], cfg: dict[str, Any], out: Path, lora_dir: Path = LORA_DIR,
@@ -87,14 +96,14 @@ def build_folder(params: dict[str, Any], cfg: dict[str, Any], out: Path, lora_di
     if not (lora_dir / LORA_WEIGHTS).is_file():
         raise UserError(f"no LoRA at {lora_dir / LORA_WEIGHTS}; run `dvc repro train` first")
     training = _read_json(lora_dir / TRAINING_CONFIG, "dvc repro train")
-    manifest = _read_json(export_dir / EXPORT_MANIFEST, "dvc repro export")
-    kohya = export_dir / manifest["kohya_file"]
+    manifest = _read_json(export_dir / EXPORT_MANIFEST, "dvc repro export", required=("kohya_file",))
+    kohya = export_dir / str(manifest["kohya_file"])
     if not kohya.is_file():
         raise UserError(f"{kohya} not found; run `dvc repro export` again")
     if not grid.is_file():
         raise UserError(f"no sample grid at {grid}; run `dvc repro sample` first")
     metrics = _read_json(Path(eval_metrics), "dvc repro evaluate")
-    data = json.loads(Path(data_metrics).read_text()) if Path(data_metrics).is_file() else None
+    data = _read_json(Path(data_metrics), "dvc repro filter") if Path(data_metrics).is_file() else None
     card = build_card(repo_id=cfg["repo_id"], params=params, training=training, metrics=metrics,
                       publish_cfg=cfg, lora_file=LORA_WEIGHTS, kohya_file=kohya.name,
                       grid_file=GRID_IN_REPO, data_metrics=data)
@@ -105,10 +114,6 @@ def build_folder(params: dict[str, Any], cfg: dict[str, Any], out: Path, lora_di
         shutil.copy2(grid, tmp / GRID_IN_REPO)
         card.save(tmp / CARD)
     return sorted(str(p.relative_to(out)) for p in Path(out).rglob("*") if p.is_file())
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
 def hub_token() -> str:
@@ -125,7 +130,7 @@ def check_access(api, token: str) -> str:
     """The user name behind the token; one clear line if the Hub is unreachable or refuses it."""
     from huggingface_hub.errors import HfHubHTTPError
 
-    if _offline():
+    if hub_offline():
         raise UserError("HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it, or use --dry-run "
                         "to write the upload folder only")
     try:
@@ -141,11 +146,13 @@ def check_access(api, token: str) -> str:
                         "or use --dry-run to write the upload folder only") from err
 
 
-def upload(params: dict[str, Any], cfg: dict[str, Any], **paths) -> str:
-    """Create the repo (if needed) and upload the folder in one commit; returns the repo URL."""
+def upload(params: dict[str, Any], cfg: dict[str, Any], base: str, **paths) -> str:
+    """Create the repo (if needed) and upload the folder in one commit; returns the repo URL.
+
+    ``base`` is the base model the LoRA was trained on (:func:`base_model`).
+    """
     from huggingface_hub import HfApi
 
-    base = str(params["model"]["pretrained"])
     if base.startswith(BUILTIN_PREFIX):
         raise UserError(f"this LoRA was trained on {base}, the offline demo's random-weight model; "
                         "publish a LoRA trained on FLUX.1-dev (`dvc repro` with params.yaml), or use "
@@ -162,8 +169,7 @@ def upload(params: dict[str, Any], cfg: dict[str, Any], **paths) -> str:
             url = api.create_repo(repo_id, private=cfg["private"], exist_ok=True, token=token)
         except Exception as err:  # e.g. no write access to that namespace
             raise UserError(f"cannot create the Hub repo {repo_id} ({type(err).__name__}: "
-                            f"{str(err).splitlines()[0] if str(err) else ''}); check the name and "
-                            "the token's write access") from err
+                            f"{first_line(err, 160)}); check the name and the token's write access") from err
         try:
             api.upload_folder(repo_id=repo_id, folder_path=folder, token=token,
                               commit_message=cfg["commit_message"])
@@ -178,16 +184,21 @@ def upload(params: dict[str, Any], cfg: dict[str, Any], **paths) -> str:
     return str(url)
 
 
+def base_model(params: dict[str, Any]) -> str:
+    """``model.pretrained``: what the LoRA was trained on (the model card and the demo check need it)."""
+    return str(require(section(params, "model"), "pretrained", "model"))
+
+
 def run(params: dict[str, Any], repo_id: str | None = None, dry_run: bool = False,
         out: Path = HUB_DIR, **paths) -> list[str] | str:
     cfg = publish_cfg(params, repo_id)
-    section(params, "model")
+    base = base_model(params)  # a params file without model.pretrained stops here, before any work
     if dry_run:
         files = build_folder(params, cfg, Path(out), **paths)
         print(f"publish --dry-run: {len(files)} files for {cfg['repo_id']} -> {out} "
               f"({', '.join(files)}); nothing uploaded")
         return files
-    url = upload(params, cfg, **paths)
+    url = upload(params, cfg, base, **paths)
     print(f"publish: uploaded to {url}")
     return url
 

@@ -24,7 +24,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -33,10 +32,11 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
+from .dvc_cli import run_dvc
 from .errors import UserError, atomic_write_text, stage_main
+from .layout import SAMPLE_GRID as GRID
 
 EVAL_METRICS = "metrics/eval.json"
-GRID = Path("plots/samples_grid.png")
 LOWER, HIGHER = "lower", "higher"
 DIRECTIONS = {"fid": LOWER, "kid_mean": LOWER, "clip_score": HIGHER, "style_score": HIGHER}
 # Sections of eval.json in reading order: the headline first, the reference never judged.
@@ -145,26 +145,6 @@ def resolve_rev(root: Path, rev: str) -> str:
                         f"<branch>`; in GitHub Actions check out with fetch-depth: 0) and pass e.g. "
                         f"--base-rev origin/main")
     return found.stdout.strip()
-
-
-def _dvc_executable() -> str:
-    # The dvc installed beside this interpreter first (a venv that is not activated), then PATH.
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    found = shutil.which("dvc", path=path)
-    if not found:
-        raise UserError("dvc is not installed; `pip install -r requirements.txt` (or the dvc pin from it)")
-    return found
-
-
-def run_dvc(root: Path, *args: str) -> str:
-    """stdout of ``dvc <args>`` run in ``root``; a failure becomes one line with DVC's own error."""
-    env = dict(os.environ, DVC_NO_ANALYTICS="1")
-    result = subprocess.run([_dvc_executable(), *args], cwd=root, env=env, capture_output=True, text=True)
-    if result.returncode:
-        lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
-        errors = [line for line in lines if line.startswith("ERROR")] or lines or ["no message"]
-        raise UserError(f"`dvc {' '.join(args)}` failed: {errors[-1]}")
-    return result.stdout
 
 
 def _table_or(markdown: str, empty: str) -> str:

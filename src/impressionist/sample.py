@@ -24,17 +24,16 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from .errors import UserError, atomic_dir, stage_main
+from .errors import UserError, atomic_dir, first_line, stage_main
 from .grid import save_sample_grid
+from .layout import CAPTIONS, LORA_DIR, LORA_WEIGHTS, SAMPLE_GRID, SAMPLES_DIR
 from .models import load_pipeline, resolve_device, resolve_dtype, resolve_pretrained
-from .params import load_params, require_choice, require_positive, section
+from .params import (load_params, require, require_choice, require_int, require_keys, require_multiple,
+                     require_positive, section)
+from .prompts import with_trigger
 
-CAPTIONS = Path("data/captions/captions.parquet")
-BASE_DIR = Path("samples/base")
-LORA_SAMPLES_DIR = Path("samples/lora")
-LORA_DIR = Path("models/lora")
-GRID = Path("plots/samples_grid.png")
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+BASE_DIR = SAMPLES_DIR / "base"
+LORA_SAMPLES_DIR = SAMPLES_DIR / "lora"
 ADAPTER = "impressionist"
 OFFLOAD_MODES = ("none", "model", "sequential")
 SUBJECT, VAL_CAPTION = "subject", "val_caption"  # the `prompt_source` column of samples.csv
@@ -45,7 +44,7 @@ def subject_prompts(cfg: dict[str, Any], trigger: str) -> list[str]:
     items = cfg.get("prompts") or []
     if not isinstance(items, list) or not all(isinstance(p, str) and p.strip() for p in items):
         raise UserError("params.yaml: sample.prompts must be a list of non-empty prompts")
-    return [f"{trigger}, {p.strip()}" if trigger else p.strip() for p in items]
+    return [with_trigger(trigger, p.strip()) for p in items]
 
 
 def val_caption_count(cfg: dict[str, Any]) -> int:
@@ -71,7 +70,7 @@ def validation_captions(count: int, captions_path: Path | str = CAPTIONS) -> lis
     try:
         table = pd.read_parquet(captions_path)
     except Exception as err:
-        raise UserError(f"{captions_path} could not be read: {str(err).splitlines()[0]}") from err
+        raise UserError(f"{captions_path} could not be read: {first_line(err)}") from err
     missing = [c for c in ("id", "split", "caption") if c not in table.columns]
     if missing:
         raise UserError(f"{captions_path} lacks column(s) {', '.join(missing)}; re-run the caption stage")
@@ -102,11 +101,15 @@ def prompt_set(params: dict[str, Any], captions_path: Path | str = CAPTIONS) -> 
 def validate(params: dict[str, Any]) -> torch.device:
     """Check the sampler params before any model is loaded; return the device to sample on."""
     cfg = section(params, "sample")
-    device = resolve_device(section(params, "model"))
-    resolution = require_positive(cfg["resolution"], "sample.resolution")
-    if resolution % 16:
-        raise UserError(f"sample.resolution={resolution} must be a multiple of 16")
-    require_positive(cfg["steps"], "sample.steps")
+    model_cfg = section(params, "model")
+    require(model_cfg, "pretrained", "model")
+    device = resolve_device(model_cfg)
+    resolve_dtype(model_cfg)
+    require_keys(cfg, ("resolution", "steps", "guidance_scale", "max_sequence_length"), "sample")
+    require_multiple(cfg["resolution"], 16, "sample.resolution")
+    require_int(cfg["steps"], "sample.steps", minimum=1)
+    require_positive(cfg["guidance_scale"], "sample.guidance_scale", allow_zero=True)
+    require_int(cfg["max_sequence_length"], "sample.max_sequence_length", minimum=1)
     seeds = cfg.get("seeds")
     if not seeds or not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool)
                                                              for s in seeds):
@@ -179,7 +182,8 @@ def check_base_samples(base_dir: Path, prompt_list: list[tuple[str, str]], seeds
 
 
 def run_lora(params: dict[str, Any], lora_dir: Path = LORA_DIR, base_dir: Path = BASE_DIR,
-             out_dir: Path = LORA_SAMPLES_DIR, grid_path: Path = GRID, captions_path: Path = CAPTIONS) -> None:
+             out_dir: Path = LORA_SAMPLES_DIR, grid_path: Path = SAMPLE_GRID,
+             captions_path: Path = CAPTIONS) -> None:
     cfg = section(params, "sample")
     prompt_list = prompt_set(params, captions_path)
     device = validate(params)

@@ -53,12 +53,21 @@ def _t5_tokenizer():
 
 
 def build_tiny_flux_pipeline():
-    """Build the tiny pipeline in memory, deterministically from :data:`SEED`."""
+    """Build the tiny pipeline in memory, deterministically from :data:`SEED`.
+
+    The caller's global RNG is left as it was: whether the model had to be built (or came from the
+    cache) must not change what a seeded run draws afterwards.
+    """
+    with torch.random.fork_rng(devices=[]):  # built on the CPU: only the CPU generator is touched
+        torch.manual_seed(SEED)
+        return _build()
+
+
+def _build():
     from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline,
                            FluxTransformer2DModel)
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    torch.manual_seed(SEED)
     clip_tok = _clip_tokenizer()
     t5_tok = _t5_tokenizer()
     clip = CLIPTextModel(CLIPTextConfig(

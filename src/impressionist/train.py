@@ -26,60 +26,119 @@ from .errors import UserError, atomic_dir, atomic_write_text, stage_main
 from .flux_math import (LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS, TimestepSampling, flow_matching_loss,
                         sample_sigmas)
 from .latent_cache import EMPTY_CAPTION_KEY, CacheReader
-from .lora import lora_config
-from .models import (check_quantization, load_transformer, resolve_device, resolve_dtype,
-                     resolve_pretrained)
-from .params import fingerprint, load_params, require_choice, require_positive, section
-from .validation_images import ValidationSampler
+from .layout import CACHE_DIR, LORA_DIR
+from .lora import lora_config, validate_lora
+from .models import (check_quantization, load_transformer, require_package, resolve_device,
+                     resolve_dtype, resolve_pretrained)
+from .params import (fingerprint, load_params, require, require_choice, require_int, require_keys,
+                     require_positive, section)
+from .plotting import new_figure, save_figure
+from .validation_images import ValidationSampler, check_settings
 
-CACHE_DIR = Path("data/cache")
-LORA_DIR = Path("models/lora")
 CHECKPOINT_DIR = Path("models/checkpoints")
 METRICS = Path("metrics/train.json")
 LOSS_PLOT = Path("plots/loss.png")
 LIVE_DIR = Path("dvclive")
 LOG_DIR = Path("logs")
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 LORA_STATE = "lora_state.safetensors"  # inside a checkpoint: peft-format LoRA tensors
 
+# train.* keys without a sensible default; the others fall back to the value noted where read.
+REQUIRED = ("seed", "max_steps", "batch_size", "gradient_accumulation_steps", "learning_rate",
+            "lr_scheduler", "lr_warmup_steps", "optimizer", "adam_weight_decay", "max_grad_norm",
+            "mixed_precision", "gradient_checkpointing", "guidance_scale", "timestep_sampling",
+            "logit_mean", "logit_std", "mode_scale", "loss_weighting", "caption_dropout",
+            "checkpoint_every", "keep_checkpoints", "log_every")
 # Params that do not change what a training step computes: changing them keeps checkpoints valid.
-NOT_SHAPING = {"max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "report_to",
-               "validation", "resume_from", "dataloader_workers"}
+# Gradient checkpointing recomputes activations (with the same RNG state), so the maths is the same:
+# a resumed run may switch it (e.g. on another GPU class). ``max_steps`` joins them only under a
+# schedule that ignores it (see run_hash).
+NOT_SHAPING = {"checkpoint_every", "keep_checkpoints", "log_every", "report_to", "validation",
+               "resume_from", "dataloader_workers", "gradient_checkpointing"}
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
+# diffusers' get_scheduler names (piecewise_constant needs step rules we do not expose).
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                 "polynomial")
+STEP_FREE_SCHEDULERS = ("constant", "constant_with_warmup")  # the lr at step k ignores max_steps
+PRODIGY_MIN_LR = 0.1  # Prodigy estimates the step size itself; its lr is a multiplier around 1.0
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 TRACKERS = ("dvclive", "tensorboard")
 
 
-def validate(cfg: dict[str, Any], device: torch.device) -> None:
-    """Every train.* check that needs no model, so mistakes stop before anything loads."""
-    for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "learning_rate",
-                "log_every", "keep_checkpoints"):
-        require_positive(cfg[key], f"train.{key}")
-    require_positive(cfg["checkpoint_every"], "train.checkpoint_every", allow_zero=True)
-    require_positive(cfg["lr_warmup_steps"], "train.lr_warmup_steps", allow_zero=True)
+def validate(params: dict[str, Any]) -> torch.device:
+    """Every model/lora/train check that needs no model, so mistakes stop before anything loads.
+
+    Only the names of an explicit ``lora.targets`` list wait for the model. Returns the device.
+    """
+    model_cfg, lora_cfg, cfg = (section(params, s) for s in ("model", "lora", "train"))
+    require(model_cfg, "pretrained", "model")
+    device = resolve_device(model_cfg)
+    resolve_dtype(model_cfg)
+    validate_lora(lora_cfg)
+    _validate_train(cfg, device)
+    if cfg.get("resume_from"):
+        folder, meta = checkpoints.explicit_resume(Path(cfg["resume_from"]), model_cfg["pretrained"],
+                                                   lora_fingerprint(lora_cfg))
+        if meta.get("step", 0) > cfg["max_steps"]:
+            raise UserError(f"train.resume_from={folder} is at step {meta.get('step')}, beyond "
+                            f"train.max_steps={cfg['max_steps']}; raise max_steps or clear resume_from")
+    return device
+
+
+def _validate_train(cfg: dict[str, Any], device: torch.device) -> None:
+    require_keys(cfg, REQUIRED, "train")
+    require_int(cfg["seed"], "train.seed")
+    for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every", "keep_checkpoints"):
+        require_int(cfg[key], f"train.{key}", minimum=1)
+    for key in ("checkpoint_every", "lr_warmup_steps"):
+        require_int(cfg[key], f"train.{key}")
+    require_int(cfg.get("dataloader_workers", 0), "train.dataloader_workers")
+    require_positive(cfg["learning_rate"], "train.learning_rate")
+    require_positive(cfg["adam_weight_decay"], "train.adam_weight_decay", allow_zero=True)
     require_positive(cfg["max_grad_norm"], "train.max_grad_norm", allow_zero=True)
+    require_positive(cfg["logit_std"], "train.logit_std")
+    require_positive(cfg["guidance_scale"], "train.guidance_scale", allow_zero=True)
+    require_choice(cfg["lr_scheduler"], LR_SCHEDULERS, "train.lr_scheduler")
     require_choice(cfg["optimizer"], OPTIMIZERS, "train.optimizer")
     require_choice(cfg["mixed_precision"], MIXED_PRECISION, "train.mixed_precision")
     require_choice(cfg["timestep_sampling"], TIMESTEP_SAMPLINGS, "train.timestep_sampling")
     require_choice(cfg["loss_weighting"], LOSS_WEIGHTINGS, "train.loss_weighting")
-    for tracker in cfg.get("report_to", []):
+    report_to = cfg.get("report_to", list(TRACKERS))
+    if not isinstance(report_to, list):
+        raise UserError(f"params.yaml: train.report_to={report_to!r} must be a list of {', '.join(TRACKERS)}")
+    for tracker in report_to:
         require_choice(tracker, TRACKERS, "train.report_to[]")
-    if not 0 <= cfg["caption_dropout"] <= 1:
-        raise UserError(f"params.yaml: train.caption_dropout={cfg['caption_dropout']} must be in [0, 1]")
+    dropout = cfg["caption_dropout"]
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
+        raise UserError(f"params.yaml: train.caption_dropout={dropout!r} must be in [0, 1]")
     check_quantization(cfg.get("base_quantization", "none"), device)
-    validation = cfg.get("validation") or {}
-    require_positive(validation.get("every", 0), "train.validation.every", allow_zero=True)
+    check_settings(cfg.get("validation") or {})
     if device.type != "cuda":
         if cfg["optimizer"] == "adamw8bit":
             raise UserError("train.optimizer=adamw8bit (bitsandbytes) needs a CUDA GPU; "
                             "use adamw or prodigy on CPU")
         if cfg["mixed_precision"] == "fp16":
             raise UserError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
+    if cfg["optimizer"] == "adamw8bit":
+        require_package("bitsandbytes", "train.optimizer=adamw8bit")
+    if cfg["optimizer"] == "prodigy":
+        require_package("prodigyopt", "train.optimizer=prodigy")
+        if cfg["learning_rate"] < PRODIGY_MIN_LR:
+            # Prodigy multiplies its own step-size estimate by lr: 1e-4 would barely train at all.
+            raise UserError(f"train.optimizer=prodigy expects train.learning_rate around 1.0 (it "
+                            f"estimates the step size itself), not {cfg['learning_rate']}; set "
+                            "train.learning_rate: 1.0")
 
 
 def run_hash(params: dict[str, Any], cache_fingerprint: str, world_size: int) -> str:
+    """The hash of everything that shapes training; a checkpoint resumes only under the same hash.
+
+    ``max_steps`` is left out only under a constant schedule: a decaying one (linear, cosine, ...)
+    sets every step's learning rate from it, so raising it must start over.
+    """
+    train = params["train"]
+    ignored = NOT_SHAPING | ({"max_steps"} if train["lr_scheduler"] in STEP_FREE_SCHEDULERS else set())
     model_cfg = {k: v for k, v in params["model"].items() if k != "device"}
-    train_cfg = {k: v for k, v in params["train"].items() if k not in NOT_SHAPING}
+    train_cfg = {k: v for k, v in train.items() if k not in ignored}
     return fingerprint(model_cfg, params["lora"], train_cfg, cache_fingerprint, world_size)
 
 
@@ -134,9 +193,12 @@ class MicroBatches(torch.utils.data.Dataset):
 
 def micro_batch_loader(dataset: MicroBatches, start_step: int, workers: int, pin: bool):
     first = start_step * dataset.cfg["gradient_accumulation_steps"]
+    # Its own generator: starting an iterator draws a base seed, which must not come from the
+    # global RNG (that would shift LoRA dropout after a resume's load_state).
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, sampler=range(first, len(dataset)), num_workers=workers,
-        pin_memory=pin, prefetch_factor=4 if workers else None, persistent_workers=False)
+        pin_memory=pin, prefetch_factor=4 if workers else None, persistent_workers=False,
+        generator=torch.Generator())
 
 
 def micro_batch_generator(seed: int, micro_batch: int) -> torch.Generator:
@@ -162,11 +224,10 @@ def load_batch(cache: CacheReader, indices: list[int], generator: torch.Generato
 
 
 def make_optimizer(cfg: dict[str, Any], trainable: list[torch.nn.Parameter], device):
+    """The optimizer named by ``train.optimizer`` (its package was checked by :func:`validate`)."""
     if cfg["optimizer"] == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError as err:
-            raise UserError("train.optimizer=adamw8bit needs bitsandbytes: pip install bitsandbytes") from err
+        import bitsandbytes as bnb
+
         return bnb.optim.AdamW8bit(trainable, lr=cfg["learning_rate"], weight_decay=cfg["adam_weight_decay"])
     if cfg["optimizer"] == "prodigy":
         from prodigyopt import Prodigy
@@ -182,20 +243,45 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
 
 
+class IntervalClock:
+    """Seconds spent in training steps since the last reading, excluding validation images and
+    checkpoint saves (``pause``/``resume`` around them).
+
+    CUDA runs asynchronously, so a reading first waits for the device; readings happen only at log
+    time, which keeps the training loop free of host-device syncs in between.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds, self.started = device, 0.0, time.perf_counter()
+
+    def _wait_for_device(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def pause(self) -> None:
+        self._wait_for_device()
+        self.seconds += time.perf_counter() - self.started
+
+    def resume(self) -> None:
+        self.started = time.perf_counter()
+
+    def read(self) -> float:
+        """The seconds since the last reading; starts the next interval."""
+        self.pause()
+        seconds, self.seconds = self.seconds, 0.0
+        self.resume()
+        return seconds
+
+
 def save_loss_plot(history: list[dict[str, float]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = new_figure(6, 3.5)
+    ax = fig.add_subplot()
     ax.plot([h["step"] for h in history], [h["loss"] for h in history], marker=".")
-    ax.set(xlabel="optimizer step", ylabel="flow-matching loss", title="LoRA training loss")
+    ax.set(xlabel="optimizer step", ylabel="flow-matching loss (mean per log interval)",
+           title="LoRA training loss")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def lora_state_dict(accelerator, model) -> dict[str, torch.Tensor]:
@@ -242,28 +328,27 @@ def _register_lora_hooks(accelerator) -> None:
 
 def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LORA_DIR,
         checkpoint_dir: Path = CHECKPOINT_DIR, metrics_path: Path = METRICS,
-        loss_plot: Path = LOSS_PLOT, live_dir: Path = LIVE_DIR, log_dir: Path = LOG_DIR,
-        stop_after: int | None = None) -> dict[str, Any]:
-    """Train; ``stop_after`` ends the process-free loop early (tests simulate an interruption)."""
+        loss_plot: Path = LOSS_PLOT, live_dir: Path = LIVE_DIR, log_dir: Path = LOG_DIR) -> dict[str, Any]:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import _collate_lora_metadata, cast_training_params
     from diffusers import FluxPipeline
 
+    device = validate(params)
     model_cfg, lora_cfg, cfg = (section(params, s) for s in ("model", "lora", "train"))
-    device = resolve_device(model_cfg)
-    validate(cfg, device)
     cache = CacheReader(cache_dir)
     if cache.index["base_model"] != model_cfg["pretrained"]:
         raise UserError(f"the encode cache was made with {cache.index['base_model']}, not "
                         f"{model_cfg['pretrained']}; re-run encode (`dvc repro encode`)")
     checkpoint_dir, lora_dir = Path(checkpoint_dir), Path(lora_dir)
-    trackers = list(cfg.get("report_to", ["dvclive", "tensorboard"]))
+    trackers = list(cfg.get("report_to", TRACKERS))
+    validation = cfg.get("validation") or {}
+    validation_every = validation.get("every", 0)
 
     accelerator = Accelerator(
         mixed_precision=MIXED_PRECISION[cfg["mixed_precision"]], cpu=device.type == "cpu",
-        dynamo_backend="inductor" if cfg.get("compile") else "no",
+        dynamo_backend="inductor" if cfg.get("compile", False) else "no",
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(checkpoint_dir), logging_dir=str(log_dir)))
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -271,16 +356,18 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
     set_seed(cfg["seed"])
 
     model_folder = resolve_pretrained(model_cfg["pretrained"], model_cfg.get("revision"))
-    validation = cfg.get("validation") or {}
     sampler = None
-    if validation.get("every") and accelerator.is_main_process:
+    if validation_every and accelerator.is_main_process:
         # Before the transformer loads: the text encoders come and go while memory is still free.
         sampler = ValidationSampler(validation, model_folder, resolve_dtype(model_cfg),
                                     accelerator.device, cache.index["max_sequence_length"])
     transformer = load_transformer(model_folder, resolve_dtype(model_cfg),
                                    cfg.get("base_quantization", "none"))
     transformer.requires_grad_(False)
-    config = lora_config(lora_cfg, transformer)  # validates targets against this model
+    config = lora_config(lora_cfg, transformer)  # checks explicit target names against this model
+    # Seeded right here: the LoRA's initial weights must not depend on what ran before (building the
+    # tiny model, the validation prompts' text encoders).
+    set_seed(cfg["seed"])
     transformer.add_adapter(config)
     cast_training_params(transformer, dtype=torch.float32)  # LoRA weights train in fp32
     if cfg["gradient_checkpointing"]:
@@ -296,13 +383,7 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
     _register_lora_hooks(accelerator)
 
     start_step, history = 0, []
-    if cfg.get("resume_from"):
-        resume = checkpoints.explicit_resume(Path(cfg["resume_from"]), model_cfg["pretrained"],
-                                             lora_fingerprint(lora_cfg))
-    else:
-        resume = checkpoints.select_resume(checkpoint_dir, this_run, cfg["max_steps"],
-                                           log=accelerator.print) if accelerator.is_main_process else None
-        resume = _broadcast(accelerator, resume)
+    resume = _choose_resume(accelerator, params, checkpoint_dir, this_run)
     if resume:
         folder, meta = resume
         accelerator.load_state(str(folder))
@@ -321,10 +402,10 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
     accumulation = cfg["gradient_accumulation_steps"]
     images_per_step = cfg["batch_size"] * accumulation * world
     step, started = start_step, time.perf_counter()
+    # The log interval's losses add up on the device; reading them is the loop's only host sync.
+    loss_sum, interval_steps, clock = torch.zeros((), device=accelerator.device), 0, IntervalClock(accelerator.device)
     transformer.train()
     while step < cfg["max_steps"]:
-        step_started = time.perf_counter()
-        losses = []
         for micro in range(accumulation):
             batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(batches).items()}
             sync = micro == accumulation - 1
@@ -332,36 +413,41 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
                 loss = flow_matching_loss(transformer, guidance_scale=cfg["guidance_scale"],
                                           weighting=cfg["loss_weighting"], **batch)
                 accelerator.backward(loss / accumulation)
-            losses.append(loss.detach())
+            loss_sum += loss.detach().float()
         grad_norm = (accelerator.clip_grad_norm_(trainable, cfg["max_grad_norm"])
                      if cfg["max_grad_norm"] > 0 else None)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        interval_steps += 1
 
         if step % cfg["log_every"] == 0 or step == cfg["max_steps"]:
-            # The only host-device sync of the loop, once per log interval.
-            seconds = time.perf_counter() - step_started
+            seconds = clock.read()
+            mean_loss = loss_sum / (interval_steps * accumulation)
             entry = {"step": step,
-                     "loss": accelerator.reduce(torch.stack(losses).mean(), "mean").item(),
+                     "loss": accelerator.reduce(mean_loss, "mean").item(),
                      "lr": scheduler.get_last_lr()[0],
-                     "step_time_s": seconds,
-                     "images_per_s": images_per_step / seconds,
+                     "step_time_s": seconds / interval_steps,
+                     "images_per_s": images_per_step * interval_steps / seconds,
                      "peak_memory_gb": peak_memory_gb(accelerator.device)}
             if grad_norm is not None:
-                entry["grad_norm"] = float(grad_norm)
+                entry["grad_norm"] = float(grad_norm)  # of this step
             history.append(entry)
             accelerator.log({k: v for k, v in entry.items() if k != "step"}, step=step)
             accelerator.print(f"train: step {step}/{cfg['max_steps']} loss {entry['loss']:.4f}")
-        # The last step is checkpointed too, so raising train.max_steps later continues from it.
-        if sampler is not None and step % validation["every"] == 0:
-            _log_validation_images(accelerator, sampler, transformer, step)
-        if cfg["checkpoint_every"] and (step % cfg["checkpoint_every"] == 0 or step == cfg["max_steps"]):
-            _save_checkpoint(accelerator, checkpoint_dir, step, this_run, history, model_cfg, lora_cfg, cfg)
-        if stop_after is not None and step >= stop_after:
-            accelerator.end_training()
-            return {"stopped_at": step}
+            loss_sum, interval_steps = torch.zeros_like(loss_sum), 0
+        validate_now = validation_every and step % validation_every == 0
+        # The last step is checkpointed too, so a rerun with more steps can continue from it.
+        checkpoint_now = cfg["checkpoint_every"] and (step % cfg["checkpoint_every"] == 0
+                                                      or step == cfg["max_steps"])
+        if validate_now or checkpoint_now:
+            clock.pause()  # not training time
+            if validate_now and sampler is not None:
+                _log_validation_images(accelerator, sampler, transformer, step)
+            if checkpoint_now:
+                _save_checkpoint(accelerator, checkpoint_dir, step, this_run, history, model_cfg, lora_cfg, cfg)
+            clock.resume()
 
     accelerator.wait_for_everyone()
     final_lora = lora_state_dict(accelerator, transformer)
@@ -373,7 +459,7 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
         unwrapped = accelerator.unwrap_model(transformer)
         summary = {
             "steps": step, "resumed_from_step": start_step,
-            "final_loss": history[-1]["loss"],
+            "final_loss": history[-1]["loss"] if history else None,  # None: no step logged yet
             "train_samples": len(cache.samples),
             "seconds": round(time.perf_counter() - started, 2),
             "run_hash": this_run,
@@ -389,9 +475,30 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
         atomic_write_text(metrics_path, json.dumps(
             {k: summary[k] for k in ("steps", "final_loss", "train_samples")}, indent=1))
         save_loss_plot(history, Path(loss_plot))
-        print(f"train: saved LoRA after {step} steps (loss {summary['final_loss']:.4f}) -> {lora_dir}")
+        loss_text = "n/a" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
+        print(f"train: saved LoRA after {step} steps (loss {loss_text}) -> {lora_dir}")
     accelerator.end_training()
     return summary
+
+
+def _choose_resume(accelerator, params: dict[str, Any], checkpoint_dir: Path,
+                   this_run: str) -> tuple[Path, dict[str, Any]] | None:
+    """This run's newest checkpoint; else ``train.resume_from``; else None (start at step 0).
+
+    The run's own checkpoints come first: a rerun after a disconnect continues where it stopped,
+    not from the folder it was first started from (which ``select_resume`` leaves in place).
+    """
+    cfg = params["train"]
+    explicit = Path(cfg["resume_from"]) if cfg.get("resume_from") else None
+    resume = None
+    if accelerator.is_main_process:
+        resume = checkpoints.select_resume(checkpoint_dir, this_run, cfg["max_steps"],
+                                           log=accelerator.print, protect=explicit)
+    resume = _broadcast(accelerator, resume)
+    if resume is None and explicit is not None:
+        resume = checkpoints.explicit_resume(explicit, params["model"]["pretrained"],
+                                             lora_fingerprint(params["lora"]))
+    return resume
 
 
 def _save_checkpoint(accelerator, root: Path, step: int, this_run: str, history, model_cfg, lora_cfg, cfg):

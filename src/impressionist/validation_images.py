@@ -6,32 +6,50 @@ each validation only the small VAE sits beside the transformer being trained.
 
 from __future__ import annotations
 
-import gc
 from typing import Any
 
 import numpy as np
 import torch
 
 from .errors import UserError
-from .models import load_text_pipeline, load_vae
+from .models import encode_prompts, load_vae
+from .params import require_int, require_keys, require_multiple, require_positive
+
+SETTINGS = ("prompts", "seed", "steps", "guidance_scale", "resolution")
+
+
+def check_settings(cfg: dict[str, Any]) -> bool:
+    """Check ``train.validation`` before training starts; return whether validation is on.
+
+    Every setting is checked here, not where it is first used (at step ``every``), so a mistake
+    stops the run before any model loads, on every DDP rank alike.
+    """
+    if not isinstance(cfg, dict):
+        raise UserError("params.yaml: train.validation must be a mapping (every, prompts, seed, ...)")
+    every = require_int(cfg.get("every", 0), "train.validation.every")
+    if every == 0:
+        return False
+    require_keys(cfg, SETTINGS, "train.validation")
+    prompts = cfg["prompts"]
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise UserError("params.yaml: train.validation.every > 0 needs train.validation.prompts, "
+                        "a list of non-empty prompts")
+    require_int(cfg["seed"], "train.validation.seed")
+    require_int(cfg["steps"], "train.validation.steps", minimum=1)
+    require_positive(cfg["guidance_scale"], "train.validation.guidance_scale", allow_zero=True)
+    require_multiple(cfg["resolution"], 16, "train.validation.resolution")
+    return True
 
 
 class ValidationSampler:
+    """Takes ``train.validation`` as checked by :func:`check_settings`."""
+
     def __init__(self, cfg: dict[str, Any], model_folder: str, dtype: torch.dtype, device: torch.device,
                  max_sequence_length: int):
         self.cfg, self.folder, self.dtype, self.device = cfg, model_folder, dtype, device
-        prompts = cfg.get("prompts") or []
-        if not prompts:
-            raise UserError("train.validation.every > 0 needs train.validation.prompts")
-        if cfg["resolution"] % 16:
-            raise UserError(f"train.validation.resolution={cfg['resolution']} must be a multiple of 16")
-        pipe = load_text_pipeline(model_folder, dtype).to(device)
-        with torch.no_grad():
-            embeds, pooled, _ = pipe.encode_prompt(prompt=list(prompts), prompt_2=None, device=device,
-                                                   max_sequence_length=max_sequence_length)
-        self.embeds, self.pooled = embeds.cpu(), pooled.cpu()
-        del pipe
-        gc.collect()
+        batches = list(encode_prompts(model_folder, dtype, device, cfg["prompts"], max_sequence_length))
+        self.embeds = torch.cat([embeds for embeds, _ in batches])
+        self.pooled = torch.cat([pooled for _, pooled in batches])
         self.vae = None
 
     @torch.no_grad()
@@ -54,7 +72,7 @@ class ValidationSampler:
                 pooled_prompt_embeds=pooled[None].to(self.device, self.dtype),
                 height=self.cfg["resolution"], width=self.cfg["resolution"],
                 num_inference_steps=self.cfg["steps"], guidance_scale=self.cfg["guidance_scale"],
-                generator=torch.Generator("cpu").manual_seed(int(self.cfg["seed"])),
+                generator=torch.Generator("cpu").manual_seed(self.cfg["seed"]),
                 output_type="np").images[0])
         transformer.train(was_training)
         return [(image * 255).round().astype(np.uint8) for image in out]

@@ -7,6 +7,10 @@ uses these lists decodes exactly like the Hub data.
 from __future__ import annotations
 
 HUB_DATASET = "huggan/wikiart"
+# The classes of rows without an artist or genre (index 0 of ARTISTS, the last of GENRES); the
+# download stage gives them to unlabelled images of a plain folder too.
+UNKNOWN_ARTIST = "Unknown Artist"
+UNKNOWN_GENRE = "Unknown Genre"
 
 STYLES = [
     "Abstract_Expressionism", "Action_painting", "Analytical_Cubism", "Art_Nouveau", "Baroque",
@@ -60,3 +64,4 @@ ARTISTS = [
 ]
 
 assert len(ARTISTS) == 129 and len(GENRES) == 11 and len(STYLES) == 27
+assert ARTISTS[0] == UNKNOWN_ARTIST and UNKNOWN_GENRE in GENRES
