@@ -88,6 +88,23 @@ def write_filtered_dataset(root: Path, n_images: int = 12, seed: int = 0) -> tup
     return filtered, captions / "captions.parquet"
 
 
+def train_tiny_lora(root: Path, params: dict, cache: Path, *, lora: dict | None = None, steps: int = 5,
+                    learning_rate: float | None = 1e-2) -> Path:
+    """A LoRA from the real trainer in a few seconds, in ``root/lora``. The default learning rate is
+    high enough that the LoRA visibly changes the tiny model's images."""
+    from impressionist import train
+
+    params = copy.deepcopy(params)
+    params["lora"].update(lora or {})
+    params["train"].update(max_steps=steps, checkpoint_every=0)
+    if learning_rate is not None:
+        params["train"]["learning_rate"] = learning_rate
+    train.run(params, cache, lora_dir=root / "lora", checkpoint_dir=root / "ckpt",
+              metrics_path=root / "train.json", loss_plot=root / "loss.png", live_dir=root / "live",
+              log_dir=root / "logs")
+    return root / "lora"
+
+
 @pytest.fixture(scope="session")
 def encoded_cache(tmp_path_factory, _demo_params_master, tiny_flux_dir):
     from impressionist import encode

@@ -13,7 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from impressionist import app, train
+from conftest import train_tiny_lora
+
+from impressionist import app
 from impressionist.errors import UserError
 
 PROMPT = "impr3ssionism, a harbor at sunset"
@@ -35,14 +37,8 @@ def app_params(params: dict, lora_dir) -> dict:
 
 @pytest.fixture(scope="module")
 def trained_lora(tmp_path_factory, _demo_params_master, encoded_cache):
-    root = tmp_path_factory.mktemp("app-lora")
-    params = copy.deepcopy(_demo_params_master)
-    params["lora"].update(rank=4, alpha=4)
-    params["train"].update(max_steps=5, checkpoint_every=0, learning_rate=1e-2)
-    train.run(params, encoded_cache, lora_dir=root / "lora", checkpoint_dir=root / "ckpt",
-              metrics_path=root / "m.json", loss_plot=root / "loss.png", live_dir=root / "live",
-              log_dir=root / "logs")
-    return root / "lora"
+    return train_tiny_lora(tmp_path_factory.mktemp("app-lora"), _demo_params_master, encoded_cache,
+                           lora=dict(rank=4, alpha=4))
 
 
 class Recording:

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from impressionist import train
+from conftest import train_tiny_lora
+
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -34,11 +35,7 @@ def free_port() -> int:
 def app_server(tmp_path_factory, _demo_params_master, encoded_cache):
     root = tmp_path_factory.mktemp("browser")
     params = copy.deepcopy(_demo_params_master)
-    params["lora"].update(rank=4, alpha=4)
-    params["train"].update(max_steps=3, checkpoint_every=0, learning_rate=1e-2)
-    train.run(params, encoded_cache, lora_dir=root / "lora", checkpoint_dir=root / "ckpt",
-              metrics_path=root / "m.json", loss_plot=root / "loss.png", live_dir=root / "live",
-              log_dir=root / "logs")
+    train_tiny_lora(root, params, encoded_cache, lora=dict(rank=4, alpha=4), steps=3)
     params["sample"].update(steps=2, resolution=64)
     params["app"] = {"min_resolution": 32, "max_resolution": 128, "max_steps": 8}
     (root / "params.yaml").write_text(yaml.safe_dump(params))

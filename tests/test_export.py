@@ -13,7 +13,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from impressionist import export, train
+from conftest import train_tiny_lora
+
+from impressionist import export
 from impressionist.errors import UserError
 
 # diffusers' kohya loader hard-codes FLUX.1-dev's single-block sizes (3 x 3072 + 12288 rows in
@@ -29,14 +31,8 @@ DOUBLE_BLOCK_TARGETS = ["attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj", "
 def trained_lora(tmp_path_factory, _demo_params_master, encoded_cache):
     """A LoRA from the real trainer, with alpha != rank (scale 2) and a learning rate high enough
     that it visibly changes the tiny model's images."""
-    root = tmp_path_factory.mktemp("export-lora")
-    params = copy.deepcopy(_demo_params_master)
-    params["lora"].update(rank=4, alpha=8, targets=DOUBLE_BLOCK_TARGETS)
-    params["train"].update(max_steps=5, checkpoint_every=0, learning_rate=1e-2)
-    train.run(params, encoded_cache, lora_dir=root / "lora", checkpoint_dir=root / "ckpt",
-              metrics_path=root / "m.json", loss_plot=root / "loss.png", live_dir=root / "live",
-              log_dir=root / "logs")
-    return root / "lora"
+    return train_tiny_lora(tmp_path_factory.mktemp("export-lora"), _demo_params_master, encoded_cache,
+                           lora=dict(rank=4, alpha=8, targets=DOUBLE_BLOCK_TARGETS))
 
 
 @pytest.fixture(scope="module")

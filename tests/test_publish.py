@@ -15,7 +15,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from impressionist import export, publish, train
+from conftest import train_tiny_lora
+
+from impressionist import export, publish
 from impressionist.errors import UserError
 
 from conftest import committed_params_text
@@ -36,13 +38,9 @@ def artefacts(tmp_path_factory, _demo_params_master, encoded_cache):
     """What train, export, sample and evaluate leave: a real trained + exported LoRA, and a grid
     and eval.json written here (their content is copied, not interpreted, by publish)."""
     root = tmp_path_factory.mktemp("publish-inputs")
-    params = copy.deepcopy(_demo_params_master)
-    params["lora"].update(rank=4, alpha=4)
-    params["train"].update(max_steps=2, checkpoint_every=0)
-    train.run(params, encoded_cache, lora_dir=root / "lora", checkpoint_dir=root / "ckpt",
-              metrics_path=root / "train.json", loss_plot=root / "loss.png", live_dir=root / "live",
-              log_dir=root / "logs")
-    export.run(params, root / "lora", root / "export")
+    train_tiny_lora(root, _demo_params_master, encoded_cache, lora=dict(rank=4, alpha=4), steps=2,
+                    learning_rate=None)
+    export.run(copy.deepcopy(_demo_params_master), root / "lora", root / "export")
     Image.new("RGB", (64, 32), (200, 120, 40)).save(root / "grid.png")
     (root / "eval.json").write_text(json.dumps(EVAL))
     (root / "data.json").write_text(json.dumps({"train": 29, "val": 6}))

@@ -6,22 +6,16 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from impressionist import sample, train
+from conftest import train_tiny_lora
+
+from impressionist import sample
 from impressionist.errors import UserError
 from impressionist.grid import sample_grid_figure
 
 
 @pytest.fixture(scope="module")
 def trained_lora(tmp_path_factory, _demo_params_master, encoded_cache):
-    import copy
-
-    root = tmp_path_factory.mktemp("lora")
-    params = copy.deepcopy(_demo_params_master)
-    params["train"].update(max_steps=5, checkpoint_every=0)
-    train.run(params, encoded_cache, lora_dir=root / "lora", checkpoint_dir=root / "ckpt",
-              metrics_path=root / "m.json", loss_plot=root / "loss.png", live_dir=root / "live",
-              log_dir=root / "logs")
-    return root / "lora"
+    return train_tiny_lora(tmp_path_factory.mktemp("lora"), _demo_params_master, encoded_cache)
 
 
 def small(params):
