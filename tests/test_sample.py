@@ -157,6 +157,10 @@ def test_grid_is_captioned_rows_prompts_columns_scales(tmp_path):
     assert axes[0].images[0].get_array()[0, 0].tolist() == [255, 0, 0]
     assert axes[1].images[0].get_array()[0, 0].tolist() == [0, 0, 255]
     assert not axes[5].images and [t.get_text() for t in axes[5].texts] == ["missing"]
+    # the title names the base model, and flags the demo's random weights
+    assert "RANDOM" in sample_grid_figure(tmp_path / "base", tmp_path / "lora", "builtin:tiny-flux")._suptitle.get_text()
+    real = sample_grid_figure(tmp_path / "base", tmp_path / "lora", "black-forest-labs/FLUX.1-dev")._suptitle.get_text()
+    assert real.startswith("black-forest-labs/FLUX.1-dev\n") and "RANDOM" not in real
 
 
 def test_refusals(demo_params, tmp_path, monkeypatch):

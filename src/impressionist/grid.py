@@ -13,6 +13,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from PIL import Image
 
+from .hub import BUILTIN_PREFIX
 from .plotting import new_figure, save_figure
 
 CELL_INCHES = 2.2
@@ -33,12 +34,12 @@ def _samples(folder: Path) -> pd.DataFrame:
     return pd.read_csv(Path(folder) / "samples.csv").assign(folder=str(folder))
 
 
-def save_sample_grid(base_dir: Path, lora_dir: Path, path: Path) -> Path:
+def save_sample_grid(base_dir: Path, lora_dir: Path, path: Path, base_model: str = "") -> Path:
     """Draw ``samples/base`` and ``samples/lora`` (their ``samples.csv``) as one captioned PNG."""
-    return save_figure(sample_grid_figure(base_dir, lora_dir), path)
+    return save_figure(sample_grid_figure(base_dir, lora_dir, base_model), path)
 
 
-def sample_grid_figure(base_dir: Path, lora_dir: Path) -> Figure:
+def sample_grid_figure(base_dir: Path, lora_dir: Path, base_model: str = "") -> Figure:
     """The grid as a matplotlib Figure: one row per (prompt, seed), one column per LoRA scale (0 = base)."""
     table = pd.concat([_samples(base_dir), _samples(lora_dir)], ignore_index=True)
     scales = sorted(table["lora_scale"].unique())
@@ -64,6 +65,11 @@ def sample_grid_figure(base_dir: Path, lora_dir: Path) -> Figure:
                 source = match.iloc[0].prompt_source if not match.empty else None
                 ax.text(-0.04, 0.5, row_label(prompt, int(seed), source), transform=ax.transAxes,
                         ha="right", va="center", fontsize=7)
-    fig.suptitle("rows: prompt (seed) · columns: base model | LoRA scale", fontsize=9,
+    title = "rows: prompt (seed) · columns: base model | LoRA scale"
+    if base_model:
+        # The demo's pictures come from random weights: the grid must say so wherever it is shown.
+        demo = " (tiny RANDOM-weight demo model)" if base_model.startswith(BUILTIN_PREFIX) else ""
+        title = f"{base_model}{demo}\n{title}"
+    fig.suptitle(title, fontsize=9,
                  x=0.5, y=1 - 0.08 / fig.get_figheight(), va="top")
     return fig

@@ -203,7 +203,7 @@ def run_lora(params: dict[str, Any], lora_dir: Path = LORA_DIR, base_dir: Path =
             rows += generate(pipe, cfg, prompt_list, float(scale), tmp)
         pd.DataFrame(rows).to_csv(tmp / "samples.csv", index=False)
         # Drawn from the finished temporary folder: a failed grid leaves no samples/lora behind.
-        save_sample_grid(Path(base_dir), tmp, Path(grid_path))
+        save_sample_grid(Path(base_dir), tmp, Path(grid_path), section(params, "model")["pretrained"])
     print(f"sample: {len(rows)} LoRA images -> {out_dir}, grid -> {grid_path}")
 
 
