@@ -318,19 +318,7 @@ def read_samples(folder: Path | str) -> pd.DataFrame:
     csv = folder / "samples.csv"
     if not folder.is_dir():
         raise UserError(f"{folder} not found; {SAMPLE_HINT}")
-    if not csv.is_file():
-        raise UserError(f"{csv} not found; {SAMPLE_HINT}")
-    try:
-        table = pd.read_csv(csv)
-    except pd.errors.EmptyDataError:
-        table = pd.DataFrame(columns=list(SAMPLES_COLUMNS))
-    except Exception as err:
-        raise UserError(f"{csv} could not be read: {first_line(err)}") from err
-    missing = [c for c in SAMPLES_COLUMNS if c not in table.columns]
-    if missing:
-        raise UserError(f"{csv} lacks column(s) {', '.join(missing)}; re-run the sample stage")
-    if table.empty:
-        raise UserError(f"{csv} lists no images; {SAMPLE_HINT}")
+    table = read_table(csv, SAMPLES_COLUMNS, "sample_base" if folder.name == "base" else "sample")
     scales = pd.to_numeric(table["lora_scale"], errors="coerce")
     if scales.isna().any():
         raise UserError(f"{csv}: column lora_scale holds non-numbers; re-run the sample stage")

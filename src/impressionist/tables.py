@@ -1,8 +1,8 @@
-"""The parquet tables the data stages hand each other (docs/layout.md), and one checked reader.
+"""The tables the stages hand each other (docs/layout.md), and one checked reader.
 
 Every reader of a table wants the same four checks before any work: the file exists, it is a
-readable parquet table, it has the columns the reader needs, and it lists at least one row. Each
-failure is one line naming the table and the stage that writes it.
+readable table (parquet, or the CSV the sample stages write), it has the columns the reader needs,
+and it lists at least one row. Each failure is one line naming the table and the stage that writes it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ METADATA_FILE = "metadata.parquet"  # the table of data/raw and of data/filtered
 
 
 def read_table(path: Path | str, columns: Iterable[str], stage: str) -> pd.DataFrame:
-    """The parquet table at ``path``, checked to exist, be readable, have ``columns`` and a row.
+    """The table at ``path`` (``.csv`` or parquet), checked to exist, be readable, have ``columns``
+    and a row.
 
     ``stage`` is the stage that writes it, named in the message that says what to do.
     """
@@ -29,10 +30,13 @@ def read_table(path: Path | str, columns: Iterable[str], stage: str) -> pd.DataF
     rerun = f"rerun the {stage} stage (`dvc repro {stage}`)"
     if not path.is_file():
         raise UserError(f"{path} not found; run the {stage} stage first (`dvc repro {stage}`)")
+    kind = "CSV" if path.suffix == ".csv" else "parquet"
     try:
-        table = pd.read_parquet(path)
+        table = pd.read_csv(path) if kind == "CSV" else pd.read_parquet(path)
+    except pd.errors.EmptyDataError:  # a CSV without even a header: no rows, reported below
+        table = pd.DataFrame(columns=list(columns))
     except Exception as err:  # pyarrow raises several types for a truncated or foreign file
-        raise UserError(f"{path} is not a readable parquet table ({first_line(err, 160)}); {rerun}") from err
+        raise UserError(f"{path} is not a readable {kind} table ({first_line(err, 160)}); {rerun}") from err
     missing = [column for column in columns if column not in table.columns]
     if missing:
         raise UserError(f"{path} lacks column(s) {', '.join(missing)}; {rerun}")
