@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -25,7 +25,7 @@ def load_params(path: Path | str = DEFAULT_PARAMS) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise UserError(f"params file {path} is not valid YAML: {err}".splitlines()[0]) from err
+        raise UserError(f"params file {path} is not valid YAML: {first_line(err)}") from err
     if not isinstance(data, dict):
         raise UserError(f"params file {path} must hold a mapping of sections")
     return data
