@@ -2,10 +2,14 @@
 the way diffusers' train_dreambooth_lora_flux.py runs without caches (VAE and both text encoders
 every step, per-image captions).
 
-    python benchmarks/bench_train_step.py --profile cpu          # tiny model, seconds, runs anywhere
-    python benchmarks/bench_train_step.py --profile gpu          # full FLUX.1-dev architecture, random bf16
+    python benchmarks/bench_train_step.py --profile cpu       # tiny model, seconds, runs anywhere
+    python benchmarks/bench_train_step.py --profile gpu       # full FLUX.1-dev architecture, random bf16
+    python benchmarks/bench_train_step.py --profile estimate  # full FLUX.1-dev architecture, no GPU needed
 
 Weights are random (built from configs, nothing downloaded): they do not change speed or memory.
+The estimate profile runs the full-size steps on fake tensors (shapes and dtypes, no data): it
+counts their FLOPs and follows every tensor they allocate, which gives the compute floor of a step
+and its peak tensor memory without a GPU. It times nothing.
 Prints a table (ratios first) and, with --out, appends it to a Markdown results file.
 """
 
@@ -17,10 +21,13 @@ import datetime as dt
 import platform
 import sys
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map_only
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from impressionist.flux_math import flow_matching_loss
 from impressionist.lora import lora_config
@@ -38,11 +45,40 @@ class Models:
     clip_vocab: int
     t5_vocab: int
 
+    def frozen(self, device: torch.device | str, dtype: torch.dtype) -> "Models":
+        for module in (self.transformer, self.vae, self.clip, self.t5):
+            module.to(device=device, dtype=dtype).requires_grad_(False)
+        return self
 
-def build_models(profile: str, device: torch.device, dtype: torch.dtype) -> Models:
+
+# FLUX.1-dev's published configs (transformer, VAE, CLIP-L and T5-XXL text encoders).
+FLUX_DEV_TRANSFORMER = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56))
+FLUX_DEV_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=16, layers_per_block=2,
+    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[128, 256, 512, 512], norm_num_groups=32, use_quant_conv=False,
+    use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611)
+CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+              num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24,
+              feed_forward_proj="gated-gelu", relative_attention_num_buckets=32)
+
+
+def build_full_size(device: torch.device | str) -> Models:
+    """FLUX.1-dev's four networks with random weights, built directly on ``device`` ("meta": no memory)."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
+    with torch.device(device):
+        return Models(FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER), AutoencoderKL(**FLUX_DEV_VAE),
+                      CLIPTextModel(CLIPTextConfig(**CLIP_L)), T5EncoderModel(T5Config(**T5_XXL)),
+                      CLIP_L["vocab_size"], T5_XXL["vocab_size"])
+
+
+def build_models(profile: str, device: torch.device, dtype: torch.dtype) -> Models:
     torch.manual_seed(0)
     if profile == "cpu":
         from impressionist.tiny_flux import build_tiny_flux_pipeline
@@ -51,28 +87,8 @@ def build_models(profile: str, device: torch.device, dtype: torch.dtype) -> Mode
         models = Models(pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2,
                         pipe.text_encoder.config.vocab_size, pipe.text_encoder_2.config.vocab_size)
     else:
-        # FLUX.1-dev's published configs; building directly on the GPU avoids a CPU copy.
-        with torch.device(device):
-            transformer = FluxTransformer2DModel(
-                patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
-                attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
-                pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
-            vae = AutoencoderKL(
-                in_channels=3, out_channels=3, latent_channels=16, layers_per_block=2,
-                down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-                block_out_channels=[128, 256, 512, 512], norm_num_groups=32,
-                use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611)
-            clip = CLIPTextModel(CLIPTextConfig(
-                vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-                projection_dim=768))
-            t5 = T5EncoderModel(T5Config(
-                vocab_size=32128, d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24,
-                feed_forward_proj="gated-gelu", relative_attention_num_buckets=32))
-        models = Models(transformer, vae, clip, t5, 49408, 32128)
-    for module in (models.transformer, models.vae, models.clip, models.t5):
-        module.to(device=device, dtype=dtype).requires_grad_(False)
-    return models
+        models = build_full_size(device)  # on the GPU directly: no 24 GB CPU copy
+    return models.frozen(device, dtype)
 
 
 def quantize_nf4(transformer: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -83,9 +99,10 @@ def quantize_nf4(transformer: torch.nn.Module, dtype: torch.dtype) -> None:
         for child_name, child in list(module.named_children()):
             if isinstance(child, torch.nn.Linear) and "transformer_blocks" in f"{name}.{child_name}":
                 layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                          compute_dtype=dtype, quant_type="nf4")
-                layer.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False,
-                                                 quant_type="nf4").to(child.weight.device)
+                                          compute_dtype=dtype, quant_type="nf4", compress_statistics=False)
+                # as the trainer's BitsAndBytesConfig: NF4, blocks of 64, fp32 absmax (no double quant)
+                layer.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4",
+                                                 compress_statistics=False).to(child.weight.device)
                 if child.bias is not None:
                     layer.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
                 setattr(module, child_name, layer)
@@ -99,11 +116,10 @@ class Case:
     nf4: bool = False
 
 
-def run_case(models: Models, case: Case, args, device, dtype) -> dict:
+def add_fresh_lora(transformer: torch.nn.Module, case: Case, args) -> list[torch.nn.Parameter]:
+    """A new rank-``args.rank`` LoRA (fp32, as the trainer keeps it) on the attention layers; its params."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    transformer = models.transformer
-    # fresh LoRA per case
     if any(isinstance(m, BaseTunerLayer) for m in transformer.modules()):
         transformer.delete_adapters("default")
     transformer.add_adapter(lora_config({"rank": args.rank, "alpha": args.rank, "targets": "attention"},
@@ -116,19 +132,25 @@ def run_case(models: Models, case: Case, args, device, dtype) -> dict:
     else:
         transformer.disable_gradient_checkpointing()
     transformer.train()
-    trainable = [p for p in transformer.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=device.type == "cuda")
+    return [p for p in transformer.parameters() if p.requires_grad]
 
+
+def step_functions(models: Models, case: Case, args, device, dtype):
+    """Two ways to get one step's loss: ``ours`` from cached latents and embeddings (copied from
+    pinned CPU memory, as the trainer's loader does), ``baseline`` running the VAE and both text
+    encoders first, as the reference script does without caches."""
+    transformer = models.transformer
     b, res = args.batch_size, case.resolution
     latent = res // 8
     seq_t5, seq_clip = args.max_sequence_length, 77
-    # "cache": pinned CPU tensors copied asynchronously, as the trainer's loader does
     pin = device.type == "cuda"
     cached = {
-        "latents": torch.randn(b, 16, latent, latent).pin_memory() if pin else torch.randn(b, 16, latent, latent),
+        "latents": torch.randn(b, 16, latent, latent),
         "prompt_embeds": torch.randn(b, seq_t5, models.t5.config.d_model),
         "pooled_prompt_embeds": torch.randn(b, models.clip.config.hidden_size),
     }
+    if pin:
+        cached = {k: v.pin_memory() for k, v in cached.items()}
     images = torch.rand(b, 3, res, res, device=device, dtype=dtype) * 2 - 1
     t5_ids = torch.randint(0, models.t5_vocab, (b, seq_t5), device=device)
     clip_ids = torch.randint(0, models.clip_vocab, (b, seq_clip), device=device)
@@ -143,7 +165,8 @@ def run_case(models: Models, case: Case, args, device, dtype) -> dict:
 
     def ours():
         batch = {k: v.to(device, non_blocking=True) for k, v in cached.items()}
-        return loss_from(batch["latents"].float(), batch["prompt_embeds"].to(dtype), batch["pooled_prompt_embeds"].to(dtype))
+        return loss_from(batch["latents"].float(), batch["prompt_embeds"].to(dtype),
+                         batch["pooled_prompt_embeds"].to(dtype))
 
     def baseline():
         with torch.no_grad():
@@ -152,32 +175,159 @@ def run_case(models: Models, case: Case, args, device, dtype) -> dict:
             pooled = models.clip(clip_ids).pooler_output
         return loss_from(latents.float(), embeds, pooled)
 
-    def step(fn):
-        loss = fn()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    return ours, baseline
 
+
+def train_step(loss_fn, optimizer) -> None:
+    loss = loss_fn()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def count_flops(loss_fn, optimizer) -> int:
+    with FlopCounterMode(display=False, custom_mapping=CPU_FLASH_ATTENTION_FLOPS) as counter:
+        train_step(loss_fn, optimizer)
+    return counter.get_total_flops()
+
+
+def run_case(models: Models, case: Case, args, device, dtype) -> dict:
+    trainable = add_fresh_lora(models.transformer, case, args)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=device.type == "cuda")
     result = {"case": case.name}
-    for label, fn in (("ours", ours), ("baseline", baseline)):
+    for label, fn in zip(("ours", "baseline"), step_functions(models, case, args, device, dtype)):
+        # FLOPs first and apart: the counter keeps tensors alive, which would inflate the peak.
+        flops = count_flops(fn, optimizer)
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         for _ in range(args.warmup):
-            step(fn)
-        with FlopCounterMode(display=False) as counter:
-            step(fn)
+            train_step(fn, optimizer)
         sync(device)
         start = time.perf_counter()
         for _ in range(args.steps):
-            step(fn)
+            train_step(fn, optimizer)
         sync(device)
         seconds = (time.perf_counter() - start) / args.steps
         result[label] = {
-            "s_per_step": seconds, "images_per_s": b / seconds,
-            "gflop_per_step": counter.get_total_flops() / 1e9,
+            "s_per_step": seconds, "images_per_s": args.batch_size / seconds, "gflop_per_step": flops / 1e9,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
         }
+    return result
+
+
+# FlopCounterMode knows the CUDA attention kernels; the CPU flash kernel (what fake tensors on the
+# CPU dispatch to) does the same work.
+CPU_FLASH_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+        lambda q, k, v, *_, out_shape=None, **__: sdpa_flop_count(q, k, v),
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        lambda grad_out, q, k, v, *_, out_shape=None, **__: sdpa_backward_flop_count(grad_out, q, k, v),
+}
+
+
+class PeakTensorMemory(TorchDispatchMode):
+    """Bytes of tensor storage alive at once, following every op's outputs (real or fake tensors).
+
+    ``resident`` tensors (weights, inputs) count from the start; a storage leaves the count when it
+    is freed. Allocator rounding, fragmentation and the CUDA context are not included.
+    """
+
+    def __init__(self, resident=()):
+        super().__init__()
+        self.current = self.peak = 0
+        self._alive: dict[int, weakref.ref] = {}
+        for tensor in resident:
+            self._track(tensor)
+
+    def _track(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = id(storage)  # views share their base's storage object: counted once
+        if key in self._alive:
+            return
+        nbytes = storage.nbytes()
+
+        def release(_ref, key=key, nbytes=nbytes):
+            if self._alive.pop(key, None) is not None:
+                self.current -= nbytes
+
+        self._alive[key] = weakref.ref(storage, release)
+        self.current += nbytes
+        self.peak = max(self.peak, self.current)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tree_map_only(torch.Tensor, self._track, out)
+        return out
+
+
+def to_fake(module: torch.nn.Module, fake_mode) -> None:
+    """Replace every parameter and buffer (e.g. built on "meta") by a fake CPU tensor of the same
+    shape, dtype and trainability. (``module.to`` cannot: fake parameters refuse to be swapped.)"""
+    for sub in module.modules():
+        for name, param in list(sub._parameters.items()):
+            if param is not None:
+                with fake_mode:
+                    fake = torch.empty(param.shape, dtype=param.dtype)
+                sub._parameters[name] = torch.nn.Parameter(fake, requires_grad=param.requires_grad)
+        for name, buffer in list(sub._buffers.items()):
+            if buffer is not None:
+                with fake_mode:
+                    sub._buffers[name] = torch.empty(buffer.shape, dtype=buffer.dtype)
+
+
+def module_tensors(*modules: torch.nn.Module) -> list[torch.Tensor]:
+    return [t for m in modules for t in (*m.parameters(), *m.buffers())]
+
+
+# bitsandbytes NF4 as the trainer loads it (BitsAndBytesConfig without double quantisation): 4 bits
+# a weight plus one fp32 absmax per block of 64.
+NF4_BYTES_PER_WEIGHT = 0.5 + 4 / 64
+
+
+def nf4_memory_change(transformer: torch.nn.Module) -> tuple[int, int]:
+    """(bytes an NF4 base adds, negative: what it saves; the largest transient dequantised weight).
+
+    The blocks' Linear weights shrink from 16-bit to NF4; every other frozen 16-bit weight
+    (embedders, norms, biases, output head) grows to fp32, as the trainer's
+    ``prepare_model_for_kbit_training`` casts them. bitsandbytes dequantises one weight at a time.
+    """
+    quantised = {id(m.weight) for name, m in transformer.named_modules()
+                 if "transformer_blocks" in name and type(m) is torch.nn.Linear}
+    frozen = [p for p in transformer.parameters() if not p.requires_grad]
+    saved = sum(p.numel() * (p.element_size() - NF4_BYTES_PER_WEIGHT) for p in frozen if id(p) in quantised)
+    grown = sum(p.numel() * (4 - p.element_size()) for p in frozen if id(p) not in quantised)
+    largest = max(p.numel() * p.element_size() for p in frozen if id(p) in quantised)
+    return int(grown - saved), largest
+
+
+def estimate_case(models: Models, case: Case, args, dtype) -> dict:
+    """FLOPs and peak tensor memory of one full-size training step, on fake tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    add_fresh_lora(models.transformer, case, args)  # on "meta"
+    fake_mode = FakeTensorMode()
+    for module in (models.transformer, models.vae, models.clip, models.t5):
+        to_fake(module, fake_mode)
+    trainable = [p for p in models.transformer.parameters() if p.requires_grad]
+    result = {"case": case.name}
+    cpu = torch.device("cpu")
+    with fake_mode:
+        optimizer = torch.optim.AdamW(trainable, lr=1e-4, foreach=False)
+        ours, baseline = step_functions(models, case, args, cpu, dtype)
+        for label, fn, resident in (("ours", ours, [models.transformer]),
+                                    # the reference script keeps the VAE and text encoders resident
+                                    ("baseline", baseline, [models.transformer, models.vae, models.clip, models.t5])):
+            flops = count_flops(fn, optimizer)
+            optimizer.state.clear()  # the measured step allocates its own Adam state
+            memory = PeakTensorMemory(module_tensors(*resident))
+            with memory:
+                train_step(fn, optimizer)
+            peak = memory.peak
+            if case.nf4:
+                change, transient = nf4_memory_change(models.transformer)
+                peak += change + transient
+            result[label] = {"gflop_per_step": flops / 1e9, "peak_gib": peak / 2**30}
     return result
 
 
@@ -203,54 +353,89 @@ def peak_tflops(device) -> float | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--profile", choices=["cpu", "gpu", "estimate"], default="cpu")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--max-sequence-length", type=int, default=None)
+    parser.add_argument("--resolutions", type=int, nargs="+", default=None,
+                        help="image sides to run (default: 64 128 for cpu, 512 1024 otherwise)")
     parser.add_argument("--out", help="append the results as Markdown to this file")
     args = parser.parse_args()
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()  # casting whole random models to bf16 is intended here
 
     if args.profile == "gpu" and not torch.cuda.is_available():
-        sys.exit("error: --profile gpu needs a CUDA GPU; use --profile cpu here")
+        sys.exit("error: --profile gpu needs a CUDA GPU; use --profile cpu (timings) or "
+                 "--profile estimate (full-size FLOPs and memory) here")
+    full_size = args.profile != "cpu"
     device = torch.device("cuda" if args.profile == "gpu" else "cpu")
-    dtype = torch.bfloat16 if args.profile == "gpu" else torch.float32
+    dtype = torch.bfloat16 if full_size else torch.float32
     args.steps = args.steps or (10 if args.profile == "gpu" else 20)
-    args.max_sequence_length = args.max_sequence_length or (512 if args.profile == "gpu" else 64)
-    if args.profile == "cpu":
-        cases = [Case("64px", 64, False), Case("128px", 128, False), Case("128px+ckpt", 128, True)]
-    else:
-        cases = [Case("512px", 512, False), Case("512px+ckpt", 512, True), Case("1024px+ckpt", 1024, True),
-                 Case("1024px", 1024, False)]
-    models = build_models(args.profile, device, dtype)
-    rows = [run_case(models, case, args, device, dtype) for case in cases]
-    if args.profile == "gpu":
-        quantize_nf4(models.transformer, dtype)
-        rows += [run_case(models, Case(f"{r}px+ckpt+nf4", r, True, nf4=True), args, device, dtype)
-                 for r in (512, 1024)]
+    args.max_sequence_length = args.max_sequence_length or (512 if full_size else 64)
+    resolutions = args.resolutions or ([512, 1024] if full_size else [64, 128])
+    cases = [Case(f"{r}px{'+ckpt' if ckpt else ''}", r, ckpt) for r in resolutions for ckpt in (False, True)]
+    nf4_cases = [Case(f"{r}px+ckpt+nf4", r, True, nf4=True) for r in resolutions] if full_size else []
 
-    peak = peak_tflops(device)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    lines = [f"### {args.profile} profile — {device_name}, {dt.date.today()}",
-             f"`python benchmarks/bench_train_step.py {' '.join(sys.argv[1:])}` (torch {torch.__version__}, "
-             f"batch {args.batch_size}, LoRA rank {args.rank}, T5 length {args.max_sequence_length}, "
-             f"{args.steps} timed steps after {args.warmup} warm-up)", "",
-             "| case | speed-up (ours/baseline) | ours s/step | baseline s/step | ours img/s | "
-             "ours GFLOP/step | ours peak GiB | baseline peak GiB | ours MFU |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for row in rows:
-        ours, base = row["ours"], row["baseline"]
-        mfu = f"{ours['gflop_per_step'] / 1e3 / ours['s_per_step'] / peak:.0%}" if peak else "n/a"
-        gib = lambda v: "n/a" if v is None else f"{v:.1f}"  # noqa: E731
-        lines.append(f"| {row['case']} | {base['s_per_step'] / ours['s_per_step']:.2f}x | {ours['s_per_step']:.4f} | "
-                     f"{base['s_per_step']:.4f} | {ours['images_per_s']:.2f} | {ours['gflop_per_step']:.2f} | "
-                     f"{gib(ours['peak_gib'])} | {gib(base['peak_gib'])} | {mfu} |")
-    text = "\n".join(lines) + "\n"
+    if args.profile == "estimate":
+        # a fresh meta-built set per case: fake parameters cannot take a new adapter
+        rows = [estimate_case(build_full_size("meta").frozen("meta", dtype), case, args, dtype)
+                for case in cases + nf4_cases]
+    else:
+        models = build_models(args.profile, device, dtype)
+        rows = [run_case(models, case, args, device, dtype) for case in cases]
+        if nf4_cases:
+            quantize_nf4(models.transformer, dtype)
+            rows += [run_case(models, case, args, device, dtype) for case in nf4_cases]
+    text = estimate_table(rows, args) if args.profile == "estimate" else timing_table(rows, args, device)
     print(text)
     if args.out:
         with open(args.out, "a") as handle:
             handle.write("\n" + text)
+
+
+def gib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def header(args, device_name: str, details: str) -> list[str]:
+    return [f"### {args.profile} profile — {device_name}, {dt.date.today()}",
+            f"`python benchmarks/bench_train_step.py {' '.join(sys.argv[1:])}` (torch {torch.__version__}, "
+            f"batch {args.batch_size}, LoRA rank {args.rank} on attention, T5 length "
+            f"{args.max_sequence_length}{details})", ""]
+
+
+def timing_table(rows: list[dict], args, device) -> str:
+    peak = peak_tflops(device)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    lines = header(args, device_name, f", {args.steps} timed steps after {args.warmup} warm-up") + [
+        "| case | speed-up (ours/baseline) | ours s/step | baseline s/step | ours img/s | "
+        "ours GFLOP/step | ours peak GiB | baseline peak GiB | ours MFU |",
+        "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        ours, base = row["ours"], row["baseline"]
+        mfu = f"{ours['gflop_per_step'] / 1e3 / ours['s_per_step'] / peak:.0%}" if peak else "n/a"
+        lines.append(f"| {row['case']} | {base['s_per_step'] / ours['s_per_step']:.2f}x | {ours['s_per_step']:.4f} | "
+                     f"{base['s_per_step']:.4f} | {ours['images_per_s']:.2f} | {ours['gflop_per_step']:.2f} | "
+                     f"{gib(ours['peak_gib'])} | {gib(base['peak_gib'])} | {mfu} |")
+    return "\n".join(lines) + "\n"
+
+
+def estimate_table(rows: list[dict], args) -> str:
+    h100 = PEAK_BF16_TFLOPS["H100"]
+    lines = header(args, f"fake tensors on {cpu_name()}", "; bf16 weights, fp32 LoRA") + [
+        "| case | FLOP ratio (baseline/ours) | ours TFLOP/step | baseline TFLOP/step | "
+        f"ours s/step at H100 bf16 peak ({h100:.0f} TFLOP/s) | ours peak GiB | baseline peak GiB |",
+        "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        ours, base = row["ours"], row["baseline"]
+        lines.append(f"| {row['case']} | {base['gflop_per_step'] / ours['gflop_per_step']:.2f}x | "
+                     f"{ours['gflop_per_step'] / 1e3:.1f} | {base['gflop_per_step'] / 1e3:.1f} | "
+                     f"{ours['gflop_per_step'] / 1e3 / h100:.3f} | {gib(ours['peak_gib'])} | "
+                     f"{gib(base['peak_gib'])} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
