@@ -313,8 +313,10 @@ def test_validation_images_are_logged_to_both_trackers(demo_params, encoded_cach
     assert events and any(b"validation/0" in e.read_bytes() for e in events)
 
 
-def test_two_gloo_processes_train_identical_loras(demo_params, encoded_cache, tmp_path):
-    """A real 2-process DDP run on CPU (gloo): every rank must end with the same LoRA."""
+def test_two_gloo_processes_train_identical_loras(demo_params, encoded_cache, tmp_path, monkeypatch):
+    """A real 2-process DDP run on CPU (gloo): every rank must end with the same LoRA, and it is the
+    LoRA one process trains when it accumulates both ranks' micro-batches (DDP splits the work,
+    not the recipe)."""
     params = small_run(demo_params, 6, every=3)
     shutil.copytree(encoded_cache, tmp_path / "data/cache")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
@@ -330,6 +332,17 @@ def test_two_gloo_processes_train_identical_loras(demo_params, encoded_cache, tm
     assert config["rank_checksums"][0] == config["rank_checksums"][1]
     # the world size is part of the run hash: a 1-process rerun must not resume this run
     assert config["run_hash"] != train.run_hash(params, CacheReader(tmp_path / "data/cache").index["fingerprint"], 1)
+
+    single = copy.deepcopy(params)
+    single["train"]["gradient_accumulation_steps"] *= 2
+    monkeypatch.chdir(tmp_path)
+    out = outputs(tmp_path / "single")
+    train.run(single, tmp_path / "data/cache", **out)
+    two_ranks, one_rank = load_file(tmp_path / "models/lora" / LORA_FILE), load_file(out["lora_dir"] / LORA_FILE)
+    assert two_ranks.keys() == one_rank.keys()
+    assert any(v.abs().max() > 0 for k, v in one_rank.items() if "lora_B" in k)  # it trained
+    # gradients average across ranks instead of summing halves: equal up to float rounding
+    assert all(torch.allclose(two_ranks[k], one_rank[k], rtol=1e-4, atol=1e-6) for k in one_rank)
 
 
 def test_data_loader_workers_do_not_change_what_is_trained(demo_params, encoded_cache, tmp_path, monkeypatch):
