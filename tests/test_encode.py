@@ -112,3 +112,32 @@ def test_failure_mid_run_leaves_no_cache_and_no_temporary_folder(demo_params, tm
     assert "\n" not in str(err.value) and "re-run the filter stage" in str(err.value)
     assert not (tmp_path / "cache").exists()
     assert not list(tmp_path.glob(".cache.tmp-*"))
+
+
+def test_data_loader_workers_do_not_change_the_cache(demo_params, tmp_path):
+    from conftest import write_filtered_dataset
+
+    filtered, captions = write_filtered_dataset(tmp_path, n_images=7)
+    demo_params["encode"].update(batch_size=2, shard_size=3, flip=True)
+    for workers in (0, 2):
+        demo_params["encode"]["dataloader_workers"] = workers
+        encode.run(copy.deepcopy(demo_params), filtered, captions, tmp_path / f"cache{workers}")
+    files = sorted(p.name for p in (tmp_path / "cache0").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "cache2").iterdir())
+    latents = len(CacheReader(tmp_path / "cache2").samples)
+    assert latents >= 8  # flipped copies of several batches
+    assert len([f for f in files if f.startswith("latents-")]) == -(-latents // 3)  # 3 a shard
+    for name in files:  # the fingerprint too: a worker-count change keeps the cache valid for train
+        assert (tmp_path / "cache0" / name).read_bytes() == (tmp_path / "cache2" / name).read_bytes(), name
+
+
+def test_the_dvc_stage_depends_on_every_encode_param_that_shapes_the_cache():
+    import yaml
+
+    from conftest import REPO
+
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["encode"]
+    declared = {p.split(".", 1)[1] for p in stage["params"] if isinstance(p, str) and p.startswith("encode.")}
+    keys = set(yaml.safe_load((REPO / "params.yaml").read_text())["encode"])
+    assert declared == keys - encode.NOT_CACHED
+    assert "encode" not in stage["params"]  # the whole section would re-encode on a worker-count change

@@ -4,7 +4,9 @@ the text encoders.
 Depends only on the base model, ``encode.*``, ``caption.max_sequence_length`` and the captions, so a
 change of ``lora.*`` or ``train.*`` does not re-run it. Images are assigned to aspect-ratio buckets
 around ``encode.resolution`` (sides multiples of 16) and centre-cropped to their bucket. The VAE and
-the text encoders are loaded, used and freed in turn, and shards are flushed as they fill.
+the text encoders are loaded, used and freed in turn, and shards are flushed as they fill. Images are
+decoded and resized by ``encode.dataloader_workers`` processes a few batches ahead of the VAE, so
+memory stays bounded by the shard size and the prefetch depth, not the number of images.
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ def _validate(cfg: dict[str, Any]) -> None:
     require_multiple(cfg["resolution"], 16, "encode.resolution", "FLUX packs 2x2 latents of an 8x VAE")
     require_int(cfg["batch_size"], "encode.batch_size", minimum=1)
     require_int(cfg["shard_size"], "encode.shard_size", minimum=1)
+    require_int(cfg.get("dataloader_workers", 0), "encode.dataloader_workers")
     low = require_positive(cfg["bucket_min_aspect"], "encode.bucket_min_aspect")
     high = require_positive(cfg["bucket_max_aspect"], "encode.bucket_max_aspect")
     if not low <= 1 <= high:
@@ -104,37 +107,81 @@ def _training_rows(filtered_dir: Path, captions_path: Path) -> pd.DataFrame:
     return rows.sort_values("id").reset_index(drop=True)
 
 
-@torch.no_grad()
-def _encode_latents(rows: pd.DataFrame, filtered_dir: Path, cfg: dict[str, Any], model_folder: str,
-                    dtype: torch.dtype, device: torch.device, out: Path) -> list[dict[str, Any]]:
+# Keys of encode.* that do not change what is cached (left out of the cache fingerprint and of the
+# DVC stage's params).
+NOT_CACHED = {"dataloader_workers"}
+
+
+class BucketBatchImages(torch.utils.data.Dataset):
+    """Item ``i``: the pixels of the ``i``-th encode batch (its rows' images cropped to their bucket),
+    one tensor per flip setting.
+
+    Served through a DataLoader, whose worker processes decode and resize upcoming batches while the
+    VAE encodes the current one; the loader keeps the order, so the workers never change the cache.
+    An unreadable image comes back as its UserError (raised by the caller): an exception raised in a
+    worker would reach the user wrapped in a traceback.
+    """
+
+    def __init__(self, batches: list[tuple[tuple[int, int], list[int]]], rows: pd.DataFrame,
+                 filtered_dir: Path, flips: tuple[bool, ...]):
+        self.batches, self.rows, self.filtered_dir, self.flips = batches, rows, filtered_dir, flips
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict[bool, torch.Tensor] | UserError:
+        bucket, indices = self.batches[i]
+        try:
+            images = [crop_to_bucket(load_image(self.filtered_dir / f), bucket)
+                      for f in self.rows.loc[indices, "file"]]
+        except UserError as err:
+            return err
+        return {flip: to_pixels([im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for im in images]
+                                if flip else images)
+                for flip in self.flips}
+
+
+def encode_batches(rows: pd.DataFrame, cfg: dict[str, Any]) -> list[tuple[tuple[int, int], list[int]]]:
+    """(bucket, row indices) of every encode batch: rows grouped by nearest bucket, buckets in order."""
     buckets = aspect_buckets(cfg["resolution"], cfg["bucket_min_aspect"], cfg["bucket_max_aspect"])
     by_bucket: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i, row in rows.iterrows():
         by_bucket[nearest_bucket(int(row["height"]), int(row["width"]), buckets)].append(i)
+    return [(bucket, by_bucket[bucket][start:start + cfg["batch_size"]])
+            for bucket in sorted(by_bucket)
+            for start in range(0, len(by_bucket[bucket]), cfg["batch_size"])]
+
+
+@torch.no_grad()
+def _encode_latents(rows: pd.DataFrame, filtered_dir: Path, cfg: dict[str, Any], model_folder: str,
+                    dtype: torch.dtype, device: torch.device, out: Path) -> list[dict[str, Any]]:
+    batches = encode_batches(rows, cfg)
+    flips = (False, True) if cfg.get("flip", False) else (False,)
+    workers = cfg.get("dataloader_workers", 0)
+    loader = torch.utils.data.DataLoader(
+        BucketBatchImages(batches, rows, filtered_dir, flips), batch_size=None, num_workers=workers,
+        pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None)
 
     vae = load_vae(model_folder, dtype).to(device).eval()
     shift, scale = vae.config.shift_factor, vae.config.scaling_factor
     writer = ShardWriter(out, "latents", cfg["shard_size"])
     samples = []
-    flips = (False, True) if cfg.get("flip", False) else (False,)
     progress = tqdm(total=len(rows) * len(flips), desc="encode latents", unit="img")
-    for bucket in sorted(by_bucket):
-        indices = by_bucket[bucket]
-        for start in range(0, len(indices), cfg["batch_size"]):
-            batch = rows.loc[indices[start:start + cfg["batch_size"]]]
-            images = [crop_to_bucket(load_image(filtered_dir / f), bucket) for f in batch["file"]]
-            for flip in flips:
-                shown = [im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for im in images] if flip else images
-                pixels = to_pixels(shown).to(device=device, dtype=dtype)
-                # The posterior mean, not a sample: the cache (and so training) stays deterministic.
-                latents = (vae.encode(pixels).latent_dist.mode() - shift) * scale
-                for (_, row), latent in zip(batch.iterrows(), latents):
-                    key = f"{row['id']}:flip" if flip else row["id"]
-                    writer.add(key, {"latent": latent})
-                    samples.append({"key": key, "id": row["id"], "bucket": list(bucket),
-                                    "flip": flip, "caption_key": caption_key(row["caption"]),
-                                    "shard": writer.location[key]})
-                progress.update(len(batch))
+    for (bucket, indices), pixels_by_flip in zip(batches, loader, strict=True):
+        if isinstance(pixels_by_flip, UserError):
+            raise pixels_by_flip
+        batch = rows.loc[indices]
+        for flip, pixels in pixels_by_flip.items():
+            pixels = pixels.to(device=device, dtype=dtype, non_blocking=True)
+            # The posterior mean, not a sample: the cache (and so training) stays deterministic.
+            latents = (vae.encode(pixels).latent_dist.mode() - shift) * scale
+            for (_, row), latent in zip(batch.iterrows(), latents):
+                key = f"{row['id']}:flip" if flip else row["id"]
+                writer.add(key, {"latent": latent})
+                samples.append({"key": key, "id": row["id"], "bucket": list(bucket),
+                                "flip": flip, "caption_key": caption_key(row["caption"]),
+                                "shard": writer.location[key]})
+            progress.update(len(batch))
     progress.close()
     writer.flush()
     del vae
@@ -179,7 +226,8 @@ def run(params: dict[str, Any], filtered_dir: Path = FILTERED_DIR, captions_path
                              dtype, device, tmp)
         index = {
             "fingerprint": fingerprint(model_cfg["pretrained"], model_cfg.get("revision"),
-                                       str(dtype), cfg, max_sequence_length,
+                                       str(dtype), {k: v for k, v in cfg.items() if k not in NOT_CACHED},
+                                       max_sequence_length,
                                        rows[["id", "caption"]].values.tolist()),
             "base_model": model_cfg["pretrained"],
             "resolution": cfg["resolution"],
