@@ -91,18 +91,28 @@ def build_models(profile: str, device: torch.device, dtype: torch.dtype) -> Mode
     return models.frozen(device, dtype)
 
 
+def remove_lora(transformer: torch.nn.Module) -> None:
+    """Put the plain base layers back (a new adapter then wraps whatever they have become, e.g. NF4)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if any(isinstance(m, BaseTunerLayer) for m in transformer.modules()):
+        transformer.unload_lora()
+
+
 def quantize_nf4(transformer: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Swap the block Linears for bitsandbytes NF4 layers, as a QLoRA load would (GPU only)."""
+    """Swap the block Linears for bitsandbytes NF4 layers, as a QLoRA load would (the weights are
+    quantised when they move to the transformer's device)."""
     import bitsandbytes as bnb
 
+    remove_lora(transformer)
     for name, module in list(transformer.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, torch.nn.Linear) and "transformer_blocks" in f"{name}.{child_name}":
+                # as the trainer's BitsAndBytesConfig: NF4 with double quantisation (compress_statistics)
                 layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                          compute_dtype=dtype, quant_type="nf4", compress_statistics=False)
-                # as the trainer's BitsAndBytesConfig: NF4, blocks of 64, fp32 absmax (no double quant)
+                                          compute_dtype=dtype, quant_type="nf4", compress_statistics=True)
                 layer.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4",
-                                                 compress_statistics=False).to(child.weight.device)
+                                                 compress_statistics=True).to(child.weight.device)
                 if child.bias is not None:
                     layer.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
                 setattr(module, child_name, layer)
@@ -118,10 +128,7 @@ class Case:
 
 def add_fresh_lora(transformer: torch.nn.Module, case: Case, args) -> list[torch.nn.Parameter]:
     """A new rank-``args.rank`` LoRA (fp32, as the trainer keeps it) on the attention layers; its params."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    if any(isinstance(m, BaseTunerLayer) for m in transformer.modules()):
-        transformer.delete_adapters("default")
+    remove_lora(transformer)
     transformer.add_adapter(lora_config({"rank": args.rank, "alpha": args.rank, "targets": "attention"},
                                         transformer))
     for p in transformer.parameters():
@@ -280,9 +287,9 @@ def module_tensors(*modules: torch.nn.Module) -> list[torch.Tensor]:
     return [t for m in modules for t in (*m.parameters(), *m.buffers())]
 
 
-# bitsandbytes NF4 as the trainer loads it (BitsAndBytesConfig without double quantisation): 4 bits
-# a weight plus one fp32 absmax per block of 64.
-NF4_BYTES_PER_WEIGHT = 0.5 + 4 / 64
+# bitsandbytes NF4 as the trainer loads it (QLoRA double quantisation): 4 bits a weight, one 8-bit
+# absmax per block of 64 weights and one fp32 absmax per 256 such blocks.
+NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
 
 
 def nf4_memory_change(transformer: torch.nn.Module) -> tuple[int, int]:

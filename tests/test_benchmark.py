@@ -112,3 +112,41 @@ def test_nf4_memory_change_shrinks_block_linears_and_widens_the_rest():
     grown = 32 * 8 * 2                                  # 16-bit -> fp32
     assert change == int(grown - saved)
     assert transient == 64 * 32 * 2
+
+
+def test_nf4_base_is_as_small_as_the_estimate_assumes_and_trains_a_lora():
+    """The GPU profile's NF4 swap, run on the CPU (bitsandbytes quantises there too): the stored
+    bytes per weight are the estimate's, and a LoRA on the 4-bit base still gets gradients."""
+    import argparse
+
+    import bitsandbytes as bnb
+    import torch
+
+    bench = load_bench()
+    args = argparse.Namespace(rank=4, batch_size=2, max_sequence_length=16)
+    case = bench.Case("64px+ckpt+nf4", 64, True, nf4=True)
+    models = bench.build_models("cpu", torch.device("cpu"), torch.bfloat16)
+    weights = sum(m.weight.numel() for name, m in models.transformer.named_modules()
+                  if "transformer_blocks" in name and type(m) is torch.nn.Linear)
+    bench.add_fresh_lora(models.transformer, case, args)  # the swap must see through an earlier LoRA
+    bench.quantize_nf4(models.transformer, torch.bfloat16)
+
+    quantised = [m for m in models.transformer.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert quantised and not any(type(m) is torch.nn.Linear for name, m in models.transformer.named_modules()
+                                 if "transformer_blocks" in name)
+    stored = 0
+    for layer in quantised:
+        state = layer.weight.quant_state
+        stored += layer.weight.untyped_storage().nbytes() + state.absmax.nbytes
+        stored += state.state2.absmax.nbytes + state.offset.nbytes  # double quantisation
+    # every 256 blocks share one fp32 absmax; a tiny model's last group is partial, hence the slack
+    assert weights * bench.NF4_BYTES_PER_WEIGHT <= stored <= weights * 0.55
+
+    trainable = bench.add_fresh_lora(models.transformer, case, args)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+    ours, _ = bench.step_functions(models, case, args, torch.device("cpu"), torch.bfloat16)
+    loss = ours()
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in trainable if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)

@@ -77,3 +77,29 @@ def test_cuda_requested_without_gpu():
     with pytest.raises(UserError, match="no CUDA GPU.*impressionist demo"):
         resolve_device({"device": "cuda"})
     assert resolve_device({"device": "cpu"}).type == "cpu"
+
+
+def test_nf4_loads_the_transformer_as_qlora_does(tiny_flux_dir, monkeypatch):
+    """NF4 with double quantisation and the compute dtype asked for, then peft's k-bit preparation.
+
+    diffusers quantises on a GPU only, so the load itself is recorded here; what comes back is the
+    tiny transformer, which the preparation freezes and widens to fp32 outside the 4-bit layers.
+    """
+    from diffusers import FluxTransformer2DModel
+
+    from impressionist.models import load_transformer
+
+    real_load = FluxTransformer2DModel.from_pretrained
+    calls = []
+
+    def recording_load(folder, **kwargs):
+        calls.append(kwargs)
+        return real_load(folder, subfolder="transformer", dtype=torch.bfloat16)
+
+    monkeypatch.setattr(FluxTransformer2DModel, "from_pretrained", recording_load)
+    transformer = load_transformer(tiny_flux_dir, torch.bfloat16, "nf4")
+    config = calls[0]["quantization_config"]
+    assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4"
+    assert config.bnb_4bit_use_double_quant
+    assert config.bnb_4bit_compute_dtype == torch.bfloat16
+    assert all(not p.requires_grad and p.dtype == torch.float32 for p in transformer.parameters())

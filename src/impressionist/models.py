@@ -182,8 +182,10 @@ def load_transformer(folder: str, dtype: torch.dtype, quantization: str = "none"
         from diffusers import BitsAndBytesConfig
         from peft import prepare_model_for_kbit_training
 
+        # QLoRA's double quantisation stores the per-block absmax in 8 bits: about 0.5 GiB less for
+        # FLUX.1-dev (benchmarks/RESULTS.md, estimate profile).
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                    bnb_4bit_compute_dtype=dtype)
+                                    bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True)
         transformer = FluxTransformer2DModel.from_pretrained(
             folder, subfolder="transformer", dtype=dtype, quantization_config=config)
         # Freezes the base, casts every parameter that is not 4-bit (embedders, norms, biases,
