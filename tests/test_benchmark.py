@@ -150,3 +150,15 @@ def test_nf4_base_is_as_small_as_the_estimate_assumes_and_trains_a_lora():
     assert torch.isfinite(loss)
     grads = [p.grad for p in trainable if p.grad is not None]
     assert grads and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_data_loader_benchmark_times_the_trainers_loader(tmp_path):
+    out = tmp_path / "results.md"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks/bench_data_loader.py"), "--resolution", "64",
+                             "--images", "6", "--captions", "2", "--batch-size", "2", "--batches", "4",
+                             "--workers", "0", "1", "--out", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split("|")[1:4] for line in out.read_text().splitlines() if re.match(r"\| \d+ \|", line)]
+    assert [int(workers) for workers, _, _ in rows] == [0, 1]
+    assert all(float(ms) > 0 and float(per_second) > 0 for _, ms, per_second in rows)

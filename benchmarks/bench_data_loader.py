@@ -1,0 +1,96 @@
+"""How fast the trainer's data loader serves micro-batches from an encode cache of full-size shapes.
+
+    python benchmarks/bench_data_loader.py                       # 1024² latents, T5-XXL embeddings
+    python benchmarks/bench_data_loader.py --resolution 512 --workers 0 2 4
+
+Writes a cache shaped like FLUX.1-dev's (bf16 latents of 16 × side/8 × side/8, 512 × 4096 T5 and
+768 CLIP embeddings) into a temporary folder with the encode stage's shard writer, then times the
+trainer's own loader (``MicroBatches`` through ``micro_batch_loader``) at each worker count. The
+files were just written, so they are read from the page cache: this is the loader's CPU cost, not
+the disk's. Compare ms per micro-batch with the step time the GPU needs (``bench_train_step.py``;
+the estimate profile's floor is about 250 ms per 1024² image on an H100).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from impressionist.flux_math import TimestepSampling
+from impressionist.latent_cache import EMPTY_CAPTION_KEY, INDEX, CacheReader, ShardWriter
+from impressionist.train import MicroBatches, micro_batch_loader
+
+
+def write_cache(folder: Path, images: int, captions: int, side: int, shard_size: int) -> None:
+    latent = side // 8
+    generator = torch.Generator().manual_seed(0)
+    latents = ShardWriter(folder, "latents", shard_size)
+    samples = []
+    for i in range(images):
+        key = f"{i:016x}"
+        latents.add(key, {"latent": torch.randn(16, latent, latent, generator=generator).bfloat16()})
+        samples.append({"key": key, "id": key, "bucket": [side, side], "flip": False,
+                        "caption_key": f"caption{i % captions}", "shard": latents.location[key]})
+    latents.flush()
+    texts = ShardWriter(folder, "text", shard_size)
+    for key in [EMPTY_CAPTION_KEY] + [f"caption{c}" for c in range(captions)]:
+        texts.add(key, {"prompt_embeds": torch.randn(512, 4096, generator=generator).bfloat16(),
+                        "pooled": torch.randn(768, generator=generator).bfloat16()})
+    texts.flush()
+    (folder / INDEX).write_text(json.dumps({"samples": samples, "text": texts.location,
+                                            "fingerprint": "benchmark", "base_model": "benchmark"}))
+
+
+def time_loader(cache: CacheReader, workers: int, batch_size: int, batches: int) -> float:
+    """Seconds per micro-batch, after the first (workers starting, shards opening)."""
+    cfg = {"batch_size": batch_size, "seed": 0, "max_steps": batches + 1, "gradient_accumulation_steps": 1,
+           "caption_dropout": 0.05}
+    loader = iter(micro_batch_loader(MicroBatches(cache, cfg, TimestepSampling(), 1, 0), 0, workers,
+                                     pin=torch.cuda.is_available()))
+    next(loader)
+    start = time.perf_counter()
+    for _ in range(batches):
+        batch = next(loader)
+    assert batch["latents"].shape[0] == batch_size
+    return (time.perf_counter() - start) / batches
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--resolution", type=int, default=1024)
+    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--captions", type=int, default=64, help="distinct captions (template captions repeat)")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--batches", type=int, default=200)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--out", help="append the results as Markdown to this file")
+    args = parser.parse_args()
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        write_cache(Path(tmp), args.images, args.captions, args.resolution, shard_size=256)
+        cache = CacheReader(tmp)
+        for workers in args.workers:
+            seconds = time_loader(cache, workers, args.batch_size, args.batches)
+            rows.append(f"| {workers} | {seconds * 1e3:.1f} | {1 / seconds:.0f} |")
+    lines = [f"### data loader — {torch.get_num_threads()} CPU threads, {dt.date.today()}",
+             f"`python benchmarks/bench_data_loader.py {' '.join(sys.argv[1:])}` (torch {torch.__version__}; "
+             f"{args.resolution}² bf16 latents, 512×4096 T5 embeddings, batch {args.batch_size}, "
+             f"{args.images} images, {args.captions} distinct captions, {args.batches} micro-batches timed)", "",
+             "| workers | ms per micro-batch | micro-batches/s |", "|---|---|---|", *rows]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "a") as handle:
+            handle.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
