@@ -103,3 +103,15 @@ def test_nf4_loads_the_transformer_as_qlora_does(tiny_flux_dir, monkeypatch):
     assert config.bnb_4bit_use_double_quant
     assert config.bnb_4bit_compute_dtype == torch.bfloat16
     assert all(not p.requires_grad and p.dtype == torch.float32 for p in transformer.parameters())
+
+
+def test_importing_the_libraries_prints_nothing():
+    """Stage errors are one line: nothing the libraries log at import may come before them
+    (bitsandbytes' CPU backend warns about an optional kernel on AVX512-BF16 machines)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", "import impressionist, peft, bitsandbytes; "
+                             "from diffusers import FluxPipeline"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    assert result.stderr == ""
