@@ -187,10 +187,12 @@ def test_a_rerun_continues_its_own_checkpoints_before_resume_from(demo_params, e
     ({"train": {"base_quantization": "fp8"}}, "fp8 needs a CUDA GPU"),
     ({"train": {"base_quantization": "int3"}}, "train.base_quantization"),
     ({"train": {"resume_from": "no/such/checkpoint"}}, "not a checkpoint written by the train stage"),
+    ({"train": {"attention_backend": "_native_cudnn"}}, "_native_cudnn needs a CUDA GPU"),
+    ({"train": {"attention_backend": "flashy"}}, "train.attention_backend"),
 ])
 def test_bad_params_stop_with_one_line(demo_params, encoded_cache, tmp_path, change, message):
-    if change.get("model", {}).get("device") == "cuda" and torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
+    if "CUDA" in message and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the refusal is for machines without one")
     for section, values in change.items():
         demo_params[section].update(values)
     out = outputs(tmp_path)
@@ -250,7 +252,30 @@ def test_run_hash_ignores_max_steps_only_under_a_constant_schedule(demo_params):
     assert run_hash(max_steps=10, lr_scheduler="cosine") != run_hash(max_steps=20, lr_scheduler="cosine")
     # Recomputing activations does not change the maths: toggling it keeps the checkpoints.
     assert run_hash(gradient_checkpointing=True) == run_hash(gradient_checkpointing=False)
+    assert run_hash(attention_backend="_native_math") == run_hash(attention_backend="native")
     assert run_hash(compile=True) != run_hash(compile=False)
+
+
+def test_an_attention_backend_trains_the_same_lora(demo_params, encoded_cache, tmp_path, monkeypatch):
+    """The math SDPA kernel instead of PyTorch's default choice: the backend is really set, and the
+    LoRA is the one the default trains, up to float rounding."""
+    from diffusers import ModelMixin
+
+    chosen = []
+    real_set = ModelMixin.set_attention_backend
+    monkeypatch.setattr(ModelMixin, "set_attention_backend",
+                        lambda model, name: (chosen.append(name), real_set(model, name))[1])
+    monkeypatch.chdir(tmp_path)
+    loras = []
+    for backend in ("native", "_native_math"):
+        params = small_run(copy.deepcopy(demo_params), 4, every=0)
+        params["train"]["attention_backend"] = backend
+        out = outputs(tmp_path / backend)
+        train.run(params, encoded_cache, **out)
+        loras.append(load_file(out["lora_dir"] / LORA_FILE))
+    assert chosen == ["_native_math"]  # native is diffusers' default: left alone
+    assert any(v.abs().max() > 0 for k, v in loras[1].items() if "lora_B" in k)
+    assert all(torch.allclose(loras[0][k], loras[1][k], rtol=1e-4, atol=1e-6) for k in loras[0])
 
 
 def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):

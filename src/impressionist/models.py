@@ -173,6 +173,31 @@ def check_quantization(quantization: str, device: torch.device) -> str:
     return quantization
 
 
+# diffusers' attention dispatcher; "native" is PyTorch SDPA, which picks flash or memory-efficient
+# kernels on CUDA by itself. These also run on a CPU.
+CPU_ATTENTION_BACKENDS = ("native", "_native_math", "_native_flash")
+
+
+def check_attention_backend(name: str, device: torch.device, setting: str = "train.attention_backend") -> str:
+    """Refuse an unknown backend, a GPU-only one on the CPU, or one whose package is missing."""
+    from diffusers.models.attention_dispatch import (AttentionBackendName,
+                                                     _check_attention_backend_requirements)
+
+    require_choice(name, [backend.value for backend in AttentionBackendName], setting)
+    if device.type != "cuda" and name not in CPU_ATTENTION_BACKENDS:
+        raise UserError(f"{setting}={name} needs a CUDA GPU; use one of {', '.join(CPU_ATTENTION_BACKENDS)} on CPU")
+    try:
+        _check_attention_backend_requirements(AttentionBackendName(name))
+    except RuntimeError as err:  # e.g. flash-attn, sageattention or kernels not installed
+        raise UserError(f"{setting}={name}: {first_line(err)}") from err
+    return name
+
+
+def use_attention_backend(model: torch.nn.Module, name: str) -> None:
+    if name != "native":  # native is diffusers' default: nothing to set
+        model.set_attention_backend(name)
+
+
 def load_transformer(folder: str, dtype: torch.dtype, quantization: str = "none"):
     """The Flux transformer; ``nf4`` loads its Linear weights 4-bit through diffusers' bitsandbytes
     integration (QLoRA), ``fp8`` swaps them for torchao Float8Linear for fp8 matmuls."""

@@ -28,8 +28,8 @@ from .flux_math import (LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS, TimestepSampling, f
 from .latent_cache import EMPTY_CAPTION_KEY, CacheReader
 from .layout import CACHE_DIR, LORA_DIR
 from .lora import lora_config, validate_lora
-from .models import (check_quantization, load_transformer, require_package, resolve_device,
-                     resolve_dtype, resolve_pretrained)
+from .models import (check_attention_backend, check_quantization, load_transformer, require_package,
+                     resolve_device, resolve_dtype, resolve_pretrained, use_attention_backend)
 from .params import (fingerprint, load_params, require, require_choice, require_int, require_keys,
                      require_positive, section)
 from .plotting import new_figure, save_figure
@@ -49,11 +49,11 @@ REQUIRED = ("seed", "max_steps", "batch_size", "gradient_accumulation_steps", "l
             "logit_mean", "logit_std", "mode_scale", "loss_weighting", "caption_dropout",
             "checkpoint_every", "keep_checkpoints", "log_every")
 # Params that do not change what a training step computes: changing them keeps checkpoints valid.
-# Gradient checkpointing recomputes activations (with the same RNG state), so the maths is the same:
-# a resumed run may switch it (e.g. on another GPU class). ``max_steps`` joins them only under a
-# schedule that ignores it (see run_hash).
+# Gradient checkpointing recomputes activations (with the same RNG state) and every attention backend
+# computes the same softmax attention, so the maths is the same: a resumed run may switch them (e.g.
+# on another GPU class). ``max_steps`` joins them only under a schedule that ignores it (see run_hash).
 NOT_SHAPING = {"checkpoint_every", "keep_checkpoints", "log_every", "report_to", "validation",
-               "resume_from", "dataloader_workers", "gradient_checkpointing"}
+               "resume_from", "dataloader_workers", "gradient_checkpointing", "attention_backend"}
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 # diffusers' get_scheduler names (piecewise_constant needs step rules we do not expose).
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
@@ -111,6 +111,7 @@ def _validate_train(cfg: dict[str, Any], device: torch.device) -> None:
     if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
         raise UserError(f"params.yaml: train.caption_dropout={dropout!r} must be in [0, 1]")
     check_quantization(cfg.get("base_quantization", "none"), device)
+    check_attention_backend(cfg.get("attention_backend", "native"), device)
     check_settings(cfg.get("validation") or {})
     if device.type != "cuda":
         if cfg["optimizer"] == "adamw8bit":
@@ -364,6 +365,7 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
     transformer = load_transformer(model_folder, resolve_dtype(model_cfg),
                                    cfg.get("base_quantization", "none"))
     transformer.requires_grad_(False)
+    use_attention_backend(transformer, cfg.get("attention_backend", "native"))
     config = lora_config(lora_cfg, transformer)  # checks explicit target names against this model
     # Seeded right here: the LoRA's initial weights must not depend on what ran before (building the
     # tiny model, the validation prompts' text encoders).
