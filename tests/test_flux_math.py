@@ -64,3 +64,23 @@ def test_flux_shift_moves_large_images_to_higher_noise():
     small = sample_sigmas(sampling, 4096, 256, torch.Generator().manual_seed(0))
     large = sample_sigmas(sampling, 4096, 4096, torch.Generator().manual_seed(0))
     assert large.mean() > small.mean() + 0.1
+
+
+def test_latent_image_ids_are_built_once_per_bucket_shape(monkeypatch):
+    """diffusers builds the ids on the CPU and copies them to the device (a blocking copy on CUDA):
+    the training loop must not do that every step."""
+    from diffusers import FluxPipeline
+
+    from impressionist import flux_math
+
+    real = FluxPipeline._prepare_latent_image_ids
+    built = []
+    monkeypatch.setattr(FluxPipeline, "_prepare_latent_image_ids",
+                        staticmethod(lambda *args: (built.append(args[1:3]), real(*args))[1]))
+    flux_math._latent_image_ids.cache_clear()
+    for _ in range(3):
+        wide = latent_image_ids(8, 12, "cpu", torch.float32)
+    tall = latent_image_ids(12, 8, torch.device("cpu"), torch.float32)
+    assert built == [(4, 6), (6, 4)]
+    assert torch.equal(wide, real(None, 4, 6, "cpu", torch.float32))
+    assert torch.equal(tall, real(None, 6, 4, "cpu", torch.float32))

@@ -8,6 +8,7 @@ the timestep ``sigma`` (the pipeline's ``t / 1000``) and, for FLUX.1-dev, a guid
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -41,9 +42,17 @@ def pack_latents(latents: torch.Tensor) -> torch.Tensor:
 
 
 def latent_image_ids(latent_height: int, latent_width: int, device, dtype) -> torch.Tensor:
-    """Position ids (row, column) of the packed latent tokens, shape (H/2 * W/2, 3)."""
-    return FluxPipeline._prepare_latent_image_ids(None, latent_height // 2, latent_width // 2,
-                                                  device, dtype)
+    """Position ids (row, column) of the packed latent tokens, shape (H/2 * W/2, 3).
+
+    Made once per bucket shape and device: diffusers builds them on the CPU and copies them over
+    with a blocking copy, which in every training step would make the host wait for the GPU.
+    """
+    return _latent_image_ids(latent_height // 2, latent_width // 2, torch.device(device), dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _latent_image_ids(rows: int, columns: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return FluxPipeline._prepare_latent_image_ids(None, rows, columns, device, dtype)
 
 
 def text_ids(seq_len: int, device, dtype) -> torch.Tensor:
