@@ -81,7 +81,7 @@ def main() -> None:
             seconds = time_loader(cache, workers, args.batch_size, args.batches)
             rows.append(f"| {workers} | {seconds * 1e3:.1f} | {1 / seconds:.0f} |")
     lines = [f"### data loader — {torch.get_num_threads()} CPU threads, {dt.date.today()}",
-             f"`python benchmarks/bench_data_loader.py {' '.join(sys.argv[1:])}` (torch {torch.__version__}; "
+             f"`{' '.join(['python benchmarks/bench_data_loader.py', *sys.argv[1:]])}` (torch {torch.__version__}; "
              f"{args.resolution}² bf16 latents, 512×4096 T5 embeddings, batch {args.batch_size}, "
              f"{args.images} images, {args.captions} distinct captions, {args.batches} micro-batches timed)", "",
              "| workers | ms per micro-batch | micro-batches/s |", "|---|---|---|", *rows]

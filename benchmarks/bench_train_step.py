@@ -409,7 +409,7 @@ def gib(value: float | None) -> str:
 
 def header(args, device_name: str, details: str) -> list[str]:
     return [f"### {args.profile} profile — {device_name}, {dt.date.today()}",
-            f"`python benchmarks/bench_train_step.py {' '.join(sys.argv[1:])}` (torch {torch.__version__}, "
+            f"`{' '.join(['python benchmarks/bench_train_step.py', *sys.argv[1:]])}` (torch {torch.__version__}, "
             f"batch {args.batch_size}, LoRA rank {args.rank} on attention, T5 length "
             f"{args.max_sequence_length}{details})", ""]
 

@@ -44,10 +44,14 @@ def pack_latents(latents: torch.Tensor) -> torch.Tensor:
 def latent_image_ids(latent_height: int, latent_width: int, device, dtype) -> torch.Tensor:
     """Position ids (row, column) of the packed latent tokens, shape (H/2 * W/2, 3).
 
-    Made once per bucket shape and device: diffusers builds them on the CPU and copies them over
-    with a blocking copy, which in every training step would make the host wait for the GPU.
+    On an accelerator they are made once per bucket shape: diffusers builds them on the CPU and
+    copies them over with a blocking copy, which in every training step would make the host wait
+    for the GPU. CPU tensors are built each time (no copy; and fake tensors must not be cached).
     """
-    return _latent_image_ids(latent_height // 2, latent_width // 2, torch.device(device), dtype)
+    device = torch.device(device)
+    if device.type == "cpu":
+        return FluxPipeline._prepare_latent_image_ids(None, latent_height // 2, latent_width // 2, device, dtype)
+    return _latent_image_ids(latent_height // 2, latent_width // 2, device, dtype)
 
 
 @functools.lru_cache(maxsize=64)
