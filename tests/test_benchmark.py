@@ -162,3 +162,14 @@ def test_data_loader_benchmark_times_the_trainers_loader(tmp_path):
     rows = [line.split("|")[1:4] for line in out.read_text().splitlines() if re.match(r"\| \d+ \|", line)]
     assert [int(workers) for workers, _, _ in rows] == [0, 1]
     assert all(float(ms) > 0 and float(per_second) > 0 for _, ms, per_second in rows)
+
+
+def test_encode_benchmark_runs_the_stage_per_case(tmp_path):
+    out = tmp_path / "results.md"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks/bench_encode.py"), "--resolution", "64",
+                             "--images", "3", "6", "--workers", "0", "--out", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split("|")[1:5] for line in out.read_text().splitlines() if re.match(r"\| \d+ \| \d+ \|", line)]
+    assert [(int(images), int(workers)) for images, workers, _, _ in rows] == [(3, 0), (6, 0)]
+    assert all(float(per_second) > 0 and float(rss) > 0 for _, _, per_second, rss in rows)
