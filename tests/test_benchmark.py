@@ -173,3 +173,19 @@ def test_encode_benchmark_runs_the_stage_per_case(tmp_path):
     rows = [line.split("|")[1:5] for line in out.read_text().splitlines() if re.match(r"\| \d+ \| \d+ \|", line)]
     assert [(int(images), int(workers)) for images, workers, _, _ in rows] == [(3, 0), (6, 0)]
     assert all(float(per_second) > 0 and float(rss) > 0 for _, _, per_second, rss in rows)
+
+
+def test_full_size_configs_have_flux_dev_parameter_counts():
+    """The GPU and estimate profiles build FLUX.1-dev's published architectures (on "meta": no memory)."""
+    import torch
+
+    bench = load_bench()
+    models = bench.build_full_size("meta", torch.bfloat16)
+    counts = {name: sum(p.numel() for p in getattr(models, name).parameters())
+              for name in ("transformer", "vae", "clip", "t5")}
+    # the parameter counts of black-forest-labs/FLUX.1-dev's transformer, vae, text_encoder
+    # (CLIP ViT-L/14) and text_encoder_2 (T5 v1.1 XXL encoder)
+    assert counts == {"transformer": 11_901_408_320, "vae": 83_819_683, "clip": 123_060_480,
+                      "t5": 4_762_310_656}
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad
+               for name in counts for p in getattr(models, name).parameters())
