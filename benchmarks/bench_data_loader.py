@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from impressionist.flux_math import TimestepSampling
 from impressionist.latent_cache import EMPTY_CAPTION_KEY, INDEX, CacheReader, ShardWriter
 from impressionist.train import MicroBatches, micro_batch_loader
+from results_file import command_line, publish
 
 
 def write_cache(folder: Path, images: int, captions: int, side: int, shard_size: int) -> None:
@@ -81,15 +81,12 @@ def main() -> None:
             seconds = time_loader(cache, workers, args.batch_size, args.batches)
             rows.append(f"| {workers} | {seconds * 1e3:.1f} | {1 / seconds:.0f} |")
     lines = [f"### data loader — {torch.get_num_threads()} CPU threads, {dt.date.today()}",
-             f"`{' '.join(['python benchmarks/bench_data_loader.py', *sys.argv[1:]])}` (torch {torch.__version__}; "
+             f"`{command_line(__file__)}` (torch {torch.__version__}; "
              f"{args.resolution}² bf16 latents, 512×4096 T5 embeddings, batch {args.batch_size}, "
              f"{args.images} images, {args.captions} distinct captions, {args.batches} micro-batches timed)", "",
              "| workers | ms per micro-batch | micro-batches/s |", "|---|---|---|", *rows]
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "a") as handle:
-            handle.write("\n" + text)
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
+from results_file import command_line, publish
 
 
 def write_dataset(root: Path, images: int, side: int) -> tuple[Path, Path]:
@@ -88,15 +89,12 @@ def main() -> None:
                 rows.append(f"| {images} | {workers} | {images / figures['seconds']:.1f} | "
                             f"{figures['peak_rss_mib']:.0f} |")
     lines = [f"### encode — {dt.date.today()}",
-             f"`{' '.join(['python benchmarks/bench_encode.py', *sys.argv[1:]])}` ({args.resolution}² JPEGs, "
+             f"`{command_line(__file__)}` ({args.resolution}² JPEGs, "
              "builtin tiny Flux VAE and text encoders on the CPU, batch 4, 16 latents a shard; peak RSS of "
              "the encoding process, its workers not included)", "",
              "| images | workers | images/s | peak RSS MiB |", "|---|---|---|---|", *rows]
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "a") as handle:
-            handle.write("\n" + text)
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

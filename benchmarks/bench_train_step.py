@@ -31,6 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from impressionist.flux_math import flow_matching_loss
 from impressionist.lora import lora_config
+from results_file import command_line, publish
 
 # bf16 dense peak of the GPUs we expect; used for a utilisation estimate only.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "RTX 4090": 165.0}
@@ -408,10 +409,7 @@ def main() -> None:
             quantize_nf4(models.transformer, dtype)
             rows += [run_case(models, case, args, device, dtype) for case in nf4_cases]
     text = estimate_table(rows, args) if args.profile == "estimate" else timing_table(rows, args, device)
-    print(text)
-    if args.out:
-        with open(args.out, "a") as handle:
-            handle.write("\n" + text)
+    publish(text, args.out)
 
 
 def gib(value: float | None) -> str:
@@ -420,7 +418,7 @@ def gib(value: float | None) -> str:
 
 def header(args, device_name: str, details: str) -> list[str]:
     return [f"### {args.profile} profile — {device_name}, {dt.date.today()}",
-            f"`{' '.join(['python benchmarks/bench_train_step.py', *sys.argv[1:]])}` (torch {torch.__version__}, "
+            f"`{command_line(__file__)}` (torch {torch.__version__}, "
             f"batch {args.batch_size}, LoRA rank {args.rank} on attention, T5 length "
             f"{args.max_sequence_length}{details})", ""]
 
