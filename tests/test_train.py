@@ -250,10 +250,38 @@ def test_run_hash_ignores_max_steps_only_under_a_constant_schedule(demo_params):
     assert demo_params["train"]["lr_scheduler"] == "constant_with_warmup"
     assert run_hash(max_steps=10) == run_hash(max_steps=20)
     assert run_hash(max_steps=10, lr_scheduler="cosine") != run_hash(max_steps=20, lr_scheduler="cosine")
-    # Recomputing activations does not change the maths: toggling it keeps the checkpoints.
+    # Recomputing activations, another attention kernel or compiled blocks do not change the maths:
+    # toggling them keeps the checkpoints.
     assert run_hash(gradient_checkpointing=True) == run_hash(gradient_checkpointing=False)
     assert run_hash(attention_backend="_native_math") == run_hash(attention_backend="native")
-    assert run_hash(compile=True) != run_hash(compile=False)
+    assert run_hash(compile=True) == run_hash(compile=False)
+    assert run_hash(seed=1) != run_hash(seed=0)
+
+
+def test_compiled_blocks_train_the_same_lora(demo_params, encoded_cache, tmp_path, monkeypatch):
+    """train.compile: the repeated Flux blocks go through torch.compile (inductor, on the CPU here)
+    and train the LoRA eager mode trains, up to float rounding."""
+    from diffusers import FluxTransformer2DModel
+
+    compiled = []
+    real_compile = FluxTransformer2DModel.compile_repeated_blocks
+
+    def recording_compile(model, *args, **kwargs):
+        real_compile(model, *args, **kwargs)
+        compiled.extend(type(m).__name__ for m in model.modules() if getattr(m, "_compiled_call_impl", None))
+
+    monkeypatch.setattr(FluxTransformer2DModel, "compile_repeated_blocks", recording_compile)
+    monkeypatch.chdir(tmp_path)
+    loras = []
+    for compile_ in (False, True):
+        params = small_run(copy.deepcopy(demo_params), 3, every=0)
+        params["train"]["compile"] = compile_
+        out = outputs(tmp_path / f"compile{compile_}")
+        train.run(params, encoded_cache, **out)
+        loras.append(load_file(out["lora_dir"] / LORA_FILE))
+    assert sorted(set(compiled)) == ["FluxSingleTransformerBlock", "FluxTransformerBlock"]
+    assert loras[0].keys() == loras[1].keys()  # no compile wrapper in the parameter names
+    assert all(torch.allclose(loras[0][k], loras[1][k], rtol=1e-4, atol=1e-6) for k in loras[0])
 
 
 def test_an_attention_backend_trains_the_same_lora(demo_params, encoded_cache, tmp_path, monkeypatch):

@@ -49,11 +49,12 @@ REQUIRED = ("seed", "max_steps", "batch_size", "gradient_accumulation_steps", "l
             "logit_mean", "logit_std", "mode_scale", "loss_weighting", "caption_dropout",
             "checkpoint_every", "keep_checkpoints", "log_every")
 # Params that do not change what a training step computes: changing them keeps checkpoints valid.
-# Gradient checkpointing recomputes activations (with the same RNG state) and every attention backend
-# computes the same softmax attention, so the maths is the same: a resumed run may switch them (e.g.
-# on another GPU class). ``max_steps`` joins them only under a schedule that ignores it (see run_hash).
+# Gradient checkpointing recomputes activations (with the same RNG state); every attention backend
+# and a compiled block compute the same maths, up to float rounding: a resumed run may switch them
+# (e.g. on another GPU class). ``max_steps`` joins them only under a schedule that ignores it (see
+# run_hash).
 NOT_SHAPING = {"checkpoint_every", "keep_checkpoints", "log_every", "report_to", "validation",
-               "resume_from", "dataloader_workers", "gradient_checkpointing", "attention_backend"}
+               "resume_from", "dataloader_workers", "gradient_checkpointing", "attention_backend", "compile"}
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 # diffusers' get_scheduler names (piecewise_constant needs step rules we do not expose).
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
@@ -349,7 +350,6 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
 
     accelerator = Accelerator(
         mixed_precision=MIXED_PRECISION[cfg["mixed_precision"]], cpu=device.type == "cpu",
-        dynamo_backend="inductor" if cfg.get("compile", False) else "no",
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(checkpoint_dir), logging_dir=str(log_dir)))
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -374,6 +374,11 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
     cast_training_params(transformer, dtype=torch.float32)  # LoRA weights train in fp32
     if cfg["gradient_checkpointing"]:
         transformer.enable_gradient_checkpointing()
+    if cfg.get("compile", False):
+        # Regional compilation (inductor): the double and the single block are each compiled once and
+        # reused by their repeats, in a fraction of a whole-model compile's time; parameter names, and
+        # so checkpoints and LoRA files, stay as they are.
+        transformer.compile_repeated_blocks()
     transformer.to(accelerator.device)
     trainable = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, trainable, accelerator.device)
