@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import shutil
 import signal
@@ -409,3 +410,29 @@ def test_data_loader_workers_do_not_change_what_is_trained(demo_params, encoded_
         loras.append(load_file(out["lora_dir"] / LORA_FILE))
     assert loras[0].keys() == loras[1].keys()
     assert all(torch.equal(loras[0][k], loras[1][k]) for k in loras[0])
+
+
+def test_bf16_recipe_trains_on_the_cpu(demo_params, encoded_cache, tmp_path, monkeypatch):
+    """The real recipe's precision: bf16 base weights, bf16 autocast, fp32 LoRA weights. Run as the
+    stage runs (its own process: accelerate keeps the first precision a process asks for)."""
+    params = small_run(copy.deepcopy(demo_params), 6, every=0)
+    params["model"]["dtype"] = "bfloat16"
+    params["train"]["mixed_precision"] = "bf16"
+    shutil.copytree(encoded_cache, tmp_path / "data/cache")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = subprocess.run([sys.executable, "-m", "impressionist.train"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    bf16 = load_file(tmp_path / "models/lora" / LORA_FILE)
+    assert math.isfinite(json.loads((tmp_path / "metrics/train.json").read_text())["final_loss"])
+
+    fp32_params = small_run(copy.deepcopy(demo_params), 6, every=0)
+    monkeypatch.chdir(tmp_path)
+    out = outputs(tmp_path / "fp32")
+    train.run(fp32_params, encoded_cache, **out)
+    fp32 = load_file(out["lora_dir"] / LORA_FILE)
+    assert bf16.keys() == fp32.keys()
+    assert all(v.dtype == torch.float32 for v in bf16.values())  # the LoRA trained in fp32
+    b16, b32 = (torch.cat([lora[k].flatten() for k in sorted(lora) if "lora_B" in k]) for lora in (bf16, fp32))
+    assert not torch.equal(b16, b32)  # bf16 arithmetic really ran
+    assert torch.nn.functional.cosine_similarity(b16, b32, dim=0) > 0.99  # and learned the same thing
