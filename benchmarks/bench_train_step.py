@@ -320,6 +320,29 @@ def nf4_memory_change(transformer: torch.nn.Module) -> tuple[int, int]:
     return int(grown - saved), largest
 
 
+def measure_steps(models: Models, case: Case, args, dtype) -> dict:
+    """FLOPs and peak tensor memory of one CPU training step of each kind (its LoRA already added);
+    the tensors may be real or, under a FakeTensorMode, fake."""
+    trainable = [p for p in models.transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, foreach=False)
+    ours, baseline = step_functions(models, case, args, torch.device("cpu"), dtype)
+    result = {"case": case.name}
+    for label, fn, resident in (("ours", ours, [models.transformer]),
+                                # the reference script keeps the VAE and text encoders resident
+                                ("baseline", baseline, [models.transformer, models.vae, models.clip, models.t5])):
+        flops = count_flops(fn, optimizer)
+        optimizer.state.clear()  # the measured step allocates its own Adam state
+        memory = PeakTensorMemory(module_tensors(*resident))
+        with memory:
+            train_step(fn, optimizer)
+        peak = memory.peak
+        if case.nf4:
+            change, transient = nf4_memory_change(models.transformer)
+            peak += change + transient
+        result[label] = {"gflop_per_step": flops / 1e9, "peak_gib": peak / 2**30}
+    return result
+
+
 def estimate_case(models: Models, case: Case, args, dtype) -> dict:
     """FLOPs and peak tensor memory of one full-size training step, on fake tensors."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -328,26 +351,8 @@ def estimate_case(models: Models, case: Case, args, dtype) -> dict:
     fake_mode = FakeTensorMode()
     for module in (models.transformer, models.vae, models.clip, models.t5):
         to_fake(module, fake_mode)
-    trainable = [p for p in models.transformer.parameters() if p.requires_grad]
-    result = {"case": case.name}
-    cpu = torch.device("cpu")
     with fake_mode:
-        optimizer = torch.optim.AdamW(trainable, lr=1e-4, foreach=False)
-        ours, baseline = step_functions(models, case, args, cpu, dtype)
-        for label, fn, resident in (("ours", ours, [models.transformer]),
-                                    # the reference script keeps the VAE and text encoders resident
-                                    ("baseline", baseline, [models.transformer, models.vae, models.clip, models.t5])):
-            flops = count_flops(fn, optimizer)
-            optimizer.state.clear()  # the measured step allocates its own Adam state
-            memory = PeakTensorMemory(module_tensors(*resident))
-            with memory:
-                train_step(fn, optimizer)
-            peak = memory.peak
-            if case.nf4:
-                change, transient = nf4_memory_change(models.transformer)
-                peak += change + transient
-            result[label] = {"gflop_per_step": flops / 1e9, "peak_gib": peak / 2**30}
-    return result
+        return measure_steps(models, case, args, dtype)
 
 
 def sync(device):
