@@ -88,15 +88,13 @@ def build_full_size(device: torch.device | str, dtype: torch.dtype) -> Models:
 
 def build_models(profile: str, device: torch.device, dtype: torch.dtype) -> Models:
     torch.manual_seed(0)
-    if profile == "cpu":
-        from impressionist.tiny_flux import build_tiny_flux_pipeline
+    if profile != "cpu":
+        return build_full_size(device, dtype)  # on the GPU directly: no 24 GB CPU copy
+    from impressionist.tiny_flux import build_tiny_flux_pipeline
 
-        pipe = build_tiny_flux_pipeline()
-        models = Models(pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2,
-                        pipe.text_encoder.config.vocab_size, pipe.text_encoder_2.config.vocab_size)
-    else:
-        models = build_full_size(device, dtype)  # on the GPU directly: no 24 GB CPU copy
-    return models.frozen(device, dtype)
+    pipe = build_tiny_flux_pipeline()
+    return Models(pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2,
+                  pipe.text_encoder.config.vocab_size, pipe.text_encoder_2.config.vocab_size).frozen(device, dtype)
 
 
 def remove_lora(transformer: torch.nn.Module) -> None:
