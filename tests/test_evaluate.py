@@ -1,4 +1,5 @@
-"""The evaluate stage: shared preprocessing, FID/KID, CLIP and style scores, metrics JSON, bad input."""
+"""The evaluate and reference stages: shared preprocessing, FID, CLIP and style scores, the
+evaluation set's metrics with CIs, the per-image table, the data plot and bad input."""
 
 from __future__ import annotations
 
@@ -15,25 +16,27 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-from impressionist import evaluate
+from impressionist import evaluate, reference
 from impressionist.errors import UserError
-from impressionist.evaluate import (
-    ClipScorer, FidKid, kid_subset_size, prepare_images, run, style_prompts,
-)
 from impressionist.feature_nets import TinyFeatureNet, load_clip
+from impressionist.image_features import ClipScorer, prepare_images, style_prompts
 from impressionist.wikiart import STYLES
 
 DEMO_CFG = {
     "fid_features": "builtin:tiny",
     "inception_weights": "",
     "image_size": 32,
-    "kid_subset_size": 1000,
     "clip_model": "builtin:tiny-clip",
     "clip_pretrained": "builtin",
+    "cmmd_clip_model": "builtin:tiny-clip",
+    "cmmd_clip_pretrained": "builtin",
+    "bootstrap_resamples": 500,
+    "confidence": 0.95,
     "seed": 0,
 }
-SECTION_KEYS = {"fid", "kid_mean", "kid_std", "clip_score", "style_score", "n_fake", "kid_subset_size"}
-DELTA_KEYS = {"fid", "kid_mean", "kid_std", "clip_score", "style_score"}
+METRIC_KEYS = {f"{m}{suffix}" for m in ("clip_score", "style_score", "kid", "cmmd")
+               for suffix in ("", "_ci_low", "_ci_high", "_n")}
+SECTION_KEYS = METRIC_KEYS | {"fid", "fid_n"}
 
 
 @pytest.fixture(scope="module")
@@ -48,31 +51,37 @@ def smooth_image(rng: np.random.Generator, size: tuple[int, int] = (48, 48), shi
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-def brighten(images: list[Image.Image], shift: int) -> list[Image.Image]:
-    return [Image.fromarray(np.clip(np.asarray(im).astype(np.int16) + shift, 0, 255).astype(np.uint8))
-            for im in images]
+def brighten(image: Image.Image, shift: int) -> Image.Image:
+    return Image.fromarray(np.clip(np.asarray(image).astype(np.int16) + shift, 0, 255).astype(np.uint8))
 
 
-def make_project(root: Path, *, n_val: int = 6, n_train: int = 3, n_base: int = 4,
-                 lora_scales: tuple[float, ...] = (0.5, 1.0), per_scale: int = 4, seed: int = 0) -> Path:
-    """samples/{base,lora} and data/filtered as the sample and filter stages write them.
+SUBJECTS = ["a harbor at sunset", "water lilies on a pond", "a wheat field", "a bridge at dusk",
+            "a garden path", "a sailboat", "a snowy road", "a flower market", "a cliff", "a pier"]
 
-    LoRA images are brightened in proportion to their scale, so at scale 1.0 they are clearly further
-    from the real (validation) images than the base images, which share the real images' distribution.
+
+def make_project(root: Path, *, n_val: int = 8, n_train: int = 3, n_subjects: int = 6, seeds=(0, 1),
+                 lora_scales: tuple[float, ...] = (0.5, 1.0), shift: int = 90, seed: int = 0,
+                 with_reference: bool = True) -> Path:
+    """samples/{base,lora} evaluation sets as the sample stages write them, data/filtered as the filter
+    stage does, and data/reference from the real reference stage.
+
+    Each LoRA image is its base image (same subject and seed) brightened in proportion to the scale,
+    so the LoRA images are clearly further from the real paintings, which share the base images'
+    distribution.
     """
     rng = np.random.default_rng(seed)
-    prompts = ["a harbor at sunset", "water lilies on a pond"]
-    for name, scales, count in (("base", (0.0,), n_base), ("lora", lora_scales, per_scale)):
+    base_images = {(i, s): smooth_image(rng) for i in range(n_subjects) for s in seeds}
+    for name, scales in (("base", (0.0,)), ("lora", lora_scales)):
         folder = root / "samples" / name
-        folder.mkdir(parents=True)
+        (folder / "eval").mkdir(parents=True)
         rows = []
         for scale in scales:
-            for i in range(count):
-                file = f"{name}-{scale}-{i}.png"
-                smooth_image(rng, (48, 48), shift=int(90 * scale)).save(folder / file)
-                rows.append({"file": file, "prompt": f"impr3ssionism, {prompts[i % 2]}", "seed": i,
-                             "lora_scale": scale})
-        pd.DataFrame(rows).to_csv(folder / "samples.csv", index=False)
+            for (i, s), image in base_images.items():
+                file = f"eval/s{i:03d}_seed{s}_scale{scale:g}.png"
+                brighten(image, int(shift * scale)).save(folder / file)
+                rows.append({"file": file, "subject": SUBJECTS[i], "prompt": f"trig, {SUBJECTS[i]}",
+                             "prompt_id": f"id{i:03d}", "seed": s, "lora_scale": scale, "eval_set": "set-1"})
+        pd.DataFrame(rows).to_csv(folder / "eval.csv", index=False)
     filtered = root / "data" / "filtered"
     (filtered / "images").mkdir(parents=True)
     rows = []
@@ -83,12 +92,14 @@ def make_project(root: Path, *, n_val: int = 6, n_train: int = 3, n_base: int = 
         rows.append({"id": image_id, "file": f"images/{image_id}.png", "artist": "claude-monet",
                      "style": "Impressionism", "split": "val" if i < n_val else "train"})
     pd.DataFrame(rows).to_parquet(filtered / "metadata.parquet")
+    if with_reference:
+        reference.run(DEMO_CFG, filtered, root / "data" / "reference")
     return root
 
 
 def run_in(root: Path, cfg: dict | None = None) -> dict:
-    return run(cfg or DEMO_CFG, root / "samples", root / "data" / "filtered",
-               root / "metrics" / "eval.json", root / "plots")
+    return evaluate.run(cfg or DEMO_CFG, root / "samples", root / "data" / "reference",
+                        root / "metrics" / "eval.json", root / "metrics" / "eval_images.csv", root / "plots")
 
 
 # ---------------------------------------------------------------- shared preprocessing
@@ -123,122 +134,6 @@ def test_prepare_images_resizes_shorter_side_and_centre_crops():
     assert batch.shape == (2, 3, 24, 24)
 
 
-# ---------------------------------------------------------------- FID / KID
-
-
-def test_fid_zero_for_same_set_and_grows_with_shift():
-    rng = np.random.default_rng(3)
-    real = [smooth_image(rng) for _ in range(12)]
-    scorer = FidKid(TinyFeatureNet(), kid_subset_size=1000, seed=0)
-    scorer.add_real(prepare_images(real, 32))
-
-    results = {}
-    for shift in (0, 40, 80):
-        scorer.add_fake(prepare_images(brighten(real, shift), 32))
-        results[shift] = scorer.compute()
-    assert abs(results[0]["fid"]) < 1e-3
-    assert results[40]["fid"] > 100 * max(abs(results[0]["fid"]), 1e-6)
-    assert results[80]["fid"] > results[40]["fid"]
-    assert results[80]["kid_mean"] > results[40]["kid_mean"] > results[0]["kid_mean"]
-
-    # the same pictures as float tensors, or at twice the size, score (almost) the same
-    shifted = brighten(real, 40)
-    as_float = [torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255 for im in shifted]
-    scorer.add_fake(prepare_images(as_float, 32))
-    assert scorer.compute()["fid"] == pytest.approx(results[40]["fid"], rel=1e-6)
-    scorer.add_fake(prepare_images([im.resize((96, 96), Image.BICUBIC) for im in shifted], 32))
-    assert scorer.compute()["fid"] == pytest.approx(results[40]["fid"], rel=0.25)
-
-
-class CountingNet(TinyFeatureNet):
-    """The tiny feature net, counting the images it is run on."""
-
-    def __init__(self):
-        super().__init__()
-        self.images_seen = 0
-
-    def forward(self, images):
-        self.images_seen += images.shape[0]
-        return super().forward(images)
-
-
-@pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance` will save")
-def test_fid_and_kid_share_one_feature_pass_and_equal_torchmetrics_own():
-    """Each image goes through the feature network once, and FID/KID are what torchmetrics gives when
-    each metric runs the network itself."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-    from torchmetrics.image.kid import KernelInceptionDistance
-
-    rng = np.random.default_rng(8)
-    real = prepare_images([smooth_image(rng) for _ in range(7)], 32)
-    fake = prepare_images([smooth_image(rng, shift=30) for _ in range(5)], 32)
-    net = CountingNet()
-    scorer = FidKid(net, kid_subset_size=4, seed=3)
-    scorer.add_real(real)
-    scorer.add_fake(fake)
-    ours = scorer.compute()
-    assert net.images_seen == 7 + 5
-
-    fid = FrechetInceptionDistance(feature=TinyFeatureNet())
-    kid = KernelInceptionDistance(feature=TinyFeatureNet(), subsets=evaluate.KID_SUBSETS, subset_size=4)
-    for metric in (fid, kid):
-        metric.update(real, real=True)
-        metric.update(fake, real=False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(3)  # FidKid draws KID's subsets from its seed
-        kid_mean, kid_std = kid.compute()
-    assert ours["fid"] == pytest.approx(float(fid.compute()), rel=1e-9)
-    assert (ours["kid_mean"], ours["kid_std"]) == pytest.approx((float(kid_mean), float(kid_std)), rel=1e-9)
-
-
-@pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance` will save")
-def test_kid_subset_size_adapts_and_is_seeded():
-    assert kid_subset_size(1000, 5, 3) == 3
-    assert kid_subset_size(1000, 3, 7) == 3
-    assert kid_subset_size(4, 10, 10) == 4
-
-    rng = np.random.default_rng(4)
-    real = prepare_images([smooth_image(rng) for _ in range(5)], 32)
-    fake = prepare_images([smooth_image(rng, shift=30) for _ in range(3)], 32)
-    scorer = FidKid(TinyFeatureNet(), kid_subset_size=1000, seed=0)
-    scorer.add_real(real)
-    scorer.add_fake(fake)
-    result = scorer.compute()
-    assert result["kid_subset_size"] == 3
-    assert math.isfinite(result["kid_mean"]) and result["kid_mean"] > 0
-
-    # torchmetrics on its own refuses a subset larger than the set: the adaptation is what makes it work
-    from torchmetrics.image.kid import KernelInceptionDistance
-
-    plain = KernelInceptionDistance(feature=TinyFeatureNet(), subset_size=1000)
-    plain.update(real, real=True)
-    plain.update(fake, real=False)
-    with pytest.raises(ValueError):
-        plain.compute()
-
-    # subsets are drawn from the seed: same seed, same KID; another seed, another draw
-    many_real = prepare_images([smooth_image(rng) for _ in range(8)], 32)
-    many_fake = prepare_images([smooth_image(rng, shift=30) for _ in range(8)], 32)
-
-    def kid(seed):
-        scorer = FidKid(TinyFeatureNet(), kid_subset_size=4, seed=seed)
-        scorer.add_real(many_real)
-        scorer.add_fake(many_fake)
-        return scorer.compute()
-
-    assert kid(0) == kid(0)
-    assert kid(0)["kid_mean"] != kid(1)["kid_mean"]
-
-
-def test_fid_needs_two_images_per_side():
-    rng = np.random.default_rng(5)
-    scorer = FidKid(TinyFeatureNet())
-    scorer.add_real(prepare_images([smooth_image(rng) for _ in range(4)], 32))
-    scorer.add_fake(prepare_images([smooth_image(rng)], 32))
-    with pytest.raises(UserError, match="at least 2"):
-        scorer.compute()
-
-
 # ---------------------------------------------------------------- CLIP score and style score
 
 
@@ -251,7 +146,7 @@ def test_clip_score_equals_direct_open_clip(tiny_clip):
     prompts = ["a harbor at sunset", "a woman with a parasol in a field"] * 2 + ["water lilies on a pond"]
 
     scorer = ClipScorer(model, preprocess, tokenizer)
-    ours = scorer.clip_score(scorer.image_features(images), prompts)
+    ours = float(scorer.clip_scores(scorer.image_features(images), prompts).mean())
 
     direct = []
     with torch.no_grad():
@@ -261,7 +156,7 @@ def test_clip_score_equals_direct_open_clip(tiny_clip):
             direct.append(100 * max(F.cosine_similarity(image_emb, text_emb).item(), 0.0))
     assert ours == pytest.approx(sum(direct) / len(direct), rel=1e-5)
     # a prompt really matters: scoring against other prompts gives another value
-    assert scorer.clip_score(scorer.image_features(images), ["a cubist guitar"] * 5) != pytest.approx(ours)
+    assert float(scorer.clip_scores(scorer.image_features(images), ["a cubist guitar"] * 5).mean()) != pytest.approx(ours)
 
 
 def test_style_probability_equals_direct_softmax(tiny_clip):
@@ -282,7 +177,7 @@ def test_style_probability_equals_direct_softmax(tiny_clip):
     scorer = ClipScorer(model, preprocess, tokenizer)
     feats = scorer.image_features(images)
     torch.testing.assert_close(scorer.style_probabilities(feats), probs, rtol=1e-5, atol=1e-6)
-    assert scorer.style_score(feats) == pytest.approx(expected, rel=1e-5)
+    assert float(scorer.style_scores(feats).mean()) == pytest.approx(expected, rel=1e-5)
 
 
 class PlantedClip(torch.nn.Module):
@@ -319,8 +214,8 @@ def test_style_score_ranks_planted_case():
     scorer = ClipScorer(model, preprocess, tokenizer)
     reddish = [Image.new("RGB", (16, 16), (200, 80, 60 + i)) for i in range(3)]
     bluish = [Image.new("RGB", (16, 16), (40, 80, 200 - i)) for i in range(3)]
-    impressionist = scorer.style_score(scorer.image_features(reddish))
-    cubist = scorer.style_score(scorer.image_features(bluish))
+    impressionist = float(scorer.style_scores(scorer.image_features(reddish)).mean())
+    cubist = float(scorer.style_scores(scorer.image_features(bluish)).mean())
     assert impressionist > 0.9 > 0.1 > cubist
 
 
@@ -329,54 +224,116 @@ def test_clip_score_clamps_negative_cosine_to_zero():
     scorer = ClipScorer(model, preprocess, tokenizer)
     opposite = -torch.eye(len(STYLES))[:2]  # exactly opposite to the first two prompts' embeddings
     prompts = style_prompts()[:2]
-    assert scorer.clip_score(opposite, prompts) == 0.0
-    assert scorer.clip_score(-opposite, prompts) == pytest.approx(100.0)
+    assert scorer.clip_scores(opposite, prompts).tolist() == [0.0, 0.0]
+    assert scorer.clip_scores(-opposite, prompts).tolist() == pytest.approx([100.0, 100.0])
+
+
+# ---------------------------------------------------------------- FID
+
+
+def test_fid_equals_torchmetrics_running_the_network_itself():
+    """FID on features extracted once equals torchmetrics' FID when it runs the network itself."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    rng = np.random.default_rng(8)
+    real = prepare_images([smooth_image(rng) for _ in range(7)], 32)
+    fake = prepare_images([smooth_image(rng, shift=30) for _ in range(5)], 32)
+    net = TinyFeatureNet()
+    direct = FrechetInceptionDistance(feature=TinyFeatureNet())
+    direct.update(real, real=True)
+    direct.update(fake, real=False)
+    assert evaluate.fid(net(real), net(fake)) == pytest.approx(float(direct.compute()), rel=1e-6)
+    assert abs(evaluate.fid(net(real), net(real))) < 1e-3
 
 
 # ---------------------------------------------------------------- the stage
 
 
-def test_run_writes_stable_metrics_and_plots(tmp_path, monkeypatch):
+def test_run_writes_flat_metrics_with_cis_table_and_plots(tmp_path, monkeypatch):
     root = make_project(tmp_path / "p")
     metrics = run_in(root)
     written = json.loads((root / "metrics" / "eval.json").read_text())
     assert written == metrics
 
-    assert set(written) == {"n_real", "real", "base", "lora", "delta", "lora_scale_0.5", "lora_scale_1.0"}
-    assert set(written["real"]) == {"style_score"}
-    assert set(written["base"]) == SECTION_KEYS
-    assert set(written["lora_scale_0.5"]) == set(written["lora_scale_1.0"]) == SECTION_KEYS
+    # the top scale is `lora`; no duplicate `lora_scale_1.0` section
+    assert set(written) == {"n_real", "real", "base", "lora", "delta", "lora_scale_0.5"}
+    assert set(written["real"]) == {"style_score", "style_score_ci_low", "style_score_ci_high", "style_score_n"}
+    assert set(written["base"]) == set(written["lora_scale_0.5"]) == SECTION_KEYS
     assert set(written["lora"]) == SECTION_KEYS | {"lora_scale"}
-    assert set(written["delta"]) == DELTA_KEYS
-
-    assert written["n_real"] == 6  # validation rows only, not the 3 training rows
-    assert written["base"]["n_fake"] == written["lora_scale_1.0"]["n_fake"] == 4
-    # KID's subset size, lowered from the requested 1000 to the smaller side (4 generated images)
-    assert written["base"]["kid_subset_size"] == written["lora"]["kid_subset_size"] == 4
+    assert set(written["delta"]) == METRIC_KEYS
+    assert written["n_real"] == written["real"]["style_score_n"] == 8  # validation rows only
+    for section in ("base", "lora_scale_0.5", "lora", "delta"):
+        for name in ("clip_score", "style_score", "kid", "cmmd"):
+            assert written[section][f"{name}_n"] == 12  # 6 subjects x 2 seeds
+            low, value, high = (written[section][f"{name}{s}"] for s in ("_ci_low", "", "_ci_high"))
+            assert low <= high
+            if name in ("clip_score", "style_score"):  # a mean is inside its percentile interval
+                assert low <= value <= high
     # flat numbers only under each key: what `dvc metrics diff` / `dvc exp show` compare
     for value in written.values():
         leaves = value.values() if isinstance(value, dict) else [value]
         assert all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in leaves)
     assert written["lora"]["lora_scale"] == 1.0
-    assert {k: v for k, v in written["lora"].items() if k != "lora_scale"} == written["lora_scale_1.0"]
-    for name in DELTA_KEYS:
+    for name in ("clip_score", "style_score", "kid", "cmmd"):
         assert written["delta"][name] == pytest.approx(written["lora"][name] - written["base"][name])
-    # base images share the real images' distribution; LoRA images are brightened with their scale
-    assert written["base"]["fid"] < written["lora_scale_0.5"]["fid"] < written["lora_scale_1.0"]["fid"]
-    for section in ("base", "lora_scale_0.5", "lora_scale_1.0"):
-        assert 0.0 <= written[section]["clip_score"] <= 100.0
-        assert 0.0 < written[section]["style_score"] < 1.0
+    # the LoRA images are the base images brightened: every distance to the paintings grows with the
+    # scale, and the paired KID/CMMD deltas say so with intervals above zero
+    for name in ("kid", "cmmd", "fid"):
+        assert written["base"][name] < written["lora_scale_0.5"][name] < written["lora"][name]
+    assert written["delta"]["kid_ci_low"] > 0 and written["delta"]["cmmd_ci_low"] > 0
 
-    for plot in ("eval_base_vs_lora.png", "eval_vs_scale.png"):
+    images = pd.read_csv(root / "metrics" / "eval_images.csv")
+    assert list(images.columns) == evaluate.IMAGE_COLUMNS
+    assert len(images) == 3 * 12 and sorted(set(images["lora_scale"])) == [0.0, 0.5, 1.0]
+    for scale, section in ((0.0, "base"), (1.0, "lora")):
+        rows = images[images["lora_scale"] == scale]
+        assert rows["clip_score"].mean() == pytest.approx(written[section]["clip_score"], abs=1e-5)
+        assert rows["style_score"].mean() == pytest.approx(written[section]["style_score"], abs=1e-5)
+        assert list(zip(rows["prompt_id"], rows["seed"])) == [(f"id{i:03d}", s) for i in range(6) for s in (0, 1)]
+
+    data = pd.read_csv(root / "plots" / "eval_vs_scale.csv")
+    assert list(data.columns) == ["metric", "lora_scale", "value", "ci_low", "ci_high", "n"]
+    kid_rows = data[data["metric"] == "kid"].set_index("lora_scale")
+    assert kid_rows.loc[1.0, "value"] == pytest.approx(written["lora"]["kid"])
+    assert kid_rows.loc[0.5, "ci_high"] == pytest.approx(written["lora_scale_0.5"]["kid_ci_high"])
+    for plot in ("eval_vs_scale.png", "eval_delta.png"):
         with Image.open(root / "plots" / plot) as image:
-            assert image.format == "PNG" and image.width > 200
+            assert image.format == "PNG" and image.width >= 500 and image.height >= 250
+            assert len(np.unique(np.asarray(image.convert("L")))) > 20  # drawn, not blank
 
     # deterministic: the CLI on the same inputs writes the very same numbers
     monkeypatch.chdir(root)
     (root / "params.yaml").write_text(yaml.safe_dump({"evaluate": DEMO_CFG}))
     (root / "metrics" / "eval.json").unlink()
+    monkeypatch.setattr(evaluate, "SAMPLES_DIR", Path("samples"))
     evaluate.main(["--params", "params.yaml"])
     assert json.loads((root / "metrics" / "eval.json").read_text()) == written
+
+
+def test_identical_lora_images_give_zero_deltas_with_zero_width_cis(tmp_path):
+    root = make_project(tmp_path / "p", lora_scales=(1.0,), shift=0)
+    delta = run_in(root)["delta"]
+    for name in ("clip_score", "style_score", "kid", "cmmd"):
+        assert delta[name] == pytest.approx(0.0, abs=1e-9)
+        assert delta[f"{name}_ci_low"] == pytest.approx(0.0, abs=1e-9)
+        assert delta[f"{name}_ci_high"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_reference_features_are_reused_and_checked(tmp_path, monkeypatch):
+    root = make_project(tmp_path / "p")
+    ref = root / "data" / "reference"
+    info = json.loads((ref / "reference.json").read_text())
+    assert info["n"] == 8 and info["ids"] == sorted(info["ids"])
+    # evaluate reads the stored real features: the real images may be gone
+    shutil.rmtree(root / "data" / "filtered")
+    seen = []
+    original = evaluate.Extractors.features
+    monkeypatch.setattr(evaluate.Extractors, "features", lambda self, paths: seen.append(len(paths)) or original(self, paths))
+    run_in(root)
+    assert seen == [12, 12, 12]  # the generated sets only, never the 8 paintings
+    # features from other networks are refused, before any model loads
+    with pytest.raises(UserError, match="other feature networks.*dvc repro reference"):
+        run_in(root, {**DEMO_CFG, "image_size": 48})
 
 
 def _remove_lora(root):
@@ -384,28 +341,26 @@ def _remove_lora(root):
 
 
 def _empty_base(root):
-    (root / "samples" / "base" / "samples.csv").write_text("file,prompt,seed,lora_scale\n")
+    (root / "samples" / "base" / "eval.csv").write_text(",".join(evaluate.EVAL_COLUMNS) + "\n")
 
 
-def _drop_split(root):
-    meta = root / "data" / "filtered" / "metadata.parquet"
-    pd.read_parquet(meta).drop(columns="split").to_parquet(meta)
+def _other_eval_set(root):
+    csv = root / "samples" / "lora" / "eval.csv"
+    pd.read_csv(csv).assign(eval_set="set-2").to_csv(csv, index=False)
 
 
-def _no_val(root):
-    meta = root / "data" / "filtered" / "metadata.parquet"
-    pd.read_parquet(meta).assign(split="train").to_parquet(meta)
-
-
-def _one_image_at_a_scale(root):
-    csv = root / "samples" / "lora" / "samples.csv"
+def _missing_seed_at_a_scale(root):
+    csv = root / "samples" / "lora" / "eval.csv"
     table = pd.read_csv(csv)
-    keep = table[table["lora_scale"] != 0.5]
-    pd.concat([keep, table[table["lora_scale"] == 0.5].head(1)]).to_csv(csv, index=False)
+    table.drop(index=table[table["lora_scale"] == 0.5].index[0]).to_csv(csv, index=False)
 
 
 def _missing_png(root):
-    (root / "samples" / "base" / "base-0.0-1.png").unlink()
+    (root / "samples" / "base" / "eval" / "s000_seed0_scale0.png").unlink()
+
+
+def _no_reference(root):
+    shutil.rmtree(root / "data" / "reference")
 
 
 @pytest.mark.parametrize(
@@ -413,34 +368,39 @@ def _missing_png(root):
     [
         (_remove_lora, {}, "run the sample stages first"),
         (_empty_base, {}, "lists no images"),
-        (_drop_split, {}, "lacks column(s) split; rerun the filter stage"),
-        (_no_val, {}, "0 validation image(s); FID and KID need at least 2 real images — raise "
-                      "filter.val_fraction"),
-        (_one_image_at_a_scale, {}, "has 1 image(s) at lora_scale 0.5; FID/KID need at least 2 per set "
-                                    "(prompts x seeds) — add seeds to sample.seeds or prompts to "
-                                    "sample.prompts / sample.val_captions"),
+        (_other_eval_set, {}, "hold different evaluation sets"),
+        (_missing_seed_at_a_scale, {}, "lora_scale 0.5 has other subjects or seeds than"),
         (_missing_png, {}, "missing from"),
+        (_no_reference, {}, "no reference features"),
         (None, {"fid_features": "inception", "inception_weights": "/nowhere/pt_inception.pth"},
          "inception_weights"),
-        (None, {"kid_subset_size": 1}, "kid_subset_size"),
+        (None, {"bootstrap_resamples": 10}, "bootstrap_resamples"),
+        (None, {"confidence": 1.5}, "evaluate.confidence"),
+        (None, {"cmmd_clip_pretrained": "nope"}, "evaluate.cmmd_clip_pretrained"),
     ],
 )
 def test_bad_input_is_one_line_before_heavy_work(tmp_path, monkeypatch, breakage, cfg_change, needle):
-    root = make_project(tmp_path / "p", n_base=3, per_scale=3)
+    root = make_project(tmp_path / "p", n_subjects=2)
     if breakage:
         breakage(root)
 
     def heavy(*args, **kwargs):
         raise AssertionError("model loaded before the inputs were checked")
 
-    monkeypatch.setattr(evaluate, "fid_feature_extractor", heavy)
-    monkeypatch.setattr(evaluate, "load_clip", heavy)
+    monkeypatch.setattr(evaluate.Extractors, "load", heavy)
     with pytest.raises(UserError) as err:
         run_in(root, {**DEMO_CFG, **cfg_change})
     message = str(err.value)
     assert needle in message and "\n" not in message
     assert not (root / "metrics").exists()
     assert not (root / "plots").exists()
+
+
+def test_reference_bad_input_is_one_line_and_writes_nothing(tmp_path):
+    root = make_project(tmp_path / "p", n_val=1, with_reference=False)
+    with pytest.raises(UserError, match="1 validation image.*at least 2"):
+        reference.run(DEMO_CFG, root / "data" / "filtered", root / "data" / "reference")
+    assert not (root / "data" / "reference").exists()
 
 
 def test_main_reports_bad_input_as_one_line(tmp_path, monkeypatch, capsys):
@@ -454,10 +414,10 @@ def test_main_reports_bad_input_as_one_line(tmp_path, monkeypatch, capsys):
     assert "samples" in err and "run the sample stages first" in err
 
 
-def test_small_sample_note_points_to_kid():
-    metrics = {"n_real": 600, "base": {"n_fake": 800}, "lora": {"n_fake": 12, "lora_scale": 1.0},
-               "delta": {"fid": 1.0}, "real": {"style_score": 0.5}}
-    note = evaluate.small_sample_note(metrics)
-    assert note.startswith("note: FID from 12 images") and "kid_mean" in note and "\n" not in note
-    assert evaluate.small_sample_note({**metrics, "lora": {"n_fake": 900}}) is None
-    assert "from 3 images" in evaluate.small_sample_note({**metrics, "n_real": 3, "lora": {"n_fake": 900}})
+def test_summary_gives_n_ci_and_flags_fid(tmp_path):
+    metrics = run_in(make_project(tmp_path / "p"))
+    lines = evaluate.summary_lines(metrics)
+    assert lines[0].startswith("evaluate: 12 images per model, 8 validation paintings")
+    kid_line = next(line for line in lines if line.strip().startswith("kid:"))
+    assert "(n=12)" in kid_line and kid_line.endswith("— significant")
+    assert "biased: n=12 < 2000" in lines[-1]

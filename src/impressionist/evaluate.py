@@ -1,143 +1,155 @@
-"""The evaluate stage: FID, KID, CLIP score and an Impressionism style score, base model vs LoRA.
+"""The evaluate stage: base model vs LoRA on the evaluation set, every number with its n and 95% CI.
 
-Reads ``samples/base`` and ``samples/lora`` (``samples.csv`` + PNGs; the LoRA folder may hold
-several ``lora_scale`` values, each scored separately) and the validation split of
-``data/filtered`` as the set of real paintings. Writes ``metrics/eval.json`` and
-``plots/eval_base_vs_lora.png``, ``plots/eval_vs_scale.png``.
+Reads the evaluation set the sample stages drew (``samples/base/eval.csv``, ``samples/lora/eval.csv``:
+the same subjects and seeds for the base model and at every LoRA scale) and the real paintings'
+features (``data/reference``, the reference stage). Writes ``metrics/eval.json``, the per-image scores
+``metrics/eval_images.csv``, the data plot ``plots/eval_vs_scale.csv`` and the pictures
+``plots/eval_vs_scale.png`` and ``plots/eval_delta.png``.
 
-Metrics, per generated set (base, and each LoRA scale):
+Metrics of each generated set (the base model, and the LoRA at each scale):
 
-* ``fid``, ``kid_mean``, ``kid_std``: torchmetrics FrechetInceptionDistance and
-  KernelInceptionDistance against the validation paintings, both fed the same features: each image
-  goes through the feature network (Inception) once. Real and generated images go through
-  the same :func:`prepare_images` (shorter side resized to ``evaluate.image_size`` with antialiased
-  bicubic, centre crop, uint8). KID's subset size is ``min(kid_subset_size, n_real, n_fake)``
-  (:func:`kid_subset_size`), its 100 subsets drawn from ``evaluate.seed``; the size used is
-  recorded as ``kid_subset_size``. Both need at least 2 images on each side; with fewer the stage
-  stops with one line naming the params that raise the count, before any heavy work (a KID-only
-  fallback is not possible: KID's unbiased MMD divides by m(m-1) and needs 2 images per subset too).
-  With 2 or more but few images (< ``FEW_IMAGES``) FID is strongly biased upwards, so the stage
-  prints a note to read KID, which is unbiased at any sample size (:func:`small_sample_note`).
-* ``clip_score``: as torchmetrics' CLIPScore, ``100 * max(cos(image, prompt), 0)`` averaged over
-  images, each against the prompt it was generated from; computed with open_clip.
-* ``style_score``: mean open_clip zero-shot probability of "Impressionism" among the 27 WikiArt
-  styles, prompts ``"an <style> painting"`` (:func:`style_prompts`), logits scaled by the model's
-  ``logit_scale``. ``real.style_score`` gives the same for the validation paintings, as reference.
+* ``clip_score`` (per image, then averaged): ``100 * max(cos(image, subject), 0)`` with open_clip
+  ``evaluate.clip_model``, against the **subject alone** ("a harbor at sunset": no trigger, no style
+  words), so it measures whether the picture still shows what was asked, not the style;
+* ``style_score`` (per image, then averaged): zero-shot probability of "Impressionism" among the 27
+  WikiArt styles (``"an <style> painting"``) with the same CLIP; ``real.style_score`` is the same
+  for the validation paintings, a reference;
+* ``kid``: KID over the full sets against the validation paintings (:func:`impressionist.stats.kid`);
+* ``cmmd``: CMMD (Jayasumana et al. 2024) on ``evaluate.cmmd_clip_model`` embeddings;
+* ``fid``: torchmetrics' FrechetInceptionDistance, for familiarity only. FID is biased upwards at
+  small n (it wants thousands of images), has no CI here and is never judged better or worse.
 
-``eval.json`` = ``{"n_real", "real": {"style_score"}, "base": {...}, "lora": {... at the largest
-scale, + "lora_scale"}, "delta": {lora - base}, "lora_scale_<s>": {...} for each scale}``, where
-``{...}`` = ``fid, kid_mean, kid_std, clip_score, style_score, n_fake, kid_subset_size``; ``delta``
-holds the first five. All values are numbers; DVC flattens them to stable names (``base.fid``,
-``lora.clip_score``, ``delta.style_score``...) for ``dvc metrics diff`` and ``dvc exp show``.
+Uncertainty (:mod:`impressionist.stats`): means get a bootstrap 95% CI over subjects (all seeds of a
+subject move together); KID and CMMD get one by resampling subjects and paintings; ``delta`` (LoRA
+at the top scale minus base) is **paired**: the same resampled subjects and seeds on both sides.
+``evaluate.bootstrap_resamples`` replicates, seeded by ``evaluate.seed``.
 
-With ``builtin:tiny`` / ``builtin:tiny-clip`` (the demo) all feature nets are random: the numbers
-then only show the pipeline works, not anything about the paintings.
+``eval.json`` holds flat, stable keys: per metric ``<m>``, ``<m>_ci_low``, ``<m>_ci_high``, ``<m>_n``
+(images), in sections ``base``, ``lora`` (the largest scale, plus ``lora_scale``), ``lora_scale_<s>``
+(each other scale), ``delta``; ``fid`` / ``fid_n`` in each generated set's section; ``n_real`` and
+``real`` (style score of the paintings). ``dvc metrics diff`` and ``dvc exp show`` read them directly.
+
+With ``builtin:*`` feature networks (the demo) everything is random: the numbers only show the
+pipeline works.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
+import json
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
-from PIL import Image
 
-from .errors import UserError, atomic_write_text, first_line, stage_main
-from .feature_nets import INCEPTION, check_clip_params, check_fid_params, fid_feature_extractor, load_clip
-from .layout import FILTERED_DIR, SAMPLES_DIR
-from .params import load_params, require, require_int, section
-from .tables import METADATA_FILE, read_table
-from .wikiart import STYLES
+from .errors import UserError, atomic_write_text, stage_main
+from .image_features import Extractors, check_feature_config, load_reference, uses_random_nets
+from .layout import EVAL_IMAGES, EVAL_METRICS, REFERENCE_DIR, SAMPLES_DIR
+from .params import load_params, require_int, section
+from .stats import (CMMD, CONFIDENCE, KID, Estimate, Resampling, mean_estimate, paired_difference,
+                    replicate_difference, set_distance_estimates)
+from .tables import read_table
 
-METRICS = ("fid", "kid_mean", "kid_std", "clip_score", "style_score")
-TARGET_STYLE = "Impressionism"
-STYLE_PROMPT = "an {} painting"
-SAMPLES_COLUMNS = ("file", "prompt", "seed", "lora_scale")
-BATCH_SIZE = 16
-KID_SUBSETS = 100
-# FID needs a covariance and KID's unbiased MMD divides by m(m-1): neither exists for one image.
-MIN_IMAGES = 2
-# Below this many images per set FID is strongly biased upwards (its covariance has far fewer
-# samples than feature dimensions); KID is unbiased at any size, so it is the one to read then.
-FEW_IMAGES = 500
+PER_IMAGE = ("clip_score", "style_score")
+SET_LEVEL = ("kid", "cmmd")
+METRICS = PER_IMAGE + SET_LEVEL  # every one with a CI; FID comes apart
+DISTANCES = {"kid": KID, "cmmd": CMMD}
+EVAL_TABLE = "eval.csv"  # written by the sample stages beside samples.csv
+EVAL_COLUMNS = ("file", "subject", "prompt_id", "seed", "lora_scale", "eval_set")
+IMAGE_COLUMNS = ["lora_scale", "prompt_id", "seed", "subject", "clip_score", "style_score", "eval_set"]
+MIN_IMAGES = 2  # per generated set: KID's unbiased MMD divides by n(n-1), FID needs a covariance
+# FID's bias falls like 1/n; the literature (Chong & Forsyth 2020, Jayasumana et al. 2024) wants
+# thousands of images before FIDs are comparable. Below this every display flags it as biased.
+FID_RELIABLE = 2000
 SAMPLE_HINT = "run the sample stages first (`dvc repro sample_base sample`)"
+PLOT_DATA = "eval_vs_scale.csv"
 
 
 # --------------------------------------------------------------------------------------------
-# Shared image preprocessing for FID/KID
+# Config and inputs
 # --------------------------------------------------------------------------------------------
 
 
-def _as_float_chw(image: Image.Image | torch.Tensor | np.ndarray) -> torch.Tensor:
-    """One image as float32 (3, H, W) in [0, 1]; uint8 is read as [0, 255], floats as [0, 1]."""
-    if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
-    if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"expected an (H, W, 3) array, got {image.shape}")
-        image = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # a writable copy
-    if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != 3:
-        raise ValueError("expected a PIL image, an (H, W, 3) array or a (3, H, W) tensor")
-    if image.dtype == torch.uint8:
-        return image.float() / 255.0
-    if image.is_floating_point():
-        return image.float().clamp(0.0, 1.0)
-    raise TypeError(f"expected uint8 or float image data, got {image.dtype}")
+def check_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate the `evaluate` section; return it with defaults filled and types normalised."""
+    out = dict(cfg)
+    out.update(check_feature_config(cfg))
+    out["seed"] = require_int(cfg.get("seed", 0), "evaluate.seed")
+    out["bootstrap_resamples"] = require_int(cfg.get("bootstrap_resamples", 2000),
+                                             "evaluate.bootstrap_resamples", minimum=100)
+    confidence = cfg.get("confidence", CONFIDENCE)
+    if not isinstance(confidence, float) or not 0.5 <= confidence < 1.0:
+        raise UserError(f"params.yaml: evaluate.confidence={confidence!r} must be a number in [0.5, 1), e.g. 0.95")
+    out["confidence"] = confidence
+    return out
 
 
-def prepare_image(image: Image.Image | torch.Tensor | np.ndarray, size: int) -> torch.Tensor:
-    """Resize the shorter side to ``size`` (antialiased bicubic), centre-crop, return uint8 (3, size, size)."""
-    x = _as_float_chw(image)
-    h, w = x.shape[-2:]
-    scale = size / min(h, w)
-    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
-    if (new_h, new_w) != (h, w):
-        x = F.interpolate(x[None], size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)[0]
-        x = x.clamp(0.0, 1.0)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    x = x[:, top:top + size, left:left + size]
-    return (x * 255.0).round().to(torch.uint8)
+def read_eval_table(folder: Path | str) -> pd.DataFrame:
+    """``eval.csv`` of a samples folder, checked, with an absolute ``path`` column added."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder} not found; {SAMPLE_HINT}")
+    csv = folder / EVAL_TABLE
+    table = read_table(csv, EVAL_COLUMNS, "sample_base" if folder.name == "base" else "sample")
+    scales = pd.to_numeric(table["lora_scale"], errors="coerce")
+    if scales.isna().any():
+        raise UserError(f"{csv}: column lora_scale holds non-numbers; re-run the sample stage")
+    table = table.assign(lora_scale=scales.astype(float).round(6), prompt_id=table["prompt_id"].astype(str),
+                         subject=table["subject"].fillna("").astype(str), eval_set=table["eval_set"].astype(str),
+                         seed=table["seed"].astype(int))
+    table["path"] = [folder / str(f) for f in table["file"]]
+    absent = [str(f) for f, p in zip(table["file"], table["path"]) if not p.is_file()]
+    if absent:
+        raise UserError(f"{csv} lists {len(absent)} file(s) missing from {folder} (first: {absent[0]}); "
+                        f"re-run the sample stage")
+    return table
 
 
-def prepare_images(images: Iterable[Image.Image | torch.Tensor | np.ndarray] | torch.Tensor, size: int) -> torch.Tensor:
-    """The one preprocessing used for real and generated images: uint8 (N, 3, size, size).
+def evaluation_sets(samples_dir: Path | str) -> dict[float, pd.DataFrame]:
+    """``{lora_scale: table}`` (0.0 = base), every table in the base table's (subject, seed) order.
 
-    Accepts PIL images, (H, W, 3) arrays, (3, H, W) tensors (uint8 or float in [0, 1]) or an
-    (N, 3, H, W) batch; the same picture in any of these forms gives the same result.
+    Refuses sets that cannot be paired: another evaluation set (fingerprint) or other (subject, seed)
+    pairs in the LoRA folder than in the base folder, or fewer than two images.
     """
-    if isinstance(images, torch.Tensor) and images.ndim == 3:
-        images = images[None]
-    out = [prepare_image(img, size) for img in images]
-    if not out:
-        return torch.empty((0, 3, size, size), dtype=torch.uint8)
-    return torch.stack(out)
+    samples_dir = Path(samples_dir)
+    base = read_eval_table(samples_dir / "base")
+    lora = read_eval_table(samples_dir / "lora")
+    if set(base["eval_set"]) != set(lora["eval_set"]) or base["eval_set"].nunique() != 1:
+        raise UserError(f"{samples_dir}/base and {samples_dir}/lora hold different evaluation sets "
+                        f"(sample.eval_set changed in between); {SAMPLE_HINT}")
+    order = list(zip(base["prompt_id"], base["seed"]))
+    sets = {0.0: base}
+    for scale, group in sorted(lora.groupby("lora_scale"), key=lambda kv: kv[0]):
+        keyed = group.set_index(["prompt_id", "seed"])
+        if len(group) != len(order) or set(keyed.index) != set(order):
+            raise UserError(f"{samples_dir}/lora at lora_scale {scale:g} has other subjects or seeds than "
+                            f"{samples_dir}/base; {SAMPLE_HINT}")
+        sets[float(scale)] = keyed.loc[order].reset_index()
+    if len(sets) < 2:
+        raise UserError(f"{samples_dir}/lora has no LoRA evaluation images; {SAMPLE_HINT}")
+    if len(base) < MIN_IMAGES:
+        raise UserError(f"the evaluation set has {len(base)} image(s) per model; KID and CMMD need at least "
+                        f"{MIN_IMAGES} — raise sample.eval_set.num_subjects or add sample.eval_set.seeds")
+    return sets
+
+
+def scale_key(scale: float) -> str:
+    """Stable metrics key of a LoRA scale: ``lora_scale_0.5``, ``lora_scale_1.0``."""
+    return f"lora_scale_{round(float(scale), 4)!r}"
 
 
 # --------------------------------------------------------------------------------------------
-# FID / KID
+# FID (torchmetrics, on features already extracted)
 # --------------------------------------------------------------------------------------------
-
-
-def kid_subset_size(requested: int, n_real: int, n_fake: int) -> int:
-    """KID subset size actually used: the requested one, lowered to the number of images available."""
-    return max(1, min(int(requested), int(n_real), int(n_fake)))
 
 
 class _Extracted(torch.nn.Module):
-    """The "feature network" torchmetrics is given: the features were already extracted.
-
-    FID and KID read the same features of the same images, so the feature network runs once per
-    image and hands its output to both metrics through this identity.
-    """
+    """The "feature network" torchmetrics is given: the features were already extracted."""
 
     def __init__(self, num_features: int) -> None:
         super().__init__()
@@ -147,247 +159,102 @@ class _Extracted(torch.nn.Module):
         return features
 
 
-class FidKid:
-    """FID and KID (torchmetrics) of several generated sets against one real set.
+def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """torchmetrics' FrechetInceptionDistance of two feature sets."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
 
-    Real features are extracted once (``reset_real_features=False``); :meth:`compute` scores the
-    generated images added since the last call and then forgets them. ``feature_net`` must have an
-    int ``num_features`` (as :func:`~impressionist.feature_nets.fid_feature_extractor`'s nets do).
+    metric = FrechetInceptionDistance(feature=_Extracted(int(real.shape[1])))
+    metric.update(real.double(), real=True)
+    metric.update(fake.double(), real=False)
+    return float(metric.compute())
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring
+# --------------------------------------------------------------------------------------------
+
+
+def score(real: Mapping[str, torch.Tensor], fakes: Mapping[float, Mapping[str, torch.Tensor]],
+          per_image: Mapping[float, Mapping[str, np.ndarray]], clusters: Sequence[object], *,
+          resamples: int = 2000, seed: int = 0, confidence: float = CONFIDENCE
+          ) -> tuple[dict[float, dict[str, Estimate | float]], dict[str, Estimate]]:
+    """Every metric of every generated set, and the paired deltas of the top scale against the base.
+
+    ``real``/``fakes[scale]``: feature matrices ``fid`` and ``cmmd``; ``per_image[scale]``: the
+    per-image scores; ``clusters``: each generated image's subject, in the same order for every set.
+    Returns ``({scale: {metric: Estimate, "fid": float}}, {metric: delta Estimate})``.
     """
-
-    def __init__(self, feature_net: torch.nn.Module, kid_subset_size: int = 1000, seed: int = 0,
-                 device: str | torch.device = "cpu") -> None:
-        from torchmetrics.image.fid import FrechetInceptionDistance
-        from torchmetrics.image.kid import KernelInceptionDistance
-
-        num_features = getattr(feature_net, "num_features", None)
-        if not isinstance(num_features, int):
-            raise TypeError("FidKid needs a feature network with an int `num_features`")
-        self.requested_subset_size = int(kid_subset_size)
-        self.seed = int(seed)
-        self.device = torch.device(device)
-        self.feature_net = feature_net.to(self.device).eval()
-        extracted = _Extracted(num_features)
-        self.fid = FrechetInceptionDistance(feature=extracted, reset_real_features=False).to(self.device)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
-            self.kid = KernelInceptionDistance(
-                feature=extracted, subsets=KID_SUBSETS, subset_size=self.requested_subset_size,
-                reset_real_features=False,
-            ).to(self.device)
-        self.n_real = 0
-        self.n_fake = 0
-
-    @torch.no_grad()
-    def _update(self, images: torch.Tensor, real: bool) -> None:
-        if images.dtype != torch.uint8 or images.ndim != 4:
-            raise TypeError("FidKid takes uint8 (N, 3, S, S) batches from prepare_images()")
-        features = self.feature_net(images.to(self.device))
-        self.fid.update(features, real=real)
-        self.kid.update(features, real=real)
-
-    def add_real(self, images: torch.Tensor) -> None:
-        self._update(images, real=True)
-        self.n_real += int(images.shape[0])
-
-    def add_fake(self, images: torch.Tensor) -> None:
-        self._update(images, real=False)
-        self.n_fake += int(images.shape[0])
-
-    def compute(self) -> dict[str, float]:
-        """``{"fid", "kid_mean", "kid_std", "kid_subset_size"}`` for the generated images added so far."""
-        if self.n_real < MIN_IMAGES or self.n_fake < MIN_IMAGES:
-            raise UserError(
-                f"FID/KID need at least {MIN_IMAGES} real and {MIN_IMAGES} generated images, got "
-                f"{self.n_real} and {self.n_fake}"
-            )
-        subset = kid_subset_size(self.requested_subset_size, self.n_real, self.n_fake)
-        self.kid.subset_size = subset
-        fid = float(self.fid.compute())
-        with torch.random.fork_rng(devices=[]):  # KID draws its subsets with torch.randperm (CPU RNG)
-            torch.manual_seed(self.seed)
-            kid_mean, kid_std = (float(v) for v in self.kid.compute())
-        self.fid.reset()
-        self.kid.reset()
-        self.n_fake = 0
-        return {"fid": fid, "kid_mean": kid_mean, "kid_std": kid_std, "kid_subset_size": subset}
+    scales = sorted(fakes)
+    top = scales[-1]
+    kwargs = dict(resamples=resamples, seed=seed, confidence=confidence)
+    resampling = Resampling.draw(int(real["fid"].shape[0]), clusters, resamples, seed)
+    results: dict[float, dict[str, Any]] = {s: {} for s in scales}
+    deltas: dict[str, Estimate] = {}
+    for name in PER_IMAGE:
+        for s in scales:
+            results[s][name] = mean_estimate(per_image[s][name], clusters, **kwargs)
+        deltas[name] = paired_difference(per_image[0.0][name], per_image[top][name], clusters, **kwargs)
+    for name in SET_LEVEL:
+        feature = "fid" if name == "kid" else "cmmd"  # KID reads the FID network's features
+        estimates, replicates = set_distance_estimates(
+            DISTANCES[name], real[feature], [fakes[s][feature] for s in scales], resampling, confidence)
+        for s, estimate in zip(scales, estimates):
+            results[s][name] = estimate
+        base_index = scales.index(0.0)
+        deltas[name] = replicate_difference(estimates[-1].value - estimates[base_index].value,
+                                            replicates[base_index], replicates[-1], estimates[-1].n, confidence)
+    for s in scales:
+        results[s]["fid"] = fid(real["fid"], fakes[s]["fid"])
+    return results, deltas
 
 
-# --------------------------------------------------------------------------------------------
-# CLIP score and style score
-# --------------------------------------------------------------------------------------------
+def metrics_json(results: Mapping[float, Mapping[str, Any]], deltas: Mapping[str, Estimate],
+                 real_style: Estimate, n_real: int) -> dict[str, Any]:
+    """eval.json: flat numeric keys per section (see the module docstring)."""
+
+    def section_of(values: Mapping[str, Any]) -> dict[str, float | int]:
+        out: dict[str, float | int] = {}
+        for name in METRICS:
+            out.update(values[name].as_keys(name))
+        out["fid"], out["fid_n"] = float(values["fid"]), int(values["clip_score"].n)
+        return out
+
+    scales = sorted(results)
+    top = scales[-1]
+    metrics: dict[str, Any] = {"n_real": n_real, "real": real_style.as_keys("style_score"),
+                               "base": section_of(results[0.0])}
+    for s in scales[1:-1]:
+        metrics[scale_key(s)] = section_of(results[s])
+    metrics["lora"] = {**section_of(results[top]), "lora_scale": float(top)}
+    metrics["delta"] = {}
+    for name in METRICS:
+        metrics["delta"].update(deltas[name].as_keys(name))
+    bad = [f"{k}.{m}" for k, v in metrics.items() if isinstance(v, dict) for m, x in v.items()
+           if isinstance(x, float) and not math.isfinite(x)]
+    if bad:
+        raise UserError(f"evaluation produced non-finite values ({', '.join(bad[:4])}); too few or identical images?")
+    return metrics
 
 
-def style_prompts(styles: Sequence[str] = STYLES) -> list[str]:
-    """Zero-shot prompts for the WikiArt styles: ``"an <style, underscores as spaces> painting"``."""
-    return [STYLE_PROMPT.format(style.replace("_", " ")) for style in styles]
+def per_image_table(sets: Mapping[float, pd.DataFrame], per_image: Mapping[float, Mapping[str, np.ndarray]]
+                    ) -> pd.DataFrame:
+    """The per-image scores, keyed by (lora_scale, prompt_id, seed): what pairs two commits."""
+    frames = []
+    for scale, table in sorted(sets.items()):
+        frame = table[["prompt_id", "seed", "subject", "eval_set"]].copy()
+        frame.insert(0, "lora_scale", float(scale))
+        for name in PER_IMAGE:
+            frame[name] = np.round(per_image[scale][name], 6)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)[IMAGE_COLUMNS]
 
 
-class ClipScorer:
-    """CLIP score and zero-shot style probability with an open_clip model (see :func:`load_clip`)."""
-
-    def __init__(self, model: torch.nn.Module, preprocess: Callable, tokenizer: Callable,
-                 device: str | torch.device = "cpu", styles: Sequence[str] = STYLES,
-                 target_style: str = TARGET_STYLE) -> None:
-        if target_style not in styles:
-            raise ValueError(f"{target_style!r} is not among the styles")
-        self.model, self.preprocess, self.tokenizer = model, preprocess, tokenizer
-        self.device = torch.device(device)
-        self.styles = list(styles)
-        self.target_index = self.styles.index(target_style)
-        self._style_text: torch.Tensor | None = None
-
-    @torch.no_grad()
-    def image_features(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """L2-normalised image embeddings (N, D), float32 on CPU."""
-        if len(images) == 0:
-            return torch.empty(0, 0)
-        pixels = torch.stack([self.preprocess(img) for img in images]).to(self.device)
-        return F.normalize(self.model.encode_image(pixels).float(), dim=-1).cpu()
-
-    @torch.no_grad()
-    def text_features(self, texts: Sequence[str]) -> torch.Tensor:
-        """L2-normalised text embeddings (N, D), float32 on CPU."""
-        tokens = self.tokenizer(list(texts)).to(self.device)
-        return F.normalize(self.model.encode_text(tokens).float(), dim=-1).cpu()
-
-    def clip_scores(self, image_features: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        """Per image ``100 * max(cos(image, prompt), 0)`` (torchmetrics' CLIPScore definition)."""
-        if image_features.shape[0] != len(prompts):
-            raise ValueError("one prompt per image is needed")
-        unique = sorted(set(prompts))
-        text = self.text_features(unique)
-        index = torch.tensor([unique.index(p) for p in prompts])
-        return (100.0 * (image_features * text[index]).sum(dim=-1)).clamp(min=0.0)
-
-    def clip_score(self, image_features: torch.Tensor, prompts: Sequence[str]) -> float:
-        return float(self.clip_scores(image_features, prompts).mean())
-
-    def style_probabilities(self, image_features: torch.Tensor) -> torch.Tensor:
-        """Zero-shot softmax over the styles' prompts, (N, n_styles)."""
-        if self._style_text is None:
-            self._style_text = self.text_features(style_prompts(self.styles))
-        with torch.no_grad():
-            scale = self.model.logit_scale.exp().float().cpu()
-        return (scale * image_features @ self._style_text.T).softmax(dim=-1)
-
-    def style_score(self, image_features: torch.Tensor) -> float:
-        """Mean probability of the target style (Impressionism)."""
-        return float(self.style_probabilities(image_features)[:, self.target_index].mean())
-
-
-# --------------------------------------------------------------------------------------------
-# Inputs
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ImageSet:
-    """A named set of image files, with the prompt each was generated from (None for real ones)."""
-
-    name: str
-    paths: list[Path]
-    prompts: list[str] | None = None
-    lora_scale: float = 0.0
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-
-def check_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate the `evaluate` section; return it with defaults filled and types normalised."""
-    out = dict(cfg)
-    require(cfg, "fid_features", "evaluate")
-    out["fid_features"], out["inception_weights"] = check_fid_params(cfg)
-    for key, minimum in (("image_size", 1), ("kid_subset_size", 2)):
-        require_int(require(cfg, key, "evaluate"), f"evaluate.{key}", minimum=minimum)
-    out["seed"] = require_int(cfg.get("seed", 0), "evaluate.seed")
-    for key in ("clip_model", "clip_pretrained"):
-        value = require(cfg, key, "evaluate")
-        if value is not None and not isinstance(value, str):
-            raise UserError(f"params.yaml: evaluate.{key}={value!r} must be a string")
-    if not (cfg.get("clip_model") or "").strip():
-        raise UserError("params.yaml: evaluate.clip_model is empty")
-    check_clip_params(cfg["clip_model"], cfg.get("clip_pretrained"))
-    return out
-
-
-def read_samples(folder: Path | str) -> pd.DataFrame:
-    """``samples.csv`` of a samples folder, checked, with an absolute ``path`` column added."""
-    folder = Path(folder)
-    csv = folder / "samples.csv"
-    if not folder.is_dir():
-        raise UserError(f"{folder} not found; {SAMPLE_HINT}")
-    table = read_table(csv, SAMPLES_COLUMNS, "sample_base" if folder.name == "base" else "sample")
-    scales = pd.to_numeric(table["lora_scale"], errors="coerce")
-    if scales.isna().any():
-        raise UserError(f"{csv}: column lora_scale holds non-numbers; re-run the sample stage")
-    table = table.assign(lora_scale=scales.astype(float).round(6), prompt=table["prompt"].fillna("").astype(str))
-    table["path"] = [folder / str(f) for f in table["file"]]
-    absent = [str(f) for f, p in zip(table["file"], table["path"]) if not p.is_file()]
-    if absent:
-        raise UserError(f"{csv} lists {len(absent)} file(s) missing from {folder} (first: {absent[0]}); "
-                        f"re-run the sample stage")
-    return table
-
-
-def read_validation_set(filtered_dir: Path | str) -> ImageSet:
-    """The validation split of ``data/filtered`` (``split == "val"``), the real reference images."""
-    filtered_dir = Path(filtered_dir)
-    meta = filtered_dir / METADATA_FILE
-    table = read_table(meta, ("file", "split"), "filter")
-    val = table[table["split"] == "val"]
-    if len(val) < MIN_IMAGES:
-        raise UserError(
-            f"{meta} has {len(val)} validation image(s); FID and KID need at least {MIN_IMAGES} real "
-            f"images — raise filter.val_fraction (or download.max_images)"
-        )
-    paths = [filtered_dir / str(f) for f in val["file"]]
-    absent = [p for p in paths if not p.is_file()]
-    if absent:
-        raise UserError(f"{len(absent)} validation image(s) missing under {filtered_dir} (first: {absent[0]}); "
-                        f"re-run the filter stage")
-    return ImageSet("real", paths)
-
-
-def generated_sets(samples_dir: Path | str) -> tuple[ImageSet, list[ImageSet]]:
-    """The base set and one LoRA set per ``lora_scale`` (ascending), each checked to hold >= 2 images."""
-    samples_dir = Path(samples_dir)
-    base = read_samples(samples_dir / "base")
-    lora = read_samples(samples_dir / "lora")
-    base_set = ImageSet("base", list(base["path"]), list(base["prompt"]), 0.0)
-    lora_sets = [
-        ImageSet(scale_key(scale), list(group["path"]), list(group["prompt"]), float(scale))
-        for scale, group in sorted(lora.groupby("lora_scale"), key=lambda kv: kv[0])
-    ]
-    for image_set in [base_set, *lora_sets]:
-        if len(image_set) < MIN_IMAGES:
-            where = samples_dir / ("base" if image_set is base_set else "lora")
-            at = "" if image_set is base_set else f" at lora_scale {image_set.lora_scale:g}"
-            raise UserError(
-                f"{where} has {len(image_set)} image(s){at}; FID/KID need at least {MIN_IMAGES} per set "
-                f"(prompts x seeds) — add seeds to sample.seeds or prompts to sample.prompts / "
-                f"sample.val_captions"
-            )
-    return base_set, lora_sets
-
-
-def scale_key(scale: float) -> str:
-    """Stable metrics key of a LoRA scale: ``lora_scale_0.5``, ``lora_scale_1.0``."""
-    return f"lora_scale_{round(float(scale), 4)!r}"
-
-
-def _load_rgb(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except Exception as err:
-        raise UserError(f"{path} is not a readable image: {first_line(err)}") from err
-
-
-def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
+def plot_table(results: Mapping[float, Mapping[str, Any]]) -> pd.DataFrame:
+    """Long table for the DVC data plot: metric, lora_scale, value, ci_low, ci_high, n."""
+    rows = [{"metric": name, "lora_scale": float(scale), "value": est.value, "ci_low": est.ci_low,
+             "ci_high": est.ci_high, "n": est.n}
+            for name in METRICS for scale, values in sorted(results.items()) for est in [values[name]]]
+    return pd.DataFrame(rows)
 
 
 # --------------------------------------------------------------------------------------------
@@ -395,114 +262,77 @@ def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 # --------------------------------------------------------------------------------------------
 
 
-def _score_set(image_set: ImageSet, fidkid: FidKid, clip: ClipScorer, image_size: int,
-               real: bool) -> tuple[torch.Tensor, dict[str, float]]:
-    features = []
-    for paths in _batches(image_set.paths, BATCH_SIZE):
-        images = [_load_rgb(p) for p in paths]
-        prepared = prepare_images(images, image_size)
-        if real:
-            fidkid.add_real(prepared)
-        else:
-            fidkid.add_fake(prepared)
-        features.append(clip.image_features(images))
-    feats = torch.cat(features)
-    result = {"style_score": clip.style_score(feats)}
-    if not real:
-        result.update(fidkid.compute())
-        result["clip_score"] = clip.clip_score(feats, image_set.prompts)
-        result["n_fake"] = len(image_set)
-    return feats, result
-
-
-def _section(result: Mapping[str, float]) -> dict[str, float | int]:
-    out: dict[str, float | int] = {name: float(result[name]) for name in METRICS}
-    out["n_fake"] = int(result["n_fake"])
-    out["kid_subset_size"] = int(result["kid_subset_size"])
-    return out
-
-
-def run(eval_cfg: Mapping[str, Any], samples_dir: Path | str, filtered_dir: Path | str,
-        metrics_path: Path | str, plots_dir: Path | str) -> dict[str, Any]:
-    """Score base and LoRA samples; write ``metrics_path`` and the two plots; return the metrics."""
-    from .plotting import plot_base_vs_lora, plot_metrics_vs_scale
+def run(eval_cfg: Mapping[str, Any], samples_dir: Path | str = SAMPLES_DIR,
+        reference_dir: Path | str = REFERENCE_DIR, metrics_path: Path | str = EVAL_METRICS,
+        images_path: Path | str = EVAL_IMAGES, plots_dir: Path | str = "plots") -> dict[str, Any]:
+    """Score the evaluation set; write the metrics, the per-image table and the plots; return the metrics."""
+    from .plotting import plot_deltas, plot_metrics_vs_scale
 
     # Everything that can be checked cheaply is checked before any model is loaded.
     cfg = check_config(eval_cfg)
-    base_set, lora_sets = generated_sets(samples_dir)
-    real_set = read_validation_set(filtered_dir)
+    sets = evaluation_sets(samples_dir)
+    real, n_real = load_reference(reference_dir, cfg)
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    feature_net = fid_feature_extractor(cfg)
-    model, preprocess, tokenizer = load_clip(cfg["clip_model"], cfg.get("clip_pretrained"))
-    clip = ClipScorer(model.to(device), preprocess, tokenizer, device=device)
-    fidkid = FidKid(feature_net, cfg["kid_subset_size"], cfg["seed"], device=device)
-
-    _, real = _score_set(real_set, fidkid, clip, cfg["image_size"], real=True)
-    metrics: dict[str, Any] = {"n_real": len(real_set), "real": {"style_score": real["style_score"]}}
-    _, base = _score_set(base_set, fidkid, clip, cfg["image_size"], real=False)
-    metrics["base"] = _section(base)
-    for image_set in lora_sets:
-        _, result = _score_set(image_set, fidkid, clip, cfg["image_size"], real=False)
-        metrics[image_set.name] = _section(result)
-    top = lora_sets[-1]
-    metrics["lora"] = {**metrics[top.name], "lora_scale": top.lora_scale}
-    metrics["delta"] = {name: metrics["lora"][name] - metrics["base"][name] for name in METRICS}
-
-    bad = [f"{k}.{m}" for k, v in metrics.items() if isinstance(v, dict) for m, x in v.items()
-           if isinstance(x, float) and not math.isfinite(x)]
-    if bad:
-        raise UserError(f"evaluation produced non-finite values ({', '.join(bad[:4])}); too few or identical images?")
+    extractors = Extractors.load(cfg)
+    clusters = list(sets[0.0]["prompt_id"])
+    fakes, per_image = {}, {}
+    for scale, table in sets.items():
+        features = extractors.features(list(table["path"]))
+        fakes[scale] = features
+        per_image[scale] = {
+            "clip_score": extractors.clip.clip_scores(features["clip"], list(table["subject"])).numpy(),
+            "style_score": extractors.clip.style_scores(features["clip"]).numpy(),
+        }
+    resamples, seed, confidence = cfg["bootstrap_resamples"], cfg["seed"], cfg["confidence"]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+        results, deltas = score(real, fakes, per_image, clusters, resamples=resamples, seed=seed,
+                                confidence=confidence)
+    real_style = mean_estimate(extractors.clip.style_scores(real["clip"]).numpy(), resamples=resamples,
+                               seed=seed, confidence=confidence)
+    metrics = metrics_json(results, deltas, real_style, n_real)
 
     plots_dir = Path(plots_dir)
-    random_nets = cfg["fid_features"] != INCEPTION or cfg["clip_model"].startswith("builtin:")
-    note = " (random demo feature nets: numbers not meaningful)" if random_nets else ""
-    shown = [name for name in METRICS if name != "kid_std"]  # kid_std is drawn as kid_mean's error bar
-    plot_base_vs_lora(
-        metrics["base"], metrics["lora"], shown, plots_dir / "eval_base_vs_lora.png",
-        labels=("base", f"LoRA ×{top.lora_scale:g}"),
-        errors={"kid_mean": (metrics["base"]["kid_std"], metrics["lora"]["kid_std"])},
-        title="base model vs LoRA" + note,
-    )
-    scales = [0.0] + [s.lora_scale for s in lora_sets]
-    keys = ["base"] + [s.name for s in lora_sets]
-    plot_metrics_vs_scale(
-        scales, {name: [metrics[k][name] for k in keys] for name in shown},
-        plots_dir / "eval_vs_scale.png", title="metrics vs LoRA scale" + note,
-    )
+    note = " (random demo feature nets: numbers not meaningful)" if uses_random_nets(cfg) else ""
+    n = results[0.0]["clip_score"].n
+    level = f"{confidence:.0%} CI"
+    plot_metrics_vs_scale(sorted(results), {name: [results[s][name] for s in sorted(results)] for name in METRICS},
+                          plots_dir / "eval_vs_scale.png",
+                          title=f"metrics vs LoRA scale, {level}, n={n} images per point, {n_real} paintings" + note)
+    plot_deltas(deltas, plots_dir / "eval_delta.png",
+                title=f"LoRA ×{max(results):g} − base, paired, {level} (n={n})" + note)
+    atomic_write_text(plots_dir / PLOT_DATA, plot_table(results).to_csv(index=False))
+    atomic_write_text(images_path, per_image_table(sets, per_image).to_csv(index=False))
     atomic_write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
-def small_sample_note(metrics: Mapping[str, Any], few: int = FEW_IMAGES) -> str | None:
-    """A one-line note when a set is small enough for FID's bias to dominate, else None."""
-    smallest = min([int(metrics["n_real"])] + [int(v["n_fake"]) for v in metrics.values()
-                                               if isinstance(v, dict) and "n_fake" in v])
-    if smallest >= few:
-        return None
-    return (f"note: FID from {smallest} images per set is strongly biased (it wants thousands); compare "
-            f"base and LoRA by KID (kid_mean, unbiased at any size), or generate more images (sample.seeds, "
-            f"sample.prompts, sample.val_captions)")
+def summary_lines(metrics: Mapping[str, Any], confidence: float = CONFIDENCE) -> list[str]:
+    """The console summary: each metric base → LoRA with the paired delta, its CI, n and a verdict."""
+    lora, base, delta = metrics["lora"], metrics["base"], metrics["delta"]
+    lines = [f"evaluate: {base['clip_score_n']} images per model, {metrics['n_real']} validation paintings; "
+             f"LoRA ×{lora['lora_scale']:g} vs base, paired {confidence:.0%} CIs:"]
+    for name in METRICS:
+        est = Estimate(delta[name], delta[f"{name}_ci_low"], delta[f"{name}_ci_high"], delta[f"{name}_n"])
+        word = "significant" if est.excludes_zero() else "no significant change"
+        lines.append(f"  {name}: {base[name]:.4g} -> {lora[name]:.4g}, delta {est.show()} — {word}")
+    flag = f" (biased: n={base['fid_n']} < {FID_RELIABLE}; no CI, not judged)" if base["fid_n"] < FID_RELIABLE else ""
+    lines.append(f"  fid: {base['fid']:.4g} -> {lora['fid']:.4g}{flag}")
+    return lines
 
 
 @stage_main
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m impressionist.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml", help="params file (reads its `evaluate` section)")
-    parser.add_argument("--samples", default=str(SAMPLES_DIR), help="folder with base/ and lora/ sample folders")
-    parser.add_argument("--filtered", default=str(FILTERED_DIR), help="filter stage output (val split = real set)")
-    parser.add_argument("--metrics", default="metrics/eval.json", help="metrics JSON to write")
-    parser.add_argument("--plots", default="plots", help="folder for eval_*.png")
     args = parser.parse_args(argv)
     cfg = section(load_params(args.params), "evaluate")
-    metrics = run(cfg, args.samples, args.filtered, args.metrics, args.plots)
-    lora = metrics["lora"]
-    print(f"evaluate: {metrics['n_real']} real images; base FID {metrics['base']['fid']:.3f}, "
-          f"LoRA@{lora['lora_scale']:g} FID {lora['fid']:.3f}; style score "
-          f"{metrics['base']['style_score']:.3f} -> {lora['style_score']:.3f}; wrote {args.metrics}")
-    note = small_sample_note(metrics)
-    if note:
-        print(note, file=sys.stderr)
+    metrics = run(cfg)
+    print("\n".join(summary_lines(metrics, cfg.get("confidence", CONFIDENCE))))
+    if metrics["base"]["fid_n"] < FID_RELIABLE:
+        print(f"note: FID from {metrics['base']['fid_n']} images per set is biased upwards (it wants "
+              f"thousands); read KID and CMMD, which are unbiased / stable at this size, with their CIs",
+              file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -212,7 +212,8 @@ def tiny_clip_checkpoint() -> Path:
     return checkpoint
 
 
-def load_clip(model_name: str, pretrained: str | None) -> tuple[nn.Module, Callable, Callable]:
+def load_clip(model_name: str, pretrained: str | None,
+              keys: tuple[str, str] = ("clip_model", "clip_pretrained")) -> tuple[nn.Module, Callable, Callable]:
     """Return ``(model, preprocess, tokenizer)`` for CLIP scoring, model in eval mode without grads.
 
     ``model_name`` is an open_clip model name (``"ViT-L-14"``) with ``pretrained`` an open_clip tag
@@ -224,7 +225,7 @@ def load_clip(model_name: str, pretrained: str | None) -> tuple[nn.Module, Calla
     import open_clip
 
     pretrained = "" if pretrained is None else str(pretrained).strip()
-    check_clip_params(model_name, pretrained)
+    check_clip_params(model_name, pretrained, keys)
     if model_name == TINY_CLIP:
         name, source = TINY_CLIP_NAME, str(tiny_clip_checkpoint())
     else:
@@ -237,7 +238,7 @@ def load_clip(model_name: str, pretrained: str | None) -> tuple[nn.Module, Calla
     except Exception as err:
         raise UserError(
             f"could not load CLIP model {model_name!r} with pretrained={pretrained!r}: {first_line(err)}; "
-            f"with no network, set evaluate.clip_pretrained to a local checkpoint file, or {DEMO_HINT}"
+            f"with no network, set evaluate.{keys[1]} to a local checkpoint file, or {DEMO_HINT}"
         ) from err
     model.requires_grad_(False)
     model.eval()
@@ -254,33 +255,38 @@ def needs_quick_gelu(model_name: str, pretrained: str | None) -> bool:
     return bool(open_clip.get_pretrained_cfg(model_name, pretrained).get("quick_gelu", False))
 
 
-def check_clip_params(model_name: str, pretrained: str | None) -> None:
-    """Refuse an unknown open_clip model, tag or missing checkpoint file — cheaply, before any download."""
+def check_clip_params(model_name: str, pretrained: str | None,
+                      keys: tuple[str, str] = ("clip_model", "clip_pretrained")) -> None:
+    """Refuse an unknown open_clip model, tag or missing checkpoint file — cheaply, before any download.
+
+    ``keys`` names the `evaluate` params the two values come from, for the error lines.
+    """
     import open_clip
 
+    model_key, pretrained_key = keys
     pretrained = "" if pretrained is None else str(pretrained).strip()
     if model_name == TINY_CLIP:
         if pretrained not in TINY_CLIP_PRETRAINED:
             raise UserError(
-                f"params.yaml: evaluate.clip_pretrained={pretrained!r} does not go with "
-                f"clip_model={TINY_CLIP!r}; set it to 'builtin'"
+                f"params.yaml: evaluate.{pretrained_key}={pretrained!r} does not go with "
+                f"{model_key}={TINY_CLIP!r}; set it to 'builtin'"
             )
         return
     if model_name.startswith(("hf-hub:", "local-dir:")):
         return
     if model_name not in open_clip.list_models():
         raise UserError(
-            f"params.yaml: evaluate.clip_model={model_name!r} is not an open_clip model name "
+            f"params.yaml: evaluate.{model_key}={model_name!r} is not an open_clip model name "
             f"(e.g. ViT-L-14), nor {TINY_CLIP!r}"
         )
     if not pretrained:
         raise UserError(
-            f"params.yaml: evaluate.clip_pretrained is empty; a random {model_name} says nothing — set an "
+            f"params.yaml: evaluate.{pretrained_key} is empty; a random {model_name} says nothing — set an "
             f"open_clip tag (e.g. openai) or a local checkpoint file"
         )
     tags = open_clip.list_pretrained_tags_by_model(model_name)
     if pretrained not in tags and not Path(pretrained).expanduser().is_file():
         raise UserError(
-            f"params.yaml: evaluate.clip_pretrained={pretrained!r} is neither a pretrained tag of "
+            f"params.yaml: evaluate.{pretrained_key}={pretrained!r} is neither a pretrained tag of "
             f"{model_name} ({', '.join(tags) or 'none'}) nor an existing checkpoint file"
         )

@@ -10,8 +10,11 @@ FILTERED_DIR = Path("data/filtered")
 CAPTIONS_DIR = Path("data/captions")
 CAPTIONS = CAPTIONS_DIR / "captions.parquet"
 CACHE_DIR = Path("data/cache")
+REFERENCE_DIR = Path("data/reference")  # the real paintings' evaluation features
 LORA_DIR = Path("models/lora")
 # The file name FluxPipeline.save_lora_weights writes and load_lora_weights looks for.
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 SAMPLES_DIR = Path("samples")
 SAMPLE_GRID = Path("plots/samples_grid.png")
+EVAL_METRICS = Path("metrics/eval.json")
+EVAL_IMAGES = Path("metrics/eval_images.csv")  # per-image scores: pairs commits in the PR report

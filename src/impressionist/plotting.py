@@ -41,58 +41,60 @@ def _grid(n: int) -> tuple[int, int]:
     return math.ceil(n / cols), cols
 
 
-def plot_base_vs_lora(
-    base: Mapping[str, float],
-    lora: Mapping[str, float],
-    metrics: Sequence[str],
-    path: Path | str,
-    *,
-    labels: tuple[str, str] = ("base", "LoRA"),
-    errors: Mapping[str, tuple[float, float]] | None = None,
-    title: str | None = None,
-) -> Path:
-    """One small bar chart per metric (their scales differ), base vs LoRA side by side.
-
-    ``errors`` optionally maps a metric to (base_err, lora_err) error-bar half-widths.
-    """
-    rows, cols = _grid(len(metrics))
-    fig = new_figure(3.0 * cols, 3.0 * rows)
-    for i, name in enumerate(metrics):
-        ax = fig.add_subplot(rows, cols, i + 1)
-        values = [float(base[name]), float(lora[name])]
-        yerr = list(errors[name]) if errors and name in errors else None
-        ax.bar(labels, values, color=[BASE_COLOUR, LORA_COLOUR], yerr=yerr, capsize=4)
-        for x, v in enumerate(values):
-            ax.annotate(f"{v:.4g}", (x, v), ha="center", va="bottom", fontsize=8,
-                        xytext=(0, 2), textcoords="offset points")
-        ax.set_title(name)
-        ax.margins(y=0.15)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return save_figure(fig, path)
+def _ci_errors(estimates: Sequence) -> list[list[float]]:
+    """Asymmetric error-bar lengths (below, above) of Estimates, as matplotlib's ``yerr`` wants them."""
+    return [[max(e.value - e.ci_low, 0.0) for e in estimates], [max(e.ci_high - e.value, 0.0) for e in estimates]]
 
 
 def plot_metrics_vs_scale(
     scales: Sequence[float],
-    values: Mapping[str, Sequence[float]],
+    values: Mapping[str, Sequence],
     path: Path | str,
     *,
     xlabel: str = "LoRA scale (0 = base model)",
     title: str | None = None,
 ) -> Path:
-    """One line plot per metric: ``values[metric][i]`` at ``scales[i]``."""
+    """One panel per metric: ``values[metric][i]`` (an Estimate) at ``scales[i]``, with its CI as an
+    error bar and a shaded band."""
     names = list(values)
     rows, cols = _grid(len(names))
-    fig = new_figure(3.2 * cols, 3.0 * rows)
+    fig = new_figure(3.4 * cols, 3.0 * rows)
     for i, name in enumerate(names):
         ax = fig.add_subplot(rows, cols, i + 1)
-        ax.plot(list(scales), [float(v) for v in values[name]], marker="o", color=LORA_COLOUR)
+        estimates = list(values[name])
+        ax.fill_between(list(scales), [e.ci_low for e in estimates], [e.ci_high for e in estimates],
+                        color=LORA_COLOUR, alpha=0.15, linewidth=0)
+        ax.errorbar(list(scales), [e.value for e in estimates], yerr=_ci_errors(estimates), marker="o",
+                    color=LORA_COLOUR, capsize=3)
         ax.set_title(name)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.set_xticks(list(scales))
         ax.grid(alpha=0.3)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_deltas(deltas: Mapping, path: Path | str, *, title: str | None = None) -> Path:
+    """One panel per metric: the LoRA − base difference with its CI against a zero line. A CI that
+    crosses the line is drawn grey (no significant change), one that does not in colour."""
+    names = list(deltas)
+    rows, cols = _grid(len(names))
+    fig = new_figure(2.6 * cols, 2.6 * rows)
+    for i, name in enumerate(names):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        est = deltas[name]
+        colour = LORA_COLOUR if est.excludes_zero() else BASE_COLOUR
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.errorbar([0], [est.value], yerr=_ci_errors([est]), marker="o", color=colour, capsize=6)
+        ax.annotate(f"{est.value:+.3g}\n[{est.ci_low:+.3g}, {est.ci_high:+.3g}]", (0, est.value),
+                    xytext=(10, 0), textcoords="offset points", fontsize=7, va="center")
+        ax.set_xticks([])
+        ax.set_xlim(-1, 2)
+        ax.set_title(f"Δ {name}")
+        ax.margins(y=0.3)
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path)

@@ -1,0 +1,64 @@
+"""The reference stage: features of the real paintings (the validation split), once per data version.
+
+Reads the validation split of ``data/filtered`` and the feature-network params of the ``evaluate``
+section; writes ``data/reference/`` (``features.safetensors``: FID/KID, CLIP and CMMD features of
+every validation painting; ``reference.json``: their ids and the feature config). It depends on
+neither the LoRA nor the samples, so a ``lora.*`` or ``sample.*`` change does not recompute it; the
+evaluate stage reads it and refuses features computed with other networks.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from .errors import UserError, atomic_dir, stage_main
+from .image_features import Extractors, check_feature_config, save_reference
+from .layout import FILTERED_DIR, REFERENCE_DIR
+from .params import load_params, section
+from .tables import METADATA_FILE, read_table
+
+# FID needs a covariance and KID's unbiased MMD divides by m(m-1): neither exists for one image.
+MIN_REAL = 2
+
+
+def validation_paintings(filtered_dir: Path | str) -> tuple[list[str], list[Path]]:
+    """Ids and paths of the validation split of ``data/filtered`` (``split == "val"``), sorted by id."""
+    filtered_dir = Path(filtered_dir)
+    meta = filtered_dir / METADATA_FILE
+    table = read_table(meta, ("id", "file", "split"), "filter")
+    val = table[table["split"] == "val"].sort_values("id", kind="stable")
+    if len(val) < MIN_REAL:
+        raise UserError(f"{meta} has {len(val)} validation image(s); FID, KID and CMMD need at least {MIN_REAL} "
+                        f"real images — raise filter.val_fraction (or download.max_images)")
+    paths = [filtered_dir / str(f) for f in val["file"]]
+    absent = [p for p in paths if not p.is_file()]
+    if absent:
+        raise UserError(f"{len(absent)} validation image(s) missing under {filtered_dir} (first: {absent[0]}); "
+                        f"re-run the filter stage")
+    return [str(i) for i in val["id"]], paths
+
+
+def run(eval_cfg: Mapping[str, Any], filtered_dir: Path | str = FILTERED_DIR,
+        out_dir: Path | str = REFERENCE_DIR) -> int:
+    """Extract and save the validation paintings' features; return how many paintings."""
+    cfg = check_feature_config(eval_cfg)  # cheap checks before any network loads
+    ids, paths = validation_paintings(filtered_dir)
+    features = Extractors.load(cfg).features(paths)
+    with atomic_dir(out_dir) as tmp:
+        save_reference(tmp, features, ids, cfg)
+    return len(ids)
+
+
+@stage_main
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m impressionist.reference", description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml", help="params file (reads its `evaluate` section)")
+    args = parser.parse_args(argv)
+    n = run(section(load_params(args.params), "evaluate"))
+    print(f"reference: features of {n} validation paintings -> {REFERENCE_DIR}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""Uncertainty for the evaluation: bootstrap confidence intervals, and kernel two-sample distances.
+
+Every number the evaluation publishes is an :class:`Estimate`: a value, a 95% confidence interval
+and the number of images it rests on. Two kinds of statistic are resampled:
+
+* per-image scores (CLIP score, style score) and paired per-image differences (LoRA - base at
+  the same prompt and seed): the mean, with a **cluster bootstrap** over prompts. Images of one
+  prompt at several seeds are not independent (they share a subject), so the prompts, not the
+  images, are drawn with replacement; with one seed per prompt this is the ordinary bootstrap.
+* set-level distances to the real paintings (KID, CMMD): kernel MMD² statistics, resampled by
+  **weighting** the precomputed kernel matrices with bootstrap counts (:func:`bootstrap_counts`),
+  so each replicate costs a few matrix products instead of a feature pass. The generated images are
+  resampled by prompt cluster, the real paintings one by one, independently.
+
+A paired comparison (base vs LoRA, or a pull request vs main on the same evaluation set) reuses the
+same resampled indices on both sides, so what the two sides share (the subject, the starting noise,
+the real set) cancels out of the difference.
+
+The percentile interval is used throughout; :func:`percentile_ci` is the one place that turns
+replicates into an interval. Everything is seeded: the same inputs give the same interval.
+
+Kernels, as their papers define them:
+
+* KID (Bińkowski et al. 2018, as torchmetrics' ``KernelInceptionDistance``): the unbiased MMD² with
+  the cubic polynomial kernel ``k(x, y) = (x·y / d + 1)³`` on Inception features. Here it is taken
+  over the full sets (the minimum-variance unbiased estimator); the paper's subsets of m images
+  existed to bound memory, and their spread is not the estimator's uncertainty.
+* CMMD (Jayasumana et al. 2024, "Rethinking FID", google-research/cmmd ``distance.py``): MMD² with
+  the Gaussian RBF kernel, σ = 10, times 1000, on L2-normalised CLIP image embeddings; like the
+  reference it averages each kernel matrix over all its entries, diagonal included.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+CONFIDENCE = 0.95
+RESAMPLES = 2000
+CMMD_SIGMA = 10.0
+CMMD_SCALE = 1000.0
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A value with its confidence interval and the count it rests on."""
+
+    value: float
+    ci_low: float
+    ci_high: float
+    n: int
+
+    def excludes_zero(self) -> bool:
+        return self.ci_low > 0.0 or self.ci_high < 0.0
+
+    def as_keys(self, name: str) -> dict[str, float | int]:
+        """Flat, stable metric keys: ``name``, ``name_ci_low``, ``name_ci_high``, ``name_n``."""
+        return {name: self.value, f"{name}_ci_low": self.ci_low, f"{name}_ci_high": self.ci_high,
+                f"{name}_n": self.n}
+
+    def show(self, digits: int = 4) -> str:
+        """``0.1234 [0.1000, 0.1500] (n=16)``, the form every console line and table uses."""
+        return (f"{self.value:.{digits}g} [{self.ci_low:.{digits}g}, {self.ci_high:.{digits}g}] "
+                f"(n={self.n})")
+
+
+def percentile_ci(replicates: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """The percentile bootstrap interval of ``replicates``."""
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(np.asarray(replicates, dtype=np.float64), [tail, 1.0 - tail])
+    return float(low), float(high)
+
+
+def cluster_ids(keys: Sequence[object]) -> np.ndarray:
+    """Integer cluster ids (0..k-1, in order of first appearance) for a sequence of cluster keys."""
+    index: dict[object, int] = {}
+    return np.array([index.setdefault(k, len(index)) for k in keys], dtype=np.int64)
+
+
+def bootstrap_counts(n_items: int, resamples: int, rng: np.random.Generator,
+                     clusters: Sequence[object] | None = None) -> np.ndarray:
+    """``(resamples, n_items)`` counts: how often each item is drawn in each bootstrap replicate.
+
+    With ``clusters`` (a key per item), whole clusters are drawn with replacement and each item
+    counts as often as its cluster was drawn; otherwise items are drawn one by one.
+    """
+    ids = cluster_ids(clusters) if clusters is not None else np.arange(n_items)
+    if len(ids) != n_items:
+        raise ValueError("one cluster key per item is needed")
+    n_clusters = int(ids.max()) + 1 if n_items else 0
+    drawn = rng.integers(0, n_clusters, size=(resamples, n_clusters))
+    per_cluster = np.stack([np.bincount(row, minlength=n_clusters) for row in drawn])
+    return per_cluster[:, ids].astype(np.float64)
+
+
+def mean_estimate(values: Sequence[float], clusters: Sequence[object] | None = None, *,
+                  resamples: int = RESAMPLES, seed: int = 0, confidence: float = CONFIDENCE) -> Estimate:
+    """The mean of ``values`` with a (cluster) bootstrap confidence interval."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 1 or len(x) == 0:
+        raise ValueError("mean_estimate needs a non-empty 1-d sequence")
+    counts = bootstrap_counts(len(x), resamples, np.random.default_rng(seed), clusters)
+    totals = counts.sum(axis=1)
+    keep = totals > 0  # a replicate cannot be empty, but guard the division anyway
+    replicates = (counts[keep] @ x) / totals[keep]
+    low, high = percentile_ci(replicates, confidence)
+    return Estimate(float(x.mean()), low, high, len(x))
+
+
+def paired_difference(before: Sequence[float], after: Sequence[float], clusters: Sequence[object] | None = None,
+                      **kwargs) -> Estimate:
+    """Mean of ``after - before`` over pairs (same prompt and seed), with a paired bootstrap CI."""
+    a, b = np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError("paired samples must have the same length")
+    return mean_estimate(b - a, clusters, **kwargs)
+
+
+def difference_of_independent(old: Estimate, new: Estimate, confidence: float = CONFIDENCE) -> Estimate:
+    """``new - old`` for two estimates whose samples cannot be paired, by a normal approximation.
+
+    Each interval's half-width is read as ``z * standard error`` and the errors are added in
+    quadrature, as if the two were independent. When they share data (the same real paintings),
+    they are positively correlated and the true interval is narrower: the result is conservative.
+    """
+    z = _z(confidence)
+    se = math.hypot((old.ci_high - old.ci_low) / (2 * z), (new.ci_high - new.ci_low) / (2 * z))
+    delta = new.value - old.value
+    return Estimate(delta, delta - z * se, delta + z * se, min(old.n, new.n))
+
+
+def _z(confidence: float) -> float:
+    return float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(0.5 + confidence / 2.0)))
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel two-sample statistics (KID, CMMD) and their weighted bootstrap
+# --------------------------------------------------------------------------------------------
+
+
+def polynomial_kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """KID's kernel ``(x·y / d + 1)³`` (torchmetrics' defaults: gamma = 1/d, coef 1, degree 3)."""
+    return (x.double() @ y.double().T / x.shape[1] + 1.0) ** 3
+
+
+def rbf_kernel(x: torch.Tensor, y: torch.Tensor, sigma: float = CMMD_SIGMA) -> torch.Tensor:
+    """``exp(-|x - y|² / (2σ²))``, written as the CMMD reference does (norms minus twice the dot)."""
+    x, y = x.double(), y.double()
+    sq = (x * x).sum(1)[:, None] - 2.0 * x @ y.T + (y * y).sum(1)[None, :]
+    return torch.exp(-sq / (2.0 * sigma * sigma))
+
+
+@dataclass(frozen=True)
+class KernelSets:
+    """The three kernel matrices of a real set R and a generated set G."""
+
+    rr: np.ndarray
+    gg: np.ndarray
+    rg: np.ndarray
+
+    @classmethod
+    def of(cls, kernel, real: torch.Tensor, fake: torch.Tensor) -> "KernelSets":
+        return cls(kernel(real, real).numpy(), kernel(fake, fake).numpy(), kernel(real, fake).numpy())
+
+
+def _weighted_within(k: np.ndarray, w: np.ndarray, unbiased: bool) -> np.ndarray:
+    """Per replicate: the weighted mean of k over pairs; unbiased drops pairs of an item with itself."""
+    quad = np.einsum("bi,ij,bj->b", w, k, w)
+    total = w.sum(axis=1)
+    if not unbiased:
+        return quad / total ** 2
+    self_pairs = (w * w) @ np.diag(k)
+    return (quad - self_pairs) / (total ** 2 - (w * w).sum(axis=1))
+
+
+def weighted_mmd2(sets: KernelSets, w_real: np.ndarray, w_fake: np.ndarray, unbiased: bool) -> np.ndarray:
+    """MMD² per replicate for count-weighted samples (rows of ``w_real``/``w_fake``).
+
+    With all counts 1 this is the ordinary estimator: unbiased (KID: pairs of an image with itself
+    left out of the within-set means) or the V-statistic (CMMD: every entry averaged). A bootstrap
+    replicate that draws an image twice does not pair it with itself in the unbiased form either.
+    """
+    w_real, w_fake = np.atleast_2d(w_real), np.atleast_2d(w_fake)
+    cross = np.einsum("bi,ij,bj->b", w_real, sets.rg, w_fake) / (w_real.sum(1) * w_fake.sum(1))
+    return (_weighted_within(sets.rr, w_real, unbiased) + _weighted_within(sets.gg, w_fake, unbiased)
+            - 2.0 * cross)
+
+
+@dataclass(frozen=True)
+class SetDistance:
+    """A kernel distance between a real set and generated sets: how to build and scale it."""
+
+    name: str
+    kernel: object
+    unbiased: bool
+    scale: float = 1.0
+
+    def value(self, sets: KernelSets) -> float:
+        ones_r, ones_g = np.ones((1, sets.rr.shape[0])), np.ones((1, sets.gg.shape[0]))
+        return float(self.scale * weighted_mmd2(sets, ones_r, ones_g, self.unbiased)[0])
+
+
+KID = SetDistance("kid", polynomial_kernel, unbiased=True)
+CMMD = SetDistance("cmmd", rbf_kernel, unbiased=False, scale=CMMD_SCALE)
+
+
+def kid(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """KID over the full sets: the unbiased MMD² with the cubic polynomial kernel."""
+    return KID.value(KernelSets.of(KID.kernel, real, fake))
+
+
+def cmmd(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """CMMD of two sets of L2-normalised CLIP embeddings (google-research/cmmd's formula)."""
+    return CMMD.value(KernelSets.of(CMMD.kernel, real, fake))
+
+
+@dataclass(frozen=True)
+class Resampling:
+    """The bootstrap counts shared by every statistic of one evaluation (so deltas are paired)."""
+
+    real: np.ndarray  # (resamples, n_real)
+    fake: np.ndarray  # (resamples, n_fake): by prompt cluster, the same for base and every LoRA set
+
+    @classmethod
+    def draw(cls, n_real: int, fake_clusters: Sequence[object], resamples: int = RESAMPLES,
+             seed: int = 0) -> "Resampling":
+        rng = np.random.default_rng(seed)
+        real = bootstrap_counts(n_real, resamples, rng)
+        fake = bootstrap_counts(len(fake_clusters), resamples, rng, fake_clusters)
+        return cls(real, fake)
+
+
+def set_distance_estimates(distance: SetDistance, real: torch.Tensor, fakes: Sequence[torch.Tensor],
+                           resampling: Resampling, confidence: float = CONFIDENCE
+                           ) -> tuple[list[Estimate], list[np.ndarray]]:
+    """Each generated set's distance to ``real`` with its CI, and the replicates (for paired deltas).
+
+    Every generated set must list the same (prompt, seed) pairs in the same order: the same rows of
+    ``resampling.fake`` then pick the same images from each, which is what pairs the deltas.
+    """
+    rr = distance.kernel(real, real).numpy()
+    estimates, replicates = [], []
+    for fake in fakes:
+        sets = KernelSets(rr, distance.kernel(fake, fake).numpy(), distance.kernel(real, fake).numpy())
+        reps = distance.scale * weighted_mmd2(sets, resampling.real, resampling.fake, distance.unbiased)
+        low, high = percentile_ci(reps, confidence)
+        estimates.append(Estimate(distance.value(sets), low, high, int(fake.shape[0])))
+        replicates.append(reps)
+    return estimates, replicates
+
+
+def replicate_difference(value: float, replicates_before: np.ndarray, replicates_after: np.ndarray,
+                         n: int, confidence: float = CONFIDENCE) -> Estimate:
+    """``value`` (after - before) with the percentile CI of the paired replicates' differences."""
+    low, high = percentile_ci(replicates_after - replicates_before, confidence)
+    return Estimate(value, low, high, n)
