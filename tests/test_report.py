@@ -10,12 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from PIL import Image
 
 from impressionist import report
 from impressionist.errors import UserError
+from impressionist.stats import Estimate, mean_estimate, paired_difference
 
 REPO = Path(__file__).resolve().parents[1]
 DVC_YAML = {
@@ -30,27 +33,56 @@ DVC_YAML = {
 }
 
 
-def section(fid, kid_mean, kid_std, clip, style, n_fake=8):
-    return {"fid": fid, "kid_mean": kid_mean, "kid_std": kid_std, "clip_score": clip, "style_score": style,
-            "n_fake": n_fake, "kid_subset_size": n_fake}
+N_SUBJECTS, SEEDS = 20, (0, 1)
+KEYS = [(f"id{i:03d}", seed) for i in range(N_SUBJECTS) for seed in SEEDS]
 
 
-# The base branch's metrics, and the pull request's: the LoRA's FID and KID went down (better), its
-# CLIP score went down (worse), its style score went up (better); the base model is untouched.
-BASE_METRICS = {
-    "n_real": 6, "real": {"style_score": 0.25},
-    "base": section(40.5, 0.5, 0.125, 30.5, 0.25),
-    "lora_scale_1.0": section(20.5, 0.25, 0.0625, 31.5, 0.5),
-    "lora": {**section(20.5, 0.25, 0.0625, 31.5, 0.5), "lora_scale": 1.0},
-    "delta": {"fid": -20.0, "kid_mean": -0.25, "kid_std": -0.0625, "clip_score": 1.0, "style_score": 0.25},
-}
-PR_METRICS = {
-    "n_real": 6, "real": {"style_score": 0.375},
-    "base": section(40.5, 0.5, 0.125, 30.5, 0.25),
-    "lora_scale_1.0": section(10.25, 0.125, 0.03125, 29.5, 0.75),
-    "lora": {**section(10.25, 0.125, 0.03125, 29.5, 0.75), "lora_scale": 1.0},
-    "delta": {"fid": -30.25, "kid_mean": -0.375, "kid_std": -0.09375, "clip_score": -1.0, "style_score": 0.5},
-}
+def scores(rng, offset=0.0):
+    """Per-image scores of one generated set: a subject effect shared by all revisions, plus noise."""
+    subject = np.repeat(np.linspace(-2.0, 2.0, N_SUBJECTS), len(SEEDS))
+    return {"clip_score": 25.0 + subject + rng.normal(0.0, 1.0, len(KEYS)) + offset,
+            "style_score": 0.4 + 0.05 * subject + rng.normal(0.0, 0.05, len(KEYS)) + offset / 20}
+
+
+def set_distance(value, half_width):
+    return Estimate(value, value - half_width, value + half_width, len(KEYS))
+
+
+def evaluation(seed: int, lora_offset: float = 0.0, kid=(0.5, 0.3), eval_set="set-1"):
+    """(eval.json, eval_images.csv text) as the evaluate stage writes them, for a base model and a LoRA
+    at scale 1.0. ``lora_offset`` plants a real improvement of the LoRA's per-image scores; ``kid``
+    gives (base, LoRA) KID values, each with a CI of ±0.05."""
+    rng = np.random.default_rng(seed)
+    per_scale = {0.0: scores(np.random.default_rng(1000)), 1.0: scores(rng, 1.0 + lora_offset)}
+    clusters = [k[0] for k in KEYS]
+    metrics = {"n_real": 30, "real": {**mean_estimate([0.5, 0.6, 0.7]).as_keys("style_score")}}
+    for section, scale, kid_value in (("base", 0.0, kid[0]), ("lora", 1.0, kid[1])):
+        values = {}
+        for name in ("clip_score", "style_score"):
+            values.update(mean_estimate(per_scale[scale][name], clusters).as_keys(name))
+        values.update(set_distance(kid_value, 0.05).as_keys("kid"))
+        values.update(set_distance(kid_value * 2, 0.1).as_keys("cmmd"))
+        values.update(fid=100.0 * kid_value + seed, fid_n=len(KEYS))
+        metrics[section] = values
+    metrics["lora"]["lora_scale"] = 1.0
+    metrics["delta"] = {}
+    for name in ("clip_score", "style_score"):
+        metrics["delta"].update(paired_difference(per_scale[0.0][name], per_scale[1.0][name], clusters).as_keys(name))
+    for name in ("kid", "cmmd"):
+        value = metrics["lora"][name] - metrics["base"][name]
+        metrics["delta"].update(set_distance(value, 0.03).as_keys(name))
+    rows = [{"lora_scale": scale, "prompt_id": key[0], "seed": key[1], "subject": f"subject {key[0]}",
+             "clip_score": per_scale[scale]["clip_score"][i], "style_score": per_scale[scale]["style_score"][i],
+             "eval_set": eval_set} for scale in per_scale for i, key in enumerate(KEYS)]
+    return metrics, pd.DataFrame(rows).to_csv(index=False)
+
+
+# The base branch's evaluation, and pull requests': another LoRA seed only (noise), a planted real
+# improvement (per-image scores +2, KID well below), and one measured on another evaluation set.
+BASE_EVAL = evaluation(seed=0)
+NOISE_EVAL = evaluation(seed=1)
+BETTER_EVAL = evaluation(seed=2, lora_offset=2.0, kid=(0.5, 0.1))
+OTHER_SET_EVAL = evaluation(seed=3, lora_offset=2.0, eval_set="set-2")
 
 
 def env() -> dict[str, str]:
@@ -65,8 +97,10 @@ def sh(cwd: Path, *command: str) -> str:
     return result.stdout
 
 
-def commit(repo: Path, metrics: dict, seed: int, message: str) -> None:
+def commit(repo: Path, evaluated: tuple[dict, str], seed: int, message: str) -> None:
+    metrics, images = evaluated
     (repo / "metrics" / "eval.json").write_text(json.dumps(metrics, indent=2))
+    (repo / "metrics" / "eval_images.csv").write_text(images)
     (repo / "params.yaml").write_text(yaml.safe_dump({"evaluate": {"seed": seed, "image_size": 299}}))
     Image.new("RGB", (8, 8), (seed * 40, 0, 0)).save(repo / "plots" / "samples_grid.png")
     sh(repo, "git", "add", "-A")
@@ -75,22 +109,31 @@ def commit(repo: Path, metrics: dict, seed: int, message: str) -> None:
 
 @pytest.fixture(scope="module")
 def two_commits(tmp_path_factory) -> Path:
-    """A git + DVC repository: branch `base` with BASE_METRICS, HEAD (a PR branch) with PR_METRICS."""
+    """A git + DVC repository: branch `base` with BASE_EVAL; branches `noise`, `better` and `other-set`
+    with the pull requests' evaluations; HEAD at `noise` (another seed, nothing else)."""
     repo = tmp_path_factory.mktemp("pr-repo")
     sh(repo, "git", "init", "-q", "-b", "main")
     sh(repo, "dvc", "init", "-q")
     (repo / "metrics").mkdir()
     (repo / "plots").mkdir()
     (repo / "dvc.yaml").write_text(yaml.safe_dump(DVC_YAML, sort_keys=False))
-    commit(repo, BASE_METRICS, 0, "base")
+    commit(repo, BASE_EVAL, 0, "base")
     sh(repo, "git", "branch", "base")
-    sh(repo, "git", "checkout", "-qb", "pr")
-    commit(repo, PR_METRICS, 1, "pr: another seed")
+    for branch, evaluated, seed in (("better", BETTER_EVAL, 2), ("other-set", OTHER_SET_EVAL, 3),
+                                    ("noise", NOISE_EVAL, 1)):
+        sh(repo, "git", "checkout", "-q", "-b", branch, "base")
+        commit(repo, evaluated, seed, f"pr: {branch}")
     return repo
 
 
+def verdict_line(text: str, metric: str) -> str | None:
+    found = [line for line in text.splitlines() if line.startswith(f"- `{metric}`:")]
+    assert len(found) <= 1, found
+    return found[0] if found else None
+
+
 def verdict_of(text: str, metric: str) -> str | None:
-    found = re.findall(rf"^- `{re.escape(metric)}`: .*\*\*(\w+)\*\*", text, flags=re.M)
+    found = re.findall(rf"^- `{re.escape(metric)}`: .*\*\*([\w ]+)\*\*", text, flags=re.M)
     assert len(found) <= 1, found
     return found[0] if found else None
 
@@ -103,39 +146,67 @@ def table_row(text: str, name: str) -> list[str] | None:
     return None
 
 
-def test_report_on_two_commits(two_commits, monkeypatch, capsys):
+JUDGED = [f"{section}.{name}" for section in ("lora", "delta", "base")
+          for name in ("kid", "cmmd", "clip_score", "style_score")]
+
+
+def test_noise_alone_is_no_significant_change_for_every_metric(two_commits, monkeypatch, capsys):
     monkeypatch.chdir(two_commits)
+    sh(two_commits, "git", "checkout", "-q", "noise")
     report.main(["--base-rev", "base", "--out", "report.md"])
     assert "report.md" in capsys.readouterr().out
     text = (two_commits / "report.md").read_text()
 
-    # dvc metrics diff rows: path, metric, base value, workspace value, change
-    assert table_row(text, "lora.fid") == ["metrics/eval.json", "lora.fid", "20.5", "10.25", "-10.25"]
-    assert table_row(text, "lora.clip_score")[2:4] == ["31.5", "29.5"]
-    assert table_row(text, "real.style_score")[2:4] == ["0.25", "0.375"]
-    assert table_row(text, "base.fid") is None  # unchanged: dvc leaves it out of the table
-    # dvc params diff row
+    # the raw numbers did move (dvc metrics diff rows: path, metric, base value, workspace value, change)
+    old, new = BASE_EVAL[0]["lora"]["clip_score"], NOISE_EVAL[0]["lora"]["clip_score"]
+    shown = [float(x) for x in table_row(text, "lora.clip_score")[2:4]]
+    assert abs(old - new) > 0.01 and shown == pytest.approx([old, new], abs=1e-5)
     assert table_row(text, "evaluate.seed") == ["params.yaml", "evaluate.seed", "0", "1"]
-
-    # one verdict per directional metric, in the direction of each metric
-    assert verdict_of(text, "lora.fid") == "better"
-    assert verdict_of(text, "lora.kid_mean") == "better"
-    assert verdict_of(text, "lora.clip_score") == "worse"
-    assert verdict_of(text, "lora.style_score") == "better"
-    assert verdict_of(text, "delta.fid") == "better"
-    assert verdict_of(text, "delta.clip_score") == "worse"
-    assert verdict_of(text, "base.fid") == "unchanged"
-    assert verdict_of(text, "base.clip_score") == "unchanged"
-    assert verdict_of(text, "lora_scale_1.0.style_score") == "better"
-    # informational values get no verdict
-    for metric in ("lora.kid_std", "lora.n_fake", "n_real", "real.style_score", "lora.lora_scale"):
+    # ... but no verdict calls noise a change
+    for metric in JUDGED:
+        assert verdict_of(text, metric) == "no significant change", verdict_line(text, metric)
+    assert "12 no significant change, 2 not judged." in text or "12 no significant change." in text
+    line = verdict_line(text, "lora.clip_score")
+    assert f"paired bootstrap over {len(KEYS)} (subject, seed) pairs, {N_SUBJECTS} subjects" in line
+    assert "CI [" in line and "**no significant change**" in line
+    assert "unpaired" in verdict_line(text, "lora.kid")
+    # FID is shown, never judged; intervals, counts and the paintings get no verdict
+    assert verdict_of(text, "lora.fid") is None and table_row(text, "lora.fid") is not None
+    for metric in ("lora.kid_ci_low", "lora.clip_score_n", "n_real", "real.style_score", "lora.lora_scale"):
         assert verdict_of(text, metric) is None, metric
-    # 4 sections (lora, delta, base, lora_scale_1.0) x 4 directional metrics
-    assert len(re.findall(r"^- `", text, flags=re.M)) == 16
-    assert "9 better, 3 worse, 4 unchanged." in text
-
-    # the grid, linked relative to the report
+    assert "confidence interval of the change excludes zero. The intervals are at 99.58% each" in text
+    assert "all 12 verdicts together call noise a change with at most 5% chance (Bonferroni)" in text
+    assert "per-image scores paired image by image" in text
     assert "](plots/samples_grid.png)" in text
+
+
+def test_a_planted_improvement_is_better_with_its_ci(two_commits, monkeypatch):
+    monkeypatch.chdir(two_commits)
+    sh(two_commits, "git", "checkout", "-q", "better")
+    text = report.build_report("base")
+    for metric in ("lora.clip_score", "lora.style_score", "delta.clip_score", "delta.style_score",
+                   "lora.kid", "lora.cmmd", "delta.kid", "delta.cmmd"):
+        assert verdict_of(text, metric) == "better", verdict_line(text, metric)
+    line = verdict_line(text, "lora.clip_score")
+    low, high = (float(x) for x in re.search(r"CI \[([-+\d.e]+), ([-+\d.e]+)\]", line).groups())
+    assert 0 < low < 2.0 < high  # the planted +2 lies inside its interval
+    for metric in ("base.clip_score", "base.kid"):  # the base model did not change
+        assert verdict_of(text, metric) == "no significant change"
+
+
+def test_other_evaluation_sets_are_not_paired_and_say_so(two_commits, monkeypatch):
+    monkeypatch.chdir(two_commits)
+    sh(two_commits, "git", "checkout", "-q", "other-set")
+    text = report.build_report("base")
+    line = verdict_line(text, "lora.clip_score")
+    assert "unpaired" in line and "not paired: the evaluation sets differ" in line
+    assert "per-image scores not paired: the evaluation sets differ" in text
+
+
+def test_the_report_imports_without_torch():
+    code = "import sys; sys.modules['torch'] = None; import impressionist.report"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
 
 
 def test_report_links_grid_relative_to_the_report_or_by_url(two_commits, monkeypatch, tmp_path):
@@ -156,10 +227,12 @@ def test_report_links_grid_relative_to_the_report_or_by_url(two_commits, monkeyp
 
 def test_report_against_itself_says_nothing_changed(two_commits, monkeypatch):
     monkeypatch.chdir(two_commits)
+    sh(two_commits, "git", "checkout", "-q", "noise")
     text = report.build_report("HEAD")
     assert "_No metric changed._" in text and "_No param changed._" in text
-    assert verdict_of(text, "lora.fid") == "unchanged"
-    assert "16 unchanged." in text
+    assert verdict_of(text, "lora.clip_score") == "no significant change"
+    assert "change +0, CI [+0, +0]" in verdict_line(text, "lora.clip_score")
+    assert "12 no significant change." in text
 
 
 def test_bad_input_is_one_line_and_writes_nothing(two_commits, tmp_path, monkeypatch, capsys):
@@ -178,17 +251,21 @@ def test_bad_input_is_one_line_and_writes_nothing(two_commits, tmp_path, monkeyp
 
 
 def test_verdict_directions():
-    assert report.verdict("lora.fid", 2.0, 1.0) == "better"
-    assert report.verdict("lora.kid_mean", 0.1, 0.2) == "worse"
-    assert report.verdict("lora.clip_score", 30.0, 31.0) == "better"
-    assert report.verdict("base.style_score", 0.5, 0.4) == "worse"
-    assert report.verdict("lora_scale_0.5.fid", 1.0, 1.0) == "unchanged"
-    assert report.verdict("lora.fid", None, 1.0) == "new"
-    assert report.verdict("lora.fid", 1.0, None) == "removed"
-    for informational in ("lora.kid_std", "n_real", "lora.n_fake", "real.style_score", "lora.lora_scale"):
+    up, down, across = Estimate(1.0, 0.5, 1.5, 10), Estimate(-1.0, -1.5, -0.5, 10), Estimate(0.1, -0.4, 0.6, 10)
+    assert report.word_for("lora.kid", down) == "better"
+    assert report.word_for("lora.cmmd", up) == "worse"
+    assert report.word_for("lora.clip_score", up) == "better"
+    assert report.word_for("base.style_score", down) == "worse"
+    assert report.word_for("delta.clip_score", across) == "no significant change"
+    for informational in ("lora.fid", "lora.kid_ci_low", "n_real", "lora.clip_score_n", "real.style_score",
+                          "lora.lora_scale"):
         assert report.direction(informational) is None
     with pytest.raises(ValueError):
-        report.verdict("lora.kid_std", 1.0, 2.0)
+        report.word_for("lora.fid", up)
+    diff = {report.EVAL_METRICS: {"lora.kid": {"old": None, "new": 0.1}, "lora.cmmd": {"old": 0.2, "new": None},
+                                  "lora.clip_score": {"old": 20.0, "new": 21.0}}}
+    words = {v.metric: v.word for v in report.verdicts(diff)}
+    assert words == {"lora.kid": "new", "lora.cmmd": "removed", "lora.clip_score": "not judged"}
 
 
 def test_workflow_runs_the_report_with_flags_it_accepts():

@@ -4,25 +4,31 @@
 (in CI: the pull request's head commit) with the base revision through DVC:
 
 * ``dvc metrics diff --md <base-rev>`` and ``dvc params diff --md <base-rev>``, verbatim;
-* one verdict line per directional metric of ``metrics/eval.json``, from
-  ``dvc metrics diff --json --all <base-rev>``: lower is better for ``fid`` and ``kid_mean``, higher
-  is better for ``clip_score`` and ``style_score`` (:data:`DIRECTIONS`); "better", "worse" or
-  "unchanged" (or "new" / "removed" when one side has no value), by the numbers alone (no
-  significance test; the report says so). ``kid_std``, counts, the LoRA
-  scale and ``real.*`` (the validation paintings, a reference rather than a result) are
-  informational: they are in the table, without a verdict;
-* the sample grid ``plots/samples_grid.png``, as a relative image link, or as ``--image-url``
-  (the CI workflow links the copy committed at the pull request's head).
+* one verdict line per judged metric of ``metrics/eval.json`` (:data:`DIRECTIONS`: lower is better
+  for ``kid`` and ``cmmd``, higher for ``clip_score`` and ``style_score``), in each section (``lora``,
+  ``delta``, ``base``, ``lora_scale_<s>``). A verdict says **better** or **worse** only when the
+  confidence interval of the change excludes zero, and otherwise **no significant change**:
 
-Everything it reads is tracked by git (metrics and plots are ``cache: false`` outs), so it needs
-no ``dvc pull``. It runs nothing of the pipeline and loads no model.
+  - per-image scores (CLIP, style) are **paired** image by image when both revisions scored the same
+    evaluation set (``metrics/eval_images.csv``: the same ``eval_set`` fingerprint and the same
+    (subject, seed) pairs): the mean change over pairs with a bootstrap CI over subjects;
+  - set-level distances (KID, CMMD), and per-image scores whose sets differ, compare the two
+    revisions' own intervals (the errors added in quadrature: conservative, since both share the
+    real paintings); the report says when the evaluation sets differ;
+
+  ``fid`` is shown but never judged (biased at these sizes, no CI); intervals, counts, the LoRA
+  scale and ``real.*`` are informational;
+* the sample grid ``plots/samples_grid.png``, as a relative image link, or as ``--image-url``.
+
+Everything it reads is tracked by git (metrics, the per-image table and plots are ``cache: false``
+outs), so it needs no ``dvc pull``. It runs nothing of the pipeline and loads no model (and no torch).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
-import math
 import os
 import subprocess
 import sys
@@ -34,20 +40,25 @@ import yaml
 
 from .dvc_cli import run_dvc
 from .errors import UserError, atomic_write_text, stage_main
-from .layout import SAMPLE_GRID as GRID
+from .layout import EVAL_IMAGES, EVAL_METRICS as EVAL_METRICS_PATH, SAMPLE_GRID as GRID
+from .stats import CONFIDENCE, Estimate, bonferroni, difference_of_independent, mean_estimate
 
-EVAL_METRICS = "metrics/eval.json"
+EVAL_METRICS = EVAL_METRICS_PATH.as_posix()
 LOWER, HIGHER = "lower", "higher"
-DIRECTIONS = {"fid": LOWER, "kid_mean": LOWER, "clip_score": HIGHER, "style_score": HIGHER}
+DIRECTIONS = {"kid": LOWER, "cmmd": LOWER, "clip_score": HIGHER, "style_score": HIGHER}
+PER_IMAGE = ("clip_score", "style_score")  # the columns of metrics/eval_images.csv
+CI_SUFFIXES = ("_ci_low", "_ci_high", "_n")
 # Sections of eval.json in reading order: the headline first, the reference never judged.
 SECTION_ORDER = ("lora", "delta", "base")
 HEADLINE_SECTIONS = ("lora", "delta")  # shown first; base and lora_scale_<s> are folded
 INFORMATIONAL_SECTIONS = ("real",)
-BETTER, WORSE, UNCHANGED, NEW, REMOVED = "better", "worse", "unchanged", "new", "removed"
+BETTER, WORSE, NO_CHANGE, NEW, REMOVED, NOT_JUDGED = (
+    "better", "worse", "no significant change", "new", "removed", "not judged")
+WORDS = (BETTER, WORSE, NO_CHANGE, NEW, REMOVED, NOT_JUDGED)
 
 
 # --------------------------------------------------------------------------------------------
-# Verdicts (pure functions of the diff)
+# Verdicts
 # --------------------------------------------------------------------------------------------
 
 
@@ -59,21 +70,14 @@ def direction(metric: str) -> str | None:
     return DIRECTIONS.get(leaf)
 
 
-def verdict(metric: str, old: float | None, new: float | None) -> str:
-    """better / worse / unchanged (or new / removed) for a directional metric."""
+def word_for(metric: str, change: Estimate) -> str:
+    """better / worse when the change's CI excludes zero (in the metric's direction), else no change."""
     way = direction(metric)
     if way is None:
         raise ValueError(f"{metric} has no better/worse direction")
-    if old is None and new is None:
-        return UNCHANGED
-    if old is None:
-        return NEW
-    if new is None:
-        return REMOVED
-    if math.isclose(float(new), float(old), rel_tol=1e-9, abs_tol=1e-12):
-        return UNCHANGED
-    lower = float(new) < float(old)
-    return BETTER if lower == (way == LOWER) else WORSE
+    if not change.excludes_zero():
+        return NO_CHANGE
+    return BETTER if (change.value < 0) == (way == LOWER) else WORSE
 
 
 @dataclass(frozen=True)
@@ -82,15 +86,20 @@ class Verdict:
     old: float | None
     new: float | None
     word: str
+    change: Estimate | None = None
+    test: str = ""
 
     def line(self) -> str:
         def show(value: float | None) -> str:
             return "–" if value is None else f"{value:.6g}"
 
-        change = ""
-        if self.old is not None and self.new is not None and self.word != UNCHANGED:
-            change = f" ({float(self.new) - float(self.old):+.4g})"
-        return (f"- `{self.metric}`: {show(self.old)} → {show(self.new)}{change} — **{self.word}** "
+        detail = ""
+        if self.change is not None:
+            c = self.change
+            detail = f" (change {c.value:+.4g}, CI [{c.ci_low:+.4g}, {c.ci_high:+.4g}]; {self.test})"
+        elif self.test:
+            detail = f" ({self.test})"
+        return (f"- `{self.metric}`: {show(self.old)} → {show(self.new)}{detail} — **{self.word}** "
                 f"({direction(self.metric)} is better)")
 
 
@@ -100,17 +109,120 @@ def _order(metric: str) -> tuple[int, str, int]:
     return rank, section, list(DIRECTIONS).index(leaf)
 
 
-def verdicts(diff: Mapping[str, Any], path: str = EVAL_METRICS) -> list[Verdict]:
-    """One verdict per directional metric of ``path`` in ``dvc metrics diff --json [--all]`` output."""
-    entries = diff.get(path) or {}
-    found = [Verdict(name, entry.get("old"), entry.get("new"), verdict(name, entry.get("old"), entry.get("new")))
-             for name, entry in entries.items() if direction(name) is not None]
-    return sorted(found, key=lambda v: _order(v.metric))
-
-
 def summary(items: Sequence[Verdict]) -> str:
-    counts = {word: sum(v.word == word for v in items) for word in (BETTER, WORSE, UNCHANGED, NEW, REMOVED)}
+    counts = {word: sum(v.word == word for v in items) for word in WORDS}
     return ", ".join(f"{n} {word}" for word, n in counts.items() if n)
+
+
+def read_images_table(text: str | None):
+    """``metrics/eval_images.csv`` text as a DataFrame, or None when the revision has none."""
+    if not text:
+        return None
+    import pandas as pd
+
+    try:
+        table = pd.read_csv(io.StringIO(text))
+    except Exception:  # a foreign or truncated file cannot be paired: fall back to the intervals
+        return None
+    needed = {"lora_scale", "prompt_id", "seed", "eval_set", *PER_IMAGE}
+    return table if needed <= set(table.columns) and not table.empty else None
+
+
+class Pairing:
+    """Image-by-image pairing of two revisions' per-image scores, when their evaluation sets agree."""
+
+    def __init__(self, old_table, new_table, old_metrics: Mapping[str, Any], new_metrics: Mapping[str, Any],
+                 confidence: float = CONFIDENCE) -> None:
+        self.old, self.new = old_table, new_table
+        self.old_metrics, self.new_metrics = old_metrics, new_metrics
+        self.confidence = confidence
+        self.reason = ""
+        if old_table is None or new_table is None:
+            self.reason = "no per-image scores in one revision"
+        elif set(old_table["eval_set"].astype(str)) != set(new_table["eval_set"].astype(str)):
+            self.reason = "the evaluation sets differ (sample.eval_set)"
+
+    @property
+    def possible(self) -> bool:
+        return not self.reason
+
+    def _scale(self, metrics: Mapping[str, Any], section: str) -> float | None:
+        if section == "base":
+            return 0.0
+        if section == "lora":
+            value = metrics.get("lora.lora_scale")
+            return None if value is None else float(value)
+        if section.startswith("lora_scale_"):
+            return float(section.removeprefix("lora_scale_"))
+        return None
+
+    def _values(self, table, metrics: Mapping[str, Any], section: str, name: str):
+        """Per (subject, seed) values of ``name`` in ``section`` (delta: LoRA minus base), or None."""
+        def at(scale):
+            rows = table[table["lora_scale"].round(6) == round(scale, 6)]
+            return None if rows.empty else rows.set_index(["prompt_id", "seed"])[name]
+
+        if section == "delta":
+            top, base = self._scale(metrics, "lora"), at(0.0)
+            lora = None if top is None else at(top)
+            return None if lora is None or base is None else (lora - base).dropna()
+        scale = self._scale(metrics, section)
+        return None if scale is None else at(scale)
+
+    def change(self, section: str, name: str) -> tuple[Estimate | None, str]:
+        """The paired mean change new − old with its CI, or (None, why not)."""
+        if not self.possible:
+            return None, self.reason
+        old = self._values(self.old, self.old_metrics, section, name)
+        new = self._values(self.new, self.new_metrics, section, name)
+        if old is None or new is None or set(old.index) != set(new.index):
+            return None, "the (subject, seed) pairs differ"
+        new = new.loc[old.index]
+        clusters = [key[0] for key in old.index]
+        estimate = mean_estimate(new.to_numpy() - old.to_numpy(), clusters, confidence=self.confidence)
+        return estimate, (f"paired bootstrap over {estimate.n} (subject, seed) pairs, "
+                          f"{len(set(clusters))} subjects")
+
+
+def _estimate(values: Mapping[str, Any], metric: str) -> Estimate | None:
+    parts = [values.get(metric)] + [values.get(metric + suffix) for suffix in CI_SUFFIXES]
+    if any(p is None for p in parts):
+        return None
+    return Estimate(float(parts[0]), float(parts[1]), float(parts[2]), int(parts[3]))
+
+
+def verdicts(diff: Mapping[str, Any], pairing: Pairing | None = None, path: str = EVAL_METRICS,
+             confidence: float = CONFIDENCE) -> list[Verdict]:
+    """One verdict per judged metric of ``path`` in ``dvc metrics diff --json --all`` output."""
+    entries = diff.get(path) or {}
+    old = {name: e.get("old") for name, e in entries.items()}
+    new = {name: e.get("new") for name, e in entries.items()}
+    pairing = pairing or Pairing(None, None, old, new, confidence)
+    # Many verdicts at once: each interval is widened (Bonferroni) so that the chance of calling any
+    # of them better or worse by noise alone stays at 1 - confidence.
+    judged = [n for n in entries if direction(n) is not None and old.get(n) is not None and new.get(n) is not None]
+    level = bonferroni(confidence, len(judged))
+    pairing.confidence = level
+    found = []
+    for name in entries:
+        if direction(name) is None:
+            continue
+        before, after = old.get(name), new.get(name)
+        if before is None or after is None:
+            found.append(Verdict(name, before, after, NEW if before is None else REMOVED))
+            continue
+        section, _, leaf = name.rpartition(".")
+        change, why = pairing.change(section, leaf) if leaf in PER_IMAGE else (None, "")
+        test = why
+        if change is None:
+            old_est, new_est = _estimate(old, name), _estimate(new, name)
+            if old_est is None or new_est is None:
+                found.append(Verdict(name, before, after, NOT_JUDGED, test="no confidence interval in one revision"))
+                continue
+            change = difference_of_independent(old_est, new_est, level, stored=confidence)
+            test = ("unpaired: the two revisions' intervals combined" + (f"; not paired: {why}" if why else ""))
+        found.append(Verdict(name, before, after, word_for(name, change), change, test))
+    return sorted(found, key=lambda v: _order(v.metric))
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,6 +270,16 @@ def _table_or(markdown: str, empty: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def report_confidence(root: Path) -> float:
+    """``evaluate.confidence`` of the workspace's params (the level of every interval), else 0.95."""
+    try:
+        params = yaml.safe_load((root / "params.yaml").read_text()) or {}
+        value = (params.get("evaluate") or {}).get("confidence", CONFIDENCE)
+    except (OSError, yaml.YAMLError, AttributeError):
+        return CONFIDENCE
+    return float(value) if isinstance(value, float) and 0.5 <= value < 1.0 else CONFIDENCE
+
+
 def random_nets_note(root: Path) -> str | None:
     """The demo's feature nets and model are random: say so next to its verdicts."""
     try:
@@ -203,7 +325,15 @@ def build_report(base_rev: str, *, root: Path | str = ".", out_path: Path | str 
     metrics_all = json.loads(run_dvc(root, "metrics", "diff", "--json", "--all", base_rev) or "{}")
     params_md = run_dvc(root, "params", "diff", "--md", base_rev)
 
-    found = verdicts(metrics_all)
+    confidence = report_confidence(root)
+    new_images = (root / EVAL_IMAGES).read_text() if (root / EVAL_IMAGES).is_file() else None
+    old_images = _git(root, "show", f"{base_sha}:{EVAL_IMAGES.as_posix()}")
+    entries = metrics_all.get(EVAL_METRICS) or {}
+    pairing = Pairing(read_images_table(old_images.stdout if old_images.returncode == 0 else None),
+                      read_images_table(new_images),
+                      {k: e.get("old") for k, e in entries.items()}, {k: e.get("new") for k, e in entries.items()},
+                      confidence)
+    found = verdicts(metrics_all, pairing, confidence=confidence)
     lines = [f"## Impressionist LoRA: this change vs `{base_rev}`", "",
              f"Compared: `{base_rev}` (`{base_sha[:7]}`) → {head_label}.", ""]
     note = random_nets_note(root)
@@ -217,9 +347,16 @@ def build_report(base_rev: str, *, root: Path | str = ".", out_path: Path | str 
         if rest:  # base model and each LoRA scale: folded, the headline stays short
             lines += ["", f"<details><summary>base model and each LoRA scale ({summary(rest)})</summary>", ""]
             lines += [v.line() for v in rest] + ["", "</details>"]
-        lines += ["", "_Verdicts compare the numbers only, without a significance test (a KID change smaller "
-                      "than `kid_std` is within noise). `kid_std`, image counts and `real.*` (the validation "
-                      "paintings) are informational._"]
+        paired = ("per-image scores paired image by image across the two revisions"
+                  if pairing.possible else f"per-image scores not paired: {pairing.reason}")
+        level = bonferroni(confidence, sum(v.change is not None for v in found))
+        lines += ["", f"_A verdict is **better** or **worse** only when the confidence interval of the change "
+                      f"excludes zero. The intervals are at {level:.2%} each, so that all "
+                      f"{sum(v.change is not None for v in found)} verdicts together call noise a change "
+                      f"with at most {1 - confidence:.0%} chance (Bonferroni) ({paired}; KID and CMMD compare the two "
+                      f"revisions' own intervals, conservatively). `fid` is biased at these sizes and not "
+                      f"judged; intervals, counts and `real.*` (the validation paintings) are informational. "
+                      f"See docs/evaluation.md._"]
     else:
         lines.append(f"_`{EVAL_METRICS}` has no scored metrics in either revision; run the pipeline "
                      f"(`dvc repro`) and commit `{EVAL_METRICS}`._")

@@ -33,11 +33,14 @@ Kernels, as their papers define them:
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where kernels are computed: the PR report runs without it
+    import torch
 
 CONFIDENCE = 0.95
 RESAMPLES = 2000
@@ -120,21 +123,29 @@ def paired_difference(before: Sequence[float], after: Sequence[float], clusters:
     return mean_estimate(b - a, clusters, **kwargs)
 
 
-def difference_of_independent(old: Estimate, new: Estimate, confidence: float = CONFIDENCE) -> Estimate:
+def difference_of_independent(old: Estimate, new: Estimate, confidence: float = CONFIDENCE,
+                              stored: float = CONFIDENCE) -> Estimate:
     """``new - old`` for two estimates whose samples cannot be paired, by a normal approximation.
 
-    Each interval's half-width is read as ``z * standard error`` and the errors are added in
-    quadrature, as if the two were independent. When they share data (the same real paintings),
-    they are positively correlated and the true interval is narrower: the result is conservative.
+    Each interval (at level ``stored``) has its half-width read as ``z * standard error``, the errors
+    are added in quadrature as if the two were independent, and the result has level ``confidence``.
+    When the two share data (the same real paintings) they are positively correlated and the true
+    interval is narrower: the result is conservative.
     """
-    z = _z(confidence)
-    se = math.hypot((old.ci_high - old.ci_low) / (2 * z), (new.ci_high - new.ci_low) / (2 * z))
-    delta = new.value - old.value
+    z_in = _z(stored)
+    se = math.hypot((old.ci_high - old.ci_low) / (2 * z_in), (new.ci_high - new.ci_low) / (2 * z_in))
+    delta, z = new.value - old.value, _z(confidence)
     return Estimate(delta, delta - z * se, delta + z * se, min(old.n, new.n))
 
 
+def bonferroni(confidence: float, comparisons: int) -> float:
+    """The per-comparison level that keeps the chance of any false "significant" among
+    ``comparisons`` at ``1 - confidence`` or less (Bonferroni)."""
+    return 1.0 - (1.0 - confidence) / max(1, comparisons)
+
+
 def _z(confidence: float) -> float:
-    return float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(0.5 + confidence / 2.0)))
+    return statistics.NormalDist().inv_cdf(0.5 + confidence / 2.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,7 +162,7 @@ def rbf_kernel(x: torch.Tensor, y: torch.Tensor, sigma: float = CMMD_SIGMA) -> t
     """``exp(-|x - y|² / (2σ²))``, written as the CMMD reference does (norms minus twice the dot)."""
     x, y = x.double(), y.double()
     sq = (x * x).sum(1)[:, None] - 2.0 * x @ y.T + (y * y).sum(1)[None, :]
-    return torch.exp(-sq / (2.0 * sigma * sigma))
+    return (-sq / (2.0 * sigma * sigma)).exp()
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,138 @@
+"""Confidence intervals and kernel distances: references, calibration by simulation, planted shifts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from impressionist import stats
+from impressionist.stats import Estimate, Resampling
+
+
+def test_cmmd_equals_the_reference_formula_on_fixed_vectors():
+    """google-research/cmmd distance.py, written out with loops: MMD² with a Gaussian RBF kernel
+    (σ = 10) averaged over every entry of each kernel matrix (diagonal included), times 1000."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(7, 5))
+    y = rng.normal(size=(9, 5)) + 0.5
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    y /= np.linalg.norm(y, axis=1, keepdims=True)
+
+    def k(a, b):
+        return np.exp(-np.sum((a - b) ** 2) / (2 * 10.0 ** 2))
+
+    def mean_kernel(a, b):
+        return sum(k(u, v) for u in a for v in b) / (len(a) * len(b))
+
+    reference = 1000 * (mean_kernel(x, x) + mean_kernel(y, y) - 2 * mean_kernel(x, y))
+    assert stats.cmmd(torch.tensor(x), torch.tensor(y)) == pytest.approx(reference, rel=1e-10)
+    assert stats.cmmd(torch.tensor(x), torch.tensor(x)) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance` will save")
+def test_kid_equals_torchmetrics_with_one_subset_of_everything():
+    """Over the full sets, KID is torchmetrics' KID with one subset holding every image."""
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    class Identity(torch.nn.Module):
+        num_features = 6
+
+        def forward(self, x):
+            return x
+
+    rng = np.random.default_rng(1)
+    real = torch.tensor(rng.normal(size=(10, 6)))
+    fake = torch.tensor(rng.normal(size=(10, 6)) + 0.3)
+    metric = KernelInceptionDistance(feature=Identity(), subsets=1, subset_size=10)
+    metric.update(real, real=True)
+    metric.update(fake, real=False)
+    expected = float(metric.compute()[0])
+    assert stats.kid(real, fake) == pytest.approx(expected, rel=1e-9)
+
+
+def test_weighted_mmd_with_zero_one_counts_is_the_estimator_on_the_subset():
+    rng = np.random.default_rng(2)
+    real, fake = torch.tensor(rng.normal(size=(8, 4))), torch.tensor(rng.normal(size=(6, 4)))
+    w_real = np.array([[1, 0, 1, 1, 0, 1, 1, 0]], dtype=float)
+    w_fake = np.array([[0, 1, 1, 1, 1, 0]], dtype=float)
+    for distance, plain in ((stats.KID, stats.kid), (stats.CMMD, stats.cmmd)):
+        sets = stats.KernelSets.of(distance.kernel, real, fake)
+        weighted = distance.scale * stats.weighted_mmd2(sets, w_real, w_fake, distance.unbiased)[0]
+        subset = plain(real[w_real[0] > 0], fake[w_fake[0] > 0])
+        assert weighted == pytest.approx(subset, rel=1e-10)
+
+
+def test_cluster_bootstrap_draws_whole_clusters():
+    counts = stats.bootstrap_counts(6, 200, np.random.default_rng(0), clusters=["a", "a", "b", "b", "c", "c"])
+    assert counts.shape == (200, 6)
+    assert np.array_equal(counts[:, 0], counts[:, 1]) and np.array_equal(counts[:, 4], counts[:, 5])
+    assert (counts.sum(axis=1) == 6).all()  # three clusters of two drawn three times
+    plain = stats.bootstrap_counts(6, 200, np.random.default_rng(0))
+    assert not np.array_equal(plain[:, 0], plain[:, 1])
+
+
+def test_mean_estimate_is_seeded_and_narrows_with_n():
+    rng = np.random.default_rng(3)
+    small, large = rng.normal(size=20), rng.normal(size=2000)
+    a, b = stats.mean_estimate(small, seed=5), stats.mean_estimate(small, seed=5)
+    assert a == b and a.ci_low < a.value < a.ci_high and a.n == 20
+    assert stats.mean_estimate(small, seed=6) != a
+    wide, narrow = a.ci_high - a.ci_low, (lambda e: e.ci_high - e.ci_low)(stats.mean_estimate(large))
+    assert narrow < wide / 5  # about sqrt(100) = 10 times narrower
+    assert stats.mean_estimate([2.0, 2.0, 2.0]) == Estimate(2.0, 2.0, 2.0, 3)
+
+
+def test_difference_of_independent_adds_errors_in_quadrature():
+    old, new = Estimate(1.0, 0.8, 1.2, 100), Estimate(1.5, 1.35, 1.65, 100)
+    diff = stats.difference_of_independent(old, new)
+    half = 1.959964 * np.hypot(0.2 / 1.959964, 0.15 / 1.959964)
+    assert diff.value == pytest.approx(0.5)
+    assert (diff.ci_low, diff.ci_high) == pytest.approx((0.5 - half, 0.5 + half), rel=1e-5)
+    assert diff.excludes_zero() and not stats.difference_of_independent(old, Estimate(1.1, 0.9, 1.3, 100)).excludes_zero()
+
+
+# ---------------------------------------------------------------- calibration by simulation
+
+
+def simulated_evaluation(seed: int, shift: float = 0.0, n_subjects: int = 30, seeds: int = 2, n_real: int = 40,
+                         dim: int = 8, resamples: int = 400) -> dict[str, Estimate]:
+    """Base and LoRA generators that are the same distribution (``shift`` 0) or differ by ``shift``.
+
+    Like the real evaluation set: each image comes from a subject (a shared component) and a seed
+    (its own noise); base and LoRA images of one (subject, seed) share the subject and the seed's noise,
+    plus generator-specific noise. Per-image scores and features are drawn the same way.
+    Returns the paired deltas (LoRA − base) of a per-image score, KID and CMMD with their CIs.
+    """
+    rng = np.random.default_rng(seed)
+    subject = np.repeat(rng.normal(size=(n_subjects, dim)), seeds, axis=0)
+    noise = rng.normal(size=subject.shape)
+    clusters = np.repeat(np.arange(n_subjects), seeds)
+
+    def generator(offset):
+        return subject + noise + 0.5 * rng.normal(size=subject.shape) + offset
+
+    base, lora = generator(0.0), generator(shift)
+    real = rng.normal(size=(n_real, dim)) * np.sqrt(2.25) + 0.0
+    score_base, score_lora = base[:, 0], lora[:, 0]  # a per-image score: one coordinate of the image
+    out = {"score": stats.paired_difference(score_base, score_lora, clusters, resamples=resamples, seed=seed)}
+    resampling = Resampling.draw(n_real, clusters, resamples, seed)
+    real_t, fakes = torch.tensor(real), [torch.tensor(base), torch.tensor(lora)]
+    for name, distance in (("kid", stats.KID), ("cmmd", stats.CMMD)):
+        (b, l), (rb, rl) = stats.set_distance_estimates(distance, real_t, fakes, resampling)
+        out[name] = stats.replicate_difference(l.value - b.value, rb, rl, l.n)
+    return out
+
+
+def test_identical_generators_give_cis_that_cover_zero_at_least_90_percent_of_the_time():
+    runs = [simulated_evaluation(seed) for seed in range(40)]
+    for name in ("score", "kid", "cmmd"):
+        covered = sum(not run[name].excludes_zero() for run in runs)
+        assert covered >= 36, f"{name}: the 95% CI covered 0 in only {covered} of 40 simulations"
+
+
+def test_a_planted_shift_is_detected():
+    runs = [simulated_evaluation(seed, shift=1.0) for seed in range(10)]
+    for name in ("score", "kid", "cmmd"):
+        detected = sum(run[name].ci_low > 0 for run in runs)
+        assert detected >= 9, f"{name}: a shift of 1.0 (2/3 of the images' sd) was detected in only {detected} of 10 simulations"
