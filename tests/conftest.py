@@ -45,7 +45,10 @@ def _demo_params_master():
 
     from impressionist.cli import apply_overrides, demo_overrides
 
-    return apply_overrides(yaml.safe_load(committed_params_text()), demo_overrides(REPO / "configs/demo.yaml"))
+    params = apply_overrides(yaml.safe_load(committed_params_text()), demo_overrides(REPO / "configs/demo.yaml"))
+    # absolute, so that tests running in another folder still find the shipped subjects file
+    params["sample"]["eval_set"]["subjects"] = str(REPO / params["sample"]["eval_set"]["subjects"])
+    return params
 
 
 @pytest.fixture

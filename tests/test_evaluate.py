@@ -305,7 +305,6 @@ def test_run_writes_flat_metrics_with_cis_table_and_plots(tmp_path, monkeypatch)
     monkeypatch.chdir(root)
     (root / "params.yaml").write_text(yaml.safe_dump({"evaluate": DEMO_CFG}))
     (root / "metrics" / "eval.json").unlink()
-    monkeypatch.setattr(evaluate, "SAMPLES_DIR", Path("samples"))
     evaluate.main(["--params", "params.yaml"])
     assert json.loads((root / "metrics" / "eval.json").read_text()) == written
 

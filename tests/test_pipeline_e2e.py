@@ -6,6 +6,7 @@ change, that metrics diff, and that push / clone / pull restores the outputs.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -20,7 +21,8 @@ from conftest import committed_params_text
 from impressionist.cli import apply_overrides, demo_overrides
 
 REPO = Path(__file__).resolve().parents[1]
-ALL_STAGES = ["download", "filter", "caption", "encode", "train", "export", "sample_base", "sample", "evaluate"]
+ALL_STAGES = ["download", "filter", "caption", "encode", "train", "export", "sample_base", "sample", "reference",
+              "evaluate"]
 pytestmark = pytest.mark.slow
 
 
@@ -68,10 +70,21 @@ def test_demo_graph_reruns_only_what_changed_and_round_trips_through_the_remote(
     remote = tmp_path / "remote"
     repo = copy_project((tmp_path / "repo"), demo_overrides(REPO / "configs/demo.yaml"), remote)
     first = sh(repo, "dvc", "repro")
-    assert ran_stages(first.stdout) == ALL_STAGES
-    for out in ("metrics/data.json", "metrics/train.json", "metrics/eval.json", "plots/samples_grid.png",
-                "plots/loss.png", "models/lora/pytorch_lora_weights.safetensors"):
+    assert sorted(ran_stages(first.stdout)) == sorted(ALL_STAGES)
+    for out in ("metrics/data.json", "metrics/train.json", "metrics/eval.json", "metrics/eval_images.csv",
+                "plots/samples_grid.png", "plots/loss.png", "plots/eval_vs_scale.csv",
+                "data/reference/features.safetensors", "models/lora/pytorch_lora_weights.safetensors"):
         assert (repo / out).is_file(), out
+    # the CI-band data plot renders through DVC with the project's template (what `dvc plots diff`
+    # overlays per revision)
+    shown = json.loads(sh(repo, "dvc", "plots", "show", "--json", "plots/eval_vs_scale.csv").stdout)
+    spec = shown["data"]["plots/eval_vs_scale.csv"][0]["content"]
+    assert spec["facet"]["column"]["field"] == "metric"
+    band = spec["spec"]["layer"][0]["encoding"]
+    assert (band["y"]["field"], band["y2"]["field"], band["x"]["field"]) == ("ci_low", "ci_high", "lora_scale")
+    points = spec["data"]["values"]
+    assert {p["metric"] for p in points} == {"clip_score", "style_score", "kid", "cmmd"}
+    assert all(float(p["ci_low"]) <= float(p["ci_high"]) for p in points)
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "demo run")
 
@@ -81,12 +94,14 @@ def test_demo_graph_reruns_only_what_changed_and_round_trips_through_the_remote(
 
     set_param(repo, "lora.rank", 8)
     rerun = sh(repo, "dvc", "repro")
+    # neither the real paintings' features nor the base-model samples are recomputed
     assert ran_stages(rerun.stdout) == ["train", "export", "sample", "evaluate"]
 
     diff = sh(repo, "dvc", "metrics", "diff", "--md").stdout
-    for row in ("lora.fid", "lora.kid_mean", "lora.clip_score"):
+    for row in ("lora.kid", "lora.cmmd", "lora.clip_score", "lora.clip_score_ci_low", "delta.style_score"):
         assert re.search(rf"\|\s*metrics/eval.json\s*\|\s*{re.escape(row)}\s*\|", diff), (row, diff)
-    assert "base.fid" not in diff  # unchanged: the base-model samples were not regenerated
+    assert "base.fid" not in diff and "base.kid" not in diff  # the base-model samples were not regenerated
+    assert "real.style_score" not in diff  # nor the real paintings' features
 
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "rank 8")

@@ -24,13 +24,24 @@ from conftest import committed_params_text
 
 SECRET = "hf_TestTokenThatMustNeverBeWritten123"
 REPO = "someone/impressionist-flux-lora"
-EVAL = {"n_real": 6, "real": {"style_score": 0.25},
-        "base": {"fid": 101.5, "kid_mean": 0.0625, "kid_std": 0.0125, "clip_score": 28.5,
-                 "style_score": 0.125, "n_fake": 8},
-        "lora_scale_0.5": {"fid": 88.25, "kid_mean": 0.05, "kid_std": 0.01, "clip_score": 29.25,
-                           "style_score": 0.375, "n_fake": 8},
-        "lora_scale_1.0": {"fid": 77.75, "kid_mean": 0.0375, "kid_std": 0.005, "clip_score": 30.5,
-                           "style_score": 0.5, "n_fake": 8}}
+
+
+def _section(clip, style, kid, cmmd, fid, n=8, width=0.5):
+    out = {"fid": fid, "fid_n": n}
+    for name, value in (("clip_score", clip), ("style_score", style), ("kid", kid), ("cmmd", cmmd)):
+        out.update({name: value, f"{name}_ci_low": value - width * abs(value), f"{name}_ci_high": value + width * abs(value),
+                    f"{name}_n": n})
+    return out
+
+
+EVAL = {"n_real": 6, "real": {"style_score": 0.25, "style_score_ci_low": 0.125, "style_score_ci_high": 0.375,
+                              "style_score_n": 6},
+        "base": _section(28.5, 0.125, 0.0625, 1.5, 101.5),
+        "lora_scale_0.5": _section(29.25, 0.375, 0.05, 1.25, 88.25),
+        "lora": {**_section(30.5, 0.5, 0.0375, 1.0, 77.75), "lora_scale": 1.0},
+        # the style score's change is significant (its interval excludes 0), the others are not
+        "delta": {**_section(2.0, 0.375, -0.025, -0.5, 0.0, width=2.0),
+                  "style_score_ci_low": 0.25, "style_score_ci_high": 0.5}}
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +139,13 @@ def test_dry_run_writes_the_folder_and_card_offline(demo_params, artefacts, tmp_
     assert {"lora", "flux", "text-to-image"} <= set(card.data.tags)
     assert card.data.base_model is None  # builtin:tiny-flux is not a Hub model
     text = card.text
-    assert "| base model | 101.5 | 0.0625 ± 0.0125 | 28.5 | 0.125 | 8 |" in text
-    assert "| LoRA × 1 | 77.75 | 0.0375 ± 0.005 | 30.5 | 0.5 | 8 |" in text
+    assert "| base model | 28.5 [14.25, 42.75] | 0.125 [0.0625, 0.1875] | 0.0625 [0.03125, 0.09375] | " \
+           "1.5 [0.75, 2.25] | 101.5 | 8 |" in text
+    assert "| LoRA × 0.5 | 29.25 [" in text and "| LoRA × 1 | 30.5 [15.25, 45.75] |" in text
+    assert "| change (LoRA − base, paired) | 2 [-2, 6] | 0.375 [0.25, 0.5] |" in text
+    assert "8 generated images per row" in text and "against 6 held-out paintings" in text
+    assert "significant (its interval excludes 0) for: style_score." in text
+    assert "biased upwards below ~2000 images" in text
     assert "SYNTHETIC" in text and "Offline demo artefact" in text
     assert "| LoRA rank / alpha | 4 / 4 |" in text and "| steps | 2 |" in text
     assert f'load_lora_weights("{REPO}"' in text and "images/samples_grid.png" in text

@@ -21,6 +21,7 @@ def trained_lora(tmp_path_factory, _demo_params_master, encoded_cache):
 def small(params):
     params["sample"].update(prompts=["a harbor at sunset", "a field"], seeds=[0, 1], resolution=32,
                             steps=2, lora_scales=[0.5, 1.0], val_captions=0)
+    params["sample"]["eval_set"].update(num_subjects=2, seeds=[0, 1], resolution=32, steps=2)
     return params
 
 

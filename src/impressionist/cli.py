@@ -24,7 +24,7 @@ STAGES = {
     "download": "impressionist.download", "filter": "impressionist.filter",
     "caption": "impressionist.caption", "encode": "impressionist.encode",
     "train": "impressionist.train", "sample": "impressionist.sample",
-    "evaluate": "impressionist.evaluate",
+    "reference": "impressionist.reference", "evaluate": "impressionist.evaluate",
 }
 COMMANDS = {**STAGES, "export": "impressionist.export", "publish": "impressionist.publish",
             "report": "impressionist.report"}

@@ -68,7 +68,7 @@ from .cli import apply_overrides, demo_overrides, hydra_value
 from .dvc_cli import dvc_environment, dvc_executable, run_dvc
 from .errors import UserError, atomic_write_bytes, atomic_write_text, first_line
 from .hub import is_hub_id
-from .layout import SAMPLE_GRID
+from .layout import EVAL_METRICS, SAMPLE_GRID
 
 ENV_LOCAL = "IMPRESSIONIST_COLAB_LOCAL"  # a folder standing in for Drive: local test mode
 DRIVE_MOUNT = Path("/content/drive")
@@ -765,7 +765,7 @@ def _stop(process: subprocess.Popen, grace: float = 30.0) -> None:
 
 # --------------------------------------------------------------------------- results, errors
 
-RESULT_FILES = (SAMPLE_GRID.as_posix(), "metrics/eval.json", "metrics/train.json")
+RESULT_FILES = (SAMPLE_GRID.as_posix(), EVAL_METRICS.as_posix(), "metrics/train.json")
 
 
 def show_results(repo: Path | str) -> dict[str, Any]:

@@ -14,8 +14,11 @@ from typing import Any
 from .hub import BUILTIN_PREFIX, is_hub_id
 from .prompts import with_trigger
 
-METRIC_COLUMNS = [("fid", "FID ↓"), ("kid_mean", "KID ↓"), ("clip_score", "CLIP score ↑"),
-                  ("style_score", "style score ↑"), ("n_fake", "images")]
+METRIC_COLUMNS = [("clip_score", "CLIP score (subject) ↑"), ("style_score", "style score ↑"),
+                  ("kid", "KID ↓"), ("cmmd", "CMMD ↓")]
+# FID is biased upwards below a few thousand images (mirrors evaluate.FID_RELIABLE; the card is
+# written by `publish`, which does not import the evaluate stage).
+FID_RELIABLE = 2000
 
 
 def _number(value: Any) -> str:
@@ -24,25 +27,51 @@ def _number(value: Any) -> str:
     return str(value) if isinstance(value, int) else f"{value:.4g}"
 
 
+def _with_ci(values: dict[str, Any], key: str) -> str:
+    """``value [low, high]``, or the bare value (or –) when the interval is missing."""
+    if key not in values:
+        return "–"
+    low, high = values.get(f"{key}_ci_low"), values.get(f"{key}_ci_high")
+    cell = _number(values[key])
+    return cell if low is None or high is None else f"{cell} [{_number(low)}, {_number(high)}]"
+
+
 def metrics_table(metrics: dict[str, Any]) -> str:
-    """Rows: the base model, then the LoRA at each evaluated scale; columns as METRIC_COLUMNS."""
+    """Rows: the base model, the LoRA at each evaluated scale, and the paired LoRA − base change;
+    each cell a value with its 95% CI; then the image counts and FID, flagged when biased."""
     rows = [("base model", metrics["base"])] if "base" in metrics else []
     scales = sorted((float(k.removeprefix("lora_scale_")), v) for k, v in metrics.items()
                     if k.startswith("lora_scale_"))
-    rows += [(f"LoRA × {scale:g}", values) for scale, values in scales]
-    if not rows and "lora" in metrics:
-        rows.append(("LoRA", metrics["lora"]))
-    header = "| | " + " | ".join(title for _, title in METRIC_COLUMNS) + " |"
-    lines = [header, "|---" * (len(METRIC_COLUMNS) + 1) + "|"]
+    if "lora" in metrics:
+        scales.append((float(metrics["lora"].get("lora_scale", 1.0)), metrics["lora"]))
+    rows += [(f"LoRA × {scale:g}", values) for scale, values in sorted(scales, key=lambda kv: kv[0])]
+    if "delta" in metrics:
+        rows.append(("change (LoRA − base, paired)", metrics["delta"]))
+    columns = METRIC_COLUMNS + [("fid", "FID (biased, see below)"), ("clip_score_n", "images")]
+    header = "| | " + " | ".join(title for _, title in columns) + " |"
+    lines = [header, "|---" * (len(columns) + 1) + "|"]
     for label, values in rows:
-        cells = []
-        for key, _ in METRIC_COLUMNS:
-            cell = _number(values.get(key, "–"))
-            if key == "kid_mean" and "kid_std" in values:
-                cell += f" ± {_number(values['kid_std'])}"
-            cells.append(cell)
+        cells = [_with_ci(values, key) for key, _ in METRIC_COLUMNS]
+        cells += [_number(values.get("fid", "–")), _number(values.get("clip_score_n", "–"))]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def evaluation_note(metrics: dict[str, Any]) -> str:
+    """How to read the table: n, what the brackets are, which changes are real, FID's bias."""
+    base = metrics.get("base", {})
+    n, n_real = base.get("clip_score_n", "?"), metrics.get("n_real", "?")
+    delta = metrics.get("delta", {})
+    real = [name for name, _ in METRIC_COLUMNS
+            if name in delta and (delta.get(f"{name}_ci_low", 0) > 0 or delta.get(f"{name}_ci_high", 0) < 0)]
+    verdict = (f"The paired change is significant (its interval excludes 0) for: {', '.join(real)}."
+               if real else "No paired change is significant: every interval of the change includes 0.")
+    fid_n = base.get("fid_n", n)
+    fid = (f" FID is from {fid_n} images per set and is biased upwards below ~{FID_RELIABLE} images: it is "
+           f"given for familiarity only, without an interval." if isinstance(fid_n, int) and fid_n < FID_RELIABLE
+           else "")
+    return (f"{n} generated images per row (subjects × seeds, the same for every row) against {n_real} "
+            f"held-out paintings; brackets are 95% bootstrap confidence intervals. {verdict}{fid}")
 
 
 def training_table(training: dict[str, Any], resolution: Any) -> str:
@@ -95,6 +124,7 @@ def build_card(*, repo_id: str, params: dict[str, Any], training: dict[str, Any]
     base_model = str(training.get("base_model") or params["model"]["pretrained"])
     download = params.get("download", {})
     sample = params.get("sample", {})
+    eval_set = sample.get("eval_set") or {}
     prompt = next(iter(sample.get("prompts") or []), "a harbor at sunset")
     full_prompt = with_trigger(trigger, prompt)
     demo = base_model.startswith(BUILTIN_PREFIX) or download.get("source") == "synthetic"
@@ -110,12 +140,13 @@ def build_card(*, repo_id: str, params: dict[str, Any], training: dict[str, Any]
     )
     name = repo_id.split("/")[-1]
     evaluate = params.get("evaluate", {})
-    random_nets = str(evaluate.get("fid_features", "")).startswith(BUILTIN_PREFIX) or \
-        str(evaluate.get("clip_model", "")).startswith(BUILTIN_PREFIX)
+    random_nets = any(str(evaluate.get(key, "")).startswith(BUILTIN_PREFIX)
+                      for key in ("fid_features", "clip_model", "cmmd_clip_model"))
     metric_note = ("**These numbers come from random-weight feature networks (the offline demo) and "
                    "mean nothing about image quality.**" if random_nets else
                    f"FID/KID with {evaluate.get('fid_features', 'inception')} features, CLIP and style "
-                   f"scores with open_clip {evaluate.get('clip_model')} ({evaluate.get('clip_pretrained')}); "
+                   f"scores with open_clip {evaluate.get('clip_model')} ({evaluate.get('clip_pretrained')}), "
+                   f"CMMD with {evaluate.get('cmmd_clip_model')} ({evaluate.get('cmmd_clip_pretrained')}); "
                    f"{metrics.get('n_real', '?')} validation paintings as the real set.")
     demo_warning = ("> **Offline demo artefact**: trained on the project's tiny random-weight "
                     "FLUX-architecture model and/or synthetic images. It is not a usable "
@@ -164,8 +195,12 @@ module names, fused q/k/v, `.alpha` per layer). Put it in `ComfyUI/models/loras/
 
 {metrics_table(metrics)}
 
-{metric_note} Generated with {sample.get('steps')} steps, guidance {sample.get('guidance_scale')},
-{sample.get('resolution')} px, prompts from `sample.prompts` and seeds {sample.get('seeds')}.
+{evaluation_note(metrics)}
+
+{metric_note} The evaluation set: `"{trigger}, <subject>"` for {eval_set.get('num_subjects')} subjects
+(`{eval_set.get('subjects')}`) × seeds {eval_set.get('seeds')}, {eval_set.get('steps')} steps,
+guidance {eval_set.get('guidance_scale')}, {eval_set.get('resolution')} px; the CLIP score is measured
+against the subject alone.
 
 ## Data
 

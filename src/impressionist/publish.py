@@ -23,13 +23,12 @@ from typing import Any
 
 from .errors import UserError, atomic_dir, first_line, stage_main
 from .hub import BUILTIN_PREFIX, hub_offline
-from .layout import LORA_DIR, LORA_WEIGHTS
+from .layout import EVAL_METRICS, LORA_DIR, LORA_WEIGHTS
 from .layout import SAMPLE_GRID as GRID
 from .model_card import build_card
 from .params import load_params, require, section
 
 EXPORT_DIR = Path("models/export")
-EVAL_METRICS = Path("metrics/eval.json")
 DATA_METRICS = Path("metrics/data.json")
 HUB_DIR = Path("build/hub")
 TRAINING_CONFIG = "training_config.json"

@@ -1,0 +1,125 @@
+"""The evaluation set the sample stages draw: subjects x seeds, paired by (subject, seed) across the
+base model and every LoRA scale, fingerprinted, and refused with one line when misconfigured."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, train_tiny_lora
+
+from impressionist import sample
+from impressionist.errors import UserError
+
+
+def eval_params(params, tmp_path, subjects=("a harbor at sunset", "a field of poppies", "a bridge at dusk")):
+    (tmp_path / "subjects.txt").write_text("# a comment\n" + "\n".join(subjects) + "\n\n" + subjects[0] + "\n")
+    params["caption"]["trigger"] = "trig"
+    params["sample"].update(prompts=["a harbor at sunset"], seeds=[0], resolution=32, steps=2,
+                            lora_scales=[0.5, 1.0], val_captions=0)
+    params["sample"]["eval_set"] = dict(subjects=str(tmp_path / "subjects.txt"), num_subjects=2, seeds=[3, 7],
+                                        steps=2, resolution=32, guidance_scale=3.5)
+    return params
+
+
+@pytest.fixture(scope="module")
+def trained_lora(tmp_path_factory, _demo_params_master, encoded_cache):
+    return train_tiny_lora(tmp_path_factory.mktemp("lora"), _demo_params_master, encoded_cache)
+
+
+def pixels(path):
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB")).astype(np.int16)
+
+
+def test_base_and_lora_eval_sets_pair_by_subject_and_seed(demo_params, trained_lora, tmp_path):
+    params = eval_params(demo_params, tmp_path)
+    sample.run_base(params, tmp_path / "base")
+    base = pd.read_csv(tmp_path / "base" / sample.EVAL_TABLE)
+    assert list(base["subject"]) == ["a harbor at sunset"] * 2 + ["a field of poppies"] * 2
+    assert list(base["prompt"]) == [f"trig, {s}" for s in base["subject"]]  # trigger first, no style words
+    assert list(base["seed"]) == [3, 7, 3, 7] and set(base["lora_scale"]) == {0.0}
+    assert list(base["prompt_id"]) == [sample.prompt_id(s) for s in base["subject"]]
+    assert base["eval_set"].nunique() == 1
+
+    # an image is the pipeline's own output for its recorded prompt and seed at the set's settings
+    pipe, _ = sample.load(params, torch.device("cpu"))
+    ev = sample.eval_set_config(params)
+    row = base.iloc[3]
+    direct = np.asarray(sample.draw(pipe, ev, row["prompt"], int(row["seed"]))).astype(np.int16)
+    assert np.array_equal(pixels(tmp_path / "base" / row["file"]), direct)
+    assert pixels(tmp_path / "base" / row["file"]).shape == (32, 32, 3)
+    # different seeds of one subject give different images
+    assert not np.array_equal(pixels(tmp_path / "base" / base.iloc[2]["file"]),
+                              pixels(tmp_path / "base" / base.iloc[3]["file"]))
+
+    sample.run_lora(params, trained_lora, tmp_path / "base", tmp_path / "lora", tmp_path / "grid.png")
+    lora = pd.read_csv(tmp_path / "lora" / sample.EVAL_TABLE)
+    assert sorted(set(lora["lora_scale"])) == [0.5, 1.0]
+    for scale, group in lora.groupby("lora_scale"):
+        assert list(zip(group["prompt_id"], group["seed"])) == list(zip(base["prompt_id"], base["seed"]))
+        assert set(group["eval_set"]) == set(base["eval_set"])
+    # the LoRA changes the picture of the same (subject, seed)
+    top = lora[lora["lora_scale"] == 1.0].iloc[0]
+    assert not np.array_equal(pixels(tmp_path / "lora" / top["file"]), pixels(tmp_path / "base" / base.iloc[0]["file"]))
+    # the show set is unchanged beside it
+    assert len(pd.read_csv(tmp_path / "lora" / "samples.csv")) == 2
+
+
+def test_fingerprint_follows_what_shapes_the_images_not_the_model(demo_params, tmp_path):
+    params = eval_params(demo_params, tmp_path)
+
+    def fingerprint(p):
+        ev = sample.eval_set_config(p)
+        return sample.eval_set_fingerprint(p, ev, sample.evaluation_subjects(ev))
+
+    first = fingerprint(params)
+    params["model"]["pretrained"] = "black-forest-labs/FLUX.1-dev"
+    assert fingerprint(params) == first  # comparing models on one set is the point
+    for key, value in (("seeds", [3, 8]), ("steps", 3), ("resolution", 48), ("num_subjects", 3),
+                       ("guidance_scale", 1.0)):
+        changed = eval_params(demo_params, tmp_path)
+        changed["sample"]["eval_set"][key] = value
+        assert fingerprint(changed) != first, key
+    assert sample.prompt_id("a harbor at sunset") == sample.prompt_id("a harbor at sunset") != sample.prompt_id("a field")
+
+
+def test_shipped_subjects_have_no_style_words_and_enough_for_the_recipe():
+    import yaml
+
+    recipe = yaml.safe_load((REPO / "params.yaml").read_text())
+    ev = {**recipe["sample"]["eval_set"], "subjects": str(REPO / recipe["sample"]["eval_set"]["subjects"])}
+    subjects = sample.evaluation_subjects(ev)
+    assert len(subjects) == ev["num_subjects"] == 100 and len(set(subjects)) == 100
+    words = ("impression", "monet", "renoir", "painting", "style", recipe["caption"]["trigger"])
+    assert not [s for s in subjects if any(w in s.lower() for w in words)]
+
+
+@pytest.mark.parametrize(("change", "needle"), [
+    ({"subjects": "/nowhere/subjects.txt"}, "/nowhere/subjects.txt not found"),
+    ({"num_subjects": 5}, "lists only 3 distinct subject(s)"),
+    ({"seeds": [1, 1]}, "sample.eval_set.seeds must list distinct integer seeds"),
+    ({"resolution": 30}, "sample.eval_set.resolution"),
+    ({"steps": 0}, "sample.eval_set.steps"),
+])
+def test_bad_eval_set_is_one_line_before_any_model(demo_params, tmp_path, monkeypatch, change, needle):
+    params = eval_params(demo_params, tmp_path)
+    params["sample"]["eval_set"].update(change)
+    monkeypatch.setattr(sample, "load", lambda *a, **k: pytest.fail("model loaded before the params were checked"))
+    with pytest.raises(UserError) as err:
+        sample.run_base(params, tmp_path / "base")
+    assert needle in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "base").exists()
+
+
+def test_lora_stage_refuses_a_base_eval_set_of_other_settings(demo_params, trained_lora, tmp_path, monkeypatch):
+    params = eval_params(demo_params, tmp_path)
+    sample.run_base(params, tmp_path / "base")
+    params["sample"]["eval_set"]["seeds"] = [3, 9]
+    monkeypatch.setattr(sample, "load", lambda *a, **k: pytest.fail("model loaded before the inputs were checked"))
+    with pytest.raises(UserError, match="no base-model evaluation set for the current sample.eval_set"):
+        sample.run_lora(params, trained_lora, tmp_path / "base", tmp_path / "lora", tmp_path / "grid.png")
+    assert not (tmp_path / "lora").exists()
