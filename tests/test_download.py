@@ -725,3 +725,59 @@ def test_read_meter_position_follows_the_files_in_order():
     assert meter.position() == 110
     meter.add(80)  # read more than the file (footer read twice): the position stays within it
     assert meter.position() == 150 and meter.bytes_read == 120 and meter.files_opened == 2
+
+
+def test_hub_parquet_files_lists_the_shards_in_name_order_or_nothing(monkeypatch):
+    from huggingface_hub import HfApi, constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+    class Sibling:
+        def __init__(self, rfilename, size):
+            self.rfilename, self.size = rfilename, size
+
+    class Info:
+        siblings = [Sibling("data/train-00001-of-00002.parquet", 20), Sibling("README.md", 5),
+                    Sibling("data/train-00000-of-00002.parquet", 10)]
+
+    asked = []
+    monkeypatch.setattr(HfApi, "dataset_info", lambda self, repo_id, **kwargs: asked.append(kwargs) or Info())
+    assert download.hub_parquet_files("huggan/wikiart", "abc") == [
+        ("data/train-00000-of-00002.parquet", 10), ("data/train-00001-of-00002.parquet", 20)]
+    assert asked[0]["revision"] == "abc" and asked[0]["files_metadata"] and asked[0]["timeout"]
+
+    def no_network(self, repo_id, **kwargs):
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(HfApi, "dataset_info", no_network)
+    assert download.hub_parquet_files("huggan/wikiart", "abc") == []  # the download runs without an ETA
+
+
+def test_progress_bar_counts_the_source_bytes_passed_and_shows_the_bytes_read(tmp_path, monkeypatch,
+                                                                              ordered_mirrors):
+    from tqdm import tqdm
+
+    bars = []
+
+    class RecordingBar(tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "disable": False, "file": io.StringIO()})
+            bars.append(self)
+            self.seen = []
+
+        def update(self, n=1):
+            super().update(n)
+            self.seen.append(self.n)
+
+    monkeypatch.setattr(download, "tqdm", RecordingBar)
+    mirror = ordered_mirrors["by_style"]
+    summary = download.run(config(mirror, max_images=0), tmp_path / "raw")
+    bar = bars[-1]
+    # Without max_images: bytes of the source passed, out of the mirror's size (an ETA is possible).
+    assert bar.unit == "B" and bar.total == sum(p.stat().st_size for p in mirror.glob("*.parquet"))
+    assert bar.n == bar.total and "read " in bar.postfix and f"kept {summary.kept}" in bar.postfix
+    assert any(0 < n < bar.total for n in bar.seen) and bar.seen == sorted(bar.seen), "it moves forward as it reads"
+    bars.clear()
+    download.run(config(mirror, max_images=5), tmp_path / "raw5")
+    assert bars[-1].unit == "img" and bars[-1].total == 5 and bars[-1].n == 5

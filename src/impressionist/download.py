@@ -2,8 +2,9 @@
 
 Sources (``download.source``):
 
-- a Hub dataset id (``huggan/wikiart``): streamed, so only the rows read are fetched, never the
-  whole 37 GB;
+- a Hub dataset id (``huggan/wikiart``): streamed shard by shard, nothing stored but the kept
+  images; with the style filter pushed down, row groups that hold no wanted row are not fetched
+  (how much of the 37 GB that spares depends on how the shards are ordered);
 - a local parquet file, or a folder of parquet files, with the same schema (a mirror);
 - ``synthetic``: a SYNTHETIC parquet (see :mod:`impressionist.synthetic`) written to a temporary
   folder and then read through the very same parquet code path as a local mirror;
@@ -706,9 +707,10 @@ def run(cfg: dict, raw_dir: Path | str = RAW_DIR, *, retries: int = 5, backoff_s
             unit="img" if by_images else "B", unit_scale=not by_images, unit_divisor=1000, desc="download",
             disable=None))
 
-        def show_progress() -> None:
+        def show_progress(at_end: bool = False) -> None:
             if not by_images:
-                bar.update((meter.position() if meter.files else meter.bytes_read) - bar.n)
+                passed = meter.total if at_end and meter.total else meter.position() if meter.files else meter.bytes_read
+                bar.update(passed - bar.n)
             bar.set_postfix_str(f"kept {len(progress.rows)}, scanned {rows_scanned}, "
                                 f"read {format_bytes(meter.bytes_read)}", refresh=False)
 
@@ -742,11 +744,12 @@ def run(cfg: dict, raw_dir: Path | str = RAW_DIR, *, retries: int = 5, backoff_s
                         if example is None:
                             progress.save_state(stream.state_dict())
                             exhausted = True
+                            show_progress(at_end=True)
                             break
                         rows_scanned += 1
-                        show_progress()
                         if reason:
                             skipped[reason] += 1
+                            show_progress()
                             unsaved_rows += 1
                             # Save the position now and then, so that a retry does not reread long
                             # stretches of other styles.
@@ -758,6 +761,7 @@ def run(cfg: dict, raw_dir: Path | str = RAW_DIR, *, retries: int = 5, backoff_s
                             if by_images:
                                 bar.update(1)
                             failures = 0  # progress: the retry budget is for errors in a row
+                        show_progress()
                         progress.save_state(stream.state_dict())
                         unsaved_rows = 0
                         if max_images and len(progress.rows) >= max_images:
