@@ -709,7 +709,10 @@ def run(cfg: dict, raw_dir: Path | str = RAW_DIR, *, retries: int = 5, backoff_s
 
         def show_progress(at_end: bool = False) -> None:
             if not by_images:
-                passed = meter.total if at_end and meter.total else meter.position() if meter.files else meter.bytes_read
+                if not meter.files:  # sizes unknown (a plain folder, or the Hub did not say): bytes read
+                    passed = meter.bytes_read
+                else:
+                    passed = meter.total if at_end else meter.position()
                 bar.update(passed - bar.n)
             bar.set_postfix_str(f"kept {len(progress.rows)}, scanned {rows_scanned}, "
                                 f"read {format_bytes(meter.bytes_read)}", refresh=False)
