@@ -180,3 +180,19 @@ def test_full_size_configs_have_flux_dev_parameter_counts():
                       "t5": 4_762_310_656}
     assert all(p.dtype == torch.bfloat16 and not p.requires_grad
                for name in counts for p in getattr(models, name).parameters())
+
+
+def test_download_benchmark_measures_less_read_with_pushdown_on_the_grouped_mirror(tmp_path):
+    out = tmp_path / "results.md"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks/bench_download.py"), "--rows", "100",
+                             "--shards", "2", "--rows-per-group", "10", "--repeats", "1", "--out", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in out.read_text().splitlines()
+            if re.match(r"\| (by_style|shuffled) ", line)]
+    assert [(row[0], row[1]) for row in rows] == [("by_style", "no"), ("by_style", "yes"),
+                                                  ("shuffled", "no"), ("shuffled", "yes")]
+    share = {(row[0], row[1]): int(row[4].rstrip("%")) for row in rows}
+    assert share[("by_style", "yes")] < 40 and share[("by_style", "no")] == 100
+    for row in rows:
+        assert float(row[3].split()[0]) > 0 and row[6].endswith("/ 16")  # 16% of 100 kept every time

@@ -17,7 +17,9 @@ from PIL import Image
 
 from impressionist import download
 from impressionist.errors import DEMO_HINT, UserError
-from impressionist.synthetic import write_synthetic_wikiart
+from impressionist.source_reads import ReadMeter
+from impressionist.synthetic import write_synthetic_wikiart, write_wikiart_mirror
+from impressionist.wikiart import ARTISTS
 
 # docs/layout.md's columns of data/raw/metadata.parquet, written out (not read from the code).
 LAYOUT_COLUMNS = ["id", "file", "artist", "genre", "style", "width", "height", "sha256", "source", "revision"]
@@ -84,7 +86,9 @@ def test_synthetic_source_writes_the_layout(reference):
                 assert image.size == (row.width, row.height)
                 assert row.file.endswith({"JPEG": ".jpg", "PNG": ".png"}[image.format])
     assert summary.per_artist == table["artist"].value_counts().to_dict()
-    assert summary.skipped.get("other style", 0) > 0
+    # The style filter is pushed down into the Parquet reads: other styles never reach Python.
+    assert summary.read_filter == "[('style', '==', 12)]" and "other style" not in summary.skipped
+    assert summary.rows_scanned == summary.kept + sum(summary.skipped.values()) and summary.bytes_read > 0
 
 
 def test_local_folder_and_file_read_like_the_synthetic_source(tmp_path, reference, mirror):
@@ -104,8 +108,10 @@ def test_hub_source_uses_the_same_streaming_code(tmp_path, monkeypatch, referenc
 
     def fake_hub(path, *args, **kwargs):
         calls.append((path, kwargs))
-        if path == "huggan/wikiart":  # stand in for the Hub with the same rows
-            return real_load_dataset("parquet", data_files=[str(mirror)], split=kwargs["split"], streaming=True)
+        if path == "huggan/wikiart":  # stand in for the Hub with the same rows (and the same read options)
+            read_options = {k: v for k, v in kwargs.items() if k in ("filters", "columns")}
+            return real_load_dataset("parquet", data_files=[str(mirror)], split=kwargs["split"], streaming=True,
+                                     **read_options)
         return real_load_dataset(path, *args, **kwargs)
 
     commit = "0123456789abcdef0123456789abcdef01234567"  # what the Hub resolves the branch to
@@ -115,11 +121,16 @@ def test_hub_source_uses_the_same_streaming_code(tmp_path, monkeypatch, referenc
         return commit
 
     monkeypatch.setattr(download, "check_hub_reachable", fake_check)
+    monkeypatch.setattr(download, "hub_parquet_files", lambda dataset_id, revision: [])
     monkeypatch.setattr(datasets, "load_dataset", fake_hub)
     download.run(config("huggan/wikiart", revision="main"), tmp_path / "raw")
     assert calls[0] == ("checked", "huggan/wikiart", "main")
-    # The stream reads the commit the branch resolved to, and the table records it.
+    # The stream reads the commit the branch resolved to, and the table records it; opened once for
+    # the schema, then with the style pushed down into the Parquet reads as its ClassLabel id.
     assert calls[1] == ("huggan/wikiart", {"split": "train", "streaming": True, "revision": commit})
+    assert calls[2] == ("huggan/wikiart", {"split": "train", "streaming": True, "revision": commit,
+                                           "filters": [("style", "==", 12)],
+                                           "columns": ["image", "artist", "genre", "style"]})
     assert raw_state(tmp_path / "raw") == raw_state(reference[0])
     table = pd.read_parquet(tmp_path / "raw" / "metadata.parquet")
     assert set(table["source"]) == {"huggan/wikiart"} and set(table["revision"]) == {commit}
@@ -439,7 +450,10 @@ def test_image_folder_with_metadata_reads_like_the_parquet_mirror(tmp_path, fold
     assert raw_state(tmp_path / "raw") == raw_state(reference[0])
     table = pd.read_parquet(tmp_path / "raw" / "metadata.parquet")
     assert list(table.columns) == LAYOUT_COLUMNS and set(table["source"]) == {str(folder)}
-    assert summary.per_artist == reference[1].per_artist and summary.skipped == reference[1].skipped
+    assert summary.per_artist == reference[1].per_artist
+    # A folder has no Parquet reader to push the style filter into: Python skips the other styles.
+    assert summary.read_filter is None and summary.skipped.pop("other style") > 0
+    assert summary.skipped == reference[1].skipped
 
 
 def test_image_folder_without_metadata_is_the_requested_style(tmp_path, folder_records):
@@ -616,3 +630,154 @@ def test_edited_folder_metadata_restarts_an_interrupted_download(tmp_path, monke
     assert summary.resumed_from == 0, "rows kept under the old labels are not reused"
     table = pd.read_parquet(raw / "metadata.parquet")
     assert "claude-monet" not in set(table["artist"]) and "monet-renamed" in set(table["artist"])
+
+
+# --- the style filter pushed down into the Parquet reads -----------------------------------------
+
+ORDERED_ROWS = 160
+
+
+@pytest.fixture(scope="module")
+def ordered_mirrors(tmp_path_factory):
+    """Two local mirrors with 16% Impressionism: rows grouped by style, and shuffled (read-only)."""
+    root = tmp_path_factory.mktemp("ordered")
+    return {order: write_wikiart_mirror(root / order, ORDERED_ROWS, order)[0].parent
+            for order in ("by_style", "shuffled")}
+
+
+def mirror_table(folder):
+    return pd.concat([pd.read_parquet(path) for path in sorted(folder.glob("*.parquet"))], ignore_index=True)
+
+
+def test_pushdown_keeps_the_same_rows_on_a_shuffled_mirror(tmp_path, ordered_mirrors):
+    mirror = ordered_mirrors["shuffled"]
+    table = mirror_table(mirror)
+    impressionism = table[table["style"] == 12]
+    two_ids = sorted(impressionism["artist"].value_counts().index[:2].tolist())
+    two_artists = [ARTISTS[i] for i in two_ids]
+    for overrides in ({}, {"artists": two_artists}):
+        runs = {}
+        for pushdown in (True, False):
+            raw = tmp_path / f"{len(overrides)}-{pushdown}"
+            runs[pushdown] = download.run(config(mirror, max_images=0, **overrides), raw, pushdown=pushdown)
+        assert raw_state(tmp_path / f"{len(overrides)}-True") == raw_state(tmp_path / f"{len(overrides)}-False")
+        pushed, unpushed = runs[True], runs[False]
+        assert unpushed.read_filter is None and unpushed.rows_scanned == ORDERED_ROWS
+        assert unpushed.skipped["other style"] > 0
+        # Pushed down, only the wanted rows reach the Python check.
+        assert pushed.rows_scanned == pushed.kept < ORDERED_ROWS and pushed.skipped == {}
+    assert pushed.read_filter == f"[('style', '==', 12), ('artist', 'in', {two_ids})]"
+    assert set(pd.read_parquet(tmp_path / "1-True" / "metadata.parquet")["artist"]) == set(two_artists)
+
+
+def test_pushdown_reads_about_the_wanted_share_of_a_style_grouped_mirror(tmp_path, ordered_mirrors):
+    mirror = ordered_mirrors["by_style"]
+    files_bytes = sum(path.stat().st_size for path in mirror.glob("*.parquet"))
+    table = mirror_table(mirror)
+    wanted_image_bytes = sum(len(cell["bytes"]) for cell in table[table["style"] == 12]["image"])
+    pushed = download.run(config(mirror, max_images=0), tmp_path / "pushed")
+    unpushed = download.run(config(mirror, max_images=0), tmp_path / "unpushed", pushdown=False)
+    assert raw_state(tmp_path / "pushed") == raw_state(tmp_path / "unpushed")
+    # Without pushdown every byte of every shard is read (the footers twice); with it, the row
+    # groups holding Impressionism (16% of the rows, 4 groups of 8 rows: 20%) and the footers.
+    assert unpushed.bytes_read >= files_bytes
+    share = pushed.bytes_read / unpushed.bytes_read
+    print(f"bytes read with pushdown: {pushed.bytes_read} of {unpushed.bytes_read} ({share:.0%}); "
+          f"Impressionism is {pushed.kept / ORDERED_ROWS:.0%} of the rows")
+    assert wanted_image_bytes < pushed.bytes_read < 0.3 * unpushed.bytes_read
+
+
+def test_pushdown_resumes_an_interrupted_download_of_a_style_grouped_mirror(tmp_path, monkeypatch, ordered_mirrors):
+    mirror = ordered_mirrors["by_style"]
+    download.run(config(mirror, max_images=0), tmp_path / "uninterrupted")
+    raw = tmp_path / "raw"
+    with monkeypatch.context() as patch:
+        flaky_open_stream(patch, fail_after=7, error=KeyboardInterrupt())
+        with pytest.raises(KeyboardInterrupt):
+            download.run(config(mirror, max_images=0), raw)
+    kept_before = len((raw / ".partial" / "rows.jsonl").read_text().splitlines())
+    assert kept_before == 7
+    log, _ = flaky_open_stream(monkeypatch, fail_after=None, error=None)
+    summary = download.run(config(mirror, max_images=0), raw)
+    assert summary.resumed_from == kept_before and summary.rows_scanned == summary.kept - kept_before
+    assert raw_state(raw) == raw_state(tmp_path / "uninterrupted")
+    assert len([kind for kind, _ in log if kind == "row"]) == summary.kept - kept_before, "no row read twice"
+
+
+def test_transfer_metrics_are_written(tmp_path, ordered_mirrors):
+    mirror = ordered_mirrors["by_style"]
+    summary = download.run(config(mirror, max_images=10), tmp_path / "raw", metrics_path=tmp_path / "m" / "d.json")
+    metrics = json.loads((tmp_path / "m" / "d.json").read_text())
+    assert metrics == {"images": 10, "resumed_from": 0, "rows_scanned": summary.rows_scanned, "rows_kept": 10,
+                       "bytes_read": summary.bytes_read, "seconds": round(summary.seconds, 3),
+                       "pushdown": True}
+    assert 0 < metrics["bytes_read"] and metrics["rows_scanned"] == 10
+
+
+def test_read_meter_position_follows_the_files_in_order():
+    meter = ReadMeter([("data/a.parquet", 100), ("data/b.parquet", 50)])
+    assert meter.total == 150 and meter.position() == 0
+    meter.opened("hf://datasets/x/y@abc/data/a.parquet")
+    meter.add(30)
+    assert meter.position() == 30
+    meter.opened("hf://datasets/x/y@abc/data/b.parquet")  # a skips the rest of a: the position jumps
+    meter.add(10)
+    assert meter.position() == 110
+    meter.add(80)  # read more than the file (footer read twice): the position stays within it
+    assert meter.position() == 150 and meter.bytes_read == 120 and meter.files_opened == 2
+
+
+def test_hub_parquet_files_lists_the_shards_in_name_order_or_nothing(monkeypatch):
+    from huggingface_hub import HfApi, constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+    class Sibling:
+        def __init__(self, rfilename, size):
+            self.rfilename, self.size = rfilename, size
+
+    class Info:
+        siblings = [Sibling("data/train-00001-of-00002.parquet", 20), Sibling("README.md", 5),
+                    Sibling("data/train-00000-of-00002.parquet", 10)]
+
+    asked = []
+    monkeypatch.setattr(HfApi, "dataset_info", lambda self, repo_id, **kwargs: asked.append(kwargs) or Info())
+    assert download.hub_parquet_files("huggan/wikiart", "abc") == [
+        ("data/train-00000-of-00002.parquet", 10), ("data/train-00001-of-00002.parquet", 20)]
+    assert asked[0]["revision"] == "abc" and asked[0]["files_metadata"] and asked[0]["timeout"]
+
+    def no_network(self, repo_id, **kwargs):
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(HfApi, "dataset_info", no_network)
+    assert download.hub_parquet_files("huggan/wikiart", "abc") == []  # the download runs without an ETA
+
+
+def test_progress_bar_counts_the_source_bytes_passed_and_shows_the_bytes_read(tmp_path, monkeypatch,
+                                                                              ordered_mirrors):
+    from tqdm import tqdm
+
+    bars = []
+
+    class RecordingBar(tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "disable": False, "file": io.StringIO()})
+            bars.append(self)
+            self.seen = []
+
+        def update(self, n=1):
+            super().update(n)
+            self.seen.append(self.n)
+
+    monkeypatch.setattr(download, "tqdm", RecordingBar)
+    mirror = ordered_mirrors["by_style"]
+    summary = download.run(config(mirror, max_images=0), tmp_path / "raw")
+    bar = bars[-1]
+    # Without max_images: bytes of the source passed, out of the mirror's size (an ETA is possible).
+    assert bar.unit == "B" and bar.total == sum(p.stat().st_size for p in mirror.glob("*.parquet"))
+    assert bar.n == bar.total and "read " in bar.postfix and f"kept {summary.kept}" in bar.postfix
+    assert any(0 < n < bar.total for n in bar.seen) and bar.seen == sorted(bar.seen), "it moves forward as it reads"
+    bars.clear()
+    download.run(config(mirror, max_images=5), tmp_path / "raw5")
+    assert bars[-1].unit == "img" and bars[-1].total == 5 and bars[-1].n == 5

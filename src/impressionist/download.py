@@ -2,8 +2,9 @@
 
 Sources (``download.source``):
 
-- a Hub dataset id (``huggan/wikiart``): streamed, so only the rows read are fetched, never the
-  whole 37 GB;
+- a Hub dataset id (``huggan/wikiart``): streamed shard by shard, nothing stored but the kept
+  images; with the style filter pushed down, row groups that hold no wanted row are not fetched
+  (how much of the 37 GB that spares depends on how the shards are ordered);
 - a local parquet file, or a folder of parquet files, with the same schema (a mirror);
 - ``synthetic``: a SYNTHETIC parquet (see :mod:`impressionist.synthetic`) written to a temporary
   folder and then read through the very same parquet code path as a local mirror;
@@ -19,6 +20,12 @@ Sources (``download.source``):
 
 Every source is then read by the same code: a streaming `datasets.IterableDataset` with the
 columns image, artist, genre and style, filtered by ``download.style`` and ``download.artists``.
+For the Hub and parquet sources that filter is also pushed down into the Parquet reads (the
+builder's ``filters=`` on the ClassLabel ids, and ``columns=`` the four columns), so row groups
+whose statistics rule the style out are never fetched; the check in Python stays as the safety net
+and decides what is kept, so the kept rows are the same either way. The bytes read from the source
+(counted as they are read, see :mod:`impressionist.source_reads`), the rows scanned and kept and the
+time taken go to the summary line and to ``metrics/download.json``.
 
 Writes ``data/raw/images/<id>.<ext>`` (the original bytes, never re-encoded) and
 ``data/raw/metadata.parquet`` (see docs/layout.md). ``id`` is the first 16 hex digits of the
@@ -62,6 +69,7 @@ from .errors import DEMO_HINT, UserError, atomic_write_bytes, atomic_write_text,
 from .hub import hub_offline
 from .layout import RAW_DIR
 from .params import fingerprint, load_params, require, require_int, require_positive, section
+from .source_reads import ReadMeter, local_file_sizes, metering_parquet_reads
 from .tables import METADATA_FILE, RAW_COLUMNS
 from .wikiart import HUB_DATASET, UNKNOWN_ARTIST, UNKNOWN_GENRE
 
@@ -69,6 +77,8 @@ SYNTHETIC = "synthetic"
 PARTIAL_DIR = ".partial"
 REQUIRED_COLUMNS = ("image", "artist", "genre", "style")  # of the source (huggan/wikiart's schema)
 DEFAULT_REVISION = "main"
+METRICS_PATH = Path("metrics/download.json")
+PUSHDOWN_KINDS = ("hub", "parquet")  # sources read by datasets' Parquet builder, which takes filters=
 
 # A plain folder of images (the "imagefolder" source).
 FOLDER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
@@ -147,6 +157,9 @@ class Source:
     data_files: list[str] = field(default_factory=list)
     folder: FolderIndex | None = None  # only for "imagefolder"
     revision: str = ""              # only for "hub": the dataset commit read (metadata's `revision`)
+    # column -> the class names the stage keeps; pushed down into the Parquet reads of the Hub and
+    # parquet sources (empty: read every row and let the Python check do all the filtering)
+    wanted: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -155,6 +168,10 @@ class DownloadSummary:
     per_artist: dict[str, int]
     skipped: dict[str, int]
     resumed_from: int               # rows already kept by an interrupted earlier run
+    rows_scanned: int = 0           # rows this run's Python check saw (after any pushed-down filter)
+    bytes_read: int = 0             # bytes this run read from the source
+    seconds: float = 0.0            # this run's time reading the source and writing data/raw
+    read_filter: str | None = None  # the filter pushed down into the Parquet reads, if any
 
 
 def find_folder_images(root: Path) -> list[Path]:
@@ -324,14 +341,50 @@ def check_hub_reachable(dataset_id: str, revision: str = DEFAULT_REVISION) -> st
     return getattr(info, "sha", None)
 
 
-def open_stream(source: Source):
-    """A streaming `datasets.IterableDataset` of the source, with images left as undecoded bytes."""
+def hub_parquet_files(dataset_id: str, revision: str) -> list[tuple[str, int]]:
+    """The Hub dataset's parquet files and their sizes, in name order, for the progress bar's ETA.
+
+    Empty when the Hub does not say: the download then runs without an ETA.
+    """
+    from huggingface_hub import HfApi
+
+    if hub_offline():
+        return []
+    try:
+        info = HfApi().dataset_info(dataset_id, revision=revision, files_metadata=True, timeout=HUB_CHECK_TIMEOUT_S)
+    except Exception:  # the reachability check already passed; sizes are a nicety
+        return []
+    return sorted((sibling.rfilename, sibling.size) for sibling in (getattr(info, "siblings", None) or [])
+                  if sibling.rfilename.endswith(".parquet") and sibling.size)
+
+
+def pushdown_filter(features, wanted: dict[str, list[str]]) -> list[tuple] | None:
+    """The Parquet builder's ``filters=`` for the wanted class names, on their ClassLabel ids.
+
+    Only ClassLabel columns are pushed down (a mirror with plain-text labels is filtered in Python
+    alone), and only names the labels know: unknown names are reported by validate_names.
+    """
+    from datasets import ClassLabel
+
+    conditions = []
+    for column, names in wanted.items():
+        feature = features[column] if features is not None and column in features else None
+        if not names or not isinstance(feature, ClassLabel):
+            continue
+        ids = sorted({feature.str2int(name) for name in names if name in feature.names})
+        if ids:
+            conditions.append((column, "==", ids[0]) if len(ids) == 1 else (column, "in", ids))
+    return conditions or None
+
+
+def _load(source: Source, **read_options):
+    """``datasets.load_dataset`` of the source, streaming; ``read_options`` go to the Parquet builder."""
     import datasets
 
     try:
         if source.kind == "hub":
             stream = datasets.load_dataset(source.name, split="train", streaming=True,
-                                           revision=source.revision or DEFAULT_REVISION)
+                                           revision=source.revision or DEFAULT_REVISION, **read_options)
         elif source.kind == "imagefolder":
             # The images only: the folder's metadata was read by resolve_source, and labels added
             # below, because ImageFolder would drop the images its metadata file does not list.
@@ -340,11 +393,23 @@ def open_stream(source: Source):
             stream = datasets.load_dataset("imagefolder", data_files=[glob.escape(f) for f in source.data_files],
                                            split="train", streaming=True, drop_labels=True, drop_metadata=True)
         else:
-            stream = datasets.load_dataset("parquet", data_files=source.data_files, split="train", streaming=True)
+            stream = datasets.load_dataset("parquet", data_files=source.data_files, split="train", streaming=True,
+                                           **read_options)
     except TRANSIENT_ERRORS:
         raise
     except Exception as err:
         raise UserError(f"cannot read download.source {source.name}: {first_line(err, 200)}") from err
+    return stream
+
+
+def open_stream(source: Source):
+    """A streaming `datasets.IterableDataset` of the source, with images left as undecoded bytes.
+
+    For the Hub and parquet sources, ``source.wanted`` is pushed down into the Parquet reads.
+    """
+    import datasets
+
+    stream = _load(source)
     if source.folder is not None:
         label = datasets.Value("string")
         stream = stream.cast_column("image", datasets.Image(decode=False)).map(
@@ -356,6 +421,11 @@ def open_stream(source: Source):
     if missing:
         raise UserError(f"download.source {source.name} lacks column(s) {', '.join(missing)}; it must have the "
                         f"huggan/wikiart schema (image, artist, genre, style)")
+    read_filter = pushdown_filter(features, source.wanted) if source.kind in PUSHDOWN_KINDS else None
+    if read_filter:
+        # Reopen with the filter and the columns handed to the Parquet reader: row groups whose
+        # statistics rule the wanted ids out are skipped unread. Opening only read the schema.
+        stream = _load(source, filters=read_filter, columns=list(REQUIRED_COLUMNS))
     # Keep the original bytes: no decode here (filter decodes once), no re-encoding, exact sha256.
     return stream.cast_column("image", datasets.Image(decode=False))
 
@@ -491,12 +561,19 @@ def _writing_to(raw_dir: Path):
                         f"permissions, then rerun the stage: it resumes with the images kept so far") from err
 
 
-def run(cfg: dict, raw_dir: Path | str = RAW_DIR, *, retries: int = 5, backoff_s: float = 2.0) -> DownloadSummary:
+def format_bytes(count: int) -> str:
+    return tqdm.format_sizeof(count, "B", 1000)
+
+
+def run(cfg: dict, raw_dir: Path | str = RAW_DIR, *, retries: int = 5, backoff_s: float = 2.0,
+        pushdown: bool = True, metrics_path: Path | str | None = None) -> DownloadSummary:
     """Download the rows selected by the ``download`` params section into ``raw_dir``.
 
     Transient errors while reading the source restart the stream from the last saved position, up
     to ``retries`` times in a row with exponential backoff (``backoff_s``, doubled each time); then
-    one UserError. Errors writing ``raw_dir`` are not retried.
+    one UserError. Errors writing ``raw_dir`` are not retried. ``pushdown=False`` reads every row
+    of a Hub or parquet source and filters in Python only (the benchmark's baseline). With
+    ``metrics_path`` the transfer statistics are written there as JSON.
     """
     config = _read_config(cfg)
     raw_dir = Path(raw_dir)
@@ -513,6 +590,12 @@ def run(cfg: dict, raw_dir: Path | str = RAW_DIR, *, retries: int = 5, backoff_s
             rows = 2 * config["max_images"] if config["max_images"] else SYNTHETIC_DEFAULT_ROWS
             write_synthetic_wikiart(tmp / "synthetic-wikiart.parquet", n_images=rows, seed=config["seed"])
             source = Source("parquet", SYNTHETIC, [str(tmp / "synthetic-wikiart.parquet")])
+        if pushdown:
+            source.wanted = {"style": [config["style"]], "artist": config["artists"]}
+        if source.kind == "hub":
+            meter = ReadMeter(hub_parquet_files(source.name, source.revision))
+        else:
+            meter = ReadMeter(local_file_sizes(source.data_files) if source.kind == "parquet" else [])
 
         def fresh_stream():
             try:
@@ -523,6 +606,9 @@ def run(cfg: dict, raw_dir: Path | str = RAW_DIR, *, retries: int = 5, backoff_s
 
         # Open once before touching data/raw: a bad source or bad names must leave nothing behind.
         stream = fresh_stream()
+        # From here every read of a parquet shard is counted (the open above installed the
+        # streaming `open` that the meter wraps).
+        cleanup.enter_context(metering_parquet_reads(meter))
         style_name, style_names = label_decoder(stream.features, "style")
         artist_name, artist_names = label_decoder(stream.features, "artist")
         genre_name, _ = label_decoder(stream.features, "genre")
@@ -542,6 +628,10 @@ def run(cfg: dict, raw_dir: Path | str = RAW_DIR, *, retries: int = 5, backoff_s
                      and (k != "revision" or source.kind == "hub")}
         if source.kind == "hub":
             key_parts["commit"] = source.revision
+        # A saved stream position counts the rows the reader yields, so it only fits the same filter.
+        read_filter = pushdown_filter(stream.features, source.wanted) if source.kind in PUSHDOWN_KINDS else None
+        if read_filter:
+            key_parts["read_filter"] = repr(read_filter)
         if folder is not None and folder.metadata_file is not None:  # edited labels: start afresh
             key_parts["folder_metadata"] = hashlib.sha256(folder.metadata_file.read_bytes()).hexdigest()
         progress = Progress(raw_dir, fingerprint(key_parts))
@@ -574,6 +664,8 @@ def run(cfg: dict, raw_dir: Path | str = RAW_DIR, *, retries: int = 5, backoff_s
             """The image's bytes and its sidecar caption's, if any: reads of the source."""
             data = image_bytes(example["image"])
             caption = folder.caption(example["image"]["path"]) if folder is not None and data else None
+            if folder is not None:  # the stage reads a plain folder's files itself (not the Parquet reader)
+                meter.add(len(data) + len(caption or b""))
             return data, caption
 
         def keep(example: dict, data: bytes, caption: bytes | None) -> bool:
@@ -604,8 +696,28 @@ def run(cfg: dict, raw_dir: Path | str = RAW_DIR, *, retries: int = 5, backoff_s
 
         failures = 0
         exhausted = False
-        with tqdm(total=max_images or None, initial=len(progress.rows), unit="img", desc="download",
-                  disable=None) as bar, _writing_to(raw_dir):
+        rows_scanned = 0
+        started = time.perf_counter()
+        # With max_images the bar counts images towards it; otherwise the bytes of the source passed
+        # (the files before the one being read plus what was read of it), so its ETA holds with or
+        # without row groups skipped. Either way it shows the bytes actually read.
+        by_images = bool(max_images)
+        bar = cleanup.enter_context(tqdm(
+            total=max_images if by_images else meter.total, initial=len(progress.rows) if by_images else 0,
+            unit="img" if by_images else "B", unit_scale=not by_images, unit_divisor=1000, desc="download",
+            disable=None))
+
+        def show_progress(at_end: bool = False) -> None:
+            if not by_images:
+                if not meter.files:  # sizes unknown (a plain folder, or the Hub did not say): bytes read
+                    passed = meter.bytes_read
+                else:
+                    passed = meter.total if at_end else meter.position()
+                bar.update(passed - bar.n)
+            bar.set_postfix_str(f"kept {len(progress.rows)}, scanned {rows_scanned}, "
+                                f"read {format_bytes(meter.bytes_read)}", refresh=False)
+
+        with _writing_to(raw_dir):
             while not exhausted and not (max_images and len(progress.rows) >= max_images):
                 if progress.stream_state is not None:
                     stream.load_state_dict(progress.stream_state)
@@ -635,9 +747,12 @@ def run(cfg: dict, raw_dir: Path | str = RAW_DIR, *, retries: int = 5, backoff_s
                         if example is None:
                             progress.save_state(stream.state_dict())
                             exhausted = True
+                            show_progress(at_end=True)
                             break
+                        rows_scanned += 1
                         if reason:
                             skipped[reason] += 1
+                            show_progress()
                             unsaved_rows += 1
                             # Save the position now and then, so that a retry does not reread long
                             # stretches of other styles.
@@ -646,8 +761,10 @@ def run(cfg: dict, raw_dir: Path | str = RAW_DIR, *, retries: int = 5, backoff_s
                                 unsaved_rows = 0
                             continue
                         if keep(example, data, caption):
-                            bar.update(1)
+                            if by_images:
+                                bar.update(1)
                             failures = 0  # progress: the retry budget is for errors in a row
+                        show_progress()
                         progress.save_state(stream.state_dict())
                         unsaved_rows = 0
                         if max_images and len(progress.rows) >= max_images:
@@ -679,13 +796,33 @@ def run(cfg: dict, raw_dir: Path | str = RAW_DIR, *, retries: int = 5, backoff_s
     progress.remove()
 
     per_artist = dict(Counter(table["artist"]).most_common())
-    summary = DownloadSummary(len(table), per_artist, dict(skipped), resumed_from)
+    summary = DownloadSummary(len(table), per_artist, dict(skipped), resumed_from, rows_scanned=rows_scanned,
+                              bytes_read=meter.bytes_read, seconds=time.perf_counter() - started,
+                              read_filter=repr(read_filter) if read_filter else None)
     artists_text = ", ".join(f"{name} {count}" for name, count in per_artist.items())
     skipped_text = ", ".join(f"{count} {why}" for why, count in sorted(skipped.items())) or "none"
     at = f" at {source.revision[:12]}" if source.revision else ""
+    pushed = f", filter {summary.read_filter} pushed down to the Parquet reads" if read_filter else ""
     print(f"download: kept {len(table)} images of {config['style']} from {config['source']}{at} "
-          f"({artists_text}); skipped {skipped_text}")
+          f"({artists_text}); skipped {skipped_text}; scanned {rows_scanned} rows and read "
+          f"{format_bytes(summary.bytes_read)} from the source in {summary.seconds:.1f} s{pushed}")
+    if metrics_path is not None:
+        write_metrics(summary, Path(metrics_path))
     return summary
+
+
+def write_metrics(summary: DownloadSummary, path: Path) -> None:
+    """What the download transferred, as ``metrics/download.json`` (this run's reads only)."""
+    metrics = {
+        "images": summary.kept,
+        "resumed_from": summary.resumed_from,
+        "rows_scanned": summary.rows_scanned,
+        "rows_kept": summary.kept - summary.resumed_from,
+        "bytes_read": summary.bytes_read,
+        "seconds": round(summary.seconds, 3),
+        "pushdown": summary.read_filter is not None,  # the filter itself is in the summary line
+    }
+    atomic_write_text(path, json.dumps(metrics, indent=2) + "\n")
 
 
 @stage_main
@@ -693,7 +830,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Download WikiArt images of one style into data/raw.")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
-    run(section(load_params(args.params), "download"), RAW_DIR)
+    run(section(load_params(args.params), "download"), RAW_DIR, metrics_path=METRICS_PATH)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ but valid encodings (CMYK JPEG, RGBA PNG) that the filter must convert rather th
 from __future__ import annotations
 
 import colorsys
+import contextlib
 import io
 import zlib
 from pathlib import Path
@@ -265,11 +266,67 @@ def write_synthetic_wikiart(path: Path | str, n_images: int, seed: int, broken: 
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    bars_were_disabled = datasets.are_progress_bars_disabled()
-    datasets.disable_progress_bars()  # a progress bar for a one-batch write is noise in stage logs
-    try:
+    with _quiet_datasets():  # a progress bar for a one-batch write is noise in stage logs
         datasets.Dataset.from_dict(table, features=features).to_parquet(str(path))
+    return path
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """`datasets` without its progress bars, restored afterwards."""
+    import datasets
+
+    bars_were_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
     finally:
         if not bars_were_disabled:
             datasets.enable_progress_bars()
-    return path
+
+
+MIRROR_ORDERS = ("by_style", "shuffled")
+
+
+def write_wikiart_mirror(folder: Path | str, n_rows: int, order: str, *, wanted_style: str = "Impressionism",
+                         wanted_share: float = 0.16, shards: int = 2, rows_per_group: int = 8,
+                         image_side: int = 128, seed: int = 0) -> list[Path]:
+    """A SYNTHETIC local parquet mirror in the `huggan/wikiart` schema, for measuring reads.
+
+    ``wanted_share`` of the rows are in ``wanted_style`` (Impressionism is about 16% of WikiArt),
+    the others spread over the remaining 26 styles. ``order`` "by_style" sorts the rows by style id,
+    as WikiArt's style folders would lay them out; "shuffled" mixes them. The rows are split into
+    ``shards`` files of row groups of ``rows_per_group`` rows (pyarrow writes each group's min/max
+    statistics, which a pushed-down filter uses). The images are distinct JPEGs of random noise
+    (``image_side`` px; only their bytes matter here, and the download never decodes them).
+    Returns the shard paths, in name order.
+    """
+    import datasets
+
+    if order not in MIRROR_ORDERS:
+        raise ValueError(f"order must be one of {MIRROR_ORDERS}")
+    rng = np.random.default_rng(seed)
+    features = wikiart_features()
+    wanted = STYLES.index(wanted_style)
+    others = [index for index in range(len(STYLES)) if index != wanted]
+    n_wanted = round(n_rows * wanted_share)
+    styles = [wanted] * n_wanted + [others[i % len(others)] for i in range(n_rows - n_wanted)]
+    styles = sorted(styles) if order == "by_style" else [styles[i] for i in rng.permutation(n_rows)]
+    images = []
+    for _ in range(n_rows):
+        noise = rng.integers(0, 256, (image_side, image_side, 3), dtype=np.uint8)
+        images.append({"bytes": _encode(Image.fromarray(noise), "JPEG", quality=85), "path": None})
+    table = datasets.Dataset.from_dict({
+        "image": images,
+        "artist": rng.integers(0, len(ARTISTS), n_rows).tolist(),
+        "genre": rng.integers(0, len(GENRES), n_rows).tolist(),
+        "style": styles,
+    }, features=features)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"train-{i:05d}-of-{shards:05d}.parquet" for i in range(shards)]
+    with _quiet_datasets():
+        for index, path in enumerate(paths):
+            # to_parquet writes one row group per batch of batch_size rows
+            table.shard(shards, index, contiguous=True).to_parquet(str(path), batch_size=rows_per_group)
+    return paths
