@@ -32,6 +32,18 @@ def isolated_cache(tmp_path_factory):
         os.environ["IMPRESSIONIST_CACHE"] = old
 
 
+@pytest.fixture(scope="session", autouse=True)
+def outside_the_checkout(tmp_path_factory):
+    """Tests run in an empty folder, never in the checkout. The stages' default paths (data/...,
+    models/..., samples/..., plots/...) are relative, so a test that leans on a default would
+    otherwise read what an earlier `impressionist demo` left in the checkout (and pass there, but
+    fail on a fresh clone) or write into it. Here it fails the same way everywhere. Files of the
+    repository itself are reached through REPO."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path_factory.mktemp("cwd"))
+        yield
+
+
 def committed_params_text() -> str:
     """params.yaml as committed. The workspace copy may hold a DVC experiment's overrides (the
     demo is one: `dvc exp run -S` leaves its values in the workspace), which tests must not see."""
