@@ -73,6 +73,32 @@ def tiny_flux_dir(isolated_cache):
     return resolve_pretrained(BUILTIN_TINY_FLUX)
 
 
+def record_figures(monkeypatch, *modules) -> dict:
+    """Watch ``impressionist.plotting.save_figure`` (and its by-name imports in ``modules``): the
+    figure each call writes, by file name. A test checks the data plotted on it, and with
+    :func:`assert_png_shows` that the file on disk is that figure."""
+    from impressionist import plotting
+
+    figures, real = {}, plotting.save_figure
+
+    def save_figure(fig, path):
+        figures[Path(path).name] = fig
+        return real(fig, path)
+
+    for module in (plotting, *modules):
+        monkeypatch.setattr(module, "save_figure", save_figure)
+    return figures
+
+
+def assert_png_shows(path: Path, fig) -> None:
+    """``path`` is ``fig`` rendered: a PNG of the figure's pixel size that is not blank."""
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        assert image.size == tuple(round(x * fig.dpi) for x in fig.get_size_inches())
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert len(colours) > 20, f"{path.name} is nearly blank"
+
+
 def write_filtered_dataset(root: Path, n_images: int = 12, seed: int = 0) -> tuple[Path, Path]:
     """A data/filtered + data/captions pair in the layout of docs/layout.md (random pixels)."""
     filtered, captions = root / "filtered", root / "captions"

@@ -337,7 +337,10 @@ def test_clip_score_clamps_negative_cosine_to_zero():
 
 
 def test_run_writes_stable_metrics_and_plots(tmp_path, monkeypatch):
+    from conftest import assert_png_shows, record_figures
+
     root = make_project(tmp_path / "p")
+    figures = record_figures(monkeypatch)
     metrics = run_in(root)
     written = json.loads((root / "metrics" / "eval.json").read_text())
     assert written == metrics
@@ -367,9 +370,25 @@ def test_run_writes_stable_metrics_and_plots(tmp_path, monkeypatch):
         assert 0.0 <= written[section]["clip_score"] <= 100.0
         assert 0.0 < written[section]["style_score"] < 1.0
 
+    # the plots show these numbers: one panel per metric (kid_std is kid_mean's error bar)
+    shown = [name for name in evaluate.METRICS if name != "kid_std"]
+    bars = figures["eval_base_vs_lora.png"]
+    assert [ax.get_title() for ax in bars.axes] == shown
+    for ax, name in zip(bars.axes, shown):
+        heights = [bar.get_height() for bar in ax.containers[-1]]
+        assert heights == pytest.approx([written["base"][name], written["lora"][name]])
+    kid_errors = bars.axes[shown.index("kid_mean")].containers[0].lines[2][0].get_segments()
+    assert [s[1][1] - s[0][1] for s in kid_errors] == pytest.approx(
+        [2 * written["base"]["kid_std"], 2 * written["lora"]["kid_std"]])
+    lines = figures["eval_vs_scale.png"]
+    assert [ax.get_title() for ax in lines.axes] == shown
+    for ax, name in zip(lines.axes, shown):
+        (line,) = ax.get_lines()
+        assert list(line.get_xdata()) == [0.0, 0.5, 1.0]
+        assert list(line.get_ydata()) == pytest.approx(
+            [written[key][name] for key in ("base", "lora_scale_0.5", "lora_scale_1.0")])
     for plot in ("eval_base_vs_lora.png", "eval_vs_scale.png"):
-        with Image.open(root / "plots" / plot) as image:
-            assert image.format == "PNG" and image.width > 200
+        assert_png_shows(root / "plots" / plot, figures[plot])
 
     # deterministic: the CLI on the same inputs writes the very same numbers
     monkeypatch.chdir(root)
