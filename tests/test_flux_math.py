@@ -111,7 +111,7 @@ def flux_mu(image_seq_len: int) -> float:
 # (sampling, image_seq_len, the CDF its docstring states)
 DISTRIBUTIONS = {
     "logit_normal": (TimestepSampling("logit_normal"), 1024, logit_normal_cdf(0.0, 1.0)),
-    "logit_normal(-0.5, 1.5)": (TimestepSampling("logit_normal", logit_mean=-0.5, logit_std=1.5), 1024,
+    "logit_normal(-0.5,1.5)": (TimestepSampling("logit_normal", logit_mean=-0.5, logit_std=1.5), 1024,
                                 logit_normal_cdf(-0.5, 1.5)),
     "mode": (TimestepSampling("mode"), 1024, mode_cdf(1.29)),
     "mode(0.5)": (TimestepSampling("mode", mode_scale=0.5), 1024, mode_cdf(0.5)),
@@ -120,7 +120,7 @@ DISTRIBUTIONS = {
     "flux_shift@256": (TimestepSampling("flux_shift"), 256, logit_normal_cdf(flux_mu(256), 1.0)),
     "flux_shift@1024": (TimestepSampling("flux_shift"), 1024, logit_normal_cdf(flux_mu(1024), 1.0)),
     "flux_shift@4096": (TimestepSampling("flux_shift"), 4096, logit_normal_cdf(flux_mu(4096), 1.0)),
-    "flux_shift(0.3, 0.7)@4096": (TimestepSampling("flux_shift", logit_mean=0.3, logit_std=0.7), 4096,
+    "flux_shift(0.3,0.7)@4096": (TimestepSampling("flux_shift", logit_mean=0.3, logit_std=0.7), 4096,
                                   logit_normal_cdf(0.3 + flux_mu(4096), 0.7)),
 }
 
@@ -194,7 +194,7 @@ def eval_transformer(tiny_flux_dir):
     ("none", lambda s: 1.0),
     ("sigma_sqrt", lambda s: s ** -2.0),  # diffusers' name for 1 / sigma^2
     ("cosmap", lambda s: 2 / (math.pi * (1 - 2 * s + 2 * s ** 2))),
-])
+], ids=["none", "sigma_sqrt", "cosmap"])
 def test_loss_weighting_equals_its_formula(eval_transformer, weighting, formula):
     """Each sample's squared error (the hand-written reference, one sample at a time) times the
     scheme's weight at its sigma, averaged over the batch. Moderate sigmas: the formulas' values."""

@@ -127,7 +127,7 @@ def run_tests(copy: Path, tests: tuple[str, ...], timeout: float) -> tuple[bool,
     seconds = time.perf_counter() - started
     if result.returncode == 0:
         return True, "", seconds
-    failed = re.findall(r"^FAILED (\S+)", result.stdout, flags=re.MULTILINE)
+    failed = re.findall(r"^FAILED (.+?)(?: - .*)?$", result.stdout, flags=re.MULTILINE)
     if failed:
         return False, failed[0], seconds
     tail = (result.stdout + result.stderr).strip().splitlines()[-1:] or ["?"]
