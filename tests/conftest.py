@@ -32,6 +32,18 @@ def isolated_cache(tmp_path_factory):
         os.environ["IMPRESSIONIST_CACHE"] = old
 
 
+@pytest.fixture(scope="session", autouse=True)
+def outside_the_checkout(tmp_path_factory):
+    """Tests run in an empty folder, never in the checkout. The stages' default paths (data/...,
+    models/..., samples/..., plots/...) are relative, so a test that leans on a default would
+    otherwise read what an earlier `impressionist demo` left in the checkout (and pass there, but
+    fail on a fresh clone) or write into it. Here it fails the same way everywhere. Files of the
+    repository itself are reached through REPO."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path_factory.mktemp("cwd"))
+        yield
+
+
 def committed_params_text() -> str:
     """params.yaml as committed. The workspace copy may hold a DVC experiment's overrides (the
     demo is one: `dvc exp run -S` leaves its values in the workspace), which tests must not see."""
@@ -62,6 +74,32 @@ def tiny_flux_dir(isolated_cache):
     from impressionist.models import BUILTIN_TINY_FLUX, resolve_pretrained
 
     return resolve_pretrained(BUILTIN_TINY_FLUX)
+
+
+def record_figures(monkeypatch, *modules) -> dict:
+    """Watch ``impressionist.plotting.save_figure`` (and its by-name imports in ``modules``): the
+    figure each call writes, by file name. A test checks the data plotted on it, and with
+    :func:`assert_png_shows` that the file on disk is that figure."""
+    from impressionist import plotting
+
+    figures, real = {}, plotting.save_figure
+
+    def save_figure(fig, path):
+        figures[Path(path).name] = fig
+        return real(fig, path)
+
+    for module in (plotting, *modules):
+        monkeypatch.setattr(module, "save_figure", save_figure)
+    return figures
+
+
+def assert_png_shows(path: Path, fig) -> None:
+    """``path`` is ``fig`` rendered: a PNG of the figure's pixel size that is not blank."""
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        assert image.size == tuple(round(x * fig.dpi) for x in fig.get_size_inches())
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert len(colours) > 20, f"{path.name} is nearly blank"
 
 
 def write_filtered_dataset(root: Path, n_images: int = 12, seed: int = 0) -> tuple[Path, Path]:

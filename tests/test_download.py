@@ -527,7 +527,10 @@ def test_image_folder_artists_are_validated_against_its_metadata(tmp_path, folde
     download.run(config(folder, artists=impressionists[:1], max_images=0), tmp_path / "raw")
     table = pd.read_parquet(tmp_path / "raw" / "metadata.parquet")
     expected = [r for r in records if r["artist"] == impressionists[0] and r["style"] == "Impressionism"]
-    assert set(table["artist"]) == {impressionists[0]} and 0 < len(table) <= len(expected)
+    # every image of that artist, once: ids are the first 16 hex digits of the bytes' sha256
+    expected_ids = {hashlib.sha256((folder / r["file_name"]).read_bytes()).hexdigest()[:16] for r in expected}
+    assert len(expected_ids) >= 2 and sorted(table["id"]) == sorted(expected_ids)
+    assert set(table["artist"]) == {impressionists[0]}
 
 
 def test_sidecar_captions_follow_the_renamed_images(tmp_path, folder_records):

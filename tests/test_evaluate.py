@@ -250,7 +250,10 @@ def test_fid_equals_torchmetrics_running_the_network_itself():
 
 
 def test_run_writes_flat_metrics_with_cis_table_and_plots(tmp_path, monkeypatch):
+    from conftest import assert_png_shows, record_figures
+
     root = make_project(tmp_path / "p")
+    figures = record_figures(monkeypatch)
     metrics = run_in(root)
     written = json.loads((root / "metrics" / "eval.json").read_text())
     assert written == metrics
@@ -296,10 +299,26 @@ def test_run_writes_flat_metrics_with_cis_table_and_plots(tmp_path, monkeypatch)
     kid_rows = data[data["metric"] == "kid"].set_index("lora_scale")
     assert kid_rows.loc[1.0, "value"] == pytest.approx(written["lora"]["kid"])
     assert kid_rows.loc[0.5, "ci_high"] == pytest.approx(written["lora_scale_0.5"]["kid_ci_high"])
+    # the pictures show these numbers: one panel per metric, value and CI at each scale (0 = base)
+    names = ["clip_score", "style_score", "kid", "cmmd"]
+    sections = ("base", "lora_scale_0.5", "lora")
+    lines = figures["eval_vs_scale.png"]
+    assert [ax.get_title() for ax in lines.axes] == names
+    for ax, name in zip(lines.axes, names):
+        (line,) = ax.get_lines()
+        assert list(line.get_xdata()) == [0.0, 0.5, 1.0]
+        assert list(line.get_ydata()) == pytest.approx([written[k][name] for k in sections])
+        bars = ax.containers[0].lines[2][0].get_segments()  # the error bars: from ci_low to ci_high
+        assert [(seg[0][1], seg[1][1]) for seg in bars] == pytest.approx(
+            [(written[k][f"{name}_ci_low"], written[k][f"{name}_ci_high"]) for k in sections])
+    deltas = figures["eval_delta.png"]
+    assert [ax.get_title() for ax in deltas.axes] == [f"Δ {name}" for name in names]
+    for ax, name in zip(deltas.axes, names):
+        (segment,) = ax.containers[0].lines[2][0].get_segments()
+        assert (segment[0][1], segment[1][1]) == pytest.approx(
+            (written["delta"][f"{name}_ci_low"], written["delta"][f"{name}_ci_high"]))
     for plot in ("eval_vs_scale.png", "eval_delta.png"):
-        with Image.open(root / "plots" / plot) as image:
-            assert image.format == "PNG" and image.width >= 500 and image.height >= 250
-            assert len(np.unique(np.asarray(image.convert("L")))) > 20  # drawn, not blank
+        assert_png_shows(root / "plots" / plot, figures[plot])
 
     # deterministic: the CLI on the same inputs writes the very same numbers
     monkeypatch.chdir(root)

@@ -204,10 +204,29 @@ def test_split_is_stable_when_images_are_added(tmp_path):
     assert set(large) == {"train", "val"}
 
 
-def test_artists_plot_is_written(filtered):
+def test_artists_plot_shows_the_kept_images_per_artist_and_split(filtered):
+    from conftest import assert_png_shows
+
     out, _ = filtered
-    with Image.open(out / "plots" / "data_artists.png") as plot:
-        assert plot.format == "PNG" and plot.width > 300
+    kept = pd.read_parquet(out / "filtered" / "metadata.parquet")
+    fig = filter_stage.plot_artists(kept)
+    fig.canvas.draw()  # categorical tick labels are set when drawn
+    ax = fig.axes[0]
+    train_bars, val_bars = ax.containers
+    artists = [label.get_text() for label in ax.get_yticklabels()]
+    counts = kept.groupby(["artist", "split"]).size()
+    assert sorted(artists) == sorted(set(kept["artist"])) and len(artists) >= 2
+    for artist, train, val in zip(artists, train_bars, val_bars, strict=True):
+        assert train.get_width() == counts.get((artist, "train"), 0)
+        assert val.get_width() == counts.get((artist, "val"), 0) and val.get_x() == train.get_width()
+    totals = [t.get_width() + v.get_width() for t, v in zip(train_bars, val_bars)]
+    assert totals == sorted(totals) and sum(totals) == len(kept)  # largest at the top
+    assert f"({len(kept)} total" in ax.get_title()
+    # the stage's PNG is this figure, rendered
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    assert (out / "plots" / "data_artists.png").read_bytes() == buffer.getvalue()
+    assert_png_shows(out / "plots" / "data_artists.png", fig)
 
 
 def test_nothing_left_after_filtering_is_an_error_without_outputs(planted, tmp_path):

@@ -1,9 +1,12 @@
 """Sampling with and without the LoRA, the prompt set, the grid, and the refusals."""
 
 import copy
+import itertools
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from conftest import train_tiny_lora
@@ -93,12 +96,41 @@ def test_missing_captions_file_is_one_line_before_any_model(demo_params, tmp_pat
     assert not (tmp_path / "base").exists()
 
 
-def test_base_then_lora_samples_and_grid(demo_params, trained_lora, tmp_path):
+def record_initial_noise(monkeypatch) -> list[list]:
+    """``[prompt, seed of its generator, initial latents]`` of every image the pipeline draws, in order
+    (the real pipeline runs; this only watches)."""
+    from diffusers import FluxPipeline
+
+    drawn = []
+    real_call, real_prepare = FluxPipeline.__call__, FluxPipeline.prepare_latents
+
+    def call(self, prompt, *args, **kwargs):
+        drawn.append([prompt, kwargs["generator"].initial_seed(), None])
+        return real_call(self, prompt, *args, **kwargs)
+
+    def prepare_latents(self, *args, **kwargs):
+        latents, ids = real_prepare(self, *args, **kwargs)
+        drawn[-1][2] = latents.clone()
+        return latents, ids
+
+    monkeypatch.setattr(FluxPipeline, "__call__", call)
+    monkeypatch.setattr(FluxPipeline, "prepare_latents", prepare_latents)
+    return drawn
+
+
+def image_array(path):
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_base_then_lora_samples_and_grid(demo_params, trained_lora, tmp_path, monkeypatch):
     params = small(demo_params)
     params["caption"]["trigger"] = "trig"
     params["sample"]["val_captions"] = 1
     captions = write_captions(tmp_path / "captions.parquet")
+    drawn = record_initial_noise(monkeypatch)
     sample.run_base(params, tmp_path / "base", captions)
+    base_noise = drawn[:]
     base = pd.read_csv(tmp_path / "base/samples.csv")
     assert len(base) == 6 and set(base.lora_scale) == {0.0}
     assert list(base.prompt.drop_duplicates()) == ["trig, a harbor at sunset", "trig, a field",
@@ -123,6 +155,50 @@ def test_base_then_lora_samples_and_grid(demo_params, trained_lora, tmp_path):
     base_px = pixels(tmp_path / "base", base, 0.0)
     assert pixels(tmp_path / "lora", lora, 1.0) != base_px
     assert pixels(tmp_path / "lora", lora, 0.5) != pixels(tmp_path / "lora", lora, 1.0)
+
+    # Base and LoRA rows of the same (prompt, seed) start from the same noise: the evaluation's
+    # pairing stands on it. Each row of samples.csv is the image drawn in its place, from its seed.
+    # Each stage draws its show rows, then its evaluation-set rows (eval.csv), scale by scale.
+    lora_noise = drawn[len(base_noise):]
+    base_eval, lora_eval = pd.read_csv(tmp_path / "base/eval.csv"), pd.read_csv(tmp_path / "lora/eval.csv")
+
+    def order(show, evaluation, scales):
+        return [key for scale in scales for table in (show, evaluation)
+                for key in zip(table.prompt[table.lora_scale == scale], table.seed[table.lora_scale == scale])]
+
+    assert [(p, s) for p, s, _ in base_noise] == order(base, base_eval, [0.0])
+    assert [(p, s) for p, s, _ in lora_noise] == order(lora, lora_eval, [0.5, 1.0])
+    base_by_key = {(p, s): latents for p, s, latents in base_noise}
+    for prompt, seed, latents in lora_noise:
+        assert torch.equal(latents, base_by_key[prompt, seed]), (prompt, seed)
+    assert not torch.equal(base_by_key[base.prompt[0], 0], base_by_key[base.prompt[0], 1])
+
+
+def test_each_image_is_the_pipelines_output_for_its_recorded_prompt_and_seed(demo_params, tiny_flux_dir,
+                                                                           tmp_path):
+    from impressionist.models import load_pipeline, resolve_dtype
+
+    params = small(demo_params)  # two prompts x seeds 0 and 1
+    cfg = params["sample"]
+    sample.run_base(params, tmp_path / "base")
+    table = pd.read_csv(tmp_path / "base/samples.csv")
+    assert sorted(zip(table.prompt, table.seed)) == sorted(
+        (f"impr3ssionism, {p}", s) for p in cfg["prompts"] for s in cfg["seeds"])
+    images = {row.file: image_array(tmp_path / "base" / row.file) for row in table.itertuples()}
+    # different seeds, and different prompts, give different pictures
+    for (a, pa), (b, pb) in itertools.combinations(images.items(), 2):
+        assert not np.array_equal(pa, pb), f"{a} and {b} are the same image"
+
+    # The second prompt at seed 1 and the first at seed 1, drawn here straight from the pipeline.
+    pipe = load_pipeline(tiny_flux_dir, resolve_dtype(params["model"]))
+    pipe.set_progress_bar_config(disable=True)
+    for row in (table.iloc[-1], table[(table.prompt == table.prompt[0]) & (table.seed == 1)].iloc[0]):
+        assert row.seed == 1
+        expected = pipe(row.prompt, height=cfg["resolution"], width=cfg["resolution"],
+                        num_inference_steps=cfg["steps"], guidance_scale=cfg["guidance_scale"],
+                        max_sequence_length=cfg["max_sequence_length"],
+                        generator=torch.Generator("cpu").manual_seed(int(row.seed))).images[0]
+        assert np.array_equal(images[row.file], np.asarray(expected.convert("RGB"))), row.file
 
 
 def test_sampling_is_deterministic(demo_params, tmp_path):
@@ -206,6 +282,7 @@ def test_offload_modes_are_checked_before_loading(demo_params, tmp_path, mode, m
     if torch.cuda.is_available() and message == "needs CUDA":
         pytest.skip("this machine has a GPU: the refusal is for machines without one")
     demo_params["sample"]["offload"] = mode
+    captions = write_captions(tmp_path / "captions.parquet")  # the demo's params sample validation captions
     with pytest.raises(UserError, match=message):
-        sample.run_base(demo_params, tmp_path / "base")
+        sample.run_base(demo_params, tmp_path / "base", captions)
     assert not (tmp_path / "base").exists()

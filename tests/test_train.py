@@ -76,7 +76,10 @@ def test_training_lowers_the_loss(demo_params, encoded_cache, tiny_flux_dir, tmp
 
 
 def test_checkpoints_resume_only_matching_runs(demo_params, encoded_cache, tmp_path, capsys, monkeypatch):
+    from conftest import assert_png_shows, record_figures
+
     monkeypatch.chdir(tmp_path)
+    figures = record_figures(monkeypatch, train)
     out = outputs(tmp_path)
     train.run(small_run(demo_params, 20), encoded_cache, **out)
     assert sorted(p.name for p in out["checkpoint_dir"].iterdir()) == ["step-00000010", "step-00000020"]
@@ -86,6 +89,12 @@ def test_checkpoints_resume_only_matching_runs(demo_params, encoded_cache, tmp_p
     summary = train.run(small_run(demo_params, 30), encoded_cache, **out)
     assert summary["resumed_from_step"] == 20 and summary["steps"] == 30
     assert "resuming from" in capsys.readouterr().out
+    # the loss plot of the resumed run is the whole logged curve, every log_every (5) steps from 5
+    history = json.loads((out["lora_dir"] / "training_config.json").read_text())["history"]
+    (curve,) = figures["loss.png"].axes[0].get_lines()
+    assert list(curve.get_xdata()) == [h["step"] for h in history] == list(range(5, 31, 5))
+    assert list(curve.get_ydata()) == [h["loss"] for h in history]
+    assert_png_shows(out["loss_plot"], figures["loss.png"])
     # keep_checkpoints (2 in params.yaml) pruned step 10 once step 30 was written
     assert demo_params["train"]["keep_checkpoints"] == 2
     assert sorted(p.name for p in out["checkpoint_dir"].iterdir()) == ["step-00000020", "step-00000030"]

@@ -66,7 +66,14 @@ def text_ids(seq_len: int, device, dtype) -> torch.Tensor:
 
 def sample_sigmas(sampling: TimestepSampling, batch_size: int, image_seq_len: int,
                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """Noise levels in (0, 1) for one batch, drawn with ``generator`` (on CPU, for determinism)."""
+    """Noise levels in (0, 1) for one batch, drawn with ``generator`` (on CPU, for determinism).
+
+    Their distributions (tests/test_flux_math.py checks each against its CDF):
+    ``logit_normal``: sigmoid(N(logit_mean, logit_std)); ``uniform``: U(0, 1); ``mode`` (SD3):
+    1 - u - mode_scale * (cos^2(pi u / 2) - 1 + u) of u ~ U(0, 1); ``flux_shift``:
+    sigmoid(N(logit_mean + mu, logit_std)), mu rising linearly from base_shift at base_seq_len
+    tokens to max_shift at max_seq_len.
+    """
     if sampling.method == "flux_shift":
         # FLUX.1's inference shift: larger images spend more of training at high noise.
         u = torch.sigmoid(torch.normal(sampling.logit_mean, sampling.logit_std, (batch_size,),
