@@ -287,6 +287,16 @@ def test_run_writes_flat_metrics_with_cis_table_and_plots(tmp_path, monkeypatch)
 
     images = pd.read_csv(root / "metrics" / "eval_images.csv")
     assert list(images.columns) == evaluate.IMAGE_COLUMNS
+    # the CLIP score is taken against the subject alone, not the prompt with its trigger
+    model, preprocess, tokenizer = load_clip("builtin:tiny-clip", "builtin")
+    scorer = ClipScorer(model, preprocess, tokenizer)
+    first = images.iloc[0]
+    with Image.open(root / "samples" / "base" / "eval" / "s000_seed0_scale0.png") as picture:
+        features = scorer.image_features([picture.convert("RGB")])
+    assert first["subject"] == SUBJECTS[0]
+    assert first["clip_score"] == pytest.approx(float(scorer.clip_scores(features, [SUBJECTS[0]])[0]), abs=1e-5)
+    assert first["clip_score"] != pytest.approx(float(scorer.clip_scores(features, [f"trig, {SUBJECTS[0]}"])[0]),
+                                                abs=1e-5)
     assert len(images) == 3 * 12 and sorted(set(images["lora_scale"])) == [0.0, 0.5, 1.0]
     for scale, section in ((0.0, "base"), (1.0, "lora")):
         rows = images[images["lora_scale"] == scale]

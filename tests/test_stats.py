@@ -72,6 +72,19 @@ def test_cluster_bootstrap_draws_whole_clusters():
     assert not np.array_equal(plain[:, 0], plain[:, 1])
 
 
+def test_seeds_of_one_subject_count_as_one_draw():
+    """Two seeds of a subject that score the same carry no more information than one: the cluster
+    bootstrap's interval equals the one of the subjects' means, where an image-level one is narrower."""
+    per_subject = np.random.default_rng(4).normal(size=25)
+    images = np.repeat(per_subject, 2)
+    clustered = stats.mean_estimate(images, clusters=np.repeat(np.arange(25), 2), seed=1)
+    assert (clustered.ci_low, clustered.ci_high) == pytest.approx(
+        (lambda e: (e.ci_low, e.ci_high))(stats.mean_estimate(per_subject, seed=1)), rel=1e-12)
+    assert clustered.n == 50
+    naive = stats.mean_estimate(images, seed=1)
+    assert naive.ci_high - naive.ci_low < 0.85 * (clustered.ci_high - clustered.ci_low)
+
+
 def test_mean_estimate_is_seeded_and_narrows_with_n():
     rng = np.random.default_rng(3)
     small, large = rng.normal(size=20), rng.normal(size=2000)

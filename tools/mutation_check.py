@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Hand-picked mutations of flux_math.py, sample.py and caption.py: does some test notice each one?
+"""Hand-picked mutations of flux_math.py, sample.py, caption.py and the evaluation (stats.py,
+evaluate.py, report.py): does some test notice each one?
 
 For every mutation the working tree (tracked and untracked, non-ignored files) is copied to a
 temporary folder, one textual replacement is applied to one source file there, and the mutation's
@@ -33,6 +34,9 @@ FLUX_MATH, SAMPLE, CAPTION = ("src/impressionist/flux_math.py", "src/impressioni
                               "src/impressionist/caption.py")
 FLUX_MATH_TESTS, SAMPLE_TESTS, CAPTION_TESTS = ("tests/test_flux_math.py",), ("tests/test_sample.py",), \
     ("tests/test_caption.py",)
+STATS, EVALUATE, REPORT = "src/impressionist/stats.py", "src/impressionist/evaluate.py", "src/impressionist/report.py"
+STATS_TESTS, EVALUATE_TESTS, REPORT_TESTS, EVAL_SET_TESTS = (
+    ("tests/test_stats.py",), ("tests/test_evaluate.py",), ("tests/test_report.py",), ("tests/test_eval_set.py",))
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,33 @@ MUTATIONS = [
              "[]", SAMPLE_TESTS, "sample.val_captions adds nothing to the prompt set"),
     Mutation("val_captions_unsorted", SAMPLE, '.sort_values("id", kind="stable")', "",
              SAMPLE_TESTS, "validation captions taken in file order, not by image id"),
+    # --- the evaluation set (sample.py), its statistics (stats.py), the stage and the PR report
+    Mutation("eval_set_one_seed", SAMPLE, "draw(pipe, ev, prompt, seed)", "draw(pipe, ev, prompt, 0)",
+             EVAL_SET_TESTS, "every evaluation image drawn with seed 0"),
+    Mutation("eval_prompt_without_trigger", SAMPLE, "prompt = with_trigger(trigger, subject)", "prompt = subject",
+             EVAL_SET_TESTS, "the evaluation set is drawn without the trigger word"),
+    Mutation("clusters_ignored", STATS, "np.random.default_rng(seed), clusters)", "np.random.default_rng(seed), None)",
+             STATS_TESTS, "seeds of one subject resampled as if independent: intervals too narrow"),
+    Mutation("kid_biased", STATS, 'KID = SetDistance("kid", polynomial_kernel, unbiased=True)',
+             'KID = SetDistance("kid", polynomial_kernel, unbiased=False)', STATS_TESTS,
+             "KID keeps the self-similarity terms (biased)"),
+    Mutation("cmmd_sigma", STATS, "CMMD_SIGMA = 10.0", "CMMD_SIGMA = 1.0", STATS_TESTS,
+             "CMMD's RBF bandwidth is not the paper's"),
+    Mutation("ci_too_narrow", STATS, "tail = (1.0 - confidence) / 2.0", "tail = 0.25", STATS_TESTS,
+             "a 50% interval reported as 95%"),
+    Mutation("delta_reversed", EVALUATE, "paired_difference(per_image[0.0][name], per_image[top][name]",
+             "paired_difference(per_image[top][name], per_image[0.0][name]", EVALUATE_TESTS,
+             "delta is base - LoRA"),
+    Mutation("clip_against_prompt", EVALUATE, 'list(table["subject"])', 'list(table["prompt"])', EVALUATE_TESTS,
+             "the CLIP score rewards the trigger word, not the subject"),
+    Mutation("no_bonferroni", REPORT, "level = bonferroni(confidence, len(judged))", "level = confidence",
+             REPORT_TESTS, "a dozen verdicts at 95% each: noise reads as a change"),
+    Mutation("never_paired", REPORT, "        if not self.possible:\n            return None, self.reason",
+             "        if True:\n            return None, self.reason", REPORT_TESTS,
+             "per-image scores never paired across commits"),
+    Mutation("direction_flipped", REPORT, "BETTER if (change.value < 0) == (way == LOWER) else WORSE",
+             "WORSE if (change.value < 0) == (way == LOWER) else BETTER", REPORT_TESTS,
+             "a lower KID reads as worse"),
     # --- caption.py: what the captions say
     Mutation("sidecar_ignored", CAPTION, "if sidecar is not None:", "if False:",
              CAPTION_TESTS, "kohya sidecar captions never override the template"),
