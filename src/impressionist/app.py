@@ -18,6 +18,7 @@ two PIL images, or raises :class:`~impressionist.errors.UserError` for out-of-bo
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from dataclasses import asdict, dataclass, field
@@ -145,7 +146,9 @@ def check_request(settings: AppSettings, prompt: str, seed: Any, steps: Any, gui
         raise UserError(f"the prompt has {len(prompt)} characters; the limit is {settings.max_prompt_chars}")
 
     def whole(value, name, low, high):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        # NaN and inf first: int() of them raises ValueError / OverflowError, not a message.
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or int(value) != value):
             raise UserError(f"{name} must be a whole number, got {value!r}")
         if not low <= value <= high:
             raise UserError(f"{name} must be between {low} and {high}, got {int(value)}")
@@ -249,7 +252,9 @@ def build_demo(settings: AppSettings, generator: Generator | None = None):
                                 value=s.examples[0] if s.examples else "", elem_id="prompt", scale=4)
             run = gr.Button("Generate", variant="primary", elem_id="generate", scale=1)
         with gr.Row():
-            seed = gr.Number(label="seed", value=0, precision=0, minimum=0, maximum=2**32 - 1)
+            # No precision=0: Gradio would round the value itself and fail on NaN with a bare
+            # ValueError; check_request refuses non-whole seeds (NaN included) with a message.
+            seed = gr.Number(label="seed", value=0, minimum=0, maximum=2**32 - 1)
             steps = gr.Slider(1, s.max_steps, value=s.default_steps, step=1, label="steps")
             guidance = gr.Slider(0.0, s.max_guidance, value=s.default_guidance, step=0.1, label="guidance")
             lora_scale = gr.Slider(0.0, s.max_lora_scale, value=1.0, step=0.05, label="LoRA scale")
