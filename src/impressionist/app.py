@@ -176,7 +176,7 @@ class Generator:
     def __init__(self, settings: AppSettings):
         import torch
 
-        from .models import DTYPES, load_pipeline, resolve_pretrained
+        from .models import DTYPES, load_pipeline, resolve_pretrained, without_third_party_noise
 
         self.settings = settings
         if settings.dtype not in DTYPES:
@@ -193,7 +193,8 @@ class Generator:
         self.pipe.to(torch.device(settings.device))
         self.pipe.set_progress_bar_config(disable=True)
         try:
-            self.pipe.load_lora_weights(settings.lora, weight_name=LORA_WEIGHTS, adapter_name=ADAPTER)
+            with without_third_party_noise():
+                self.pipe.load_lora_weights(settings.lora, weight_name=LORA_WEIGHTS, adapter_name=ADAPTER)
         except (OSError, ValueError, RuntimeError) as err:
             # OSError: no such file or Hub repo, unreadable safetensors, Hub HTTP errors (HfHubHTTPError
             # is one); RuntimeError from load_state_dict: layers of another base model's shape.
@@ -210,11 +211,14 @@ class Generator:
                  height: int | None = None):
         import torch
 
+        from .models import without_third_party_noise
+
         s = self.settings
         args = check_request(s, prompt, seed, s.default_steps if steps is None else steps,
                              s.default_guidance if guidance is None else guidance, lora_scale,
                              width or s.default_size, height or s.default_size)
 
+        @without_third_party_noise()
         def draw():
             return self.pipe(args["prompt"], height=args["height"], width=args["width"],
                              num_inference_steps=args["steps"], guidance_scale=args["guidance"],

@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -100,6 +102,42 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> str:
                         f"({type(err).__name__}); {hint}") from err
 
 
+# Library messages a user cannot act on, by logger: FLUX feeds the full prompt to T5 and only its
+# first 77 tokens to CLIP by design (the caption stage reports T5 truncation, which does matter),
+# and diffusers tokenizes the prompt once untruncated to find what CLIP drops, which transformers
+# reports as a too-long sequence; the LoRA holds transformer layers only, so loading it finds none
+# for the text encoders.
+THIRD_PARTY_NOISE = {
+    "diffusers.pipelines.flux.pipeline_flux": "The following part of your input was truncated because CLIP",
+    "transformers.tokenization_utils_base": "Token indices sequence length is longer than the specified",
+    "diffusers.loaders.lora_base": "No LoRA keys associated to",
+    "diffusers.loaders.peft": "No LoRA keys associated to",
+}
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+@contextlib.contextmanager
+def without_third_party_noise() -> Iterator[None]:
+    """Drop exactly the messages of ``THIRD_PARTY_NOISE`` while the block (or decorated call) runs;
+    every other message of those loggers still shows."""
+    filters = [(logging.getLogger(name), _DropMessage(prefix)) for name, prefix in THIRD_PARTY_NOISE.items()]
+    for logger, message_filter in filters:
+        logger.addFilter(message_filter)
+    try:
+        yield
+    finally:
+        for logger, message_filter in filters:
+            logger.removeFilter(message_filter)
+
+
 def load_pipeline(folder: str, dtype: torch.dtype, **components):
     """The full FluxPipeline (components may be overridden, e.g. ``transformer=None``)."""
     from diffusers import FluxPipeline
@@ -132,8 +170,9 @@ def encode_prompts(folder: str, dtype: torch.dtype, device: torch.device, prompt
     pipe = load_text_pipeline(folder, dtype).to(device)
     try:
         for start in range(0, len(prompts), batch_size):
-            outputs = pipe.encode_prompt(prompt=list(prompts[start:start + batch_size]), prompt_2=None,
-                                         device=device, max_sequence_length=max_sequence_length)
+            with without_third_party_noise():
+                outputs = pipe.encode_prompt(prompt=list(prompts[start:start + batch_size]), prompt_2=None,
+                                             device=device, max_sequence_length=max_sequence_length)
             yield outputs[0].cpu(), outputs[1].cpu()
             del outputs
     finally:

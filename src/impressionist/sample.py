@@ -27,7 +27,8 @@ from tqdm import tqdm
 from .errors import UserError, atomic_dir, first_line, stage_main
 from .grid import save_sample_grid
 from .layout import CAPTIONS, LORA_DIR, LORA_WEIGHTS, SAMPLE_GRID, SAMPLES_DIR
-from .models import load_pipeline, resolve_device, resolve_dtype, resolve_pretrained
+from .models import (load_pipeline, resolve_device, resolve_dtype, resolve_pretrained,
+                     without_third_party_noise)
 from .params import (load_params, require, require_choice, require_int, require_keys, require_multiple,
                      require_positive, section)
 from .prompts import with_trigger
@@ -139,6 +140,7 @@ def load(params: dict[str, Any], device: torch.device):
 
 
 @torch.no_grad()
+@without_third_party_noise()
 def generate(pipe, cfg: dict[str, Any], prompt_list: list[tuple[str, str]], lora_scale: float,
              out_dir: Path) -> list[dict[str, Any]]:
     rows = []
@@ -195,7 +197,8 @@ def run_lora(params: dict[str, Any], lora_dir: Path = LORA_DIR, base_dir: Path =
                         "(`dvc repro train`)")
     check_base_samples(Path(base_dir), prompt_list, cfg["seeds"])
     pipe, cfg = load(params, device)
-    pipe.load_lora_weights(str(lora_dir), adapter_name=ADAPTER)
+    with without_third_party_noise():
+        pipe.load_lora_weights(str(lora_dir), adapter_name=ADAPTER)
     with atomic_dir(out_dir) as tmp:
         rows = []
         for scale in scales:
