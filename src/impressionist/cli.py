@@ -27,7 +27,8 @@ STAGES = {
     "train": "impressionist.train", "export": "impressionist.export",
     "sample": "impressionist.sample", "evaluate": "impressionist.evaluate",
 }
-COMMANDS = {**STAGES, "publish": "impressionist.publish", "report": "impressionist.report"}
+COMMANDS = {**STAGES, "publish": "impressionist.publish", "report": "impressionist.report",
+            "pin-model": "impressionist.pin_model"}
 DEMO_OVERRIDES = Path("configs/demo.yaml")
 
 
@@ -94,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("publish", add_help=False, help="upload the LoRA and model card to the Hub")
     commands.add_parser("report", add_help=False,
                         help="write the pull-request report (metrics/params diff, grid, verdicts)")
+    commands.add_parser("pin-model", add_help=False,
+                        help="write the commit model.revision names now into params.yaml")
     # Stage commands parse their own options (the rest); the demo has none beyond its own.
     args, rest = parser.parse_known_args(argv)
     if args.command == "demo":
