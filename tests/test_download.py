@@ -12,6 +12,7 @@ from pathlib import Path
 
 import datasets
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -20,7 +21,8 @@ from impressionist.errors import DEMO_HINT, UserError
 from impressionist.synthetic import write_synthetic_wikiart
 
 # docs/layout.md's columns of data/raw/metadata.parquet, written out (not read from the code).
-LAYOUT_COLUMNS = ["id", "file", "artist", "genre", "style", "width", "height", "sha256", "source", "revision"]
+LAYOUT_COLUMNS = ["id", "file", "artist", "genre", "style", "width", "height", "sha256", "source", "revision",
+                  "origin"]
 MAX_IMAGES = 12
 SEED = 5
 
@@ -45,11 +47,15 @@ def synthetic_mirror(folder, shards=1):
 
 
 def raw_state(raw_dir):
-    """Everything a run leaves in data/raw: the table (without `source` and `revision`, which say
-    where the rows came from) and each file's bytes hash."""
+    """Everything a run leaves in data/raw: the table (without `source`, `revision` and `origin`, which
+    say where the rows came from) and each file's bytes hash."""
     table = pd.read_parquet(raw_dir / "metadata.parquet")
     files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((raw_dir / "images").iterdir())}
-    return table.drop(columns=["source", "revision"]).to_dict("records"), files
+    return table.drop(columns=["source", "revision", "origin"]).to_dict("records"), files
+
+
+def origins(raw_dir):
+    return pd.read_parquet(raw_dir / "metadata.parquet")["origin"].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -93,9 +99,20 @@ def test_local_folder_and_file_read_like_the_synthetic_source(tmp_path, referenc
     download.run(config(folder), tmp_path / "from_folder")
     assert raw_state(tmp_path / "from_folder") == expected
     assert set(pd.read_parquet(tmp_path / "from_folder" / "metadata.parquet")["source"]) == {str(folder)}
+    # Each row's origin is its shard and row: that row of that file holds exactly the image kept.
+    table = pd.read_parquet(tmp_path / "from_folder" / "metadata.parquet")
+    shards = {}
+    for origin, sha256 in zip(table["origin"], table["sha256"]):
+        name, row = origin.split(" row ")
+        if name not in shards:
+            shards[name] = pq.read_table(folder / name, columns=["image"]).column("image").to_pylist()
+        assert hashlib.sha256(shards[name][int(row)]["bytes"]).hexdigest() == sha256, origin
+    assert len(shards) > 1  # the kept rows span shards, each named by its own file
 
     download.run(config(mirror), tmp_path / "from_file")
     assert raw_state(tmp_path / "from_file") == expected
+    assert [o.replace("all.parquet", "synthetic-wikiart.parquet") for o in origins(tmp_path / "from_file")] == \
+        origins(reference[0])  # a single file: the same rows of the same file layout
 
 
 def test_hub_source_uses_the_same_streaming_code(tmp_path, monkeypatch, reference, mirror):
@@ -123,6 +140,9 @@ def test_hub_source_uses_the_same_streaming_code(tmp_path, monkeypatch, referenc
     assert raw_state(tmp_path / "raw") == raw_state(reference[0])
     table = pd.read_parquet(tmp_path / "raw" / "metadata.parquet")
     assert set(table["source"]) == {"huggan/wikiart"} and set(table["revision"]) == {commit}
+    # rows of the train split at that commit; the stand-in is the one-file mirror, so the same numbers
+    assert [o.replace("train row", "all.parquet row") for o in table["origin"]] == \
+        [o.replace("synthetic-wikiart.parquet", "all.parquet") for o in origins(reference[0])]
 
 
 def test_hub_revision_is_passed_to_the_hub_and_a_missing_one_is_one_line(tmp_path, monkeypatch):
@@ -296,6 +316,7 @@ def test_transient_error_restarts_the_stream_and_matches_an_uninterrupted_run(tm
     assert len(opens) == 2, "one retry with a fresh stream"
     assert ("resumed", True) in log, "the retry continues from the saved position"
     assert raw_state(tmp_path / "raw") == raw_state(reference[0])
+    assert origins(tmp_path / "raw") == origins(reference[0])  # the row count resumes with the stream
     assert summary.kept == MAX_IMAGES
 
 
@@ -314,6 +335,7 @@ def test_interrupted_run_resumes_without_refetching(tmp_path, monkeypatch, refer
     summary = download.run(config("synthetic"), raw)
     assert summary.resumed_from == len(kept_before)
     assert raw_state(raw) == raw_state(reference[0])
+    assert origins(raw) == origins(reference[0])  # rows kept after the resume are counted from where it stopped
     assert not (raw / ".partial").exists()
     # Images kept before the interruption were not written again, and the stream was not reread
     # from the start: the resumed stream yields fewer rows than the uninterrupted run consumed.
@@ -440,6 +462,9 @@ def test_image_folder_with_metadata_reads_like_the_parquet_mirror(tmp_path, fold
     table = pd.read_parquet(tmp_path / "raw" / "metadata.parquet")
     assert list(table.columns) == LAYOUT_COLUMNS and set(table["source"]) == {str(folder)}
     assert summary.per_artist == reference[1].per_artist and summary.skipped == reference[1].skipped
+    # the user's own file names, relative to the folder: row-NNN is the NNN-th row of the mirror
+    assert [o.replace(".jpg", "").replace(".png", "") for o in table["origin"]] == \
+        [f"row-{int(o.split(' row ')[1]):03d}" for o in origins(reference[0])]
 
 
 def test_image_folder_without_metadata_is_the_requested_style(tmp_path, folder_records):
