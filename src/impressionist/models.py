@@ -121,9 +121,9 @@ def hub_commit(repo_id: str, revision: str | None) -> str:
         raise UserError(f"no access to model {repo_id} on the Hugging Face Hub "
                         f"({type(err).__name__}); {hint}") from err
     except RevisionResolutionError as err:
-        offline = " and HF_HUB_OFFLINE is set" if hub_offline() else ""
-        raise UserError(f"model {repo_id} at {revision} is not in the local Hugging Face cache{offline} and "
-                        f"the Hub cannot be reached; {hint}") from err
+        why = "HF_HUB_OFFLINE is set" if hub_offline() else "the Hub cannot be reached"
+        raise UserError(f"model {repo_id} at {revision} is not in the local Hugging Face cache and {why}; "
+                        f"{hint}") from err
     except Exception as err:  # a proxy error, an HTTP error of another kind
         raise UserError(f"cannot resolve model {repo_id} at {revision} on the Hugging Face Hub "
                         f"({type(err).__name__}: {first_line(err, 160)}); {hint}") from err
