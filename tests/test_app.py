@@ -127,6 +127,28 @@ def test_out_of_bounds_inputs_are_refused(client, server, args, message):
     assert server[2].draws == draws_before  # refused before any image was drawn
 
 
+@pytest.mark.parametrize("seed", [float("nan"), float("inf"), 2.5])
+def test_a_seed_that_is_not_a_whole_number_is_a_message(server, seed):
+    """NaN and inf reach int() nowhere: the same one-line UserError as any out-of-bounds input."""
+    with pytest.raises(UserError, match="seed must be a whole number"):
+        app.check_request(server[1], PROMPT, seed, 2, 3.5, 1.0, 64, 64)
+
+
+def test_a_nan_seed_in_the_ui_is_a_gradio_error(server):
+    """The UI path: the seed box hands NaN on (JSON clients cannot send it, a raw request can) and
+    the event handler answers with the app's message as a gr.Error, not a bare ValueError."""
+    import gradio as gr
+
+    demo = app.build_demo(server[1], server[2])
+    seed_box = next(block for block in demo.blocks.values() if isinstance(block, gr.Number))
+    passed_on = seed_box.preprocess(float("nan"))  # what Gradio does to the request's value first
+    handler = next(fn for fn in demo.fns.values() if fn.api_name == "generate").fn
+    draws_before = server[2].draws
+    with pytest.raises(gr.Error, match="seed must be a whole number, got nan"):
+        handler(PROMPT, passed_on, 2, 3.5, 1.0, 64, 64)
+    assert server[2].draws == draws_before
+
+
 def test_queue_runs_one_job_at_a_time(client, server):
     generator = server[2]
     generator.spans.clear()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import datasets
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -22,7 +23,8 @@ from impressionist.synthetic import write_synthetic_wikiart, write_wikiart_mirro
 from impressionist.wikiart import ARTISTS
 
 # docs/layout.md's columns of data/raw/metadata.parquet, written out (not read from the code).
-LAYOUT_COLUMNS = ["id", "file", "artist", "genre", "style", "width", "height", "sha256", "source", "revision"]
+LAYOUT_COLUMNS = ["id", "file", "artist", "genre", "style", "width", "height", "sha256", "source", "revision",
+                  "origin"]
 MAX_IMAGES = 12
 SEED = 5
 
@@ -47,11 +49,15 @@ def synthetic_mirror(folder, shards=1):
 
 
 def raw_state(raw_dir):
-    """Everything a run leaves in data/raw: the table (without `source` and `revision`, which say
-    where the rows came from) and each file's bytes hash."""
+    """Everything a run leaves in data/raw: the table (without `source`, `revision` and `origin`, which
+    say where the rows came from) and each file's bytes hash."""
     table = pd.read_parquet(raw_dir / "metadata.parquet")
     files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((raw_dir / "images").iterdir())}
-    return table.drop(columns=["source", "revision"]).to_dict("records"), files
+    return table.drop(columns=["source", "revision", "origin"]).to_dict("records"), files
+
+
+def origins(raw_dir):
+    return pd.read_parquet(raw_dir / "metadata.parquet")["origin"].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +103,24 @@ def test_local_folder_and_file_read_like_the_synthetic_source(tmp_path, referenc
     download.run(config(folder), tmp_path / "from_folder")
     assert raw_state(tmp_path / "from_folder") == expected
     assert set(pd.read_parquet(tmp_path / "from_folder" / "metadata.parquet")["source"]) == {str(folder)}
+    # Each row's origin is its shard and row among the rows the pushed-down filter passes: that row of
+    # that file, read with that filter, holds exactly the image kept.
+    table = pd.read_parquet(tmp_path / "from_folder" / "metadata.parquet")
+    shards = {}
+    for origin, sha256 in zip(table["origin"], table["sha256"]):
+        name, rest = origin.split(" row ")
+        row, where = rest.split(" of the rows where ")
+        assert where == "style == 12", origin
+        if name not in shards:
+            shards[name] = pq.read_table(folder / name, columns=["image"],
+                                         filters=[("style", "==", 12)]).column("image").to_pylist()
+        assert hashlib.sha256(shards[name][int(row)]["bytes"]).hexdigest() == sha256, origin
+    assert len(shards) > 1  # the kept rows span shards, each named by its own file
 
     download.run(config(mirror), tmp_path / "from_file")
     assert raw_state(tmp_path / "from_file") == expected
+    assert [o.replace("all.parquet", "synthetic-wikiart.parquet") for o in origins(tmp_path / "from_file")] == \
+        origins(reference[0])  # a single file: the same rows of the same file layout
 
 
 def test_hub_source_uses_the_same_streaming_code(tmp_path, monkeypatch, reference, mirror):
@@ -134,6 +155,9 @@ def test_hub_source_uses_the_same_streaming_code(tmp_path, monkeypatch, referenc
     assert raw_state(tmp_path / "raw") == raw_state(reference[0])
     table = pd.read_parquet(tmp_path / "raw" / "metadata.parquet")
     assert set(table["source"]) == {"huggan/wikiart"} and set(table["revision"]) == {commit}
+    # rows of the train split at that commit; the stand-in is the one-file mirror, so the same numbers
+    assert [o.replace("train row", "all.parquet row") for o in table["origin"]] == \
+        [o.replace("synthetic-wikiart.parquet", "all.parquet") for o in origins(reference[0])]
 
 
 def test_hub_revision_is_passed_to_the_hub_and_a_missing_one_is_one_line(tmp_path, monkeypatch):
@@ -307,6 +331,7 @@ def test_transient_error_restarts_the_stream_and_matches_an_uninterrupted_run(tm
     assert len(opens) == 2, "one retry with a fresh stream"
     assert ("resumed", True) in log, "the retry continues from the saved position"
     assert raw_state(tmp_path / "raw") == raw_state(reference[0])
+    assert origins(tmp_path / "raw") == origins(reference[0])  # the row count resumes with the stream
     assert summary.kept == MAX_IMAGES
 
 
@@ -325,6 +350,7 @@ def test_interrupted_run_resumes_without_refetching(tmp_path, monkeypatch, refer
     summary = download.run(config("synthetic"), raw)
     assert summary.resumed_from == len(kept_before)
     assert raw_state(raw) == raw_state(reference[0])
+    assert origins(raw) == origins(reference[0])  # rows kept after the resume are counted from where it stopped
     assert not (raw / ".partial").exists()
     # Images kept before the interruption were not written again, and the stream was not reread
     # from the start: the resumed stream yields fewer rows than the uninterrupted run consumed.
@@ -454,6 +480,10 @@ def test_image_folder_with_metadata_reads_like_the_parquet_mirror(tmp_path, fold
     # A folder has no Parquet reader to push the style filter into: Python skips the other styles.
     assert summary.read_filter is None and summary.skipped.pop("other style") > 0
     assert summary.skipped == reference[1].skipped
+    # the user's own file names, relative to the folder: each names the file whose bytes were kept
+    assert all(o.startswith("row-") and "/" not in o for o in table["origin"])
+    for origin, sha256 in zip(table["origin"], table["sha256"]):
+        assert hashlib.sha256((folder / origin).read_bytes()).hexdigest() == sha256, origin
 
 
 def test_image_folder_without_metadata_is_the_requested_style(tmp_path, folder_records):

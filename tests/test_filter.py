@@ -19,7 +19,8 @@ from impressionist.synthetic import paint, synthetic_rows
 
 CFG = {"min_side": 96, "max_aspect": 2.5, "drop_grayscale": True, "phash_threshold": 4, "val_fraction": 0.3}
 # docs/layout.md's columns of data/raw/metadata.parquet, written out (not read from the code).
-RAW_COLUMNS = ["id", "file", "artist", "genre", "style", "width", "height", "sha256", "source", "revision"]
+RAW_COLUMNS = ["id", "file", "artist", "genre", "style", "width", "height", "sha256", "source", "revision",
+               "origin"]
 
 
 def encode(image, fmt, **kwargs):
@@ -60,7 +61,8 @@ class RawBuilder:
             (self.raw_dir / file).write_bytes(data)
         self.rows.append({"id": digest[:16], "file": file, "artist": artist, "genre": "landscape",
                           "style": "Impressionism", "width": width, "height": height, "sha256": digest,
-                          "source": "test", "revision": ""})
+                          "source": "test", "revision": "",
+                          "origin": f"my paintings/{len(self.rows):02d}-{artist}.{ext}"})
         return digest[:16]
 
     def save(self, rows=None):
@@ -128,8 +130,12 @@ def test_planted_defects_are_rejected_with_their_reason_and_nothing_else(planted
     raw_dir, expected, ids, good_ids, _ = planted
     out, metrics = filtered
     rejected = pd.read_csv(out / "filtered" / "rejected.csv", dtype=str)
-    assert list(rejected.columns) == ["id", "reason"]
+    assert list(rejected.columns) == ["id", "reason", "origin"]
     assert dict(zip(rejected["id"], rejected["reason"])) == expected
+    # each rejected image is named as the source has it, next to its reason
+    raw_origins = dict(zip(*pd.read_parquet(raw_dir / "metadata.parquet")[["id", "origin"]].values.T))
+    assert dict(zip(rejected["id"], rejected["origin"])) == {i: raw_origins[i] for i in expected}
+    assert all(origin.startswith("my paintings/") for origin in rejected["origin"])
     kept = pd.read_parquet(out / "filtered" / "metadata.parquet")
     raw = pd.read_parquet(raw_dir / "metadata.parquet")
     assert set(kept["id"]) == set(raw["id"]) - set(expected)
@@ -264,3 +270,10 @@ def test_artists_plot_says_when_the_images_are_synthetic():
     assert "SYNTHETIC" in plot_artists(table).axes[0].get_title()
     table["source"] = "huggan/wikiart"
     assert "SYNTHETIC" not in plot_artists(table).axes[0].get_title()
+
+
+def test_summary_line_says_where_the_rejected_files_are_named(planted, tmp_path, capsys):
+    run_filter(planted[0], tmp_path)
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("filter: kept ") and "rejected 1 missing_file" in line
+    assert line.endswith(f"(each with its origin in the source: {tmp_path / 'filtered' / 'rejected.csv'})")

@@ -8,8 +8,8 @@ import pytest
 import torch
 from scipy import stats
 
-from impressionist.flux_math import (TimestepSampling, flow_matching_loss, latent_image_ids,
-                                     pack_latents, sample_sigmas)
+from impressionist.flux_math import (MIN_WEIGHTING_SIGMA, TimestepSampling, flow_matching_loss,
+                                     latent_image_ids, loss_weights, pack_latents, sample_sigmas)
 from impressionist.models import load_transformer
 
 
@@ -212,3 +212,27 @@ def test_loss_weighting_equals_its_formula(eval_transformer, weighting, formula)
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
     if weighting != "none":  # the weights are far from one at these sigmas: a test that can fail
         assert not torch.isclose(ours, sum(errors) / len(sigmas), rtol=1e-2)
+
+
+def test_sigma_sqrt_weights_are_bounded_at_tiny_sigma():
+    """uniform sampling draws sigma down to ~1e-6, where sigma ** -2 is ~1e12: the weighting sees sigma
+    clamped to the reference scheduler's smallest noise level, so no weight exceeds 1e6."""
+    sigmas = torch.tensor([7e-6, MIN_WEIGHTING_SIGMA, 0.5])
+    torch.testing.assert_close(loss_weights("sigma_sqrt", sigmas), torch.tensor([1e6, 1e6, 4.0]))
+    torch.testing.assert_close(loss_weights("none", sigmas), torch.ones(3))
+    drawn = sample_sigmas(TimestepSampling("uniform"), 100_000, 1024, torch.Generator().manual_seed(0))
+    assert drawn.min() < MIN_WEIGHTING_SIGMA  # the case this guards: uniform does reach below the bound
+    assert loss_weights("sigma_sqrt", drawn).max() <= 1e6
+
+
+def test_loss_with_sigma_sqrt_stays_finite_at_tiny_sigma(tiny_flux_dir):
+    torch.manual_seed(0)
+    transformer = load_transformer(tiny_flux_dir, torch.float32).eval()
+    x, noise = torch.randn(2, 16, 8, 6), torch.randn(2, 16, 8, 6)
+    prompt_embeds, pooled = torch.randn(2, 7, 32), torch.randn(2, 32)
+    with torch.no_grad():
+        tiny = flow_matching_loss(transformer, x, noise, torch.tensor([7e-6, 0.5]), prompt_embeds, pooled, 1.0,
+                                  weighting="sigma_sqrt")
+        plain = flow_matching_loss(transformer, x, noise, torch.tensor([7e-6, 0.5]), prompt_embeds, pooled, 1.0)
+    # per-sample MSE is O(1): the weighted mean is at most (1e6 + 4) / 2 times the plain one
+    assert torch.isfinite(tiny) and tiny <= plain * (1e6 + 4)

@@ -115,3 +115,72 @@ def test_importing_the_libraries_prints_nothing():
                              "from diffusers import FluxPipeline"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
     assert result.stderr == ""
+
+
+LONG_PROMPT = " ".join(["a harbor at sunset with boats and gulls"] * 12)  # far beyond CLIP's 77 tokens
+
+
+@pytest.fixture
+def library_messages():
+    """What diffusers and transformers log (their loggers do not propagate to pytest's caplog)."""
+    import logging
+
+    class Recorder(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.DEBUG)
+            self.lines = []
+
+        def emit(self, record):
+            self.lines.append(record.getMessage())
+
+        def take(self) -> str:
+            text, self.lines = "\n".join(self.lines), []
+            return text
+
+    recorder = Recorder()
+    loggers = [logging.getLogger(name) for name in ("diffusers", "transformers")]
+    for logger in loggers:
+        logger.addHandler(recorder)
+    yield recorder
+    for logger in loggers:
+        logger.removeHandler(recorder)
+
+
+def test_clip_truncation_dump_is_silenced_in_encode_prompts(tiny_flux_dir, library_messages):
+    """diffusers logs the text CLIP drops (FLUX's CLIP sees 77 tokens by design); our calls do not."""
+    from impressionist.models import encode_prompts, load_text_pipeline
+
+    pipe = load_text_pipeline(tiny_flux_dir, torch.float32)
+    pipe.encode_prompt(prompt=[LONG_PROMPT], prompt_2=None, max_sequence_length=32)  # the plain call...
+    assert "truncated because CLIP" in library_messages.take()  # ...is noisy: the noise this guards
+
+    batches = list(encode_prompts(tiny_flux_dir, torch.float32, torch.device("cpu"), [LONG_PROMPT], 32))
+    assert batches[0][0].shape[0] == 1
+    logged = library_messages.take()
+    assert "truncated because CLIP" not in logged and "Token indices sequence length" not in logged
+    assert "`max_sequence_length` is set to  32" in logged  # T5's truncation (the caption stage's concern) stays
+
+
+def test_lora_load_message_about_text_encoders_is_silenced(tiny_flux_dir, tmp_path, library_messages):
+    import logging
+
+    from diffusers import FluxPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from impressionist.models import without_third_party_noise
+
+    pipe = load_pipeline(tiny_flux_dir, torch.float32)
+    pipe.transformer.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k"]))
+    FluxPipeline.save_lora_weights(tmp_path, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer))
+    plain, quiet = load_pipeline(tiny_flux_dir, torch.float32), load_pipeline(tiny_flux_dir, torch.float32)
+    plain.load_lora_weights(str(tmp_path), adapter_name="a")
+    assert "No LoRA keys associated to CLIPTextModel" in library_messages.take()  # the noise exists
+
+    with without_third_party_noise():
+        quiet.load_lora_weights(str(tmp_path), adapter_name="a")
+        # only those messages go: another warning of the same logger still shows
+        logging.getLogger("diffusers.loaders.lora_base").warning("something else")
+    logged = library_messages.take()
+    assert "No LoRA keys" not in logged and "something else" in logged
+    assert quiet.transformer.peft_config  # the LoRA did load

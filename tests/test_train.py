@@ -242,7 +242,7 @@ def _without(section: dict, key: str) -> dict:
 ])
 def test_bad_params_are_refused_before_any_model_loads(demo_params, encoded_cache, tmp_path, monkeypatch,
                                                        change, message):
-    monkeypatch.setattr(train, "resolve_pretrained", lambda *a, **k: pytest.fail("model resolved"))
+    monkeypatch.setattr(train, "base_model_of_cache", lambda *a, **k: pytest.fail("model resolved"))
     demo_params["train"]["validation"]["every"] = 30  # on, as in the demo
     change(demo_params)
     with pytest.raises(UserError, match=message) as err:

@@ -18,6 +18,7 @@ two PIL images, or raises :class:`~impressionist.errors.UserError` for out-of-bo
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from dataclasses import asdict, dataclass, field
@@ -145,7 +146,9 @@ def check_request(settings: AppSettings, prompt: str, seed: Any, steps: Any, gui
         raise UserError(f"the prompt has {len(prompt)} characters; the limit is {settings.max_prompt_chars}")
 
     def whole(value, name, low, high):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        # NaN and inf first: int() of them raises ValueError / OverflowError, not a message.
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or int(value) != value):
             raise UserError(f"{name} must be a whole number, got {value!r}")
         if not low <= value <= high:
             raise UserError(f"{name} must be between {low} and {high}, got {int(value)}")
@@ -173,7 +176,7 @@ class Generator:
     def __init__(self, settings: AppSettings):
         import torch
 
-        from .models import DTYPES, load_pipeline, resolve_pretrained
+        from .models import DTYPES, load_pipeline, resolve_pretrained, without_third_party_noise
 
         self.settings = settings
         if settings.dtype not in DTYPES:
@@ -190,7 +193,8 @@ class Generator:
         self.pipe.to(torch.device(settings.device))
         self.pipe.set_progress_bar_config(disable=True)
         try:
-            self.pipe.load_lora_weights(settings.lora, weight_name=LORA_WEIGHTS, adapter_name=ADAPTER)
+            with without_third_party_noise():
+                self.pipe.load_lora_weights(settings.lora, weight_name=LORA_WEIGHTS, adapter_name=ADAPTER)
         except (OSError, ValueError, RuntimeError) as err:
             # OSError: no such file or Hub repo, unreadable safetensors, Hub HTTP errors (HfHubHTTPError
             # is one); RuntimeError from load_state_dict: layers of another base model's shape.
@@ -207,11 +211,14 @@ class Generator:
                  height: int | None = None):
         import torch
 
+        from .models import without_third_party_noise
+
         s = self.settings
         args = check_request(s, prompt, seed, s.default_steps if steps is None else steps,
                              s.default_guidance if guidance is None else guidance, lora_scale,
                              width or s.default_size, height or s.default_size)
 
+        @without_third_party_noise()
         def draw():
             return self.pipe(args["prompt"], height=args["height"], width=args["width"],
                              num_inference_steps=args["steps"], guidance_scale=args["guidance"],
@@ -249,7 +256,9 @@ def build_demo(settings: AppSettings, generator: Generator | None = None):
                                 value=s.examples[0] if s.examples else "", elem_id="prompt", scale=4)
             run = gr.Button("Generate", variant="primary", elem_id="generate", scale=1)
         with gr.Row():
-            seed = gr.Number(label="seed", value=0, precision=0, minimum=0, maximum=2**32 - 1)
+            # No precision=0: Gradio would round the value itself and fail on NaN with a bare
+            # ValueError; check_request refuses non-whole seeds (NaN included) with a message.
+            seed = gr.Number(label="seed", value=0, minimum=0, maximum=2**32 - 1)
             steps = gr.Slider(1, s.max_steps, value=s.default_steps, step=1, label="steps")
             guidance = gr.Slider(0.0, s.max_guidance, value=s.default_guidance, step=0.1, label="guidance")
             lora_scale = gr.Slider(0.0, s.max_lora_scale, value=1.0, step=0.05, label="LoRA scale")

@@ -20,14 +20,15 @@ import yaml
 
 from .errors import UserError, stage_main
 
+# Every module a dvc.yaml stage runs (sample_base is `sample --base`), in graph order.
 STAGES = {
     "download": "impressionist.download", "filter": "impressionist.filter",
     "caption": "impressionist.caption", "encode": "impressionist.encode",
-    "train": "impressionist.train", "sample": "impressionist.sample",
-    "reference": "impressionist.reference", "evaluate": "impressionist.evaluate",
+    "train": "impressionist.train", "export": "impressionist.export",
+    "sample": "impressionist.sample", "reference": "impressionist.reference", "evaluate": "impressionist.evaluate",
 }
-COMMANDS = {**STAGES, "export": "impressionist.export", "publish": "impressionist.publish",
-            "report": "impressionist.report"}
+COMMANDS = {**STAGES, "publish": "impressionist.publish", "report": "impressionist.report",
+            "pin-model": "impressionist.pin_model"}
 DEMO_OVERRIDES = Path("configs/demo.yaml")
 
 
@@ -91,10 +92,11 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--dry-run", action="store_true", help="print the dvc command only")
     for stage in STAGES:
         commands.add_parser(stage, help=f"run the {stage} stage", add_help=False)
-    commands.add_parser("export", add_help=False, help="write the kohya/ComfyUI LoRA (and fused transformer)")
     commands.add_parser("publish", add_help=False, help="upload the LoRA and model card to the Hub")
     commands.add_parser("report", add_help=False,
                         help="write the pull-request report (metrics/params diff, grid, verdicts)")
+    commands.add_parser("pin-model", add_help=False,
+                        help="write the commit model.revision names now into params.yaml")
     # Stage commands parse their own options (the rest); the demo has none beyond its own.
     args, rest = parser.parse_known_args(argv)
     if args.command == "demo":

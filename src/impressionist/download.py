@@ -449,6 +449,50 @@ def validate_names(wanted: list[str], valid: list[str] | None, what: str, param:
                         f"{what} names: {', '.join(valid)}{note}")
 
 
+def describe_filter(read_filter: list[tuple] | None) -> str:
+    """``style == 12 and artist in [3, 7]``: a pushed-down filter as its origin strings name it."""
+    return " and ".join(f"{column} {op} {value}" for column, op, value in read_filter or [])
+
+
+def origin_locator(source: Source, read_filter: list[tuple] | None = None) -> Callable[[int, dict], str]:
+    """How to name where a row was in the source, from its position in the stream (0-based, in
+    source order) and the row: a folder image's path relative to the folder; a parquet row's file
+    (relative to the source) and row in it; a Hub row's row in the train split (at the commit the
+    ``revision`` column records: ``load_dataset(name, split="train", revision=...)[n]``).
+
+    With a filter pushed down into the Parquet reads the rows of other styles never reach the stream,
+    so positions count the rows that pass it: the origin then says so ("row n of the rows where
+    style == 12", i.e. ``pyarrow.parquet.read_table(file, filters=...)`` row n, or the Hub split
+    loaded with the same ``filters=``). The per-file counts come from reading only the filter's
+    columns of each local file."""
+    where = f" of the rows where {describe_filter(read_filter)}" if read_filter else ""
+    if source.folder is not None:
+        root = source.folder.root
+        return lambda position, example: Path(example["image"]["path"]).relative_to(root).as_posix()
+    if source.kind == "hub":
+        return lambda position, example: f"train row {position}{where}"
+    import bisect
+
+    import pyarrow.parquet as pq
+
+    top = Path(source.name).expanduser() if source.name != SYNTHETIC else None
+    names = [Path(f).relative_to(top).as_posix() if top is not None and top.is_dir() else Path(f).name
+             for f in source.data_files]
+    starts = [0]
+    for data_file in source.data_files:
+        if read_filter:  # only the filtered columns are read: a small fraction of the file
+            rows = pq.read_table(data_file, columns=sorted({c for c, _, _ in read_filter}), filters=read_filter).num_rows
+        else:  # row counts from the footers: no data is read
+            rows = pq.ParquetFile(data_file).metadata.num_rows
+        starts.append(starts[-1] + rows)
+
+    def locate(position: int, example: dict) -> str:
+        shard = bisect.bisect_right(starts, position) - 1
+        return f"{names[shard]} row {position - starts[shard]}{where}"
+
+    return locate
+
+
 def image_header(data: bytes) -> tuple[str, int, int]:
     """Extension, width and height from the image header only (no pixel decoding).
 
@@ -489,6 +533,7 @@ class Progress:
         self.config_key = config_key
         self.rows: list[dict] = []
         self.stream_state: dict | None = None
+        self.rows_read = 0  # source rows before stream_state's position (for each row's origin)
 
     def load(self) -> bool:
         """Pick up an earlier run with the same params; returns whether there was one."""
@@ -508,22 +553,24 @@ class Progress:
         # Drop a row whose image vanished, and a torn last line (JSON error above covers garbage).
         self.rows = [row for row in rows if (self.dir.parent / row["file"]).is_file()]
         self.stream_state = state.get("stream")
+        self.rows_read = int(state.get("rows_read", 0))
         return True
 
     def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         # Rewrite rows.jsonl so that it holds exactly the rows we trust.
         atomic_write_text(self.rows_file, "".join(json.dumps(row) + "\n" for row in self.rows))
-        self.save_state(self.stream_state)
+        self.save_state(self.stream_state, self.rows_read)
 
     def add(self, row: dict) -> None:
         with self.rows_file.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
         self.rows.append(row)
 
-    def save_state(self, stream_state: dict | None) -> None:
-        self.stream_state = stream_state
-        atomic_write_text(self.state_file, json.dumps({"config": self.config_key, "stream": stream_state}))
+    def save_state(self, stream_state: dict | None, rows_read: int) -> None:
+        self.stream_state, self.rows_read = stream_state, rows_read
+        atomic_write_text(self.state_file, json.dumps({"config": self.config_key, "stream": stream_state,
+                                                       "rows_read": rows_read}))
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -632,6 +679,7 @@ def run(cfg: dict, raw_dir: Path | str = RAW_DIR, *, retries: int = 5, backoff_s
         read_filter = pushdown_filter(stream.features, source.wanted) if source.kind in PUSHDOWN_KINDS else None
         if read_filter:
             key_parts["read_filter"] = repr(read_filter)
+        key_parts["columns"] = RAW_COLUMNS  # a partial download written with other columns starts afresh
         if folder is not None and folder.metadata_file is not None:  # edited labels: start afresh
             key_parts["folder_metadata"] = hashlib.sha256(folder.metadata_file.read_bytes()).hexdigest()
         progress = Progress(raw_dir, fingerprint(key_parts))
@@ -668,7 +716,9 @@ def run(cfg: dict, raw_dir: Path | str = RAW_DIR, *, retries: int = 5, backoff_s
                 meter.add(len(data) + len(caption or b""))
             return data, caption
 
-        def keep(example: dict, data: bytes, caption: bytes | None) -> bool:
+        locate = origin_locator(source, read_filter)
+
+        def keep(example: dict, data: bytes, caption: bytes | None, origin: str) -> bool:
             """Write the image (unless an interrupted run already did) and record the row."""
             if not data:
                 skipped["no image bytes"] += 1
@@ -689,7 +739,7 @@ def run(cfg: dict, raw_dir: Path | str = RAW_DIR, *, retries: int = 5, backoff_s
             progress.add({"id": digest[:16], "file": relative, "artist": artist_name(example["artist"]),
                           "genre": genre_name(example["genre"]), "style": style_name(example["style"]),
                           "width": width, "height": height, "sha256": digest, "source": source.name,
-                          "revision": source.revision,
+                          "revision": source.revision, "origin": origin,
                           "caption_file": caption_file})  # not a metadata column; kept for the sweep below
             kept_ids.add(digest[:16])
             return True
@@ -721,6 +771,7 @@ def run(cfg: dict, raw_dir: Path | str = RAW_DIR, *, retries: int = 5, backoff_s
             while not exhausted and not (max_images and len(progress.rows) >= max_images):
                 if progress.stream_state is not None:
                     stream.load_state_dict(progress.stream_state)
+                position = progress.rows_read  # rows of the source before the stream's position
                 iterator = iter(stream)
                 try:
                     unsaved_rows = 0
@@ -728,6 +779,7 @@ def run(cfg: dict, raw_dir: Path | str = RAW_DIR, *, retries: int = 5, backoff_s
                         # Only reading the source is retried; what follows writes data/raw.
                         try:
                             example = next(iterator, None)
+                            position += example is not None
                             reason = None if example is None else skip_reason(example)
                             data, caption = (read_source(example) if example is not None and reason is None
                                              else (b"", None))
@@ -745,7 +797,7 @@ def run(cfg: dict, raw_dir: Path | str = RAW_DIR, *, retries: int = 5, backoff_s
                             stream = fresh_stream()
                             break  # reopen, continuing from the last saved position
                         if example is None:
-                            progress.save_state(stream.state_dict())
+                            progress.save_state(stream.state_dict(), position)
                             exhausted = True
                             show_progress(at_end=True)
                             break
@@ -757,15 +809,15 @@ def run(cfg: dict, raw_dir: Path | str = RAW_DIR, *, retries: int = 5, backoff_s
                             # Save the position now and then, so that a retry does not reread long
                             # stretches of other styles.
                             if unsaved_rows >= SAVE_EVERY_SKIPPED:
-                                progress.save_state(stream.state_dict())
+                                progress.save_state(stream.state_dict(), position)
                                 unsaved_rows = 0
                             continue
-                        if keep(example, data, caption):
+                        if keep(example, data, caption, locate(position - 1, example)):
                             if by_images:
                                 bar.update(1)
                             failures = 0  # progress: the retry budget is for errors in a row
                         show_progress()
-                        progress.save_state(stream.state_dict())
+                        progress.save_state(stream.state_dict(), position)
                         unsaved_rows = 0
                         if max_images and len(progress.rows) >= max_images:
                             break

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from .errors import UserError, atomic_dir, first_line, stage_main
 from .latent_cache import EMPTY_CAPTION_KEY, INDEX, ShardWriter
 from .layout import CACHE_DIR, CAPTIONS, FILTERED_DIR
-from .models import encode_prompts, load_vae, resolve_device, resolve_dtype, resolve_pretrained
+from .models import encode_prompts, load_vae, resolve_base_model, resolve_device, resolve_dtype
 from .params import (fingerprint, load_params, require, require_int, require_keys, require_multiple,
                      require_positive, section)
 
@@ -218,18 +218,22 @@ def run(params: dict[str, Any], filtered_dir: Path = FILTERED_DIR, captions_path
     _validate(cfg)
     device, dtype = resolve_device(model_cfg), resolve_dtype(model_cfg)
     rows = _training_rows(Path(filtered_dir), Path(captions_path))
-    model_folder = resolve_pretrained(model_cfg["pretrained"], model_cfg.get("revision"))
+    base = resolve_base_model(model_cfg["pretrained"], model_cfg.get("revision"))
+    model_folder = base.folder
 
     with atomic_dir(out_dir) as tmp:
         samples = _encode_latents(rows, Path(filtered_dir), cfg, model_folder, dtype, device, tmp)
         text = _encode_texts(rows["caption"].tolist(), cfg, max_sequence_length, model_folder,
                              dtype, device, tmp)
         index = {
-            "fingerprint": fingerprint(model_cfg["pretrained"], model_cfg.get("revision"),
+            # The commit, not model.revision: a branch that moved is another model (and so, through
+            # this fingerprint, another training run hash).
+            "fingerprint": fingerprint(model_cfg["pretrained"], base.commit,
                                        str(dtype), {k: v for k, v in cfg.items() if k not in NOT_CACHED},
                                        max_sequence_length,
                                        rows[["id", "caption"]].values.tolist()),
             "base_model": model_cfg["pretrained"],
+            "base_model_commit": base.commit,
             "resolution": cfg["resolution"],
             "max_sequence_length": max_sequence_length,
             "samples": samples,
@@ -238,7 +242,7 @@ def run(params: dict[str, Any], filtered_dir: Path = FILTERED_DIR, captions_path
         (tmp / INDEX).write_text(json.dumps(index, indent=1))
     buckets = sorted({tuple(s["bucket"]) for s in samples})
     print(f"encode: {len(samples)} latents in {len(buckets)} buckets {buckets}, "
-          f"{len(text) - 1} distinct captions -> {out_dir}")
+          f"{len(text) - 1} distinct captions -> {out_dir} ({model_cfg['pretrained']} at {base.commit})")
     return index
 
 

@@ -209,7 +209,8 @@ def export_cfg(params: dict[str, Any]) -> dict[str, Any]:
 
 def fuse_into_transformer(params: dict[str, Any], lora_dir: Path, lora_scale: float, out_dir: Path) -> None:
     """Merge the LoRA into the base transformer (``fuse_lora``) and save the transformer alone."""
-    from .models import load_pipeline, resolve_device, resolve_dtype, resolve_pretrained
+    from .models import (load_pipeline, resolve_device, resolve_dtype, resolve_pretrained,
+                         without_third_party_noise)
 
     model_cfg = section(params, "model")
     device = resolve_device(model_cfg)
@@ -218,7 +219,8 @@ def fuse_into_transformer(params: dict[str, Any], lora_dir: Path, lora_scale: fl
     pipe = load_pipeline(folder, resolve_dtype(model_cfg), text_encoder=None, text_encoder_2=None,
                          tokenizer=None, tokenizer_2=None, vae=None)
     pipe.transformer.to(device)
-    pipe.load_lora_weights(str(lora_dir), weight_name=LORA_WEIGHTS, adapter_name="impressionist")
+    with without_third_party_noise():
+        pipe.load_lora_weights(str(lora_dir), weight_name=LORA_WEIGHTS, adapter_name="impressionist")
     pipe.fuse_lora(components=["transformer"], lora_scale=float(lora_scale), safe_fusing=True)
     pipe.unload_lora_weights()  # drops the LoRA layers; the fused weights stay
     pipe.transformer.save_pretrained(str(out_dir))

@@ -12,6 +12,8 @@ Each raw image is either kept or rejected with one recorded reason (checked in t
   (ties: the smallest id), so the result does not depend on the order of the rows.
 
 Kept images are EXIF-rotated and converted to RGB (CMYK, palette, alpha over white, 16-bit).
+``rejected.csv`` lists each rejected image's id, reason and ``origin`` (where it is in the source:
+for a folder of images, the user's own file name), and the summary line points to it.
 
 The split is a pure function of the image id: ``val`` when the first 8 hex digits of
 ``sha256("split:" + id)`` / 2**32 fall below ``filter.val_fraction``. Adding or removing other
@@ -265,7 +267,9 @@ def run(cfg: dict, raw_dir: Path | str = RAW_DIR, filtered_dir: Path | str = FIL
         kept = kept.reset_index(drop=True)
         kept.to_parquet(out / METADATA_FILE, index=False)
 
-        rejected = pd.DataFrame([(i, reasons[i]) for i in raw["id"] if reasons[i]], columns=["id", "reason"])
+        # `origin` names the image as the source has it (for a folder: the user's own file name).
+        rejected = pd.DataFrame([(row.id, reasons[row.id], row.origin) for row in raw.itertuples() if reasons[row.id]],
+                                columns=["id", "reason", "origin"])
         rejected.to_csv(out / "rejected.csv", index=False)
 
         per_reason = Counter(rejected["reason"])
@@ -283,8 +287,9 @@ def run(cfg: dict, raw_dir: Path | str = RAW_DIR, filtered_dir: Path | str = FIL
     atomic_write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
     save_figure(plot, plot_path)
     reasons_text = ", ".join(f"{n} {r}" for r, n in metrics["rejected_by_reason"].items() if n) or "none"
+    where = f" (each with its origin in the source: {Path(filtered_dir) / 'rejected.csv'})" if metrics["rejected"] else ""
     print(f"filter: kept {metrics['kept']} of {metrics['images_in']} images (train {metrics['train']}, "
-          f"val {metrics['val']}); rejected {reasons_text}")
+          f"val {metrics['val']}); rejected {reasons_text}{where}")
     return metrics
 
 

@@ -20,6 +20,11 @@ from diffusers.training_utils import (compute_density_for_timestep_sampling,
 
 TIMESTEP_SAMPLINGS = ("logit_normal", "flux_shift", "mode", "uniform")
 LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
+# The smallest noise level the loss weighting sees. diffusers' reference script draws sigma from the
+# scheduler's grid t / num_train_timesteps, t = 1..1000 (FlowMatchEulerDiscreteScheduler), so its
+# sigma_sqrt weights (sigma ** -2) stay <= 1e6; our continuous sigmas reach ~1e-6 under `uniform`
+# sampling, where sigma ** -2 (~1e12) would let one sample swamp the batch.
+MIN_WEIGHTING_SIGMA = 1e-3
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,12 @@ def noisy_latents(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tens
     return (1.0 - s) * latents + s * noise
 
 
+def loss_weights(weighting: str, sigmas: torch.Tensor) -> torch.Tensor:
+    """diffusers' SD3 loss weights per sample, at sigma clamped to ``MIN_WEIGHTING_SIGMA`` (the noise
+    itself is not clamped). "none" gives weights of one (diffusers' fallback for any other name)."""
+    return compute_loss_weighting_for_sd3(weighting, sigmas=sigmas.clamp(min=MIN_WEIGHTING_SIGMA)).float()
+
+
 def flow_matching_loss(transformer, latents: torch.Tensor, noise: torch.Tensor,
                        sigmas: torch.Tensor, prompt_embeds: torch.Tensor,
                        pooled_prompt_embeds: torch.Tensor, guidance_scale: float | None,
@@ -116,7 +127,6 @@ def flow_matching_loss(transformer, latents: torch.Tensor, noise: torch.Tensor,
     )[0]
     # Packing is a permutation of elements, so the loss is the same as in unpacked space.
     target = pack_latents(noise - latents)
-    # "none" gives weights of one (diffusers' fallback for any other scheme name).
-    weights = compute_loss_weighting_for_sd3(weighting, sigmas=sigmas.to(device)).float()
+    weights = loss_weights(weighting, sigmas.to(device))
     per_sample = ((prediction.float() - target.float()) ** 2).reshape(b, -1).mean(dim=1)
     return (weights * per_sample).mean()

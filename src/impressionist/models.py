@@ -3,17 +3,27 @@
 ``model.pretrained`` is a Hub id (FLUX.1-dev), a local diffusers folder, or ``builtin:tiny-flux``
 (built locally, see :mod:`impressionist.tiny_flux`). All three end in the same
 ``from_pretrained(folder)`` calls.
+
+Each is identified by a ``commit`` (:class:`BaseModel`), which the stages record and fingerprint:
+a Hub ``model.revision`` (a branch, tag or commit) is resolved to its commit when a stage first needs
+the model, and exactly that snapshot is loaded; a local folder is identified by a hash of its
+content, the builtin model by its builder version.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 
-from .errors import DEMO_HINT, UserError, atomic_dir, first_line
+from .errors import DEMO_HINT, UserError, atomic_dir, atomic_write_text, first_line
 from .params import require_choice
 
 BUILTIN_TINY_FLUX = "builtin:tiny-flux"
@@ -41,10 +51,27 @@ def resolve_dtype(model_cfg: dict[str, Any]) -> torch.dtype:
     return DTYPES[require_choice(model_cfg.get("dtype", "bfloat16"), DTYPES, "model.dtype")]
 
 
+@dataclass(frozen=True)
+class BaseModel:
+    """The base model a stage loads: a local diffusers ``folder`` and the ``commit`` that names its
+    content (a Hub commit, ``sha256:<hash>`` of a local folder, or ``builtin:tiny-flux-v<N>``)."""
+
+    name: str
+    folder: str
+    commit: str
+
+
 def resolve_pretrained(name: str, revision: str | None = None) -> str:
     """Return a local diffusers folder for ``name``, building or downloading it if needed."""
+    return resolve_base_model(name, revision).folder
+
+
+def resolve_base_model(name: str, revision: str | None = None) -> BaseModel:
+    """The folder to load ``name`` from and its commit; a Hub ``revision`` is resolved to its commit
+    first, and that commit's snapshot is what gets loaded."""
     if name == BUILTIN_TINY_FLUX:
-        return str(_tiny_flux_folder())
+        folder = _tiny_flux_folder()
+        return BaseModel(name, str(folder), f"builtin:{folder.name}")
     if name.startswith("builtin:"):
         raise UserError(f"model.pretrained={name!r}: the only builtin model is {BUILTIN_TINY_FLUX}")
     local = Path(name).expanduser()
@@ -52,8 +79,83 @@ def resolve_pretrained(name: str, revision: str | None = None) -> str:
         if not (local / "model_index.json").is_file():
             raise UserError(f"model.pretrained={name}: folder has no model_index.json "
                             "(expected a diffusers pipeline folder)")
-        return str(local)
-    return _hub_snapshot(name, revision)
+        return BaseModel(name, str(local), folder_digest(local))
+    commit = hub_commit(name, revision)
+    return BaseModel(name, _hub_snapshot(name, commit), commit)
+
+
+def base_model_of_cache(name: str, revision: str | None, recorded: str | None) -> BaseModel:
+    """The base model a stage after ``encode`` must use: the one its cache was made with.
+
+    A Hub model is loaded at the recorded commit even if ``model.revision`` has moved on since; a
+    local folder or builtin model whose content changed stops with one line.
+    """
+    if recorded is None:  # a cache from before commits were recorded
+        return resolve_base_model(name, revision)
+    is_hub_commit = not recorded.startswith(("sha256:", "builtin:"))
+    base = resolve_base_model(name, recorded if is_hub_commit else revision)
+    if base.commit != recorded:
+        raise UserError(f"data/cache was encoded with {name} at {recorded}, but it is now {base.commit}; "
+                        "re-run encode (`dvc repro -f encode`)")
+    return base
+
+
+def hub_commit(repo_id: str, revision: str | None) -> str:
+    """The commit ``revision`` (a branch, tag or commit; default main) of a Hub model names now, or,
+    offline or with the Hub unreachable, the one the local Hugging Face cache last recorded."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import (GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError,
+                                        RevisionResolutionError)
+
+    from .hub import hub_offline
+
+    revision = revision or "main"
+    hint = (f"accept its licence on the Hub, set HF_TOKEN (or run `hf auth login`) and check the "
+            f"network, or set model.pretrained to a local diffusers folder; {DEMO_HINT}")
+    try:
+        return HfApi().resolve_revision(repo_id, revision=revision, local_files_only=hub_offline()).resolved
+    except RevisionNotFoundError as err:
+        raise UserError(f"model {repo_id} has no revision {revision!r} on the Hub; set model.revision to one "
+                        "of its branches, tags or commits (default: main)") from err
+    except (GatedRepoError, RepositoryNotFoundError) as err:
+        raise UserError(f"no access to model {repo_id} on the Hugging Face Hub "
+                        f"({type(err).__name__}); {hint}") from err
+    except RevisionResolutionError as err:
+        why = "HF_HUB_OFFLINE is set" if hub_offline() else "the Hub cannot be reached"
+        raise UserError(f"model {repo_id} at {revision} is not in the local Hugging Face cache and {why}; "
+                        f"{hint}") from err
+    except Exception as err:  # a proxy error, an HTTP error of another kind
+        raise UserError(f"cannot resolve model {repo_id} at {revision} on the Hugging Face Hub "
+                        f"({type(err).__name__}: {first_line(err, 160)}); {hint}") from err
+
+
+def folder_digest(folder: Path | str) -> str:
+    """``sha256:<hash>`` of every file under ``folder`` (relative names and contents; hidden files and
+    folders, such as a download's .cache, skipped).
+
+    Each file's hash is remembered under :func:`cache_root` by path, size and modification time, so a
+    33 GB FLUX.1-dev folder is read once, not in every stage.
+    """
+    folder = Path(folder).resolve()
+    memo_file = cache_root() / "folder-digests" / f"{hashlib.sha256(str(folder).encode()).hexdigest()[:16]}.json"
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    files = sorted(p for p in folder.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    whole, seen = hashlib.sha256(), {}
+    for path in files:
+        relative, stat = path.relative_to(folder).as_posix(), path.stat()
+        key = f"{relative}:{stat.st_size}:{stat.st_mtime_ns}"
+        if key not in memo:
+            with path.open("rb") as handle:
+                memo[key] = hashlib.file_digest(handle, "sha256").hexdigest()
+        seen[key] = memo[key]
+        whole.update(f"{relative}\0{memo[key]}\n".encode())
+    with contextlib.suppress(OSError):  # a read-only cache only costs the re-reading
+        atomic_write_text(memo_file, json.dumps(seen))
+    return "sha256:" + whole.hexdigest()
 
 
 def _tiny_flux_folder() -> Path:
@@ -74,12 +176,13 @@ def _tiny_flux_folder() -> Path:
     return folder
 
 
-def _hub_snapshot(repo_id: str, revision: str | None) -> str:
+def _hub_snapshot(repo_id: str, commit: str) -> str:
+    """The local snapshot of ``repo_id`` at ``commit`` (a commit hash), downloaded if not cached."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     try:  # already in the local Hub cache: no network needed
-        return snapshot_download(repo_id, revision=revision, allow_patterns=DIFFUSERS_PATTERNS,
+        return snapshot_download(repo_id, revision=commit, allow_patterns=DIFFUSERS_PATTERNS,
                                  local_files_only=True)
     except Exception:
         pass
@@ -88,16 +191,52 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> str:
     from .hub import hub_offline
 
     if hub_offline():
-        raise UserError(f"model {repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE "
+        raise UserError(f"model {repo_id} at {commit} is not in the local Hugging Face cache and HF_HUB_OFFLINE "
                         f"is set; {hint}")
     try:
-        return snapshot_download(repo_id, revision=revision, allow_patterns=DIFFUSERS_PATTERNS)
+        return snapshot_download(repo_id, revision=commit, allow_patterns=DIFFUSERS_PATTERNS)
     except (GatedRepoError, RepositoryNotFoundError) as err:
         raise UserError(f"no access to model {repo_id} on the Hugging Face Hub "
                         f"({type(err).__name__}); {hint}") from err
     except Exception as err:  # connection refused, DNS, timeouts: all mean "cannot download"
         raise UserError(f"cannot download model {repo_id} from the Hugging Face Hub "
                         f"({type(err).__name__}); {hint}") from err
+
+
+# Library messages a user cannot act on, by logger: FLUX feeds the full prompt to T5 and only its
+# first 77 tokens to CLIP by design (the caption stage reports T5 truncation, which does matter),
+# and diffusers tokenizes the prompt once untruncated to find what CLIP drops, which transformers
+# reports as a too-long sequence; the LoRA holds transformer layers only, so loading it finds none
+# for the text encoders.
+THIRD_PARTY_NOISE = {
+    "diffusers.pipelines.flux.pipeline_flux": "The following part of your input was truncated because CLIP",
+    "transformers.tokenization_utils_base": "Token indices sequence length is longer than the specified",
+    "diffusers.loaders.lora_base": "No LoRA keys associated to",
+    "diffusers.loaders.peft": "No LoRA keys associated to",
+}
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+@contextlib.contextmanager
+def without_third_party_noise() -> Iterator[None]:
+    """Drop exactly the messages of ``THIRD_PARTY_NOISE`` while the block (or decorated call) runs;
+    every other message of those loggers still shows."""
+    filters = [(logging.getLogger(name), _DropMessage(prefix)) for name, prefix in THIRD_PARTY_NOISE.items()]
+    for logger, message_filter in filters:
+        logger.addFilter(message_filter)
+    try:
+        yield
+    finally:
+        for logger, message_filter in filters:
+            logger.removeFilter(message_filter)
 
 
 def load_pipeline(folder: str, dtype: torch.dtype, **components):
@@ -132,8 +271,9 @@ def encode_prompts(folder: str, dtype: torch.dtype, device: torch.device, prompt
     pipe = load_text_pipeline(folder, dtype).to(device)
     try:
         for start in range(0, len(prompts), batch_size):
-            outputs = pipe.encode_prompt(prompt=list(prompts[start:start + batch_size]), prompt_2=None,
-                                         device=device, max_sequence_length=max_sequence_length)
+            with without_third_party_noise():
+                outputs = pipe.encode_prompt(prompt=list(prompts[start:start + batch_size]), prompt_2=None,
+                                             device=device, max_sequence_length=max_sequence_length)
             yield outputs[0].cpu(), outputs[1].cpu()
             del outputs
     finally:

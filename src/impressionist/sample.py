@@ -37,7 +37,8 @@ from tqdm import tqdm
 from .errors import UserError, atomic_dir, first_line, stage_main
 from .grid import save_sample_grid
 from .layout import CAPTIONS, LORA_DIR, LORA_WEIGHTS, SAMPLE_GRID, SAMPLES_DIR
-from .models import load_pipeline, resolve_device, resolve_dtype, resolve_pretrained
+from .models import (load_pipeline, resolve_device, resolve_dtype, resolve_pretrained,
+                     without_third_party_noise)
 from .params import (fingerprint, load_params, require, require_choice, require_int, require_keys,
                      require_multiple, require_positive, section)
 from .prompts import with_trigger
@@ -151,6 +152,7 @@ def load(params: dict[str, Any], device: torch.device):
     return pipe, cfg
 
 
+@without_third_party_noise()
 @torch.no_grad()
 def draw(pipe, settings: dict[str, Any], prompt: str, seed: int):
     """One image: ``settings`` gives resolution, steps, guidance_scale and max_sequence_length."""
@@ -300,7 +302,8 @@ def run_lora(params: dict[str, Any], lora_dir: Path = LORA_DIR, base_dir: Path =
     check_base_samples(Path(base_dir), prompt_list, cfg["seeds"])
     check_base_eval_set(Path(base_dir), params)
     pipe, cfg = load(params, device)
-    pipe.load_lora_weights(str(lora_dir), adapter_name=ADAPTER)
+    with without_third_party_noise():
+        pipe.load_lora_weights(str(lora_dir), adapter_name=ADAPTER)
     with atomic_dir(out_dir) as tmp:
         rows, eval_rows = [], []
         for scale in scales:

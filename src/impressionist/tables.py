@@ -15,8 +15,11 @@ import pandas as pd
 from .errors import UserError, first_line
 
 # data/raw/metadata.parquet, written by the download stage. `revision` is the Hub dataset commit
-# the rows were streamed from ("" for local and synthetic sources).
-RAW_COLUMNS = ["id", "file", "artist", "genre", "style", "width", "height", "sha256", "source", "revision"]
+# the rows were streamed from ("" for local and synthetic sources); `origin` is where the image was
+# in the source (a folder: its path relative to the folder; parquet: "<file> row <n>"; the Hub:
+# "train row <n>"), so that a user can find their own file behind an id.
+RAW_COLUMNS = ["id", "file", "artist", "genre", "style", "width", "height", "sha256", "source", "revision",
+               "origin"]
 METADATA_FILE = "metadata.parquet"  # the table of data/raw and of data/filtered
 
 

@@ -28,8 +28,8 @@ from .flux_math import (LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS, TimestepSampling, f
 from .latent_cache import EMPTY_CAPTION_KEY, CacheReader
 from .layout import CACHE_DIR, LORA_DIR
 from .lora import lora_config, validate_lora
-from .models import (check_attention_backend, check_quantization, load_transformer, require_package,
-                     resolve_device, resolve_dtype, resolve_pretrained, use_attention_backend)
+from .models import (base_model_of_cache, check_attention_backend, check_quantization, load_transformer,
+                     require_package, resolve_device, resolve_dtype, use_attention_backend)
 from .params import (fingerprint, load_params, require, require_choice, require_int, require_keys,
                      require_positive, section)
 from .plotting import new_figure, save_figure
@@ -356,7 +356,9 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
     this_run = run_hash(params, cache.index["fingerprint"], world)
     set_seed(cfg["seed"])
 
-    model_folder = resolve_pretrained(model_cfg["pretrained"], model_cfg.get("revision"))
+    # The model the cache was encoded with (its commit is in the cache fingerprint, so in this_run).
+    model_folder = base_model_of_cache(model_cfg["pretrained"], model_cfg.get("revision"),
+                                       cache.index.get("base_model_commit")).folder
     sampler = None
     if validation_every and accelerator.is_main_process:
         # Before the transformer loads: the text encoders come and go while memory is still free.
@@ -476,7 +478,8 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
                 tmp, transformer_lora_layers=final_lora,
                 **_collate_lora_metadata({"transformer": unwrapped}))
             (tmp / "training_config.json").write_text(json.dumps(
-                {"base_model": model_cfg["pretrained"], "lora": lora_cfg, "train": cfg,
+                {"base_model": model_cfg["pretrained"], "base_model_commit": cache.index.get("base_model_commit"),
+                 "lora": lora_cfg, "train": cfg,
                  "run_hash": this_run, "steps": step, "rank_checksums": rank_checksums,
                  "history": history}, indent=1))
         atomic_write_text(metrics_path, json.dumps(

@@ -1,0 +1,35 @@
+"""The `impressionist` command: one subcommand per module a dvc.yaml stage runs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from impressionist import cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_stages_are_the_modules_dvc_yaml_runs():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    modules = {re.search(r"python -m ([\w.]+)", stage["cmd"]).group(1) for stage in stages.values()}
+    assert set(cli.STAGES.values()) == modules
+    assert set(cli.STAGES) <= set(stages)  # each subcommand is named after its stage
+
+
+@pytest.mark.parametrize("stage", sorted(cli.STAGES))
+def test_each_stage_subcommand_runs_its_module(stage, monkeypatch):
+    """`impressionist <stage> --params x` hands the rest of the line to that stage module's main."""
+    called = []
+
+    class Module:
+        @staticmethod
+        def main(rest):
+            called.append(rest)
+
+    monkeypatch.setattr(cli.importlib, "import_module", lambda name: called.append(name) or Module)
+    cli.main([stage, "--params", "other.yaml"])
+    assert called == [cli.STAGES[stage], ["--params", "other.yaml"]]
