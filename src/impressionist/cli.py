@@ -27,7 +27,7 @@ STAGES = {
     "evaluate": "impressionist.evaluate",
 }
 COMMANDS = {**STAGES, "export": "impressionist.export", "publish": "impressionist.publish",
-            "report": "impressionist.report"}
+            "report": "impressionist.report", "space": "impressionist.space"}
 DEMO_OVERRIDES = Path("configs/demo.yaml")
 
 
@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> None:
         commands.add_parser(stage, help=f"run the {stage} stage", add_help=False)
     commands.add_parser("export", add_help=False, help="write the kohya/ComfyUI LoRA (and fused transformer)")
     commands.add_parser("publish", add_help=False, help="upload the LoRA and model card to the Hub")
+    commands.add_parser("space", add_help=False,
+                        help="write the Gradio app as a Hugging Face Space folder (--dry-run) or deploy it")
     commands.add_parser("report", add_help=False,
                         help="write the pull-request report (metrics/params diff, grid, verdicts)")
     # Stage commands parse their own options (the rest); the demo has none beyond its own.
