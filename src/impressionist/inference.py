@@ -61,6 +61,9 @@ def settings_from(cfg: Mapping[str, Any], section: str) -> InferenceSettings:
 
 def check(settings: InferenceSettings, device: torch.device, section: str) -> None:
     """Refuse what this machine cannot run, with one line, before any model is loaded."""
+    if settings.compile and settings.offload == "sequential":  # on any machine
+        raise UserError(f"{section}.compile cannot compile layers that sequential offload moves one by "
+                        "one; use offload none or model")
     q, name = settings.quantization, f"{section}.quantization={settings.quantization}"
     if q != "none":
         package = {"nf4": "bitsandbytes", "fp8": "torchao"}[q]
@@ -78,9 +81,6 @@ def check(settings: InferenceSettings, device: torch.device, section: str) -> No
         raise UserError(f"{section}.offload={settings.offload} moves weights between a GPU and the CPU; it "
                         "needs CUDA (use none on the CPU)")
     if settings.compile:
-        if settings.offload == "sequential":
-            raise UserError(f"{section}.compile cannot compile layers that sequential offload moves one by "
-                            "one; use offload none or model")
         if device.type == "cuda" and importlib.util.find_spec("triton") is None:
             raise UserError(f"{section}.compile on a GPU needs triton: pip install triton")
         if device.type != "cuda" and not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
