@@ -40,16 +40,21 @@ def test_fused_lora_draws_what_the_adapter_draws(tiny_flux_dir, trained_lora):
     fused = build(tiny_flux_dir, trained_lora, lora_mode="fused")
     with inference.lora_removed(adapter, InferenceSettings()):
         base = draw(adapter)
-    for scale in (1.0, 0.5, 1.0):  # a fuse at one scale is fully undone before the next
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    settings = InferenceSettings(lora_mode="fused")
+    lora_layers = [m for m in fused.transformer.modules() if isinstance(m, BaseTunerLayer)]
+    for scale in (1.0, 0.5, 1.5):  # one after the other: a fuse is fully undone before the next
+        with inference.lora_applied(fused, settings, scale):
+            assert all(layer.merged for layer in lora_layers)
+            from_fused = draw(fused)
+        assert not any(layer.merged for layer in lora_layers)
         with inference.lora_applied(adapter, InferenceSettings(), scale):
             from_adapter = draw(adapter)
-        settings = InferenceSettings(lora_mode="fused")
-        with inference.lora_applied(fused, settings, scale):
-            from_fused = draw(fused)
         assert np.abs(from_adapter - base).max() > 0.005  # the LoRA matters (50x the tolerance below)
         np.testing.assert_allclose(from_fused, from_adapter, atol=1e-4)
-        with inference.lora_removed(fused, settings):  # unfused again: the base model
-            np.testing.assert_allclose(draw(fused), base, atol=1e-5)
+    with inference.lora_removed(fused, settings):  # unfused again: the base model
+        np.testing.assert_allclose(draw(fused), base, atol=1e-5)
     # merged layers skip their own LoRA matmuls: while fused, no lora_A runs
     calls = []
     hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for n, m in fused.transformer.named_modules()
