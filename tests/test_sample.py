@@ -83,7 +83,7 @@ def test_prompt_set_refusals(demo_params, tmp_path, change, needle):
 def test_missing_captions_file_is_one_line_before_any_model(demo_params, tmp_path, monkeypatch):
     params = small(demo_params)
     params["sample"]["val_captions"] = 2
-    monkeypatch.setattr(sample, "load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(sample, "build_pipeline", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(UserError) as err:
         sample.run_base(params, tmp_path / "base", tmp_path / "no" / "captions.parquet")
     message = str(err.value)
@@ -164,7 +164,7 @@ def test_grid_is_captioned_rows_prompts_columns_scales(tmp_path):
 
 
 def test_refusals(demo_params, tmp_path, monkeypatch):
-    monkeypatch.setattr(sample, "load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(sample, "build_pipeline", lambda *a, **k: pytest.fail("model loaded"))
     params = small(demo_params)
     with pytest.raises(UserError, match="no LoRA"):
         sample.run_lora(params, tmp_path / "missing", tmp_path / "base", tmp_path / "out", tmp_path / "g.png")
@@ -205,6 +205,7 @@ def test_offload_modes_are_checked_before_loading(demo_params, tmp_path, mode, m
     if torch.cuda.is_available() and message == "needs CUDA":
         pytest.skip("this machine has a GPU: the refusal is for machines without one")
     demo_params["sample"]["offload"] = mode
+    demo_params["sample"]["val_captions"] = 0  # no data/captions needed: the refusal is the point
     with pytest.raises(UserError, match=message):
         sample.run_base(demo_params, tmp_path / "base")
     assert not (tmp_path / "base").exists()
