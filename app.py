@@ -1,7 +1,7 @@
 """Gradio app: FLUX.1 base model vs the impressionist LoRA, same seed, side by side.
 
 Run ``python app.py`` (http://127.0.0.1:7860; GRADIO_SERVER_NAME / GRADIO_SERVER_PORT change it), or
-push this repository to a Hugging Face Space with a GPU. Settings: the ``app`` section of
+deploy it as a Hugging Face Space with ``impressionist space`` (docs/sharing.md). Settings: the ``app`` section of
 params.yaml, each overridable with ``IMPRESSIONIST_<KEY>``, e.g.
 ``IMPRESSIONIST_BASE_MODEL=black-forest-labs/FLUX.1-dev IMPRESSIONIST_LORA=your-name/impressionist-flux-lora``.
 See docs/sharing.md.
@@ -10,10 +10,16 @@ See docs/sharing.md.
 import sys
 from pathlib import Path
 
-try:
-    import impressionist  # noqa: F401  (installed with `pip install -e .`)
-except ImportError:  # a Space runs this file from a checkout without installing the package
-    sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
+try:  # ZeroGPU Spaces: `spaces` must be imported before torch sets up CUDA
+    import spaces  # noqa: F401
+except ImportError:
+    pass
+
+# The package beside this file (a checkout, or the folder `impressionist space` writes) comes first,
+# before any installed copy.
+SRC = Path(__file__).resolve().parent / "src"
+if (SRC / "impressionist").is_dir():
+    sys.path.insert(0, str(SRC))
 
 from impressionist.app import build_demo, describe, load_settings
 from impressionist.errors import UserError

@@ -196,3 +196,43 @@ def test_download_benchmark_measures_less_read_with_pushdown_on_the_grouped_mirr
     assert share[("by_style", "yes")] < 40 and share[("by_style", "no")] == 100
     for row in rows:
         assert float(row[3].split()[0]) > 0 and row[6].endswith("/ 16")  # 16% of 100 kept every time
+
+
+def test_inference_cpu_profile_prints_the_table_with_n_and_spread(tmp_path):
+    """bench_inference.py on the tiny model: one row per setting, times with n and their spread, the
+    reference identical to itself, and a setting the CPU cannot run refused with the app's line."""
+    import torch
+
+    out = tmp_path / "results.md"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks/bench_inference.py"), "--profile", "cpu",
+                             "--images", "2", "--steps", "2", "--resolution", "32", "--max-sequence-length", "16",
+                             "--cases", "reference,4-steps,fused,nf4", "--out", str(out)],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = out.read_text()
+    assert "n = 2 images per setting, mean ± sample std" in text
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in text.splitlines() if line.startswith("| ") and not line.startswith("| setting")}
+    assert list(rows) == ["reference (adapter)", "4 steps", "fused LoRA", "nf4 transformer"]
+    reference, fewer, fused = rows["reference (adapter)"], rows["4 steps"], rows["fused LoRA"]
+    assert (reference[0], fewer[0]) == ("2", "4")
+    for row in (reference, fewer, fused):
+        mean, spread = row[1].split(" ± ")
+        assert float(mean) > 0 and float(spread) >= 0
+    assert reference[6] == "identical" and reference[5].startswith("1.0000")
+    assert fewer[6] != "identical"  # 4 steps draw another picture than 2
+    if not torch.cuda.is_available():
+        assert rows["nf4 transformer"][1] == "refused: setting.quantization=nf4 needs a CUDA GPU (bitsandbytes " \
+                                             "kernels); use none on the CPU"
+
+
+def test_inference_gpu_profile_without_gpu_is_one_line():
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the refusal is for machines without one")
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks/bench_inference.py"), "--profile", "gpu"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --profile gpu needs a CUDA GPU")

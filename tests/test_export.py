@@ -1,5 +1,6 @@
-"""Export: the kohya/ComfyUI file loads back through diffusers' own kohya loader to the same LoRA,
-and the fused transformer draws the same images as the LoRA it was fused from."""
+"""Export: the kohya/ComfyUI file (bf16 by default, half the size of float32) loads back through
+diffusers' own kohya loader to the same LoRA, its metadata states the ranks in the file, a final-layer
+LoRA is warned about, and the fused transformer draws the same images as the LoRA it was fused from."""
 
 from __future__ import annotations
 
@@ -44,13 +45,22 @@ def exported(tmp_path_factory, _demo_params_master, trained_lora):
     return out
 
 
+@pytest.fixture(scope="module")
+def exported_fp32(tmp_path_factory, _demo_params_master, trained_lora):
+    params = copy.deepcopy(_demo_params_master)
+    params["export"] = {"dtype": "float32"}
+    out = tmp_path_factory.mktemp("export32") / "export"
+    export.run(params, trained_lora, out)
+    return out
+
+
 def draw(pipe, seed=0):
     return pipe("impr3ssionism, a harbor at sunset", height=32, width=32, num_inference_steps=2,
                 max_sequence_length=16, generator=torch.Generator("cpu").manual_seed(seed),
                 output_type="np").images[0]
 
 
-def test_kohya_file_layout(exported):
+def test_kohya_file_layout(exported, trained_lora):
     tensors = load_file(exported / export.KOHYA_FILE)
     assert tensors and all(k.startswith("lora_unet_") for k in tensors)
     layers = {k.rsplit(".", 2)[0] for k in tensors if k.endswith(".lora_down.weight")}
@@ -61,16 +71,46 @@ def test_kohya_file_layout(exported):
     assert tensors["lora_unet_double_blocks_0_img_attn_proj.alpha"].item() == 8
     assert tensors["lora_unet_double_blocks_0_txt_attn_qkv.lora_down.weight"].shape[0] == 12
     assert tensors["lora_unet_double_blocks_0_txt_attn_qkv.alpha"].item() == 24
+    # bf16 factors (the ecosystem's LoRA dtype); the alphas stay exact fp32 scalars
+    assert {t.dtype for k, t in tensors.items() if not k.endswith(".alpha")} == {torch.bfloat16}
+    assert {t.dtype for k, t in tensors.items() if k.endswith(".alpha")} == {torch.float32}
     with safe_open(str(exported / export.KOHYA_FILE), "pt") as f:
         metadata = f.metadata()
-    assert metadata["ss_network_alpha"] == "8" and metadata["ss_network_dim"] == "4"
+    # the file's largest rank is the fused txt q/k/v layer's 3 x 4, with its alpha; every rank counted
+    assert metadata["ss_network_dim"] == "12" and metadata["ss_network_alpha"] == "24"
+    ranks = {k.rsplit(".", 2)[0]: t.shape[0] for k, t in tensors.items() if k.endswith(".lora_down.weight")}
+    assert json.loads(metadata["impressionist_layer_ranks"]) == {"4": len(layers) - 1, "12": 1}
+    assert sorted(set(ranks.values())) == [4, 12]
+    assert metadata["impressionist_trained_rank"] == "4" and metadata["impressionist_trained_alpha"] == "8"
     assert "lora_adapter_metadata" not in metadata  # diffusers would apply alpha a second time
     manifest = json.loads((exported / export.MANIFEST).read_text())
     assert manifest["kohya_file"] == export.KOHYA_FILE and manifest["kohya_layers"] == len(layers)
     assert manifest["fused"] == {"folder": export.FUSED_DIR, "lora_scale": 0.7}
+    assert manifest["dtype"] == "bfloat16" and manifest["diffusers_kohya_reader_skips"] == []
+    sizes = manifest["size_bytes"]
+    assert sizes["kohya_lora"] == (exported / export.KOHYA_FILE).stat().st_size
+    assert sizes["diffusers_lora"] == (trained_lora / export.LORA_WEIGHTS).stat().st_size
+    assert sizes["fused_transformer"] == sum(p.stat().st_size for p in (exported / export.FUSED_DIR).rglob("*")
+                                             if p.is_file())
 
 
-def test_kohya_file_draws_the_same_images_as_the_diffusers_file(tiny_flux_dir, trained_lora, exported):
+def tensor_bytes(path) -> int:
+    """A safetensors file's size without its JSON header (8 bytes of length, then the header):
+    the tiny test LoRA's header is a large share of its file, a real LoRA's is not."""
+    with open(path, "rb") as f:
+        return path.stat().st_size - 8 - int.from_bytes(f.read(8), "little")
+
+
+def test_bf16_file_is_half_the_float32_file(exported, exported_fp32):
+    bf16, fp32 = ((d / export.KOHYA_FILE).stat().st_size for d in (exported, exported_fp32))
+    assert bf16 < fp32
+    ratio = tensor_bytes(exported / export.KOHYA_FILE) / tensor_bytes(exported_fp32 / export.KOHYA_FILE)
+    assert 0.49 < ratio < 0.52  # 2 bytes a weight instead of 4; the fp32 alphas are 4 bytes a layer
+    assert json.loads((exported_fp32 / export.MANIFEST).read_text())["size_bytes"]["kohya_lora"] == fp32
+
+
+def test_kohya_file_draws_the_same_images_as_the_diffusers_file(tiny_flux_dir, trained_lora, exported,
+                                                                exported_fp32):
     from impressionist.models import load_pipeline
 
     pipe = load_pipeline(tiny_flux_dir, torch.float32)
@@ -78,12 +118,18 @@ def test_kohya_file_draws_the_same_images_as_the_diffusers_file(tiny_flux_dir, t
     base = draw(pipe)
     pipe.load_lora_weights(str(trained_lora), adapter_name="diffusers")
     pipe.load_lora_weights(str(exported / export.KOHYA_FILE), adapter_name="kohya")
+    pipe.load_lora_weights(str(exported_fp32 / export.KOHYA_FILE), adapter_name="kohya32")
     pipe.set_adapters("diffusers")
     from_diffusers = draw(pipe)
+    pipe.set_adapters("kohya32")
+    from_kohya32 = draw(pipe)
     pipe.set_adapters("kohya")
     from_kohya = draw(pipe)
     assert np.abs(from_diffusers - base).max() > 0.02  # the LoRA matters ...
-    np.testing.assert_allclose(from_kohya, from_diffusers, atol=1e-5)  # ... and survives export
+    np.testing.assert_allclose(from_kohya32, from_diffusers, atol=1e-5)  # ... and survives export exactly,
+    # and in bf16 within bf16's rounding (8 mantissa bits: ~0.4% of each factor), far below the LoRA's effect
+    difference = np.abs(from_kohya - from_diffusers).max()
+    assert difference < 1e-2 and difference < np.abs(from_diffusers - base).max() / 5
 
 
 def test_fused_transformer_draws_the_same_images_as_the_lora(tiny_flux_dir, trained_lora, exported):
@@ -179,3 +225,24 @@ def test_refusals(demo_params, trained_lora, tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: no LoRA") and "\n" not in err
+
+
+def test_final_layer_is_exported_with_a_warning(tmp_path, _demo_params_master, encoded_cache, tiny_flux_dir,
+                                                capsys):
+    """A LoRA on the final layer (as `all-linear`'s top-level proj_out): ComfyUI reads it, diffusers'
+    kohya reader drops it. The stage says so on stderr and export.json lists it; the claim is checked
+    against diffusers itself."""
+    from diffusers import FluxPipeline
+
+    lora_dir = train_tiny_lora(tmp_path, _demo_params_master, encoded_cache, steps=2,
+                               lora=dict(rank=2, alpha=2, targets=["attn.to_out.0", "norm_out.linear"]))
+    capsys.readouterr()
+    manifest = export.run(copy.deepcopy(_demo_params_master), lora_dir, tmp_path / "export")
+    err = capsys.readouterr().err
+    assert "warning: diffusers' kohya loader drops lora_unet_final_layer_adaLN_modulation_1" in err
+    assert manifest["diffusers_kohya_reader_skips"] == ["lora_unet_final_layer_adaLN_modulation_1"]
+    tensors = load_file(tmp_path / "export" / export.KOHYA_FILE)
+    assert "lora_unet_final_layer_adaLN_modulation_1.lora_up.weight" in tensors  # in the file, for ComfyUI
+    back = FluxPipeline.lora_state_dict(str(tmp_path / "export" / export.KOHYA_FILE))
+    assert not any(k.startswith("transformer.norm_out") for k in back)  # what diffusers loads lacks it
+    assert any(k.startswith("norm_out") for k in back)

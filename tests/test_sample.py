@@ -87,7 +87,7 @@ def test_prompt_set_refusals(demo_params, tmp_path, change, needle):
 def test_missing_captions_file_is_one_line_before_any_model(demo_params, tmp_path, monkeypatch):
     params = small(demo_params)
     params["sample"]["val_captions"] = 2
-    monkeypatch.setattr(sample, "load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(sample, "build_pipeline", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(UserError) as err:
         sample.run_base(params, tmp_path / "base", tmp_path / "no" / "captions.parquet")
     message = str(err.value)
@@ -241,7 +241,7 @@ def test_grid_is_captioned_rows_prompts_columns_scales(tmp_path):
 
 
 def test_refusals(demo_params, tmp_path, monkeypatch):
-    monkeypatch.setattr(sample, "load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(sample, "build_pipeline", lambda *a, **k: pytest.fail("model loaded"))
     params = small(demo_params)
     with pytest.raises(UserError, match="no LoRA"):
         sample.run_lora(params, tmp_path / "missing", tmp_path / "base", tmp_path / "out", tmp_path / "g.png")

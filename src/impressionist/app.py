@@ -7,13 +7,18 @@ Settings come from the ``app`` section of params.yaml (plus ``model``, ``sample.
 file runs the tiny builtin model on a laptop and FLUX.1-dev with the published LoRA on a GPU Space.
 
 One pipeline holds the LoRA as a named adapter; the base image is drawn with the adapter disabled
-and the LoRA image with it enabled at the requested scale. Two pipelines would hold two copies of
+and the LoRA image with it enabled at the requested scale (or, with ``app.lora_mode: fused``, merged
+into the weights while it is drawn). The steps, LoRA mode, transformer quantization, offload and
+compilation are :mod:`impressionist.inference`'s settings, shared with the sample stages. Two pipelines would hold two copies of
 the 12B-parameter transformer (and of the text encoders) for the same result. Because switching
 the adapter changes shared state, one lock serialises generation; the queue's concurrency limit
 (``app.concurrency_limit``, 1 by default: one GPU) decides how many requests wait for it at once.
 
 :class:`Generator` is usable without any UI: ``Generator(settings)(prompt, seed=...)`` returns the
 two PIL images, or raises :class:`~impressionist.errors.UserError` for out-of-bounds input.
+
+On a ZeroGPU Space (the ``spaces`` package importable) the generation function is wrapped in
+``spaces.GPU(duration=app.gpu_duration)``: a GPU is attached for each call, for at most that long.
 """
 
 from __future__ import annotations
@@ -26,12 +31,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import UserError, first_line
+from .inference import InferenceSettings, baked, build_pipeline, check, lora_applied, lora_removed, settings_from
 from .layout import LORA_DIR, LORA_WEIGHTS
 from .params import load_params
 from .prompts import with_trigger
 
 ENV_PREFIX = "IMPRESSIONIST_"
-ADAPTER = "impressionist"
 # Used when params.yaml has no `app` section (or on a Space without params.yaml).
 APP_DEFAULTS: dict[str, Any] = {
     "base_model": "",           # "" = model.pretrained
@@ -45,6 +50,11 @@ APP_DEFAULTS: dict[str, Any] = {
     "max_lora_scale": 2.0,
     "concurrency_limit": 1,
     "max_queue_size": 16,
+    "lora_mode": "adapter",     # adapter | fused (impressionist.inference)
+    "quantization": "none",     # none | fp8 | nf4: the transformer's block weights
+    "offload": "none",          # none | model | sequential
+    "compile": False,           # torch.compile the repeated transformer blocks
+    "gpu_duration": 120,        # ZeroGPU: seconds a call may hold the GPU (spaces.GPU duration)
 }
 MULTIPLE = 16  # FLUX image sides: 8x VAE downsampling, then 2x2 latent packing
 
@@ -69,6 +79,8 @@ class AppSettings:
     max_lora_scale: float = 2.0
     concurrency_limit: int = 1
     max_queue_size: int = 16
+    inference: InferenceSettings = field(default_factory=InferenceSettings)
+    gpu_duration: int = 120
 
 
 def _from_env(key: str, default: Any, environ: Mapping[str, str]) -> Any:
@@ -107,7 +119,7 @@ def load_settings(params: dict[str, Any] | None = None,
     trigger = str(_from_env("trigger", (params.get("caption") or {}).get("trigger", ""), environ))
     prompts = [with_trigger(trigger, p) for p in sample.get("prompts") or []]
     for key in ("max_steps", "max_resolution", "min_resolution", "max_prompt_chars", "concurrency_limit",
-                "max_queue_size"):
+                "max_queue_size", "gpu_duration"):
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
             raise UserError(f"app.{key}={cfg[key]!r} must be a positive integer")
     for key in ("min_resolution", "max_resolution"):  # the sliders step by 16 from the minimum
@@ -132,6 +144,7 @@ def load_settings(params: dict[str, Any] | None = None,
         **{key: cfg[key] for key in ("max_steps", "max_resolution", "min_resolution", "max_prompt_chars",
                                      "concurrency_limit", "max_queue_size")},
         max_guidance=float(cfg["max_guidance"]), max_lora_scale=float(cfg["max_lora_scale"]),
+        inference=settings_from(cfg, "app"), gpu_duration=cfg["gpu_duration"],
     )
 
 
@@ -176,11 +189,16 @@ class Generator:
     def __init__(self, settings: AppSettings):
         import torch
 
-        from .models import DTYPES, load_pipeline, resolve_pretrained, without_third_party_noise
+        from .models import DTYPES, resolve_pretrained, without_third_party_noise
 
         self.settings = settings
         if settings.dtype not in DTYPES:
             raise UserError(f"dtype {settings.dtype!r} is not one of {', '.join(DTYPES)}")
+        check(settings.inference, torch.device(settings.device), "app")
+        if baked(settings.inference):
+            raise UserError(f"app.lora_mode=fused with app.quantization={settings.inference.quantization}: a LoRA "
+                            "merged into quantized weights cannot be switched off for the base image; use "
+                            "app.lora_mode: adapter")
         lora = Path(settings.lora)
         local = lora.exists()
         if not local and (settings.lora.count("/") != 1 or settings.lora.startswith((".", "/"))):
@@ -189,12 +207,10 @@ class Generator:
         if local and not (lora / LORA_WEIGHTS).is_file():
             raise UserError(f"{lora} has no {LORA_WEIGHTS}; run `dvc repro train` first")
         folder = resolve_pretrained(settings.base_model, settings.revision)
-        self.pipe = load_pipeline(folder, DTYPES[settings.dtype])
-        self.pipe.to(torch.device(settings.device))
-        self.pipe.set_progress_bar_config(disable=True)
         try:
             with without_third_party_noise():
-                self.pipe.load_lora_weights(settings.lora, weight_name=LORA_WEIGHTS, adapter_name=ADAPTER)
+                self.pipe = build_pipeline(folder, DTYPES[settings.dtype], torch.device(settings.device),
+                                           settings.inference, lora=settings.lora, weight_name=LORA_WEIGHTS)
         except (OSError, ValueError, RuntimeError) as err:
             # OSError: no such file or Hub repo, unreadable safetensors, Hub HTTP errors (HfHubHTTPError
             # is one); RuntimeError from load_state_dict: layers of another base model's shape.
@@ -226,12 +242,20 @@ class Generator:
                              generator=torch.Generator("cpu").manual_seed(args["seed"])).images[0]
 
         with self._lock, torch.no_grad():
-            self.pipe.disable_lora()
-            base = draw()
-            self.pipe.enable_lora()
-            self.pipe.set_adapters([ADAPTER], adapter_weights=[args["lora_scale"]])
-            lora = draw()
+            with lora_removed(self.pipe, s.inference):
+                base = draw()
+            with lora_applied(self.pipe, s.inference, args["lora_scale"]):
+                lora = draw()
         return base, lora
+
+
+def on_zerogpu(fn, duration: int):
+    """``fn`` wrapped in ``spaces.GPU(duration=...)`` when the ZeroGPU package is importable, else ``fn``."""
+    try:
+        import spaces
+    except ImportError:
+        return fn
+    return spaces.GPU(duration=duration)(fn)
 
 
 def build_demo(settings: AppSettings, generator: Generator | None = None):
@@ -245,6 +269,8 @@ def build_demo(settings: AppSettings, generator: Generator | None = None):
             return generator(prompt, seed, steps, guidance, lora_scale, width, height)
         except UserError as err:
             raise gr.Error(str(err)) from err
+
+    generate = on_zerogpu(generate, settings.gpu_duration)
 
     s = settings
     with gr.Blocks(title="impressionist: FLUX.1 + Impressionism LoRA") as demo:
@@ -280,4 +306,5 @@ def build_demo(settings: AppSettings, generator: Generator | None = None):
 
 
 def describe(settings: AppSettings) -> str:
-    return ", ".join(f"{k}={v}" for k, v in asdict(settings).items() if k != "examples")
+    return ", ".join(f"{k}={v}" for k, v in asdict(settings).items() if k not in ("examples", "inference")) + \
+        f", {settings.inference.describe()}"

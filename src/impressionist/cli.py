@@ -28,7 +28,7 @@ STAGES = {
     "sample": "impressionist.sample", "reference": "impressionist.reference", "evaluate": "impressionist.evaluate",
 }
 COMMANDS = {**STAGES, "publish": "impressionist.publish", "report": "impressionist.report",
-            "pin-model": "impressionist.pin_model"}
+            "pin-model": "impressionist.pin_model", "space": "impressionist.space"}
 DEMO_OVERRIDES = Path("configs/demo.yaml")
 
 
@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     for stage in STAGES:
         commands.add_parser(stage, help=f"run the {stage} stage", add_help=False)
     commands.add_parser("publish", add_help=False, help="upload the LoRA and model card to the Hub")
+    commands.add_parser("space", add_help=False,
+                        help="write the Gradio app as a Hugging Face Space folder (--dry-run) or deploy it")
     commands.add_parser("report", add_help=False,
                         help="write the pull-request report (metrics/params diff, grid, verdicts)")
     commands.add_parser("pin-model", add_help=False,

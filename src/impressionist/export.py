@@ -20,6 +20,16 @@ zero-padded), so a group of n members has rank n*R and ``alpha = scale * n * R``
 ``scale = alpha / r``. This is the "sparse" layout diffusers' converter recognises and splits
 back into the original factors.
 
+The kohya file is written in ``export.dtype`` (bf16 by default, as LoRA files of this ecosystem
+are; the ``.alpha`` scalars stay fp32), and its ``ss_network_dim`` / ``ss_network_alpha`` are the
+largest layer rank in the file and that layer's alpha (a fused q/k/v layer has rank 3R), with every
+layer rank counted in ``impressionist_layer_ranks``. ``export.json`` records the file sizes.
+
+The final layer (``proj_out``, ``norm_out.linear``, adapted by the ``all-linear`` preset) is
+exported, since ComfyUI reads it, but diffusers' kohya reader drops it (its keys come out without
+the ``transformer.`` prefix): the stage warns and ``export.json`` lists the layers affected;
+diffusers users load the diffusers-format file, which keeps them.
+
 The fused export (``export.fused: true``) merges the LoRA into the transformer weights with
 diffusers' ``fuse_lora`` at ``export.lora_scale`` and saves the transformer as a diffusers model
 folder: no LoRA layers at inference time.
@@ -31,6 +41,8 @@ import argparse
 import json
 import math
 import re
+import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +50,7 @@ import torch
 
 from .errors import UserError, atomic_dir, stage_main
 from .layout import LORA_DIR, LORA_WEIGHTS
-from .params import load_params, require_positive, section
+from .params import load_params, require_choice, require_positive, section
 
 EXPORT_DIR = Path("models/export")
 # Not ending in "pytorch_lora_weights.safetensors": diffusers' load_lora_weights(repo) picks the
@@ -188,21 +200,34 @@ def kohya_state_dict(modules: dict[str, tuple]) -> dict[str, torch.Tensor]:
     return out
 
 
-def kohya_metadata(config: dict[str, Any], base_model: str) -> dict[str, str]:
+def kohya_metadata(config: dict[str, Any], base_model: str, kohya: dict[str, torch.Tensor]) -> dict[str, str]:
     # sd-scripts' own keys, which ComfyUI/A1111 show. Deliberately NOT diffusers'
     # "lora_adapter_metadata": diffusers would apply that alpha on top of the kohya alpha it
     # already folds into the weights when loading this file.
+    ranks = {k.removesuffix(".lora_down.weight"): t.shape[0] for k, t in kohya.items() if k.endswith(".lora_down.weight")}
+    widest = max(ranks, key=lambda name: (ranks[name], name))  # one number for the file: the largest rank
     return {"ss_network_module": "networks.lora_flux", "ss_base_model_version": "flux1",
-            "ss_network_dim": str(config.get("r")), "ss_network_alpha": str(config.get("lora_alpha")),
+            "ss_network_dim": str(ranks[widest]), "ss_network_alpha": f"{kohya[f'{widest}.alpha'].item():g}",
             "ss_sd_model_name": base_model,
+            "impressionist_layer_ranks": json.dumps({str(r): n for r, n in sorted(Counter(ranks.values()).items())}),
+            "impressionist_trained_rank": str(config.get("r")),
+            "impressionist_trained_alpha": str(config.get("lora_alpha")),
             "impressionist_converted_from": f"diffusers-format {LORA_WEIGHTS} (impressionist export)"}
+
+
+def file_bytes(path: Path) -> int:
+    path = Path(path)
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
 def export_cfg(params: dict[str, Any]) -> dict[str, Any]:
     """The ``export`` section with defaults, validated (the section itself is optional)."""
-    cfg = {"fused": False, "lora_scale": 1.0, **(params.get("export") or {})}
+    from .models import DTYPES
+
+    cfg = {"fused": False, "lora_scale": 1.0, "dtype": "bfloat16", **(params.get("export") or {})}
     if not isinstance(cfg["fused"], bool):
         raise UserError(f"params.yaml: export.fused={cfg['fused']!r} must be true or false")
+    require_choice(cfg["dtype"], DTYPES, "export.dtype")
     require_positive(cfg["lora_scale"], "export.lora_scale")
     return cfg
 
@@ -233,25 +258,37 @@ def run(params: dict[str, Any], lora_dir: Path = LORA_DIR, out_dir: Path = EXPOR
     model_cfg = section(params, "model")
     lora_dir, out_dir = Path(lora_dir), Path(out_dir)
     state_dict, config = read_lora(lora_dir)
+    from .models import DTYPES
+
     kohya = kohya_state_dict(module_scales(state_dict, config))
+    # The factors in export.dtype (computed in fp32 first); the alphas stay exact fp32 scalars.
+    kohya = {k: t if k.endswith(".alpha") else t.to(DTYPES[cfg["dtype"]]) for k, t in kohya.items()}
+    top_level = sorted({k.split(".")[0] for k in kohya} & {f"lora_unet_{n}" for n in TOP_LEVEL.values()})
+    final_layer = [name for name in top_level if name.removeprefix("lora_unet_") in SCALE_IN_WEIGHTS]
     manifest: dict[str, Any] = {
         "source": LORA_WEIGHTS, "base_model": model_cfg["pretrained"], "kohya_file": KOHYA_FILE,
         "kohya_layers": sum(k.endswith(".alpha") for k in kohya), "rank": config.get("r"),
-        "alpha": config.get("lora_alpha"), "fused": None}
+        "alpha": config.get("lora_alpha"), "dtype": cfg["dtype"], "fused": None,
+        "diffusers_kohya_reader_skips": top_level}
     with atomic_dir(out_dir) as tmp:
-        save_file(kohya, str(tmp / KOHYA_FILE), metadata=kohya_metadata(config, model_cfg["pretrained"]))
+        save_file(kohya, str(tmp / KOHYA_FILE), metadata=kohya_metadata(config, model_cfg["pretrained"], kohya))
+        sizes = {"diffusers_lora": file_bytes(lora_dir / LORA_WEIGHTS), "kohya_lora": file_bytes(tmp / KOHYA_FILE)}
         if cfg["fused"]:
             fuse_into_transformer(params, lora_dir, cfg["lora_scale"], tmp / FUSED_DIR)
             manifest["fused"] = {"folder": FUSED_DIR, "lora_scale": float(cfg["lora_scale"])}
+            sizes["fused_transformer"] = file_bytes(tmp / FUSED_DIR)
+        manifest["size_bytes"] = sizes
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     fused = f", fused transformer (LoRA x{cfg['lora_scale']:g}) -> {out_dir / FUSED_DIR}" if cfg["fused"] else ""
-    print(f"export: kohya/ComfyUI LoRA ({manifest['kohya_layers']} layers) -> {out_dir / KOHYA_FILE}{fused}")
-    top_level = sorted({k.split(".")[0] for k in kohya} & {f"lora_unet_{n}" for n in TOP_LEVEL.values()})
+    print(f"export: kohya/ComfyUI LoRA ({manifest['kohya_layers']} layers, {cfg['dtype']}, "
+          f"{sizes['kohya_lora'] / 2**20:.2f} MiB; diffusers file {sizes['diffusers_lora'] / 2**20:.2f} MiB) "
+          f"-> {out_dir / KOHYA_FILE}{fused}")
     if top_level:
         # diffusers' kohya converter names these without the "transformer." prefix, so its loader
         # skips them; ComfyUI reads them. diffusers users load the diffusers-format file instead.
-        print(f"export: note: diffusers' kohya loader skips {', '.join(top_level)}; in diffusers load "
-              f"{LORA_WEIGHTS} (all layers)")
+        what = " (the final layer, e.g. lora.targets: all-linear's top-level proj_out)" if final_layer else ""
+        print(f"export: warning: diffusers' kohya loader drops {', '.join(top_level)}{what}; ComfyUI reads "
+              f"them, in diffusers load {LORA_WEIGHTS} (all layers)", file=sys.stderr)
     return manifest
 
 

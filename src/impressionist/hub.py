@@ -7,6 +7,7 @@ from pathlib import Path
 
 BUILTIN_PREFIX = "builtin:"  # locally built models (the demo's tiny networks), never on the Hub
 OFFLINE_VALUES = ("1", "true", "yes", "on")  # what huggingface_hub reads as a set HF_HUB_OFFLINE
+TOKEN_HINT = "set HF_TOKEN in the environment or run `hf auth login`"
 
 
 def is_hub_id(name: str) -> bool:
@@ -24,3 +25,25 @@ def hub_offline() -> bool:
     except ImportError:
         return False
     return bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
+def check_access(api, token: str) -> str:
+    """The user name behind the token; one clear line if the Hub is unreachable or refuses it."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from .errors import UserError
+
+    if hub_offline():
+        raise UserError("HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it, or use --dry-run "
+                        "to write the upload folder only")
+    try:
+        return api.whoami(token=token)["name"]
+    except HfHubHTTPError as err:
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        if status in (401, 403):
+            raise UserError(f"the Hugging Face Hub refused the token (HTTP {status}); {TOKEN_HINT} "
+                            "with a token that has write access") from err
+        raise UserError(f"the Hugging Face Hub answered HTTP {status}; try again later") from err
+    except Exception as err:  # DNS, refused connection, timeouts, offline mode: "cannot reach"
+        raise UserError(f"cannot reach the Hugging Face Hub ({type(err).__name__}); check the network, "
+                        "or use --dry-run to write the upload folder only") from err

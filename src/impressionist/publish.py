@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError, atomic_dir, first_line, stage_main
-from .hub import BUILTIN_PREFIX, hub_offline
+from .hub import BUILTIN_PREFIX, TOKEN_HINT, check_access
 from .layout import EVAL_METRICS, LORA_DIR, LORA_WEIGHTS
 from .layout import SAMPLE_GRID as GRID
 from .model_card import build_card
@@ -42,7 +42,6 @@ DEFAULTS = {
     "license_link": "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md",
     "commit_message": "Upload impressionist LoRA",
 }
-TOKEN_HINT = "set HF_TOKEN in the environment or run `hf auth login`"
 
 
 def publish_cfg(params: dict[str, Any], repo_id: str | None = None) -> dict[str, Any]:
@@ -123,26 +122,6 @@ def hub_token() -> str:
     if not token:
         raise UserError(f"no Hugging Face token found; {TOKEN_HINT} (a token with write access)")
     return token
-
-
-def check_access(api, token: str) -> str:
-    """The user name behind the token; one clear line if the Hub is unreachable or refuses it."""
-    from huggingface_hub.errors import HfHubHTTPError
-
-    if hub_offline():
-        raise UserError("HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it, or use --dry-run "
-                        "to write the upload folder only")
-    try:
-        return api.whoami(token=token)["name"]
-    except HfHubHTTPError as err:
-        status = getattr(getattr(err, "response", None), "status_code", None)
-        if status in (401, 403):
-            raise UserError(f"the Hugging Face Hub refused the token (HTTP {status}); {TOKEN_HINT} "
-                            "with a token that has write access") from err
-        raise UserError(f"the Hugging Face Hub answered HTTP {status}; try again later") from err
-    except Exception as err:  # DNS, refused connection, timeouts, offline mode: "cannot reach"
-        raise UserError(f"cannot reach the Hugging Face Hub ({type(err).__name__}); check the network, "
-                        "or use --dry-run to write the upload folder only") from err
 
 
 def upload(params: dict[str, Any], cfg: dict[str, Any], base: str, **paths) -> str:

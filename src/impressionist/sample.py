@@ -36,17 +36,15 @@ from tqdm import tqdm
 
 from .errors import UserError, atomic_dir, first_line, stage_main
 from .grid import save_sample_grid
+from .inference import baked, build_pipeline, check, lora_applied, settings_from
 from .layout import CAPTIONS, LORA_DIR, LORA_WEIGHTS, SAMPLE_GRID, SAMPLES_DIR
-from .models import (load_pipeline, resolve_device, resolve_dtype, resolve_pretrained,
-                     without_third_party_noise)
-from .params import (fingerprint, load_params, require, require_choice, require_int, require_keys,
-                     require_multiple, require_positive, section)
+from .models import resolve_device, resolve_dtype, resolve_pretrained, without_third_party_noise
+from .params import (fingerprint, load_params, require, require_int, require_keys, require_multiple,
+                     require_positive, section)
 from .prompts import with_trigger
 
 BASE_DIR = SAMPLES_DIR / "base"
 LORA_SAMPLES_DIR = SAMPLES_DIR / "lora"
-ADAPTER = "impressionist"
-OFFLOAD_MODES = ("none", "model", "sequential")
 SUBJECT, VAL_CAPTION = "subject", "val_caption"  # the `prompt_source` column of samples.csv
 EVAL_SUBDIR = "eval"          # the evaluation set's images, under samples/base and samples/lora
 EVAL_TABLE = "eval.csv"       # its table, in the same folder as samples.csv
@@ -128,27 +126,18 @@ def validate(params: dict[str, Any]) -> torch.device:
     if not seeds or not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool)
                                                              for s in seeds):
         raise UserError("params.yaml: sample.seeds must list at least one integer seed")
-    offload = require_choice(cfg.get("offload", "none"), OFFLOAD_MODES, "sample.offload")
-    if offload != "none" and device.type != "cuda":
-        raise UserError(f"sample.offload={offload} moves weights between a GPU and the CPU; it needs CUDA "
-                        "(use none on CPU)")
+    # lora_mode, quantization, offload, compile: impressionist.inference, shared with the app
+    check(settings_from(cfg, "sample"), device, "sample")
     return device
 
 
-def load(params: dict[str, Any], device: torch.device):
+def load(params: dict[str, Any], device: torch.device, lora_dir: Path | None = None, baked_scale: float = 1.0):
     model_cfg, cfg = section(params, "model"), section(params, "sample")
     folder = resolve_pretrained(model_cfg["pretrained"], model_cfg.get("revision"))
-    pipe = load_pipeline(folder, resolve_dtype(model_cfg))
-    offload = cfg.get("offload", "none")
-    if offload == "model":  # each model moves to the GPU while it runs: the transformer must fit
-        pipe.enable_model_cpu_offload()
-    elif offload == "sequential":  # weights stream in layer by layer: fits small GPUs, slowly
-        pipe.enable_sequential_cpu_offload()
-    else:
-        pipe.to(device)
+    pipe = build_pipeline(folder, resolve_dtype(model_cfg), device, settings_from(cfg, "sample"),
+                          lora=None if lora_dir is None else str(lora_dir), baked_scale=baked_scale)
     if cfg.get("vae_tiling"):
         pipe.vae.enable_tiling()
-    pipe.set_progress_bar_config(disable=True)
     return pipe, cfg
 
 
@@ -301,15 +290,18 @@ def run_lora(params: dict[str, Any], lora_dir: Path = LORA_DIR, base_dir: Path =
                         "(`dvc repro train`)")
     check_base_samples(Path(base_dir), prompt_list, cfg["seeds"])
     check_base_eval_set(Path(base_dir), params)
-    pipe, cfg = load(params, device)
+    settings = settings_from(cfg, "sample")
     with without_third_party_noise():
-        pipe.load_lora_weights(str(lora_dir), adapter_name=ADAPTER)
+        pipe = None if baked(settings) else load(params, device, lora_dir)[0]
     with atomic_dir(out_dir) as tmp:
         rows, eval_rows = [], []
         for scale in scales:
-            pipe.set_adapters([ADAPTER], adapter_weights=[float(scale)])
-            rows += generate(pipe, cfg, prompt_list, float(scale), tmp)
-            eval_rows += generate_eval_set(pipe, params, float(scale), tmp)
+            if baked(settings):  # merged into quantized weights: one pipeline per scale
+                with without_third_party_noise():
+                    pipe = load(params, device, lora_dir, baked_scale=float(scale))[0]
+            with lora_applied(pipe, settings, float(scale)):
+                rows += generate(pipe, cfg, prompt_list, float(scale), tmp)
+                eval_rows += generate_eval_set(pipe, params, float(scale), tmp)
         pd.DataFrame(rows).to_csv(tmp / "samples.csv", index=False)
         pd.DataFrame(eval_rows).to_csv(tmp / EVAL_TABLE, index=False)
         # Drawn from the finished temporary folder: a failed grid leaves no samples/lora behind.
