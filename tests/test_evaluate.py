@@ -315,12 +315,12 @@ def test_run_writes_flat_metrics_with_cis_table_and_plots(tmp_path, monkeypatch)
     lines = figures["eval_vs_scale.png"]
     assert [ax.get_title() for ax in lines.axes] == names
     for ax, name in zip(lines.axes, names):
-        (line,) = ax.get_lines()
+        line = ax.containers[0].lines[0]  # the errorbar's data line
         assert list(line.get_xdata()) == [0.0, 0.5, 1.0]
         assert list(line.get_ydata()) == pytest.approx([written[k][name] for k in sections])
         bars = ax.containers[0].lines[2][0].get_segments()  # the error bars: from ci_low to ci_high
-        assert [(seg[0][1], seg[1][1]) for seg in bars] == pytest.approx(
-            [(written[k][f"{name}_ci_low"], written[k][f"{name}_ci_high"]) for k in sections])
+        assert [y for seg in bars for y in (seg[0][1], seg[1][1])] == pytest.approx(
+            [written[k][f"{name}{end}"] for k in sections for end in ("_ci_low", "_ci_high")])
     deltas = figures["eval_delta.png"]
     assert [ax.get_title() for ax in deltas.axes] == [f"Δ {name}" for name in names]
     for ax, name in zip(deltas.axes, names):
