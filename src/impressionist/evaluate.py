@@ -36,13 +36,13 @@ pipeline works.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import json
 import numpy as np
 import pandas as pd
 import torch
