@@ -17,6 +17,9 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+# Checkpoints go to each test's own folder (.cache/checkpoints under its working directory), never
+# to a root shared through the environment, where one test's run would resume another's.
+os.environ.pop("IMPRESSIONIST_CHECKPOINTS", None)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -75,29 +76,43 @@ def test_training_lowers_the_loss(demo_params, encoded_cache, tiny_flux_dir, tmp
     assert after < 0.85 * before, (before, after)
 
 
+def kept(root: Path) -> dict[str, list[str]]:
+    """The checkpoint names in each run's folder under a checkpoint root."""
+    return {run.name: sorted(p.name for p in run.iterdir()) for run in sorted(root.iterdir())}
+
+
 def test_checkpoints_resume_only_matching_runs(demo_params, encoded_cache, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = outputs(tmp_path)
-    train.run(small_run(demo_params, 20), encoded_cache, **out)
-    assert sorted(p.name for p in out["checkpoint_dir"].iterdir()) == ["step-00000010", "step-00000020"]
+    first = train.run(small_run(demo_params, 20), encoded_cache, **out)["run_hash"]
+    assert kept(out["checkpoint_dir"]) == {first: ["step-00000010", "step-00000020"]}
     capsys.readouterr()
 
     # More steps with the same params (a constant schedule): continues from the last checkpoint.
     summary = train.run(small_run(demo_params, 30), encoded_cache, **out)
-    assert summary["resumed_from_step"] == 20 and summary["steps"] == 30
+    assert summary["resumed_from_step"] == 20 and summary["steps"] == 30 and summary["run_hash"] == first
     assert "resuming from" in capsys.readouterr().out
     # keep_checkpoints (2 in params.yaml) pruned step 10 once step 30 was written
     assert demo_params["train"]["keep_checkpoints"] == 2
-    assert sorted(p.name for p in out["checkpoint_dir"].iterdir()) == ["step-00000020", "step-00000030"]
+    assert kept(out["checkpoint_dir"]) == {first: ["step-00000020", "step-00000030"]}
 
-    # A different rank: the old checkpoints are discarded with a log line, training starts at 0.
-    summary = train.run(small_run(demo_params, 10, rank=8), encoded_cache, **out)
+    # A different rank is another run: it starts at 0 in its own folder, the rank-4 run's stay.
+    other = train.run(small_run(demo_params, 10, rank=8), encoded_cache, **out)
     log = capsys.readouterr().out
-    assert summary["resumed_from_step"] == 0
-    assert "discarding checkpoint" in log and "resuming" not in log
+    assert other["resumed_from_step"] == 0 and "resuming" not in log
+    assert "1 other run(s) keep checkpoints" in log
     assert load_file(out["lora_dir"] / LORA_FILE)[
         "transformer.transformer_blocks.0.attn.to_q.lora_A.weight"].shape[0] == 8
-    assert sorted(p.name for p in out["checkpoint_dir"].iterdir()) == ["step-00000010"]
+    assert kept(out["checkpoint_dir"]) == {first: ["step-00000020", "step-00000030"],
+                                           other["run_hash"]: ["step-00000010"]}
+
+    # Back to rank 4 (say, the first experiment applied again): it continues its own run.
+    assert train.run(small_run(demo_params, 40), encoded_cache, **out)["resumed_from_step"] == 30
+    # `impressionist clean-checkpoints` keeps the most recently checkpointed run.
+    checkpoints.main(["--root", str(out["checkpoint_dir"]), "--dry-run"])
+    assert other["run_hash"] in kept(out["checkpoint_dir"])
+    checkpoints.main(["--root", str(out["checkpoint_dir"])])
+    assert kept(out["checkpoint_dir"]) == {first: ["step-00000030", "step-00000040"]}
 
 
 def _run_stage(workdir: Path, kill_after_checkpoint: bool = False) -> subprocess.CompletedProcess | None:
@@ -128,7 +143,7 @@ def test_sigkill_then_resume_gives_the_same_lora(demo_params, encoded_cache, tmp
     _run_stage(runs["killed"], kill_after_checkpoint=True)
     assert not (runs["killed"] / "models/lora").exists()
     resumed = _run_stage(runs["killed"])
-    assert "resuming from models/checkpoints/step-00000010 at step 10" in resumed.stdout
+    assert re.search(r"resuming from \.cache/checkpoints/[0-9a-f]+/step-00000010 at step 10", resumed.stdout)
 
     expected = load_file(runs["uninterrupted"] / "models/lora" / LORA_FILE)
     got = load_file(runs["killed"] / "models/lora" / LORA_FILE)
@@ -161,8 +176,8 @@ def test_a_rerun_continues_its_own_checkpoints_before_resume_from(demo_params, e
                                                                    monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     out = outputs(tmp_path)
-    train.run(small_run(copy.deepcopy(demo_params), 10), encoded_cache, **out)
-    earlier = out["checkpoint_dir"] / "step-00000010"
+    earlier_run = train.run(small_run(copy.deepcopy(demo_params), 10), encoded_cache, **out)["run_hash"]
+    earlier = out["checkpoint_dir"] / earlier_run / "step-00000010"
 
     # Another learning rate (another run hash), started from the earlier run's checkpoint...
     params = small_run(copy.deepcopy(demo_params), 20)
@@ -175,6 +190,35 @@ def test_a_rerun_continues_its_own_checkpoints_before_resume_from(demo_params, e
     assert "resuming from" in capsys.readouterr().out
     # the resume_from folder is another run's, but it was asked for: never discarded
     assert earlier.is_dir()
+
+
+def test_resume_from_trains_with_the_new_optimizer_settings(demo_params, encoded_cache, tmp_path,
+                                                            monkeypatch):
+    """load_state restores the checkpoint's lr and weight decay; the run must use the params' ones."""
+    monkeypatch.chdir(tmp_path)
+    out = outputs(tmp_path)
+    earlier_run = train.run(small_run(copy.deepcopy(demo_params), 10), encoded_cache, **out)["run_hash"]
+    earlier = out["checkpoint_dir"] / earlier_run / "step-00000010"
+    made = []
+    real_make = train.make_optimizer
+    monkeypatch.setattr(train, "make_optimizer", lambda *args: made.append(real_make(*args)) or made[-1])
+
+    params = small_run(copy.deepcopy(demo_params), 15)
+    assert (params["train"]["learning_rate"], params["train"]["adam_weight_decay"]) != (5e-4, 0.03)
+    params["train"].update(learning_rate=5e-4, adam_weight_decay=0.03, resume_from=str(earlier))
+    summary = train.run(params, encoded_cache, **outputs(tmp_path / "b"))
+    assert summary["resumed_from_step"] == 10
+    for group in made[0].param_groups:
+        assert group["lr"] == 5e-4 and group["weight_decay"] == 0.03
+    history = json.loads((tmp_path / "b/lora/training_config.json").read_text())["history"]
+    assert [h["lr"] for h in history if h["step"] > 10] == [5e-4]  # past warm-up: the new constant lr
+
+    # Another optimizer cannot continue this optimizer state: one line, before any model loads.
+    params["train"].update(optimizer="prodigy", learning_rate=1.0)
+    monkeypatch.setattr(train, "resolve_pretrained", lambda *a, **k: pytest.fail("model resolved"))
+    with pytest.raises(UserError, match="train.optimizer=adamw") as err:
+        train.run(params, encoded_cache, **outputs(tmp_path / "c"))
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -257,6 +301,10 @@ def test_run_hash_ignores_max_steps_only_under_a_constant_schedule(demo_params):
     assert run_hash(attention_backend="_native_math") == run_hash(attention_backend="native")
     assert run_hash(compile=True) == run_hash(compile=False)
     assert run_hash(seed=1) != run_hash(seed=0)
+    # The optimizer and its settings shape training: another one is another run.
+    assert run_hash(optimizer="prodigy") != run_hash(optimizer="adamw")
+    assert run_hash(adam_weight_decay=0.1) != run_hash(adam_weight_decay=0.0)
+    assert run_hash(learning_rate=1e-3) != run_hash(learning_rate=1e-4)
 
 
 def test_compiled_blocks_train_the_same_lora(demo_params, encoded_cache, tmp_path, monkeypatch):
@@ -337,8 +385,8 @@ def test_explicit_resume_refuses_another_base_model_or_lora_shape(demo_params, e
                                                                  monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = outputs(tmp_path)
-    train.run(small_run(demo_params, 10), encoded_cache, **out)
-    checkpoint = out["checkpoint_dir"] / "step-00000010"
+    run_hash = train.run(small_run(demo_params, 10), encoded_cache, **out)["run_hash"]
+    checkpoint = out["checkpoint_dir"] / run_hash / "step-00000010"
 
     other_rank = small_run(copy.deepcopy(demo_params), 10, rank=8)
     other_rank["train"]["resume_from"] = str(checkpoint)

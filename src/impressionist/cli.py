@@ -27,7 +27,7 @@ STAGES = {
     "evaluate": "impressionist.evaluate",
 }
 COMMANDS = {**STAGES, "export": "impressionist.export", "publish": "impressionist.publish",
-            "report": "impressionist.report"}
+            "report": "impressionist.report", "clean-checkpoints": "impressionist.checkpoints"}
 DEMO_OVERRIDES = Path("configs/demo.yaml")
 
 
@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("publish", add_help=False, help="upload the LoRA and model card to the Hub")
     commands.add_parser("report", add_help=False,
                         help="write the pull-request report (metrics/params diff, grid, verdicts)")
+    commands.add_parser("clean-checkpoints", add_help=False,
+                        help="remove the training checkpoints of earlier runs (.cache/checkpoints)")
     # Stage commands parse their own options (the rest); the demo has none beyond its own.
     args, rest = parser.parse_known_args(argv)
     if args.command == "demo":

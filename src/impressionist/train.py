@@ -2,8 +2,9 @@
 
 Reads only the encode cache (never the VAE or text encoders), trains with accelerate (one GPU, or
 several under ``accelerate launch``), logs to DVCLive and TensorBoard through accelerate's
-trackers, checkpoints every ``train.checkpoint_every`` steps into ``models/checkpoints`` (a
-``persist`` DVC out) and resumes from the newest checkpoint of the same params automatically.
+trackers, checkpoints every ``train.checkpoint_every`` steps into ``.cache/checkpoints/<run hash>``
+(outside DVC's outputs, see :mod:`impressionist.checkpoints`) and resumes from the newest
+checkpoint of the same params automatically.
 Writes the final LoRA in diffusers format to ``models/lora``.
 """
 
@@ -35,7 +36,7 @@ from .params import (fingerprint, load_params, require, require_choice, require_
 from .plotting import new_figure, save_figure
 from .validation_images import ValidationSampler, check_settings
 
-CHECKPOINT_DIR = Path("models/checkpoints")
+CHECKPOINT_DIR = checkpoints.DEFAULT_ROOT  # $IMPRESSIONIST_CHECKPOINTS overrides it
 METRICS = Path("metrics/train.json")
 LOSS_PLOT = Path("plots/loss.png")
 LIVE_DIR = Path("dvclive")
@@ -78,7 +79,7 @@ def validate(params: dict[str, Any]) -> torch.device:
     _validate_train(cfg, device)
     if cfg.get("resume_from"):
         folder, meta = checkpoints.explicit_resume(Path(cfg["resume_from"]), model_cfg["pretrained"],
-                                                   lora_fingerprint(lora_cfg))
+                                                   lora_fingerprint(lora_cfg), cfg["optimizer"])
         if meta.get("step", 0) > cfg["max_steps"]:
             raise UserError(f"train.resume_from={folder} is at step {meta.get('step')}, beyond "
                             f"train.max_steps={cfg['max_steps']}; raise max_steps or clear resume_from")
@@ -329,7 +330,7 @@ def _register_lora_hooks(accelerator) -> None:
 
 
 def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LORA_DIR,
-        checkpoint_dir: Path = CHECKPOINT_DIR, metrics_path: Path = METRICS,
+        checkpoint_dir: Path | None = None, metrics_path: Path = METRICS,
         loss_plot: Path = LOSS_PLOT, live_dir: Path = LIVE_DIR, log_dir: Path = LOG_DIR) -> dict[str, Any]:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
@@ -343,7 +344,9 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
     if cache.index["base_model"] != model_cfg["pretrained"]:
         raise UserError(f"the encode cache was made with {cache.index['base_model']}, not "
                         f"{model_cfg['pretrained']}; re-run encode (`dvc repro encode`)")
-    checkpoint_dir, lora_dir = Path(checkpoint_dir), Path(lora_dir)
+    # The checkpoint root; each run writes under root/<run hash>.
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else checkpoints.default_root()
+    lora_dir = Path(lora_dir)
     trackers = list(cfg.get("report_to", TRACKERS))
     validation = cfg.get("validation") or {}
     validation_every = validation.get("every", 0)
@@ -381,21 +384,25 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
         transformer.compile_repeated_blocks()
     transformer.to(accelerator.device)
     trainable = [p for p in transformer.parameters() if p.requires_grad]
-    optimizer = make_optimizer(cfg, trainable, accelerator.device)
-    scheduler = get_scheduler(cfg["lr_scheduler"], optimizer, num_warmup_steps=cfg["lr_warmup_steps"],
-                              num_training_steps=cfg["max_steps"])
-    transformer, optimizer = accelerator.prepare(transformer, optimizer)
-    # Stepped by hand once per optimizer step (a prepared scheduler steps once per process).
-    accelerator.register_for_checkpointing(scheduler)
+    raw_optimizer = make_optimizer(cfg, trainable, accelerator.device)
+    transformer, optimizer = accelerator.prepare(transformer, raw_optimizer)
     _register_lora_hooks(accelerator)
 
     start_step, history = 0, []
     resume = _choose_resume(accelerator, params, checkpoint_dir, this_run)
     if resume:
         folder, meta = resume
+        # LoRA (safetensors), optimizer and RNG state; accelerate loads the last two with
+        # weights_only=True. The scheduler is not in the checkpoint: it is a function of the step.
         accelerator.load_state(str(folder))
+        # load_state brought back the checkpoint's hyper-parameters; train with the params' ones.
+        checkpoints.apply_hyperparameters(raw_optimizer, cfg["learning_rate"], cfg["adam_weight_decay"])
         start_step, history = meta["step"], meta["history"]
         accelerator.print(f"train: resuming from {folder} at step {start_step} of {cfg['max_steps']}")
+    # Stepped by hand once per optimizer step (a prepared scheduler steps once per process); built
+    # at the resumed step, so its learning rate is the schedule's at that step for the params' lr.
+    scheduler = get_scheduler(cfg["lr_scheduler"], raw_optimizer, num_warmup_steps=cfg["lr_warmup_steps"],
+                              num_training_steps=cfg["max_steps"], last_epoch=start_step - 1)
 
     accelerator.init_trackers("impressionist", config=_flat(params), init_kwargs={
         "dvclive": {"dir": str(live_dir), "save_dvc_exp": False, "dvcyaml": None}})
@@ -453,7 +460,8 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
             if validate_now and sampler is not None:
                 _log_validation_images(accelerator, sampler, transformer, step)
             if checkpoint_now:
-                _save_checkpoint(accelerator, checkpoint_dir, step, this_run, history, model_cfg, lora_cfg, cfg)
+                _save_checkpoint(accelerator, checkpoints.run_folder(checkpoint_dir, this_run), step, this_run,
+                                 history, model_cfg, lora_cfg, cfg)
             clock.resume()
 
     accelerator.wait_for_everyone()
@@ -504,18 +512,18 @@ def _choose_resume(accelerator, params: dict[str, Any], checkpoint_dir: Path,
     resume = _broadcast(accelerator, resume)
     if resume is None and explicit is not None:
         resume = checkpoints.explicit_resume(explicit, params["model"]["pretrained"],
-                                             lora_fingerprint(params["lora"]))
+                                             lora_fingerprint(params["lora"]), cfg["optimizer"])
     return resume
 
 
-def _save_checkpoint(accelerator, root: Path, step: int, this_run: str, history, model_cfg, lora_cfg, cfg):
-    staged = checkpoints.staging_folder(root, step)
+def _save_checkpoint(accelerator, folder: Path, step: int, this_run: str, history, model_cfg, lora_cfg, cfg):
+    staged = checkpoints.staging_folder(folder, step)
     accelerator.save_state(str(staged))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        final = checkpoints.publish(root, step, {
+        final = checkpoints.publish(folder, step, {
             "run_hash": this_run, "step": step, "base_model": model_cfg["pretrained"],
-            "lora": lora_fingerprint(lora_cfg), "history": history}, keep=cfg["keep_checkpoints"])
+            "lora": lora_fingerprint(lora_cfg), "optimizer": cfg["optimizer"], "history": history}, keep=cfg["keep_checkpoints"])
         accelerator.print(f"train: checkpoint {final}")
     accelerator.wait_for_everyone()
 
