@@ -221,6 +221,17 @@ def test_resume_from_trains_with_the_new_optimizer_settings(demo_params, encoded
     assert "\n" not in str(err.value)
 
 
+def test_resume_unpickles_nothing(demo_params, encoded_cache, tmp_path, monkeypatch, no_pickle_loads):
+    """Resuming reads the LoRA from safetensors and the optimizer and RNG state with
+    weights_only=True; the learning-rate schedule is recomputed from the step, not unpickled."""
+    monkeypatch.chdir(tmp_path)
+    out = outputs(tmp_path)
+    train.run(small_run(copy.deepcopy(demo_params), 5, every=5), encoded_cache, **out)
+    assert train.run(small_run(copy.deepcopy(demo_params), 10, every=5), encoded_cache,
+                     **out)["resumed_from_step"] == 5
+    assert sorted(Path(f).name for f in no_pickle_loads) == ["optimizer.bin", "random_states_0.pkl"]
+
+
 @pytest.mark.parametrize("change, message", [
     ({"lora": {"rank": 0}}, "lora.rank"),
     ({"lora": {"targets": ["to_q", "not_a_layer"]}}, "unknown module(s) not_a_layer"),
