@@ -427,27 +427,25 @@ def test_validation_images_are_logged_to_both_trackers(demo_params, encoded_cach
 
 
 def test_two_gloo_processes_train_identical_loras(demo_params, encoded_cache, tmp_path, monkeypatch):
-    """A real 2-process DDP run on CPU (gloo): every rank must end with the same LoRA, and it is the
-    LoRA one process trains when it accumulates both ranks' micro-batches (DDP splits the work,
-    not the recipe)."""
+    """The stage's own command with train.num_processes: 2 launches two real DDP ranks through
+    accelerate (gloo on CPU): every rank ends with the same LoRA, and it is the LoRA one process
+    trains with the same params (the ranks split each step's micro-batches, not the recipe)."""
     params = small_run(demo_params, 6, every=3)
+    params["train"].update(gradient_accumulation_steps=2, num_processes=2)
     shutil.copytree(encoded_cache, tmp_path / "data/cache")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    env = dict(os.environ, ACCELERATE_USE_CPU="1")
-    accelerate = Path(sys.executable).parent / "accelerate"
-    result = subprocess.run(
-        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "impressionist.train"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-m", "impressionist.train"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "train: launching 2 processes" in result.stdout
     config = json.loads((tmp_path / "models/lora/training_config.json").read_text())
     assert len(config["rank_checksums"]) == 2
     assert config["rank_checksums"][0] == config["rank_checksums"][1]
-    # the world size is part of the run hash: a 1-process rerun must not resume this run
-    assert config["run_hash"] != train.run_hash(params, CacheReader(tmp_path / "data/cache").index["fingerprint"], 1)
+    # the number of processes is not part of the run hash: one process may resume this run
+    assert config["run_hash"] == train.run_hash(params, CacheReader(tmp_path / "data/cache").index["fingerprint"], 1)
 
     single = copy.deepcopy(params)
-    single["train"]["gradient_accumulation_steps"] *= 2
+    single["train"]["num_processes"] = 1
     monkeypatch.chdir(tmp_path)
     out = outputs(tmp_path / "single")
     train.run(single, tmp_path / "data/cache", **out)
@@ -456,6 +454,26 @@ def test_two_gloo_processes_train_identical_loras(demo_params, encoded_cache, tm
     assert any(v.abs().max() > 0 for k, v in one_rank.items() if "lora_B" in k)  # it trained
     # gradients average across ranks instead of summing halves: equal up to float rounding
     assert all(torch.allclose(two_ranks[k], one_rank[k], rtol=1e-4, atol=1e-6) for k in one_rank)
+
+
+def test_process_counts_are_checked_before_any_launch(demo_params):
+    from impressionist import launcher
+
+    cpu, cfg = torch.device("cpu"), {"gradient_accumulation_steps": 4}
+    assert launcher.processes_to_launch({**cfg, "num_processes": 0}, cpu) == 1  # auto: 1 on CPU
+    assert launcher.processes_to_launch({**cfg, "num_processes": 2}, cpu) == 2
+    with pytest.raises(UserError, match="multiple of 3"):
+        launcher.processes_to_launch({**cfg, "num_processes": 3}, cpu)
+    assert launcher.largest_divisor_up_to(4, 8) == 4 and launcher.largest_divisor_up_to(12, 8) == 6
+    assert launcher.under_launcher({"LOCAL_RANK": "0"}) and not launcher.under_launcher({})
+    params = copy.deepcopy(demo_params)
+    params["train"]["num_processes"] = -1
+    with pytest.raises(UserError, match="train.num_processes"):
+        train.validate(params)
+    # LoRA dropout draws each process's own masks: only then does the count enter the run hash
+    assert train.run_hash(params, "c", 1) == train.run_hash(params, "c", 2)
+    params["lora"]["dropout"] = 0.1
+    assert train.run_hash(params, "c", 1) != train.run_hash(params, "c", 2)
 
 
 def test_data_loader_workers_do_not_change_what_is_trained(demo_params, encoded_cache, tmp_path, monkeypatch):

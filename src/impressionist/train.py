@@ -1,7 +1,7 @@
 """Stage ``train``: a LoRA on the FLUX.1 transformer with the rectified-flow objective.
 
-Reads only the encode cache (never the VAE or text encoders), trains with accelerate (one GPU, or
-several under ``accelerate launch``), logs to DVCLive and TensorBoard through accelerate's
+Reads only the encode cache (never the VAE or text encoders), trains with accelerate (one process
+per GPU, launched by the stage itself: see :mod:`impressionist.launcher`), logs to DVCLive and TensorBoard through accelerate's
 trackers, checkpoints every ``train.checkpoint_every`` steps into ``.cache/checkpoints/<run hash>``
 (outside DVC's outputs, see :mod:`impressionist.checkpoints`) and resumes from the newest
 checkpoint of the same params automatically.
@@ -15,6 +15,7 @@ import contextlib
 import json
 import math
 import resource
+import sys
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 
 import torch
 
-from . import checkpoints
+from . import checkpoints, launcher
 from .errors import UserError, atomic_dir, atomic_write_text, stage_main
 from .flux_math import (LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS, TimestepSampling, flow_matching_loss,
                         sample_sigmas)
@@ -55,7 +56,8 @@ REQUIRED = ("seed", "max_steps", "batch_size", "gradient_accumulation_steps", "l
 # (e.g. on another GPU class). ``max_steps`` joins them only under a schedule that ignores it (see
 # run_hash).
 NOT_SHAPING = {"checkpoint_every", "keep_checkpoints", "log_every", "report_to", "validation",
-               "resume_from", "dataloader_workers", "gradient_checkpointing", "attention_backend", "compile"}
+               "resume_from", "dataloader_workers", "gradient_checkpointing", "attention_backend", "compile",
+               "num_processes"}
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 # diffusers' get_scheduler names (piecewise_constant needs step rules we do not expose).
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
@@ -94,6 +96,7 @@ def _validate_train(cfg: dict[str, Any], device: torch.device) -> None:
     for key in ("checkpoint_every", "lr_warmup_steps"):
         require_int(cfg[key], f"train.{key}")
     require_int(cfg.get("dataloader_workers", 0), "train.dataloader_workers")
+    require_int(cfg.get("num_processes", launcher.AUTO), "train.num_processes")
     require_positive(cfg["learning_rate"], "train.learning_rate")
     require_positive(cfg["adam_weight_decay"], "train.adam_weight_decay", allow_zero=True)
     require_positive(cfg["max_grad_norm"], "train.max_grad_norm", allow_zero=True)
@@ -136,13 +139,16 @@ def run_hash(params: dict[str, Any], cache_fingerprint: str, world_size: int) ->
     """The hash of everything that shapes training; a checkpoint resumes only under the same hash.
 
     ``max_steps`` is left out only under a constant schedule: a decaying one (linear, cosine, ...)
-    sets every step's learning rate from it, so raising it must start over.
+    sets every step's learning rate from it, so raising it must start over. The number of
+    processes is left out (they split each step's micro-batches, see :mod:`launcher`) unless LoRA
+    dropout is on: its masks come from each process's own RNG stream.
     """
     train = params["train"]
     ignored = NOT_SHAPING | ({"max_steps"} if train["lr_scheduler"] in STEP_FREE_SCHEDULERS else set())
     model_cfg = {k: v for k, v in params["model"].items() if k != "device"}
     train_cfg = {k: v for k, v in train.items() if k not in ignored}
-    return fingerprint(model_cfg, params["lora"], train_cfg, cache_fingerprint, world_size)
+    processes = world_size if params["lora"].get("dropout", 0) else "any"
+    return fingerprint(model_cfg, params["lora"], train_cfg, cache_fingerprint, processes)
 
 
 class BucketBatches:
@@ -185,7 +191,12 @@ class MicroBatches(torch.utils.data.Dataset):
         self.order = BucketBatches(cache.samples, cfg["batch_size"], cfg["seed"])
 
     def __len__(self) -> int:
-        return self.cfg["max_steps"] * self.cfg["gradient_accumulation_steps"]
+        return self.cfg["max_steps"] * self.per_process_accumulation
+
+    @property
+    def per_process_accumulation(self) -> int:
+        """Micro-batches per step on this process: the step's micro-batches are split over all."""
+        return self.cfg["gradient_accumulation_steps"] // self.world
 
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
         micro_batch = k * self.world + self.rank
@@ -195,7 +206,7 @@ class MicroBatches(torch.utils.data.Dataset):
 
 
 def micro_batch_loader(dataset: MicroBatches, start_step: int, workers: int, pin: bool):
-    first = start_step * dataset.cfg["gradient_accumulation_steps"]
+    first = start_step * dataset.per_process_accumulation
     # Its own generator: starting an iterator draws a base seed, which must not come from the
     # global RNG (that would shift LoRA dropout after a resume's load_state).
     return torch.utils.data.DataLoader(
@@ -356,6 +367,7 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(checkpoint_dir), logging_dir=str(log_dir)))
     rank, world = accelerator.process_index, accelerator.num_processes
+    launcher.check_split(world, cfg["gradient_accumulation_steps"])  # also under a launch by hand
     this_run = run_hash(params, cache.index["fingerprint"], world)
     set_seed(cfg["seed"])
 
@@ -413,8 +425,10 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
                                 cfg["mode_scale"])
     batches = iter(micro_batch_loader(MicroBatches(cache, cfg, sampling, world, rank), start_step,
                                       cfg.get("dataloader_workers", 0), accelerator.device.type == "cuda"))
-    accumulation = cfg["gradient_accumulation_steps"]
-    images_per_step = cfg["batch_size"] * accumulation * world
+    # Micro-batch k of rank r is the step's micro-batch k * world + r: together the ranks train the
+    # step's gradient_accumulation_steps micro-batches, and DDP averages their gradients.
+    accumulation = cfg["gradient_accumulation_steps"] // world
+    images_per_step = cfg["batch_size"] * cfg["gradient_accumulation_steps"]
     step, started = start_step, time.perf_counter()
     # The log interval's losses add up on the device; reading them is the loop's only host sync.
     loss_sum, interval_steps, clock = torch.zeros((), device=accelerator.device), 0, IntervalClock(accelerator.device)
@@ -583,7 +597,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    run(load_params(args.params))
+    params = load_params(args.params)
+    device = validate(params)  # bad params stop here, before any process is launched
+    processes = launcher.processes_to_launch(params["train"], device)
+    if processes > 1 and not launcher.under_launcher():
+        launcher.relaunch("impressionist.train", sys.argv[1:] if argv is None else argv, processes,
+                          MIXED_PRECISION[params["train"]["mixed_precision"]], cpu=device.type != "cuda")
+        return
+    run(params)
 
 
 if __name__ == "__main__":
