@@ -152,6 +152,52 @@ def test_sigkill_then_resume_gives_the_same_lora(demo_params, encoded_cache, tmp
         assert torch.equal(expected[key], got[key]), key
 
 
+def _train_stage_repo(root: Path, params: dict, cache: Path) -> tuple[Path, dict[str, str]]:
+    """A git + DVC repository holding the project's real train stage (dvc.yaml's definition), its
+    code and a committed encode cache: `dvc exp run` runs just that stage."""
+    repo_root = Path(__file__).resolve().parents[1]
+    stage = yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]["train"]
+    root.mkdir()
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": stage}}, sort_keys=False))
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    shutil.copy(repo_root / ".gitignore", root / ".gitignore")
+    shutil.copytree(repo_root / "src/impressionist", root / "src/impressionist",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(cache, root / "data/cache")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", DVC_NO_ANALYTICS="1", PYTHONPATH=str(root / "src"),
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    for command in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"],
+                    ["git", "commit", "-qm", "init"]):
+        subprocess.run(command, cwd=root, env=env, check=True, capture_output=True)
+    return root, env
+
+
+@pytest.mark.slow  # two `dvc exp run`s: a minute or more
+def test_a_killed_dvc_exp_run_resumes_in_the_next_dvc_exp_run(demo_params, encoded_cache, tmp_path):
+    """`dvc exp run` force-checks-out the stage's outs before it runs: the checkpoints, outside
+    them, survive a SIGKILL of the whole run, and the next `dvc exp run` continues from them."""
+    repo, env = _train_stage_repo(tmp_path / "repo", small_run(demo_params, 30, every=10), encoded_cache)
+    proc = subprocess.Popen(["dvc", "exp", "run"], cwd=repo, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("train: checkpoint"):
+            os.killpg(proc.pid, signal.SIGKILL)  # dvc and the stage, as a lost VM would
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "".join(seen)[-3000:]
+    assert not (repo / "models/lora").exists()
+
+    second = subprocess.run(["dvc", "exp", "run"], cwd=repo, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
+    assert re.search(r"train: resuming from \.cache/checkpoints/[0-9a-f]+/step-000000[1-3]0 at step [1-3]0 of 30",
+                     second.stdout), second.stdout[-3000:]
+    assert json.loads((repo / "metrics/train.json").read_text())["steps"] == 30
+
+
 def test_resume_with_lora_dropout_gives_the_same_lora(demo_params, encoded_cache, tmp_path, monkeypatch):
     """Dropout draws from the global RNG, which load_state restores: nothing may draw from it in
     between (a DataLoader iterator would), or the resumed run drops other units."""
