@@ -1,8 +1,8 @@
 """Stage ``train``: a LoRA on the FLUX.1 transformer with the rectified-flow objective.
 
 Reads only the encode cache (never the VAE or text encoders), trains with accelerate (one process
-per GPU, launched by the stage itself: see :mod:`impressionist.launcher`), logs to DVCLive and TensorBoard through accelerate's
-trackers, checkpoints every ``train.checkpoint_every`` steps into ``.cache/checkpoints/<run hash>``
+per GPU, launched by the stage itself: see :mod:`impressionist.launcher`), logs to DVCLive and
+TensorBoard through accelerate's trackers, checkpoints every ``train.checkpoint_every`` steps into ``.cache/checkpoints/<run hash>``
 (outside DVC's outputs, see :mod:`impressionist.checkpoints`) and resumes from the newest
 checkpoint of the same params automatically.
 Writes the final LoRA in diffusers format to ``models/lora``.
@@ -537,7 +537,8 @@ def _save_checkpoint(accelerator, folder: Path, step: int, this_run: str, histor
     if accelerator.is_main_process:
         final = checkpoints.publish(folder, step, {
             "run_hash": this_run, "step": step, "base_model": model_cfg["pretrained"],
-            "lora": lora_fingerprint(lora_cfg), "optimizer": cfg["optimizer"], "history": history}, keep=cfg["keep_checkpoints"])
+            "lora": lora_fingerprint(lora_cfg), "optimizer": cfg["optimizer"], "history": history},
+            keep=cfg["keep_checkpoints"])
         accelerator.print(f"train: checkpoint {final}")
     accelerator.wait_for_everyone()
 
@@ -598,12 +599,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     params = load_params(args.params)
-    device = validate(params)  # bad params stop here, before any process is launched
-    processes = launcher.processes_to_launch(params["train"], device)
-    if processes > 1 and not launcher.under_launcher():
-        launcher.relaunch("impressionist.train", sys.argv[1:] if argv is None else argv, processes,
-                          MIXED_PRECISION[params["train"]["mixed_precision"]], cpu=device.type != "cuda")
-        return
+    if not launcher.under_launcher():  # a rank of a launch trains; the stage's own command may launch
+        device = validate(params)  # bad params stop here, before any process is launched
+        processes = launcher.processes_to_launch(params["train"], device)
+        if processes > 1:
+            launcher.relaunch("impressionist.train", sys.argv[1:] if argv is None else argv, processes,
+                              MIXED_PRECISION[params["train"]["mixed_precision"]], cpu=device.type != "cuda")
+            return
     run(params)
 
 
