@@ -173,7 +173,8 @@ def clean(root: Path, keep_runs: int, dry_run: bool = False, log=print) -> list[
             f"({steps}; {folder_bytes(run) / 2**20:.1f} MiB)")
         if not dry_run:
             shutil.rmtree(run)
-    log(f"clean-checkpoints: {'would keep' if dry_run else 'kept'} {len(runs) - len(doomed)} run(s) in {root}")
+    kept = len(runs) - len(doomed)
+    log(f"clean-checkpoints: {'would keep' if dry_run else 'kept'} {kept} run(s) in {root}")
     return doomed
 
 

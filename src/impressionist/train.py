@@ -2,10 +2,9 @@
 
 Reads only the encode cache (never the VAE or text encoders), trains with accelerate (one process
 per GPU, launched by the stage itself: see :mod:`impressionist.launcher`), logs to DVCLive and
-TensorBoard through accelerate's trackers, checkpoints every ``train.checkpoint_every`` steps into ``.cache/checkpoints/<run hash>``
-(outside DVC's outputs, see :mod:`impressionist.checkpoints`) and resumes from the newest
-checkpoint of the same params automatically.
-Writes the final LoRA in diffusers format to ``models/lora``.
+TensorBoard through accelerate's trackers, checkpoints every ``train.checkpoint_every`` steps into
+``.cache/checkpoints/<run hash>`` (outside DVC's outputs, see :mod:`impressionist.checkpoints`) and
+resumes from the newest checkpoint of the same params automatically. Writes the final LoRA in diffusers format to ``models/lora``.
 """
 
 from __future__ import annotations
@@ -474,8 +473,8 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
             if validate_now and sampler is not None:
                 _log_validation_images(accelerator, sampler, transformer, step)
             if checkpoint_now:
-                _save_checkpoint(accelerator, checkpoints.run_folder(checkpoint_dir, this_run), step, this_run,
-                                 history, model_cfg, lora_cfg, cfg)
+                _save_checkpoint(accelerator, checkpoints.run_folder(checkpoint_dir, this_run), step,
+                                 this_run, history, model_cfg, lora_cfg, cfg)
             clock.resume()
 
     accelerator.wait_for_everyone()
