@@ -17,6 +17,9 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+# Checkpoints go to each test's own folder (.cache/checkpoints under its working directory), never
+# to a root shared through the environment, where one test's run would resume another's.
+os.environ.pop("IMPRESSIONIST_CHECKPOINTS", None)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -154,3 +157,21 @@ def encoded_cache(tmp_path_factory, _demo_params_master, tiny_flux_dir):
     filtered, captions = write_filtered_dataset(root)
     encode.run(copy.deepcopy(_demo_params_master), filtered, captions, root / "cache")
     return root / "cache"
+
+
+@pytest.fixture
+def no_pickle_loads(monkeypatch):
+    """torch.load fails unless called with weights_only=True (pickle that can run code); yields
+    the files it did load, so a test can check the guarded path really ran."""
+    import torch
+
+    real_load, loaded = torch.load, []
+
+    def guarded_load(f, *args, **kwargs):
+        if kwargs.get("weights_only") is not True:
+            raise AssertionError(f"torch.load({f!r}) without weights_only=True: {kwargs}")
+        loaded.append(str(f))
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", guarded_load)
+    return loaded

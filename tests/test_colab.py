@@ -220,7 +220,7 @@ def test_state_paths_are_the_uncached_outs(tmp_path):
     assert colab.state_paths(tmp_path / "dvc.yaml") == ["logs", "metrics/a.json", "plots/b.png"]
     real = colab.state_paths(REPO / "dvc.yaml")
     assert {"metrics/eval.json", "metrics/train.json", "plots/samples_grid.png", "dvclive"} <= set(real)
-    assert not {"data/raw", "data/cache", "models/checkpoints", "models/lora"} & set(real)
+    assert not {"data/raw", "data/cache", ".cache/checkpoints", "models/lora"} & set(real)
 
 
 def test_state_mirror_syncs_exactly_and_restores(tmp_path):
@@ -261,20 +261,20 @@ def test_state_mirror_thread_syncs_when_poked(tmp_path):
 
 def test_checkpoints_are_moved_to_drive_and_linked(tmp_path):
     repo, target = tmp_path / "repo", tmp_path / "drive" / "checkpoints"
-    local = repo / "models" / "checkpoints" / "step-00000010"
+    local = repo / ".cache" / "checkpoints" / "run1" / "step-00000010"
     local.mkdir(parents=True)
     (local / "impressionist.json").write_text('{"step": 10}')
     link = colab.link_checkpoints(repo, target)
     assert link.is_symlink() and link.resolve() == target.resolve()
-    assert (target / "step-00000010" / "impressionist.json").read_text() == '{"step": 10}'
+    assert (target / "run1" / "step-00000010" / "impressionist.json").read_text() == '{"step": 10}'
     assert colab.link_checkpoints(repo, target) == link  # idempotent
-    assert (link / "step-00000010").is_dir()
+    assert (link / "run1" / "step-00000010").is_dir()
 
 
 def test_incomplete_checkpoints_on_drive_are_removed(tmp_path):
     def checkpoint(step, files, run="r1", listed=None):
-        folder = tmp_path / f"step-{step:08d}"
-        folder.mkdir()
+        folder = tmp_path / run / f"step-{step:08d}"  # the trainer's layout: a folder per run hash
+        folder.mkdir(parents=True)
         meta = {"step": step, "run_hash": run, **({"files": listed} if listed else {})}
         (folder / "impressionist.json").write_text(json.dumps(meta))
         for name, data in files.items():
@@ -289,7 +289,7 @@ def test_incomplete_checkpoints_on_drive_are_removed(tmp_path):
     short = checkpoint(50, full, listed={"optimizer.bin": 9})
     other_run = checkpoint(60, {"model.safetensors": b"z"}, run="r2")  # judged against its own run
     removed = colab.drop_incomplete_checkpoints(tmp_path, log=lambda _: None)
-    assert removed == [empty, lacking, short]
+    assert sorted(removed) == [empty, lacking, short]
     assert good.is_dir() and listed.is_dir() and other_run.is_dir()
 
 
@@ -434,7 +434,7 @@ def test_prepare_points_dvc_at_drive_and_restores_only_into_a_fresh_clone(tmp_pa
     assert "dvc-cache" not in (repo / ".dvc/config").read_text()  # the committed config is untouched
     assert sh(repo, "dvc", "cache", "dir").stdout.strip() == str(layout.dvc_cache)
     assert sh(repo, "dvc", "config", "cache.type").stdout.strip() == "copy"
-    assert (repo / "models/checkpoints").resolve() == layout.checkpoints.resolve()
+    assert (repo / ".cache/checkpoints").resolve() == layout.checkpoints.resolve()
     assert (repo / "metrics/eval.json").read_text() == '{"from": "drive"}'
     (repo / "metrics/eval.json").write_text('{"from": "this runtime"}')
     colab.prepare(repo, layout)  # the same runtime again: local files are newer, nothing restored
@@ -584,7 +584,7 @@ def test_notebook_resumes_after_a_disconnect_and_skips_finished_stages(tmp_path)
     assert not worker.is_alive() and failure, "the killed run should fail"
     assert isinstance(failure[0], (CellExecutionError, DeadKernelError)), failure
     assert [s for s in DATA_STAGES if f"Running stage '{s}'" in log] == DATA_STAGES
-    assert list((drive / "impressionist" / "checkpoints").glob("step-*"))
+    assert list((drive / "impressionist" / "checkpoints").glob("*/step-*"))
     assert "encode:" in (drive / "impressionist" / "state" / "dvc.lock").read_text()
 
     # 2. Rerun in a fresh clone (Colab's wiped disk): resume training, skip the data stages.
@@ -592,7 +592,8 @@ def test_notebook_resumes_after_a_disconnect_and_skips_finished_stages(tmp_path)
     nb, client, env = execute_notebook(second, drive, overrides)
     client.execute(env=env)
     text = outputs_text(nb)
-    resumed = re.search(r"train: resuming from models/checkpoints/step-(\d+) at step (\d+) of 60", text)
+    resumed = re.search(r"train: resuming from \.cache/checkpoints/[0-9a-f]+/step-(\d+) at step (\d+) of 60",
+                        text)
     assert resumed, text[-3000:]
     assert int(resumed.group(1)) == int(resumed.group(2)) >= 20
     for stage in DATA_STAGES:

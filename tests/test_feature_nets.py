@@ -82,8 +82,9 @@ def test_inception_weights_path_missing_or_broken(tmp_path):
     assert "broken.pth" in _one_line(err)
 
 
-def test_inception_local_weights_load_through_torchmetrics(monkeypatch, tmp_path):
-    """A local weights file goes through torchmetrics' NoTrainInceptionV3 (torch-fidelity loader)."""
+def test_inception_local_weights_load_through_torchmetrics(monkeypatch, tmp_path, no_pickle_loads):
+    """A local weights file goes through torchmetrics' NoTrainInceptionV3, read with
+    weights_only=True (torch-fidelity's own loader would unpickle it with weights_only=False)."""
     from torch_fidelity import feature_extractor_inceptionv3 as tfi
     from torchmetrics.image.fid import NoTrainInceptionV3
 
@@ -97,6 +98,7 @@ def test_inception_local_weights_load_through_torchmetrics(monkeypatch, tmp_path
     torch.save(state, weights)
 
     net = fid_feature_extractor({"fid_features": "inception", "inception_weights": str(weights)})
+    assert no_pickle_loads == [str(weights)]
     assert isinstance(net, NoTrainInceptionV3)
     assert net.num_features == 2048
     torch.testing.assert_close(net.state_dict()["fc.weight"], state["fc.weight"])

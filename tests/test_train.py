@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -75,19 +76,24 @@ def test_training_lowers_the_loss(demo_params, encoded_cache, tiny_flux_dir, tmp
     assert after < 0.85 * before, (before, after)
 
 
+def kept(root: Path) -> dict[str, list[str]]:
+    """The checkpoint names in each run's folder under a checkpoint root."""
+    return {run.name: sorted(p.name for p in run.iterdir()) for run in sorted(root.iterdir())}
+
+
 def test_checkpoints_resume_only_matching_runs(demo_params, encoded_cache, tmp_path, capsys, monkeypatch):
     from conftest import assert_png_shows, record_figures
 
     monkeypatch.chdir(tmp_path)
     figures = record_figures(monkeypatch, train)
     out = outputs(tmp_path)
-    train.run(small_run(demo_params, 20), encoded_cache, **out)
-    assert sorted(p.name for p in out["checkpoint_dir"].iterdir()) == ["step-00000010", "step-00000020"]
+    first = train.run(small_run(demo_params, 20), encoded_cache, **out)["run_hash"]
+    assert kept(out["checkpoint_dir"]) == {first: ["step-00000010", "step-00000020"]}
     capsys.readouterr()
 
     # More steps with the same params (a constant schedule): continues from the last checkpoint.
     summary = train.run(small_run(demo_params, 30), encoded_cache, **out)
-    assert summary["resumed_from_step"] == 20 and summary["steps"] == 30
+    assert summary["resumed_from_step"] == 20 and summary["steps"] == 30 and summary["run_hash"] == first
     assert "resuming from" in capsys.readouterr().out
     # the loss plot of the resumed run is the whole logged curve, every log_every (5) steps from 5
     history = json.loads((out["lora_dir"] / "training_config.json").read_text())["history"]
@@ -97,16 +103,25 @@ def test_checkpoints_resume_only_matching_runs(demo_params, encoded_cache, tmp_p
     assert_png_shows(out["loss_plot"], figures["loss.png"])
     # keep_checkpoints (2 in params.yaml) pruned step 10 once step 30 was written
     assert demo_params["train"]["keep_checkpoints"] == 2
-    assert sorted(p.name for p in out["checkpoint_dir"].iterdir()) == ["step-00000020", "step-00000030"]
+    assert kept(out["checkpoint_dir"]) == {first: ["step-00000020", "step-00000030"]}
 
-    # A different rank: the old checkpoints are discarded with a log line, training starts at 0.
-    summary = train.run(small_run(demo_params, 10, rank=8), encoded_cache, **out)
+    # A different rank is another run: it starts at 0 in its own folder, the rank-4 run's stay.
+    other = train.run(small_run(demo_params, 10, rank=8), encoded_cache, **out)
     log = capsys.readouterr().out
-    assert summary["resumed_from_step"] == 0
-    assert "discarding checkpoint" in log and "resuming" not in log
+    assert other["resumed_from_step"] == 0 and "resuming" not in log
+    assert "1 other run(s) keep checkpoints" in log
     assert load_file(out["lora_dir"] / LORA_FILE)[
         "transformer.transformer_blocks.0.attn.to_q.lora_A.weight"].shape[0] == 8
-    assert sorted(p.name for p in out["checkpoint_dir"].iterdir()) == ["step-00000010"]
+    assert kept(out["checkpoint_dir"]) == {first: ["step-00000020", "step-00000030"],
+                                           other["run_hash"]: ["step-00000010"]}
+
+    # Back to rank 4 (say, the first experiment applied again): it continues its own run.
+    assert train.run(small_run(demo_params, 40), encoded_cache, **out)["resumed_from_step"] == 30
+    # `impressionist clean-checkpoints` keeps the most recently checkpointed run.
+    checkpoints.main(["--root", str(out["checkpoint_dir"]), "--dry-run"])
+    assert other["run_hash"] in kept(out["checkpoint_dir"])
+    checkpoints.main(["--root", str(out["checkpoint_dir"])])
+    assert kept(out["checkpoint_dir"]) == {first: ["step-00000030", "step-00000040"]}
 
 
 def _run_stage(workdir: Path, kill_after_checkpoint: bool = False) -> subprocess.CompletedProcess | None:
@@ -137,13 +152,59 @@ def test_sigkill_then_resume_gives_the_same_lora(demo_params, encoded_cache, tmp
     _run_stage(runs["killed"], kill_after_checkpoint=True)
     assert not (runs["killed"] / "models/lora").exists()
     resumed = _run_stage(runs["killed"])
-    assert "resuming from models/checkpoints/step-00000010 at step 10" in resumed.stdout
+    assert re.search(r"resuming from \.cache/checkpoints/[0-9a-f]+/step-00000010 at step 10", resumed.stdout)
 
     expected = load_file(runs["uninterrupted"] / "models/lora" / LORA_FILE)
     got = load_file(runs["killed"] / "models/lora" / LORA_FILE)
     assert expected.keys() == got.keys()
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
+
+
+def _train_stage_repo(root: Path, params: dict, cache: Path) -> tuple[Path, dict[str, str]]:
+    """A git + DVC repository holding the project's real train stage (dvc.yaml's definition), its
+    code and a committed encode cache: `dvc exp run` runs just that stage."""
+    repo_root = Path(__file__).resolve().parents[1]
+    stage = yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]["train"]
+    root.mkdir()
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": stage}}, sort_keys=False))
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    shutil.copy(repo_root / ".gitignore", root / ".gitignore")
+    shutil.copytree(repo_root / "src/impressionist", root / "src/impressionist",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(cache, root / "data/cache")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", DVC_NO_ANALYTICS="1", PYTHONPATH=str(root / "src"),
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    for command in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"],
+                    ["git", "commit", "-qm", "init"]):
+        subprocess.run(command, cwd=root, env=env, check=True, capture_output=True)
+    return root, env
+
+
+@pytest.mark.slow  # two `dvc exp run`s: a minute or more
+def test_a_killed_dvc_exp_run_resumes_in_the_next_dvc_exp_run(demo_params, encoded_cache, tmp_path):
+    """`dvc exp run` force-checks-out the stage's outs before it runs: the checkpoints, outside
+    them, survive a SIGKILL of the whole run, and the next `dvc exp run` continues from them."""
+    repo, env = _train_stage_repo(tmp_path / "repo", small_run(demo_params, 30, every=10), encoded_cache)
+    proc = subprocess.Popen(["dvc", "exp", "run"], cwd=repo, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("train: checkpoint"):
+            os.killpg(proc.pid, signal.SIGKILL)  # dvc and the stage, as a lost VM would
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "".join(seen)[-3000:]
+    assert not (repo / "models/lora").exists()
+
+    second = subprocess.run(["dvc", "exp", "run"], cwd=repo, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
+    assert re.search(r"train: resuming from \.cache/checkpoints/[0-9a-f]+/step-000000[1-3]0 at step [1-3]0 of 30",
+                     second.stdout), second.stdout[-3000:]
+    assert json.loads((repo / "metrics/train.json").read_text())["steps"] == 30
 
 
 def test_resume_with_lora_dropout_gives_the_same_lora(demo_params, encoded_cache, tmp_path, monkeypatch):
@@ -170,8 +231,8 @@ def test_a_rerun_continues_its_own_checkpoints_before_resume_from(demo_params, e
                                                                    monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     out = outputs(tmp_path)
-    train.run(small_run(copy.deepcopy(demo_params), 10), encoded_cache, **out)
-    earlier = out["checkpoint_dir"] / "step-00000010"
+    earlier_run = train.run(small_run(copy.deepcopy(demo_params), 10), encoded_cache, **out)["run_hash"]
+    earlier = out["checkpoint_dir"] / earlier_run / "step-00000010"
 
     # Another learning rate (another run hash), started from the earlier run's checkpoint...
     params = small_run(copy.deepcopy(demo_params), 20)
@@ -184,6 +245,46 @@ def test_a_rerun_continues_its_own_checkpoints_before_resume_from(demo_params, e
     assert "resuming from" in capsys.readouterr().out
     # the resume_from folder is another run's, but it was asked for: never discarded
     assert earlier.is_dir()
+
+
+def test_resume_from_trains_with_the_new_optimizer_settings(demo_params, encoded_cache, tmp_path,
+                                                            monkeypatch):
+    """load_state restores the checkpoint's lr and weight decay; the run must use the params' ones."""
+    monkeypatch.chdir(tmp_path)
+    out = outputs(tmp_path)
+    earlier_run = train.run(small_run(copy.deepcopy(demo_params), 10), encoded_cache, **out)["run_hash"]
+    earlier = out["checkpoint_dir"] / earlier_run / "step-00000010"
+    made = []
+    real_make = train.make_optimizer
+    monkeypatch.setattr(train, "make_optimizer", lambda *args: made.append(real_make(*args)) or made[-1])
+
+    params = small_run(copy.deepcopy(demo_params), 15)
+    assert (params["train"]["learning_rate"], params["train"]["adam_weight_decay"]) != (5e-4, 0.03)
+    params["train"].update(learning_rate=5e-4, adam_weight_decay=0.03, resume_from=str(earlier))
+    summary = train.run(params, encoded_cache, **outputs(tmp_path / "b"))
+    assert summary["resumed_from_step"] == 10
+    for group in made[0].param_groups:
+        assert group["lr"] == 5e-4 and group["weight_decay"] == 0.03
+    history = json.loads((tmp_path / "b/lora/training_config.json").read_text())["history"]
+    assert [h["lr"] for h in history if h["step"] > 10] == [5e-4]  # past warm-up: the new constant lr
+
+    # Another optimizer cannot continue this optimizer state: one line, before any model loads.
+    params["train"].update(optimizer="prodigy", learning_rate=1.0)
+    monkeypatch.setattr(train, "resolve_pretrained", lambda *a, **k: pytest.fail("model resolved"))
+    with pytest.raises(UserError, match="train.optimizer=adamw") as err:
+        train.run(params, encoded_cache, **outputs(tmp_path / "c"))
+    assert "\n" not in str(err.value)
+
+
+def test_resume_unpickles_nothing(demo_params, encoded_cache, tmp_path, monkeypatch, no_pickle_loads):
+    """Resuming reads the LoRA from safetensors and the optimizer and RNG state with
+    weights_only=True; the learning-rate schedule is recomputed from the step, not unpickled."""
+    monkeypatch.chdir(tmp_path)
+    out = outputs(tmp_path)
+    train.run(small_run(copy.deepcopy(demo_params), 5, every=5), encoded_cache, **out)
+    assert train.run(small_run(copy.deepcopy(demo_params), 10, every=5), encoded_cache,
+                     **out)["resumed_from_step"] == 5
+    assert sorted(Path(f).name for f in no_pickle_loads) == ["optimizer.bin", "random_states_0.pkl"]
 
 
 @pytest.mark.parametrize("change, message", [
@@ -266,6 +367,10 @@ def test_run_hash_ignores_max_steps_only_under_a_constant_schedule(demo_params):
     assert run_hash(attention_backend="_native_math") == run_hash(attention_backend="native")
     assert run_hash(compile=True) == run_hash(compile=False)
     assert run_hash(seed=1) != run_hash(seed=0)
+    # The optimizer and its settings shape training: another one is another run.
+    assert run_hash(optimizer="prodigy") != run_hash(optimizer="adamw")
+    assert run_hash(adam_weight_decay=0.1) != run_hash(adam_weight_decay=0.0)
+    assert run_hash(learning_rate=1e-3) != run_hash(learning_rate=1e-4)
 
 
 def test_compiled_blocks_train_the_same_lora(demo_params, encoded_cache, tmp_path, monkeypatch):
@@ -346,8 +451,8 @@ def test_explicit_resume_refuses_another_base_model_or_lora_shape(demo_params, e
                                                                  monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = outputs(tmp_path)
-    train.run(small_run(demo_params, 10), encoded_cache, **out)
-    checkpoint = out["checkpoint_dir"] / "step-00000010"
+    run_hash = train.run(small_run(demo_params, 10), encoded_cache, **out)["run_hash"]
+    checkpoint = out["checkpoint_dir"] / run_hash / "step-00000010"
 
     other_rank = small_run(copy.deepcopy(demo_params), 10, rank=8)
     other_rank["train"]["resume_from"] = str(checkpoint)
@@ -377,27 +482,25 @@ def test_validation_images_are_logged_to_both_trackers(demo_params, encoded_cach
 
 
 def test_two_gloo_processes_train_identical_loras(demo_params, encoded_cache, tmp_path, monkeypatch):
-    """A real 2-process DDP run on CPU (gloo): every rank must end with the same LoRA, and it is the
-    LoRA one process trains when it accumulates both ranks' micro-batches (DDP splits the work,
-    not the recipe)."""
+    """The stage's own command with train.num_processes: 2 launches two real DDP ranks through
+    accelerate (gloo on CPU): every rank ends with the same LoRA, and it is the LoRA one process
+    trains with the same params (the ranks split each step's micro-batches, not the recipe)."""
     params = small_run(demo_params, 6, every=3)
+    params["train"].update(gradient_accumulation_steps=2, num_processes=2)
     shutil.copytree(encoded_cache, tmp_path / "data/cache")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    env = dict(os.environ, ACCELERATE_USE_CPU="1")
-    accelerate = Path(sys.executable).parent / "accelerate"
-    result = subprocess.run(
-        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "impressionist.train"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-m", "impressionist.train"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "train: launching 2 processes" in result.stdout
     config = json.loads((tmp_path / "models/lora/training_config.json").read_text())
     assert len(config["rank_checksums"]) == 2
     assert config["rank_checksums"][0] == config["rank_checksums"][1]
-    # the world size is part of the run hash: a 1-process rerun must not resume this run
-    assert config["run_hash"] != train.run_hash(params, CacheReader(tmp_path / "data/cache").index["fingerprint"], 1)
+    # the number of processes is not part of the run hash: one process may resume this run
+    assert config["run_hash"] == train.run_hash(params, CacheReader(tmp_path / "data/cache").index["fingerprint"], 1)
 
     single = copy.deepcopy(params)
-    single["train"]["gradient_accumulation_steps"] *= 2
+    single["train"]["num_processes"] = 1
     monkeypatch.chdir(tmp_path)
     out = outputs(tmp_path / "single")
     train.run(single, tmp_path / "data/cache", **out)
@@ -406,6 +509,26 @@ def test_two_gloo_processes_train_identical_loras(demo_params, encoded_cache, tm
     assert any(v.abs().max() > 0 for k, v in one_rank.items() if "lora_B" in k)  # it trained
     # gradients average across ranks instead of summing halves: equal up to float rounding
     assert all(torch.allclose(two_ranks[k], one_rank[k], rtol=1e-4, atol=1e-6) for k in one_rank)
+
+
+def test_process_counts_are_checked_before_any_launch(demo_params):
+    from impressionist import launcher
+
+    cpu, cfg = torch.device("cpu"), {"gradient_accumulation_steps": 4}
+    assert launcher.processes_to_launch({**cfg, "num_processes": 0}, cpu) == 1  # auto: 1 on CPU
+    assert launcher.processes_to_launch({**cfg, "num_processes": 2}, cpu) == 2
+    with pytest.raises(UserError, match="multiple of 3"):
+        launcher.processes_to_launch({**cfg, "num_processes": 3}, cpu)
+    assert launcher.largest_divisor_up_to(4, 8) == 4 and launcher.largest_divisor_up_to(12, 8) == 6
+    assert launcher.under_launcher({"LOCAL_RANK": "0"}) and not launcher.under_launcher({})
+    params = copy.deepcopy(demo_params)
+    params["train"]["num_processes"] = -1
+    with pytest.raises(UserError, match="train.num_processes"):
+        train.validate(params)
+    # LoRA dropout draws each process's own masks: only then does the count enter the run hash
+    assert train.run_hash(params, "c", 1) == train.run_hash(params, "c", 2)
+    params["lora"]["dropout"] = 0.1
+    assert train.run_hash(params, "c", 1) != train.run_hash(params, "c", 2)
 
 
 def test_data_loader_workers_do_not_change_what_is_trained(demo_params, encoded_cache, tmp_path, monkeypatch):

@@ -28,7 +28,8 @@ STAGES = {
     "sample": "impressionist.sample", "reference": "impressionist.reference", "evaluate": "impressionist.evaluate",
 }
 COMMANDS = {**STAGES, "publish": "impressionist.publish", "report": "impressionist.report",
-            "pin-model": "impressionist.pin_model", "space": "impressionist.space"}
+            "pin-model": "impressionist.pin_model", "space": "impressionist.space",
+            "clean-checkpoints": "impressionist.checkpoints"}
 DEMO_OVERRIDES = Path("configs/demo.yaml")
 
 
@@ -99,6 +100,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="write the pull-request report (metrics/params diff, grid, verdicts)")
     commands.add_parser("pin-model", add_help=False,
                         help="write the commit model.revision names now into params.yaml")
+    commands.add_parser("clean-checkpoints", add_help=False,
+                        help="remove the training checkpoints of earlier runs (.cache/checkpoints)")
     # Stage commands parse their own options (the rest); the demo has none beyond its own.
     args, rest = parser.parse_known_args(argv)
     if args.command == "demo":

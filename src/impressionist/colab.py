@@ -7,12 +7,13 @@ project folder on Google Drive instead (:class:`DriveLayout`):
 
 - ``dvc-cache/``: the DVC cache (``dvc cache dir --local``). DVC copies every cached output into it
   as each stage finishes, so finished outputs are on Drive before ``dvc.lock`` says so.
-- ``checkpoints/``: ``models/checkpoints`` (the trainer's ``persist`` out) is a symlink to it, so
-  each ``accelerator.save_state`` checkpoint is written straight to Drive.
+- ``checkpoints/``: ``.cache/checkpoints`` (the trainer's checkpoint root, one folder per run
+  hash) is a symlink to it, so each ``accelerator.save_state`` checkpoint is written straight to
+  Drive.
 - ``state/``: a mirror of ``dvc.lock`` and of the outs DVC does not cache (metrics, plots,
   ``dvclive/``), copied while the run goes on (:class:`StateMirror`) and restored into a fresh clone.
   ``dvc.lock`` is what tells DVC that a stage has finished; the run-cache cannot replace it, since
-  DVC keeps no run-cache for stages with ``persist`` outs (download and train).
+  DVC keeps no run-cache for stages with ``persist`` outs (download).
 - ``logs/``: the full output of every run (the notebook's own output is lost with the runtime).
 - ``recipe.json``: the recipe the first run chose for its GPU (:func:`keep_first_recipe`). A runtime
   after a disconnect may get another GPU; choosing afresh would change params that shape training
@@ -25,10 +26,9 @@ The run writes the overrides into ``params.yaml`` exactly as ``dvc exp run -S`` 
 without copying them back (``--allow-missing``), and a stage that has to run gets its missing inputs
 checked out of the cache first (``--pull``; a resumed train needs only ``data/cache``).
 
-Why not ``dvc exp run``: it starts with a forced ``dvc checkout`` of the workspace, which deletes a
-``persist`` out that dvc.lock does not list yet (an interrupted first training run) and rolls one
-that it does list back to the cached version (dropping newer checkpoints), so a resumed run would
-start over. ``dvc repro`` leaves persist outs alone.
+Why ``dvc repro`` and not ``dvc exp run``: the run is one line of work per Drive project, not an
+experiment to compare, and ``--pull --allow-missing`` skips finished stages whose outputs are only
+on Drive. (Checkpoints would survive ``dvc exp run`` too: they are not a DVC output.)
 
 Why not keep the whole working copy on Drive: Drive's FUSE mount is slow and unreliable with
 thousands of small files in one folder (``data/raw/images``), git and DVC would keep their lock and
@@ -74,7 +74,7 @@ ENV_LOCAL = "IMPRESSIONIST_COLAB_LOCAL"  # a folder standing in for Drive: local
 DRIVE_MOUNT = Path("/content/drive")
 DRIVE_HOME = DRIVE_MOUNT / "MyDrive"
 DEFAULT_PROJECT = "impressionist"
-CHECKPOINTS = Path("models/checkpoints")  # train.CHECKPOINT_DIR (a test checks they agree)
+CHECKPOINTS = Path(".cache/checkpoints")  # train.CHECKPOINT_DIR (a test checks they agree)
 PREPARED_MARKER = Path(".dvc/tmp/impressionist-colab.json")  # .dvc/tmp is git-ignored
 TOKEN_SECRET = "HF_TOKEN"
 # DVC logs this right before it rewrites dvc.lock after a stage: the mirror then syncs soon.
@@ -563,8 +563,8 @@ class StateMirror:
 
 
 def link_checkpoints(repo: Path | str, target: Path | str) -> Path:
-    """Make ``models/checkpoints`` a symlink to ``target`` on Drive, moving any local checkpoints
-    there first. DVC hashes and caches the out through the link and leaves the link in place."""
+    """Make ``.cache/checkpoints`` a symlink to ``target`` on Drive, moving any local checkpoints
+    there first."""
     link, target = Path(repo) / CHECKPOINTS, Path(target)
     target.mkdir(parents=True, exist_ok=True)
     if link.is_symlink():
@@ -592,9 +592,10 @@ def drop_incomplete_checkpoints(folder: Path | str, log: Callable[[str], None] =
     another size, or when it lacks, or has empty, a file that another checkpoint of the same run
     has with content. (Unreadable metadata is the trainer's case: it discards those itself.)
     """
-    from .checkpoints import list_checkpoints
+    from .checkpoints import list_checkpoints, list_runs
 
-    found = [(path, meta) for path, meta in list_checkpoints(Path(folder)) if meta is not None]
+    found = [(path, meta) for run in list_runs(Path(folder))
+             for path, meta in list_checkpoints(run) if meta is not None]
 
     def sizes(path: Path) -> dict[str, int]:
         return {p.relative_to(path).as_posix(): p.stat().st_size for p in path.rglob("*") if p.is_file()}
@@ -647,7 +648,7 @@ def prepare(repo: Path | str, layout: DriveLayout) -> None:
             _say("no earlier session on Drive: starting from scratch")
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps({"drive": str(layout.root)}))
-    steps = sorted(p.name for p in layout.checkpoints.glob("step-*"))
+    steps = sorted(p.name for p in layout.checkpoints.glob("*/step-*"))
     _say(f"DVC cache {layout.dvc_cache}; checkpoints {layout.checkpoints} "
          f"({', '.join(steps) if steps else 'none yet'})")
 

@@ -3,8 +3,9 @@
 * FID/KID features (:func:`fid_feature_extractor`):
   - ``"inception"``: torchmetrics' ``NoTrainInceptionV3`` — the torch-fidelity port of the TF
     Inception used by the original FID code, 2048-d pool features. Its weights
-    (``weights-inception-2015-12-05-6726825d.pth``) are downloaded by torch-fidelity on first use
-    into the torch hub cache, or read from ``evaluate.inception_weights`` when that is a local file.
+    (``weights-inception-2015-12-05-6726825d.pth``) are downloaded on first use into the torch hub
+    cache, or read from ``evaluate.inception_weights`` when that is a local file; either way they
+    are loaded with ``weights_only=True`` (no unpickling of code), see :func:`inception_state_dict`.
   - ``"builtin:tiny"``: :class:`TinyFeatureNet`, a small conv net with *random* weights drawn from a
     fixed seed. It only exists so the pipeline and the tests run offline; its FID/KID numbers say
     nothing about image quality and are not comparable with published FIDs.
@@ -113,12 +114,36 @@ class TinyFeatureNet(nn.Module):
         return self.body(x).mean(dim=(2, 3))
 
 
+def inception_state_dict(weights_path: str | None) -> dict[str, torch.Tensor]:
+    """The Inception weights, unpickled with ``weights_only=True`` (tensors only, no code runs).
+
+    ``weights_path`` is a local copy of the weights file; None reads torch-fidelity's download into
+    the torch hub cache (downloading it the first time).
+    """
+    if weights_path is None:
+        from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+        return torch.hub.load_state_dict_from_url(URL_INCEPTION_V3, map_location="cpu", progress=False,
+                                                  weights_only=True)
+    return torch.load(weights_path, map_location="cpu", weights_only=True)
+
+
 def _inception(weights_path: str | None) -> nn.Module:
+    """torchmetrics' Inception with weights loaded without pickle.
+
+    torch-fidelity's constructor reads the weights itself with ``torch.load(weights_only=False)``
+    (from a path) or ``load_state_dict_from_url`` (weights_only=False by default): either would
+    run any code a tampered file holds. Its module-level ``load_state_dict_from_url`` is swapped,
+    only while the network is built, for one that returns the state loaded safely above.
+    """
+    from unittest import mock
+
+    import torch_fidelity.feature_extractor_inceptionv3 as fidelity_inception
     from torchmetrics.image.fid import NoTrainInceptionV3
 
-    net = NoTrainInceptionV3(
-        name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=weights_path
-    )
+    state = inception_state_dict(weights_path)
+    with mock.patch.object(fidelity_inception, "load_state_dict_from_url", lambda *a, **k: state):
+        net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"])
     net.num_features = 2048  # so torchmetrics does not probe it with a dummy image
     return net
 

@@ -1,10 +1,10 @@
 """Stage ``train``: a LoRA on the FLUX.1 transformer with the rectified-flow objective.
 
-Reads only the encode cache (never the VAE or text encoders), trains with accelerate (one GPU, or
-several under ``accelerate launch``), logs to DVCLive and TensorBoard through accelerate's
-trackers, checkpoints every ``train.checkpoint_every`` steps into ``models/checkpoints`` (a
-``persist`` DVC out) and resumes from the newest checkpoint of the same params automatically.
-Writes the final LoRA in diffusers format to ``models/lora``.
+Reads only the encode cache (never the VAE or text encoders), trains with accelerate (one process
+per GPU, launched by the stage itself: see :mod:`impressionist.launcher`), logs to DVCLive and
+TensorBoard through accelerate's trackers, checkpoints every ``train.checkpoint_every`` steps into
+``.cache/checkpoints/<run hash>`` (outside DVC's outputs, see :mod:`impressionist.checkpoints`) and
+resumes from the newest checkpoint of the same params automatically. Writes the final LoRA in diffusers format to ``models/lora``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import resource
+import sys
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-from . import checkpoints
+from . import checkpoints, launcher
 from .errors import UserError, atomic_dir, atomic_write_text, stage_main
 from .flux_math import (LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS, TimestepSampling, flow_matching_loss,
                         sample_sigmas)
@@ -35,7 +36,7 @@ from .params import (fingerprint, load_params, require, require_choice, require_
 from .plotting import new_figure, save_figure
 from .validation_images import ValidationSampler, check_settings
 
-CHECKPOINT_DIR = Path("models/checkpoints")
+CHECKPOINT_DIR = checkpoints.DEFAULT_ROOT  # $IMPRESSIONIST_CHECKPOINTS overrides it
 METRICS = Path("metrics/train.json")
 LOSS_PLOT = Path("plots/loss.png")
 LIVE_DIR = Path("dvclive")
@@ -54,7 +55,8 @@ REQUIRED = ("seed", "max_steps", "batch_size", "gradient_accumulation_steps", "l
 # (e.g. on another GPU class). ``max_steps`` joins them only under a schedule that ignores it (see
 # run_hash).
 NOT_SHAPING = {"checkpoint_every", "keep_checkpoints", "log_every", "report_to", "validation",
-               "resume_from", "dataloader_workers", "gradient_checkpointing", "attention_backend", "compile"}
+               "resume_from", "dataloader_workers", "gradient_checkpointing", "attention_backend", "compile",
+               "num_processes"}
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 # diffusers' get_scheduler names (piecewise_constant needs step rules we do not expose).
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
@@ -78,7 +80,7 @@ def validate(params: dict[str, Any]) -> torch.device:
     _validate_train(cfg, device)
     if cfg.get("resume_from"):
         folder, meta = checkpoints.explicit_resume(Path(cfg["resume_from"]), model_cfg["pretrained"],
-                                                   lora_fingerprint(lora_cfg))
+                                                   lora_fingerprint(lora_cfg), cfg["optimizer"])
         if meta.get("step", 0) > cfg["max_steps"]:
             raise UserError(f"train.resume_from={folder} is at step {meta.get('step')}, beyond "
                             f"train.max_steps={cfg['max_steps']}; raise max_steps or clear resume_from")
@@ -93,6 +95,7 @@ def _validate_train(cfg: dict[str, Any], device: torch.device) -> None:
     for key in ("checkpoint_every", "lr_warmup_steps"):
         require_int(cfg[key], f"train.{key}")
     require_int(cfg.get("dataloader_workers", 0), "train.dataloader_workers")
+    require_int(cfg.get("num_processes", launcher.AUTO), "train.num_processes")
     require_positive(cfg["learning_rate"], "train.learning_rate")
     require_positive(cfg["adam_weight_decay"], "train.adam_weight_decay", allow_zero=True)
     require_positive(cfg["max_grad_norm"], "train.max_grad_norm", allow_zero=True)
@@ -135,13 +138,16 @@ def run_hash(params: dict[str, Any], cache_fingerprint: str, world_size: int) ->
     """The hash of everything that shapes training; a checkpoint resumes only under the same hash.
 
     ``max_steps`` is left out only under a constant schedule: a decaying one (linear, cosine, ...)
-    sets every step's learning rate from it, so raising it must start over.
+    sets every step's learning rate from it, so raising it must start over. The number of
+    processes is left out (they split each step's micro-batches, see :mod:`launcher`) unless LoRA
+    dropout is on: its masks come from each process's own RNG stream.
     """
     train = params["train"]
     ignored = NOT_SHAPING | ({"max_steps"} if train["lr_scheduler"] in STEP_FREE_SCHEDULERS else set())
     model_cfg = {k: v for k, v in params["model"].items() if k != "device"}
     train_cfg = {k: v for k, v in train.items() if k not in ignored}
-    return fingerprint(model_cfg, params["lora"], train_cfg, cache_fingerprint, world_size)
+    processes = world_size if params["lora"].get("dropout", 0) else "any"
+    return fingerprint(model_cfg, params["lora"], train_cfg, cache_fingerprint, processes)
 
 
 class BucketBatches:
@@ -184,7 +190,12 @@ class MicroBatches(torch.utils.data.Dataset):
         self.order = BucketBatches(cache.samples, cfg["batch_size"], cfg["seed"])
 
     def __len__(self) -> int:
-        return self.cfg["max_steps"] * self.cfg["gradient_accumulation_steps"]
+        return self.cfg["max_steps"] * self.per_process_accumulation
+
+    @property
+    def per_process_accumulation(self) -> int:
+        """Micro-batches per step on this process: the step's micro-batches are split over all."""
+        return self.cfg["gradient_accumulation_steps"] // self.world
 
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
         micro_batch = k * self.world + self.rank
@@ -194,7 +205,7 @@ class MicroBatches(torch.utils.data.Dataset):
 
 
 def micro_batch_loader(dataset: MicroBatches, start_step: int, workers: int, pin: bool):
-    first = start_step * dataset.cfg["gradient_accumulation_steps"]
+    first = start_step * dataset.per_process_accumulation
     # Its own generator: starting an iterator draws a base seed, which must not come from the
     # global RNG (that would shift LoRA dropout after a resume's load_state).
     return torch.utils.data.DataLoader(
@@ -329,7 +340,7 @@ def _register_lora_hooks(accelerator) -> None:
 
 
 def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LORA_DIR,
-        checkpoint_dir: Path = CHECKPOINT_DIR, metrics_path: Path = METRICS,
+        checkpoint_dir: Path | None = None, metrics_path: Path = METRICS,
         loss_plot: Path = LOSS_PLOT, live_dir: Path = LIVE_DIR, log_dir: Path = LOG_DIR) -> dict[str, Any]:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
@@ -343,7 +354,9 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
     if cache.index["base_model"] != model_cfg["pretrained"]:
         raise UserError(f"the encode cache was made with {cache.index['base_model']}, not "
                         f"{model_cfg['pretrained']}; re-run encode (`dvc repro encode`)")
-    checkpoint_dir, lora_dir = Path(checkpoint_dir), Path(lora_dir)
+    # The checkpoint root; each run writes under root/<run hash>.
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else checkpoints.default_root()
+    lora_dir = Path(lora_dir)
     trackers = list(cfg.get("report_to", TRACKERS))
     validation = cfg.get("validation") or {}
     validation_every = validation.get("every", 0)
@@ -353,6 +366,7 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(checkpoint_dir), logging_dir=str(log_dir)))
     rank, world = accelerator.process_index, accelerator.num_processes
+    launcher.check_split(world, cfg["gradient_accumulation_steps"])  # also under a launch by hand
     this_run = run_hash(params, cache.index["fingerprint"], world)
     set_seed(cfg["seed"])
 
@@ -383,21 +397,25 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
         transformer.compile_repeated_blocks()
     transformer.to(accelerator.device)
     trainable = [p for p in transformer.parameters() if p.requires_grad]
-    optimizer = make_optimizer(cfg, trainable, accelerator.device)
-    scheduler = get_scheduler(cfg["lr_scheduler"], optimizer, num_warmup_steps=cfg["lr_warmup_steps"],
-                              num_training_steps=cfg["max_steps"])
-    transformer, optimizer = accelerator.prepare(transformer, optimizer)
-    # Stepped by hand once per optimizer step (a prepared scheduler steps once per process).
-    accelerator.register_for_checkpointing(scheduler)
+    raw_optimizer = make_optimizer(cfg, trainable, accelerator.device)
+    transformer, optimizer = accelerator.prepare(transformer, raw_optimizer)
     _register_lora_hooks(accelerator)
 
     start_step, history = 0, []
     resume = _choose_resume(accelerator, params, checkpoint_dir, this_run)
     if resume:
         folder, meta = resume
+        # LoRA (safetensors), optimizer and RNG state; accelerate loads the last two with
+        # weights_only=True. The scheduler is not in the checkpoint: it is a function of the step.
         accelerator.load_state(str(folder))
+        # load_state brought back the checkpoint's hyper-parameters; train with the params' ones.
+        checkpoints.apply_hyperparameters(raw_optimizer, cfg["learning_rate"], cfg["adam_weight_decay"])
         start_step, history = meta["step"], meta["history"]
         accelerator.print(f"train: resuming from {folder} at step {start_step} of {cfg['max_steps']}")
+    # Stepped by hand once per optimizer step (a prepared scheduler steps once per process); built
+    # at the resumed step, so its learning rate is the schedule's at that step for the params' lr.
+    scheduler = get_scheduler(cfg["lr_scheduler"], raw_optimizer, num_warmup_steps=cfg["lr_warmup_steps"],
+                              num_training_steps=cfg["max_steps"], last_epoch=start_step - 1)
 
     accelerator.init_trackers("impressionist", config=_flat(params), init_kwargs={
         "dvclive": {"dir": str(live_dir), "save_dvc_exp": False, "dvcyaml": None}})
@@ -408,8 +426,10 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
                                 cfg["mode_scale"])
     batches = iter(micro_batch_loader(MicroBatches(cache, cfg, sampling, world, rank), start_step,
                                       cfg.get("dataloader_workers", 0), accelerator.device.type == "cuda"))
-    accumulation = cfg["gradient_accumulation_steps"]
-    images_per_step = cfg["batch_size"] * accumulation * world
+    # Micro-batch k of rank r is the step's micro-batch k * world + r: together the ranks train the
+    # step's gradient_accumulation_steps micro-batches, and DDP averages their gradients.
+    accumulation = cfg["gradient_accumulation_steps"] // world
+    images_per_step = cfg["batch_size"] * cfg["gradient_accumulation_steps"]
     step, started = start_step, time.perf_counter()
     # The log interval's losses add up on the device; reading them is the loop's only host sync.
     loss_sum, interval_steps, clock = torch.zeros((), device=accelerator.device), 0, IntervalClock(accelerator.device)
@@ -455,7 +475,8 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
             if validate_now and sampler is not None:
                 _log_validation_images(accelerator, sampler, transformer, step)
             if checkpoint_now:
-                _save_checkpoint(accelerator, checkpoint_dir, step, this_run, history, model_cfg, lora_cfg, cfg)
+                _save_checkpoint(accelerator, checkpoints.run_folder(checkpoint_dir, this_run), step,
+                                 this_run, history, model_cfg, lora_cfg, cfg)
             clock.resume()
 
     accelerator.wait_for_everyone()
@@ -507,18 +528,19 @@ def _choose_resume(accelerator, params: dict[str, Any], checkpoint_dir: Path,
     resume = _broadcast(accelerator, resume)
     if resume is None and explicit is not None:
         resume = checkpoints.explicit_resume(explicit, params["model"]["pretrained"],
-                                             lora_fingerprint(params["lora"]))
+                                             lora_fingerprint(params["lora"]), cfg["optimizer"])
     return resume
 
 
-def _save_checkpoint(accelerator, root: Path, step: int, this_run: str, history, model_cfg, lora_cfg, cfg):
-    staged = checkpoints.staging_folder(root, step)
+def _save_checkpoint(accelerator, folder: Path, step: int, this_run: str, history, model_cfg, lora_cfg, cfg):
+    staged = checkpoints.staging_folder(folder, step)
     accelerator.save_state(str(staged))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        final = checkpoints.publish(root, step, {
+        final = checkpoints.publish(folder, step, {
             "run_hash": this_run, "step": step, "base_model": model_cfg["pretrained"],
-            "lora": lora_fingerprint(lora_cfg), "history": history}, keep=cfg["keep_checkpoints"])
+            "lora": lora_fingerprint(lora_cfg), "optimizer": cfg["optimizer"], "history": history},
+            keep=cfg["keep_checkpoints"])
         accelerator.print(f"train: checkpoint {final}")
     accelerator.wait_for_everyone()
 
@@ -578,7 +600,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    run(load_params(args.params))
+    params = load_params(args.params)
+    if not launcher.under_launcher():  # a rank of a launch trains; the stage's own command may launch
+        device = validate(params)  # bad params stop here, before any process is launched
+        processes = launcher.processes_to_launch(params["train"], device)
+        if processes > 1:
+            launcher.relaunch("impressionist.train", sys.argv[1:] if argv is None else argv, processes,
+                              MIXED_PRECISION[params["train"]["mixed_precision"]], cpu=device.type != "cuda")
+            return
+    run(params)
 
 
 if __name__ == "__main__":
