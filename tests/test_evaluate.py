@@ -347,6 +347,14 @@ def test_identical_lora_images_give_zero_deltas_with_zero_width_cis(tmp_path):
         assert delta[f"{name}_ci_high"] == pytest.approx(0.0, abs=1e-9)
 
 
+def test_reference_and_evaluate_unpickle_nothing(tmp_path, no_pickle_loads):
+    """Every file the reference and evaluate stages load with torch.load (the CLIP checkpoint here;
+    reference features are safetensors) goes through weights_only=True."""
+    root = make_project(tmp_path / "p")
+    run_in(root)
+    assert no_pickle_loads and all(f.endswith(".pt") for f in no_pickle_loads)
+
+
 def test_reference_features_are_reused_and_checked(tmp_path, monkeypatch):
     root = make_project(tmp_path / "p")
     ref = root / "data" / "reference"
