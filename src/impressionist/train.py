@@ -22,6 +22,8 @@ from typing import Any
 import torch
 
 from . import checkpoints
+from .batch_order import BucketBatches, ResolutionMix, parse_mix  # noqa: F401 (BucketBatches: API)
+from .ema import LoraEMA, check_decay
 from .errors import UserError, atomic_dir, atomic_write_text, stage_main
 from .flux_math import (LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS, TimestepSampling, flow_matching_loss,
                         sample_sigmas)
@@ -41,6 +43,7 @@ LOSS_PLOT = Path("plots/loss.png")
 LIVE_DIR = Path("dvclive")
 LOG_DIR = Path("logs")
 LORA_STATE = "lora_state.safetensors"  # inside a checkpoint: peft-format LoRA tensors
+RAW_LORA_SUBDIR = "raw"  # models/lora/raw: the last step's LoRA when the saved one is the EMA
 
 # train.* keys without a sensible default; the others fall back to the value noted where read.
 REQUIRED = ("seed", "max_steps", "batch_size", "gradient_accumulation_steps", "learning_rate",
@@ -98,6 +101,8 @@ def _validate_train(cfg: dict[str, Any], device: torch.device) -> None:
     require_positive(cfg["max_grad_norm"], "train.max_grad_norm", allow_zero=True)
     require_positive(cfg["logit_std"], "train.logit_std")
     require_positive(cfg["guidance_scale"], "train.guidance_scale", allow_zero=True)
+    check_decay(cfg.get("ema_decay", 0))
+    parse_mix(cfg.get("resolution_mix"))
     require_choice(cfg["lr_scheduler"], LR_SCHEDULERS, "train.lr_scheduler")
     require_choice(cfg["optimizer"], OPTIMIZERS, "train.optimizer")
     require_choice(cfg["mixed_precision"], MIXED_PRECISION, "train.mixed_precision")
@@ -144,32 +149,6 @@ def run_hash(params: dict[str, Any], cache_fingerprint: str, world_size: int) ->
     return fingerprint(model_cfg, params["lora"], train_cfg, cache_fingerprint, world_size)
 
 
-class BucketBatches:
-    """Batches drawn within one aspect bucket, in an order that is a pure function of
-    (seed, epoch): a resumed run sees exactly the batches the interrupted one would have."""
-
-    def __init__(self, samples: list[dict[str, Any]], batch_size: int, seed: int):
-        self.batch_size, self.seed = batch_size, seed
-        self.by_bucket: dict[tuple[int, int], list[int]] = {}
-        for i, sample in enumerate(samples):
-            self.by_bucket.setdefault(tuple(sample["bucket"]), []).append(i)
-        self.batches_per_epoch = sum(math.ceil(len(v) / batch_size) for v in self.by_bucket.values())
-
-    @lru_cache(maxsize=2)
-    def epoch(self, epoch: int) -> list[list[int]]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        batches = []
-        for bucket in sorted(self.by_bucket):
-            members = self.by_bucket[bucket]
-            order = [members[i] for i in torch.randperm(len(members), generator=generator)]
-            batches += [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        return [batches[i] for i in torch.randperm(len(batches), generator=generator)]
-
-    def __getitem__(self, micro_batch: int) -> list[int]:
-        epoch, position = divmod(micro_batch, self.batches_per_epoch)
-        return self.epoch(epoch)[position]
-
-
 class MicroBatches(torch.utils.data.Dataset):
     """Item ``k`` is this process's ``k``-th micro-batch, ready to move to the device.
 
@@ -179,9 +158,9 @@ class MicroBatches(torch.utils.data.Dataset):
     """
 
     def __init__(self, cache: CacheReader, cfg: dict[str, Any], sampling: TimestepSampling,
-                 world: int, rank: int):
+                 world: int, rank: int, order: ResolutionMix | None = None):
         self.cache, self.cfg, self.sampling, self.world, self.rank = cache, cfg, sampling, world, rank
-        self.order = BucketBatches(cache.samples, cfg["batch_size"], cfg["seed"])
+        self.order = order or batch_order(cache, cfg)
 
     def __len__(self) -> int:
         return self.cfg["max_steps"] * self.cfg["gradient_accumulation_steps"]
@@ -191,6 +170,17 @@ class MicroBatches(torch.utils.data.Dataset):
         return load_batch(self.cache, self.order[micro_batch],
                           micro_batch_generator(self.cfg["seed"], micro_batch),
                           self.cfg["caption_dropout"], self.sampling)
+
+
+def batch_order(cache: CacheReader, cfg: dict[str, Any]) -> ResolutionMix:
+    """The micro-batch order: one (resolution, aspect) bucket per batch, resolutions mixed as
+    ``train.resolution_mix`` says (``{}``: each cached image once per resolution per epoch)."""
+    return ResolutionMix(cache.samples, cfg["batch_size"], cfg["seed"], parse_mix(cfg.get("resolution_mix")),
+                         default_resolution=_first_resolution(cache.index.get("resolution", 0)))
+
+
+def _first_resolution(resolution: Any) -> int:
+    return int(resolution[0] if isinstance(resolution, list) else resolution)
 
 
 def micro_batch_loader(dataset: MicroBatches, start_step: int, workers: int, pin: bool):
@@ -343,6 +333,7 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
     if cache.index["base_model"] != model_cfg["pretrained"]:
         raise UserError(f"the encode cache was made with {cache.index['base_model']}, not "
                         f"{model_cfg['pretrained']}; re-run encode (`dvc repro encode`)")
+    order = batch_order(cache, cfg)  # a mix naming resolutions the cache lacks stops here, before any model
     checkpoint_dir, lora_dir = Path(checkpoint_dir), Path(lora_dir)
     trackers = list(cfg.get("report_to", TRACKERS))
     validation = cfg.get("validation") or {}
@@ -387,6 +378,9 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
     # Stepped by hand once per optimizer step (a prepared scheduler steps once per process).
     accelerator.register_for_checkpointing(scheduler)
+    ema = LoraEMA(trainable, cfg["ema_decay"]) if cfg.get("ema_decay", 0) else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)  # the average resumes with the weights
     _register_lora_hooks(accelerator)
 
     start_step, history = 0, []
@@ -404,7 +398,8 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
 
     sampling = TimestepSampling(cfg["timestep_sampling"], cfg["logit_mean"], cfg["logit_std"],
                                 cfg["mode_scale"])
-    batches = iter(micro_batch_loader(MicroBatches(cache, cfg, sampling, world, rank), start_step,
+    accelerator.print(f"train: resolution mix {order.share()} of the micro-batches")
+    batches = iter(micro_batch_loader(MicroBatches(cache, cfg, sampling, world, rank, order), start_step,
                                       cfg.get("dataloader_workers", 0), accelerator.device.type == "cuda"))
     accumulation = cfg["gradient_accumulation_steps"]
     images_per_step = cfg["batch_size"] * accumulation * world
@@ -426,6 +421,8 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update()
         step += 1
         interval_steps += 1
 
@@ -451,13 +448,14 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
         if validate_now or checkpoint_now:
             clock.pause()  # not training time
             if validate_now and sampler is not None:
-                _log_validation_images(accelerator, sampler, transformer, step)
+                with ema.applied() if ema is not None else contextlib.nullcontext():
+                    _log_validation_images(accelerator, sampler, transformer, step)
             if checkpoint_now:
                 _save_checkpoint(accelerator, checkpoint_dir, step, this_run, history, model_cfg, lora_cfg, cfg)
             clock.resume()
 
     accelerator.wait_for_everyone()
-    final_lora = lora_state_dict(accelerator, transformer)
+    final_lora, raw_lora = _final_loras(accelerator, transformer, ema)
     rank_checksums = _gather_checksums(accelerator, final_lora)
     if len(set(rank_checksums)) != 1:
         raise RuntimeError(f"LoRA weights differ between processes: {rank_checksums}")
@@ -475,9 +473,15 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
             FluxPipeline.save_lora_weights(
                 tmp, transformer_lora_layers=final_lora,
                 **_collate_lora_metadata({"transformer": unwrapped}))
+            if raw_lora is not None:  # the EMA is the LoRA; the last step's weights stay beside it
+                FluxPipeline.save_lora_weights(
+                    tmp / RAW_LORA_SUBDIR, transformer_lora_layers=raw_lora,
+                    **_collate_lora_metadata({"transformer": unwrapped}))
             (tmp / "training_config.json").write_text(json.dumps(
                 {"base_model": model_cfg["pretrained"], "lora": lora_cfg, "train": cfg,
                  "run_hash": this_run, "steps": step, "rank_checksums": rank_checksums,
+                 "weights": "ema" if ema is not None else "raw",
+                 "raw_weights": f"{RAW_LORA_SUBDIR}/" if ema is not None else None,
                  "history": history}, indent=1))
         atomic_write_text(metrics_path, json.dumps(
             {k: summary[k] for k in ("steps", "final_loss", "train_samples")}, indent=1))
@@ -486,6 +490,18 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
         print(f"train: saved LoRA after {step} steps (loss {loss_text}) -> {lora_dir}")
     accelerator.end_training()
     return summary
+
+
+def _final_loras(accelerator, transformer, ema: LoraEMA | None):
+    """(the LoRA to save, the raw last-step LoRA or None): with an EMA the saved LoRA is the
+    average and the raw weights are returned beside it."""
+    raw = lora_state_dict(accelerator, transformer)
+    if ema is None:
+        return raw, None
+    raw = {k: v.detach().clone() for k, v in raw.items()}  # the state dict may share the live tensors
+    with ema.applied():
+        averaged = {k: v.detach().clone() for k, v in lora_state_dict(accelerator, transformer).items()}
+    return averaged, raw
 
 
 def _choose_resume(accelerator, params: dict[str, Any], checkpoint_dir: Path,
