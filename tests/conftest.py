@@ -96,7 +96,8 @@ def train_tiny_lora(root: Path, params: dict, cache: Path, *, lora: dict | None 
 
     params = copy.deepcopy(params)
     params["lora"].update(lora or {})
-    params["train"].update(max_steps=steps, checkpoint_every=0)
+    # no EMA: over a few steps the average would stay near the first step's weights
+    params["train"].update(max_steps=steps, checkpoint_every=0, ema_decay=0.0)
     if learning_rate is not None:
         params["train"]["learning_rate"] = learning_rate
     train.run(params, cache, lora_dir=root / "lora", checkpoint_dir=root / "ckpt",
