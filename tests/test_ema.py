@@ -157,3 +157,13 @@ def test_sigkill_then_resume_with_ema_gives_the_same_loras(demo_params, encoded_
         assert expected.keys() == got.keys()
         for key in expected:
             assert torch.equal(expected[key], got[key]), (file, key)
+
+
+def test_the_model_card_says_which_weights_the_lora_holds():
+    from impressionist.model_card import training_table
+
+    ema = training_table({"weights": "ema", "train": {"ema_decay": 0.99}, "lora": {}}, [512, 768, 1024])
+    assert "EMA of the trained weights (decay 0.99" in ema and "models/lora/raw/" in ema
+    assert "512, 768, 1024 px (aspect buckets each)" in ema
+    raw = training_table({"weights": "raw", "train": {"ema_decay": 0}, "lora": {}}, 512)
+    assert "the last optimizer step's weights (no EMA)" in raw and "EMA of" not in raw
