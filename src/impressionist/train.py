@@ -12,10 +12,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import resource
 import time
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
