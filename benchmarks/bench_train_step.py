@@ -133,9 +133,11 @@ class Case:
 
 
 def add_fresh_lora(transformer: torch.nn.Module, case: Case, args) -> list[torch.nn.Parameter]:
-    """A new rank-``args.rank`` LoRA (fp32, as the trainer keeps it) on the attention layers; its params."""
+    """A new rank-``args.rank`` LoRA (fp32, as the trainer keeps it) on ``args.targets`` (a
+    ``lora.targets`` preset; attention when not given); its params."""
     remove_lora(transformer)
-    transformer.add_adapter(lora_config({"rank": args.rank, "alpha": args.rank, "targets": "attention"},
+    targets = getattr(args, "targets", "attention")
+    transformer.add_adapter(lora_config({"rank": args.rank, "alpha": args.rank, "targets": targets},
                                         transformer))
     for p in transformer.parameters():
         if p.requires_grad:
@@ -207,6 +209,8 @@ def count_flops(loss_fn, optimizer) -> int:
 def run_case(models: Models, case: Case, args, device, dtype) -> dict:
     trainable = add_fresh_lora(models.transformer, case, args)
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=device.type == "cuda")
+    # train.ema_decay > 0 keeps one fp32 copy of the LoRA on the device (updated after each step)
+    ema_copy = [p.detach().clone() for p in trainable] if getattr(args, "ema", False) else []  # noqa: F841
     result = {"case": case.name}
     # All four networks stay on the GPU; "ours" never uses the VAE and text encoders, so their
     # bytes are left out of its peak (which then compares with the estimate profile's).
@@ -333,12 +337,18 @@ def measure_steps(models: Models, case: Case, args, dtype) -> dict:
         memory = PeakTensorMemory(module_tensors(*resident))
         with memory:
             train_step(fn, optimizer)
-        peak = memory.peak
+        peak = memory.peak + ema_bytes(trainable, args)
         if case.nf4:
             change, transient = nf4_memory_change(models.transformer)
             peak += change + transient
         result[label] = {"gflop_per_step": flops / 1e9, "peak_gib": peak / 2**30}
     return result
+
+
+def ema_bytes(trainable: list[torch.nn.Parameter], args) -> int:
+    """The EMA of the LoRA (``train.ema_decay`` > 0): one more fp32 copy of every trainable tensor,
+    resident for the whole run."""
+    return sum(p.numel() * 4 for p in trainable) if getattr(args, "ema", False) else 0
 
 
 def estimate_case(models: Models, case: Case, args, dtype) -> dict:
@@ -383,6 +393,11 @@ def main() -> None:
     parser.add_argument("--max-sequence-length", type=int, default=None)
     parser.add_argument("--resolutions", type=int, nargs="+", default=None,
                         help="image sides to run (default: 64 128 for cpu, 512 1024 otherwise)")
+    parser.add_argument("--targets", default="all-linear", choices=["attention", "default", "all-linear"],
+                        help="lora.targets preset (params.yaml's default: all-linear)")
+    parser.add_argument("--ema", action="store_true", help="count the EMA copy of the LoRA (train.ema_decay > 0)")
+    parser.add_argument("--cases", nargs="+", default=None,
+                        help="run only these cases by name, e.g. 1024px+ckpt 1024px+ckpt+nf4 (default: all)")
     parser.add_argument("--out", help="append the results as Markdown to this file")
     args = parser.parse_args()
     from diffusers.utils import logging as diffusers_logging
@@ -400,6 +415,13 @@ def main() -> None:
     resolutions = args.resolutions or ([512, 1024] if full_size else [64, 128])
     cases = [Case(f"{r}px{'+ckpt' if ckpt else ''}", r, ckpt) for r in resolutions for ckpt in (False, True)]
     nf4_cases = [Case(f"{r}px+ckpt+nf4", r, True, nf4=True) for r in resolutions] if full_size else []
+    if args.cases:
+        unknown = sorted(set(args.cases) - {c.name for c in cases + nf4_cases})
+        if unknown:
+            sys.exit(f"error: unknown --cases {', '.join(unknown)}; "
+                     f"choose from {', '.join(c.name for c in cases + nf4_cases)}")
+        cases = [c for c in cases if c.name in args.cases]
+        nf4_cases = [c for c in nf4_cases if c.name in args.cases]
 
     if args.profile == "estimate":
         # a fresh meta-built set per case: fake parameters cannot take a new adapter
@@ -422,7 +444,8 @@ def gib(value: float | None) -> str:
 def header(args, device_name: str, details: str) -> list[str]:
     return [f"### {args.profile} profile — {device_name}, {dt.date.today()}",
             f"`{command_line(__file__)}` (torch {torch.__version__}, "
-            f"batch {args.batch_size}, LoRA rank {args.rank} on attention, T5 length "
+            f"batch {args.batch_size}, LoRA rank {args.rank} on {args.targets}"
+            f"{' + its EMA' if args.ema else ''}, T5 length "
             f"{args.max_sequence_length}{details})", ""]
 
 

@@ -228,10 +228,13 @@ class Gpu:
 
 # FLUX.1-dev's transformer has 11.9B parameters: 23.8 GB in bf16, about 6.7 GB in NF4. Text encoders
 # and VAE never load while training (encode caches their outputs). Thresholds, in GiB of GPU memory:
-LARGE_GIB = 70.0  # 80 GB cards (A100-80GB, H100): bf16 weights plus 512 px activations *without*
-                  # gradient checkpointing (about 15 GB at 1024+512 tokens, batch 1) fit: faster steps.
-BF16_GIB = 35.0   # A100-40GB, L40S, A6000: bf16 weights fit; activations need gradient checkpointing.
-MIN_GIB = 14.0    # T4 (15 GiB): NF4 weights + 8-bit AdamW + checkpointing need about 9-10 GB.
+LARGE_GIB = 70.0  # 80 GB cards (A100-80GB, H100): bf16 weights plus the activations of the recipe's
+                  # 1024 px batches *without* gradient checkpointing (47.8 GiB of tensors estimated
+                  # with an attention LoRA, benchmarks/RESULTS.md; somewhat more for all-linear) fit.
+BF16_GIB = 35.0   # A100-40GB, L40S, A6000: bf16 weights fit; activations need gradient checkpointing
+                  # (the recipe's peak, 1024 px, all-linear LoRA + EMA: 25.6 GiB estimated).
+MIN_GIB = 14.0    # T4 (15 GiB): NF4 weights + checkpointing at the recipe's 1024 px: 9.4 GiB estimated
+                  # (with fp32 AdamW; the recipe's 8-bit AdamW needs less).
 SAMPLE_ON_GPU_GIB = 70.0  # the whole sampling pipeline (transformer + 9.5 GB T5 + CLIP + VAE) stays
                           # on the GPU; below, sample moves each model in only while it runs.
 SAMPLE_MIN_GIB = 26.0     # with model offload the 16-bit transformer alone (23.8 GB) must fit;

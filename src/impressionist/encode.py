@@ -2,8 +2,9 @@
 the text encoders.
 
 Depends only on the base model, ``encode.*``, ``caption.max_sequence_length`` and the captions, so a
-change of ``lora.*`` or ``train.*`` does not re-run it. Images are assigned to aspect-ratio buckets
-around ``encode.resolution`` (sides multiples of 16) and centre-cropped to their bucket. The VAE and
+change of ``lora.*`` or ``train.*`` does not re-run it. Every image is cached at each resolution of
+``encode.resolution`` (one value or a list, e.g. ``[512, 768, 1024]``): at each, it is assigned to an
+aspect-ratio bucket of about resolution^2 pixels (sides multiples of 16) and centre-cropped to it. The VAE and
 the text encoders are loaded, used and freed in turn, and shards are flushed as they fill. Images are
 decoded and resized by ``encode.dataloader_workers`` processes a few batches ahead of the VAE, so
 memory stays bounded by the shard size and the prefetch depth, not the number of images.
@@ -78,10 +79,23 @@ def caption_key(caption: str) -> str:
     return hashlib.sha256(caption.encode()).hexdigest()[:16]
 
 
+def resolutions(cfg: dict[str, Any]) -> list[int]:
+    """``encode.resolution`` as a list: one value, or several (each image is cached at each)."""
+    value = cfg["resolution"]
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        raise UserError("params.yaml: encode.resolution=[] must name at least one resolution, e.g. 512")
+    for v in values:
+        require_multiple(v, 16, "encode.resolution", "FLUX packs 2x2 latents of an 8x VAE")
+    if len(set(values)) != len(values):
+        raise UserError(f"params.yaml: encode.resolution={value!r} lists a resolution twice")
+    return list(values)
+
+
 def _validate(cfg: dict[str, Any]) -> None:
     require_keys(cfg, ("resolution", "bucket_min_aspect", "bucket_max_aspect", "batch_size", "shard_size"),
                  "encode")
-    require_multiple(cfg["resolution"], 16, "encode.resolution", "FLUX packs 2x2 latents of an 8x VAE")
+    resolutions(cfg)
     require_int(cfg["batch_size"], "encode.batch_size", minimum=1)
     require_int(cfg["shard_size"], "encode.shard_size", minimum=1)
     require_int(cfg.get("dataloader_workers", 0), "encode.dataloader_workers")
@@ -141,9 +155,11 @@ class BucketBatchImages(torch.utils.data.Dataset):
                 for flip in self.flips}
 
 
-def encode_batches(rows: pd.DataFrame, cfg: dict[str, Any]) -> list[tuple[tuple[int, int], list[int]]]:
-    """(bucket, row indices) of every encode batch: rows grouped by nearest bucket, buckets in order."""
-    buckets = aspect_buckets(cfg["resolution"], cfg["bucket_min_aspect"], cfg["bucket_max_aspect"])
+def encode_batches(rows: pd.DataFrame, cfg: dict[str, Any],
+                   resolution: int) -> list[tuple[tuple[int, int], list[int]]]:
+    """(bucket, row indices) of every encode batch at ``resolution``: rows grouped by nearest
+    bucket, buckets in order."""
+    buckets = aspect_buckets(resolution, cfg["bucket_min_aspect"], cfg["bucket_max_aspect"])
     by_bucket: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i, row in rows.iterrows():
         by_bucket[nearest_bucket(int(row["height"]), int(row["width"]), buckets)].append(i)
@@ -155,7 +171,9 @@ def encode_batches(rows: pd.DataFrame, cfg: dict[str, Any]) -> list[tuple[tuple[
 @torch.no_grad()
 def _encode_latents(rows: pd.DataFrame, filtered_dir: Path, cfg: dict[str, Any], model_folder: str,
                     dtype: torch.dtype, device: torch.device, out: Path) -> list[dict[str, Any]]:
-    batches = encode_batches(rows, cfg)
+    plan = [(resolution, bucket, indices) for resolution in resolutions(cfg)
+            for bucket, indices in encode_batches(rows, cfg, resolution)]
+    batches = [(bucket, indices) for _, bucket, indices in plan]
     flips = (False, True) if cfg.get("flip", False) else (False,)
     workers = cfg.get("dataloader_workers", 0)
     loader = torch.utils.data.DataLoader(
@@ -166,8 +184,9 @@ def _encode_latents(rows: pd.DataFrame, filtered_dir: Path, cfg: dict[str, Any],
     shift, scale = vae.config.shift_factor, vae.config.scaling_factor
     writer = ShardWriter(out, "latents", cfg["shard_size"])
     samples = []
-    progress = tqdm(total=len(rows) * len(flips), desc="encode latents", unit="img")
-    for (bucket, indices), pixels_by_flip in zip(batches, loader, strict=True):
+    progress = tqdm(total=len(rows) * len(flips) * len(resolutions(cfg)), desc="encode latents",
+                    unit="img")
+    for (resolution, bucket, indices), pixels_by_flip in zip(plan, loader, strict=True):
         if isinstance(pixels_by_flip, UserError):
             raise pixels_by_flip
         batch = rows.loc[indices]
@@ -176,11 +195,11 @@ def _encode_latents(rows: pd.DataFrame, filtered_dir: Path, cfg: dict[str, Any],
             # The posterior mean, not a sample: the cache (and so training) stays deterministic.
             latents = (vae.encode(pixels).latent_dist.mode() - shift) * scale
             for (_, row), latent in zip(batch.iterrows(), latents):
-                key = f"{row['id']}:flip" if flip else row["id"]
+                key = f"{row['id']}@{resolution}" + (":flip" if flip else "")
                 writer.add(key, {"latent": latent})
-                samples.append({"key": key, "id": row["id"], "bucket": list(bucket),
+                samples.append({"key": key, "id": row["id"], "resolution": resolution, "bucket": list(bucket),
                                 "flip": flip, "caption_key": caption_key(row["caption"]),
-                                "shard": writer.location[key]})
+                                "shard": writer.location[key], "bytes": latent.numel() * latent.element_size()})
             progress.update(len(batch))
     progress.close()
     writer.flush()
@@ -235,15 +254,33 @@ def run(params: dict[str, Any], filtered_dir: Path = FILTERED_DIR, captions_path
             "base_model": model_cfg["pretrained"],
             "base_model_commit": base.commit,
             "resolution": cfg["resolution"],
+            "resolutions": cache_summary(samples),
             "max_sequence_length": max_sequence_length,
             "samples": samples,
             "text": text,
         }
         (tmp / INDEX).write_text(json.dumps(index, indent=1))
-    buckets = sorted({tuple(s["bucket"]) for s in samples})
-    print(f"encode: {len(samples)} latents in {len(buckets)} buckets {buckets}, "
-          f"{len(text) - 1} distinct captions -> {out_dir} ({model_cfg['pretrained']} at {base.commit})")
+    for resolution, summary in index["resolutions"].items():
+        print(f"encode: {resolution} px: {summary['latents']} latents ({summary['mib']:.1f} MiB) in "
+              f"{len(summary['buckets'])} buckets {[tuple(b) for b in summary['buckets']]}")
+    print(f"encode: {len(samples)} latents, {len(text) - 1} distinct captions -> {out_dir} "
+          f"({model_cfg['pretrained']} at {base.commit})")
     return index
+
+
+def cache_summary(samples: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per resolution: latents cached, their size and their buckets (the index and the log report it)."""
+    summary: dict[str, dict[str, Any]] = {}
+    for sample in samples:
+        entry = summary.setdefault(str(sample["resolution"]), {"latents": 0, "mib": 0.0, "buckets": []})
+        entry["latents"] += 1
+        entry["mib"] += sample["bytes"] / 2**20
+        if list(sample["bucket"]) not in entry["buckets"]:
+            entry["buckets"].append(list(sample["bucket"]))
+    for entry in summary.values():
+        entry["buckets"].sort()
+        entry["mib"] = round(entry["mib"], 3)
+    return summary
 
 
 @stage_main

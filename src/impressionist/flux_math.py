@@ -18,7 +18,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.training_utils import (compute_density_for_timestep_sampling,
                                       compute_loss_weighting_for_sd3)
 
-TIMESTEP_SAMPLINGS = ("logit_normal", "flux_shift", "mode", "uniform")
+TIMESTEP_SAMPLINGS = ("logit_normal", "flux_shift", "mode", "uniform", "style")
 LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
 # The smallest noise level the loss weighting sees. diffusers' reference script draws sigma from the
 # scheduler's grid t / num_train_timesteps, t = 1..1000 (FlowMatchEulerDiscreteScheduler), so its
@@ -69,6 +69,25 @@ def text_ids(seq_len: int, device, dtype) -> torch.Tensor:
     return torch.zeros(seq_len, 3, device=device, dtype=dtype)
 
 
+def style_sigmas(batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Noise levels biased toward high noise for style training: ``sigma = 1 - u**3``, u ~ U[0, 1).
+
+    This is the cubic timestep sampling of T2I-Adapter (Mou et al. 2023, section 3.4), as diffusers'
+    ``train_t2i_adapter_sdxl.py`` writes it (``timesteps = (1 - u**3) * num_train_timesteps``):
+    global structure and style form at the early, noisy timesteps. It is in the spirit of
+    ostris/ai-toolkit's ``content_or_style: style``, which (from memory of its trainer; its source
+    could not be checked when this was written) draws the same cubic ``(1 - u**3)`` but as an index
+    into its scheduler's timestep table, clamped to its min/max noise steps (``content``: ``u**3``).
+    How that index maps to noise depends on the scheduler's table, so no claim of equality is made:
+    this is a documented high-noise bias in sigma space.
+
+    Distribution: P(sigma <= s) = 1 - (1 - s)**(1/3); mean 3/4, median 7/8, P(sigma > 1/2) = 0.79
+    (uniform: 1/2, 1/2, 0.5). sigma lies in (0, 1] (1 only when u is exactly 0).
+    """
+    u = torch.rand((batch_size,), generator=generator)
+    return 1.0 - u ** 3
+
+
 def sample_sigmas(sampling: TimestepSampling, batch_size: int, image_seq_len: int,
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """Noise levels in (0, 1) for one batch, drawn with ``generator`` (on CPU, for determinism).
@@ -77,8 +96,10 @@ def sample_sigmas(sampling: TimestepSampling, batch_size: int, image_seq_len: in
     ``logit_normal``: sigmoid(N(logit_mean, logit_std)); ``uniform``: U(0, 1); ``mode`` (SD3):
     1 - u - mode_scale * (cos^2(pi u / 2) - 1 + u) of u ~ U(0, 1); ``flux_shift``:
     sigmoid(N(logit_mean + mu, logit_std)), mu rising linearly from base_shift at base_seq_len
-    tokens to max_shift at max_seq_len.
+    tokens to max_shift at max_seq_len; ``style``: 1 - u^3 (:func:`style_sigmas`).
     """
+    if sampling.method == "style":
+        return style_sigmas(batch_size, generator)
     if sampling.method == "flux_shift":
         # FLUX.1's inference shift: larger images spend more of training at high noise.
         u = torch.sigmoid(torch.normal(sampling.logit_mean, sampling.logit_std, (batch_size,),

@@ -87,14 +87,31 @@ def training_table(training: dict[str, Any], resolution: Any) -> str:
                           f"{train.get('lr_warmup_steps')} warm-up steps)"),
         ("optimizer", train.get("optimizer")),
         ("batch size", f"{batch} × {accumulation} accumulation steps"),
-        ("resolution", f"{resolution} px (aspect buckets)"),
+        ("resolution", resolution_text(resolution, train.get("resolution_mix"))),
         ("mixed precision", train.get("mixed_precision")),
         ("timestep sampling", train.get("timestep_sampling")),
+        ("LoRA weights", weights_text(training)),
         ("guidance while training", train.get("guidance_scale")),
         ("caption dropout", train.get("caption_dropout")),
         ("seed", train.get("seed")),
     ]
     return "\n".join(["| param | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
+
+
+def resolution_text(resolution: Any, mix: Any) -> str:
+    values = resolution if isinstance(resolution, list) else [resolution]
+    shares = (", micro-batches by resolution " + ", ".join(f"{k}: {v}" for k, v in mix.items())) if mix else ""
+    each = " each" if len(values) > 1 else ""
+    return f"{', '.join(str(v) for v in values)} px (aspect buckets{each}{shares})"
+
+
+def weights_text(training: dict[str, Any]) -> str:
+    """Which weights the LoRA file holds (the trainer's training_config.json says)."""
+    decay = training.get("train", {}).get("ema_decay", 0)
+    if training.get("weights") == "ema":
+        return (f"EMA of the trained weights (decay {decay}, updated after every optimizer step); the "
+                f"last step's raw weights are kept beside it in the training output (`models/lora/raw/`)")
+    return "the last optimizer step's weights (no EMA)"
 
 
 def data_note(download: dict[str, Any], data_metrics: dict[str, Any] | None) -> str:

@@ -12,17 +12,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import resource
 import sys
 import time
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import checkpoints, launcher
+from .batch_order import BucketBatches, ResolutionMix, parse_mix  # noqa: F401 (BucketBatches: API)
+from .ema import LoraEMA, check_decay
 from .errors import UserError, atomic_dir, atomic_write_text, stage_main
 from .flux_math import (LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS, TimestepSampling, flow_matching_loss,
                         sample_sigmas)
@@ -42,6 +42,8 @@ LOSS_PLOT = Path("plots/loss.png")
 LIVE_DIR = Path("dvclive")
 LOG_DIR = Path("logs")
 LORA_STATE = "lora_state.safetensors"  # inside a checkpoint: peft-format LoRA tensors
+EMA_FILE = "ema.safetensors"  # in each checkpoint folder when train.ema_decay > 0
+RAW_LORA_SUBDIR = "raw"  # models/lora/raw: the last step's LoRA when the saved one is the EMA
 
 # train.* keys without a sensible default; the others fall back to the value noted where read.
 REQUIRED = ("seed", "max_steps", "batch_size", "gradient_accumulation_steps", "learning_rate",
@@ -101,6 +103,8 @@ def _validate_train(cfg: dict[str, Any], device: torch.device) -> None:
     require_positive(cfg["max_grad_norm"], "train.max_grad_norm", allow_zero=True)
     require_positive(cfg["logit_std"], "train.logit_std")
     require_positive(cfg["guidance_scale"], "train.guidance_scale", allow_zero=True)
+    check_decay(cfg.get("ema_decay", 0))
+    parse_mix(cfg.get("resolution_mix"))
     require_choice(cfg["lr_scheduler"], LR_SCHEDULERS, "train.lr_scheduler")
     require_choice(cfg["optimizer"], OPTIMIZERS, "train.optimizer")
     require_choice(cfg["mixed_precision"], MIXED_PRECISION, "train.mixed_precision")
@@ -150,32 +154,6 @@ def run_hash(params: dict[str, Any], cache_fingerprint: str, world_size: int) ->
     return fingerprint(model_cfg, params["lora"], train_cfg, cache_fingerprint, processes)
 
 
-class BucketBatches:
-    """Batches drawn within one aspect bucket, in an order that is a pure function of
-    (seed, epoch): a resumed run sees exactly the batches the interrupted one would have."""
-
-    def __init__(self, samples: list[dict[str, Any]], batch_size: int, seed: int):
-        self.batch_size, self.seed = batch_size, seed
-        self.by_bucket: dict[tuple[int, int], list[int]] = {}
-        for i, sample in enumerate(samples):
-            self.by_bucket.setdefault(tuple(sample["bucket"]), []).append(i)
-        self.batches_per_epoch = sum(math.ceil(len(v) / batch_size) for v in self.by_bucket.values())
-
-    @lru_cache(maxsize=2)
-    def epoch(self, epoch: int) -> list[list[int]]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        batches = []
-        for bucket in sorted(self.by_bucket):
-            members = self.by_bucket[bucket]
-            order = [members[i] for i in torch.randperm(len(members), generator=generator)]
-            batches += [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        return [batches[i] for i in torch.randperm(len(batches), generator=generator)]
-
-    def __getitem__(self, micro_batch: int) -> list[int]:
-        epoch, position = divmod(micro_batch, self.batches_per_epoch)
-        return self.epoch(epoch)[position]
-
-
 class MicroBatches(torch.utils.data.Dataset):
     """Item ``k`` is this process's ``k``-th micro-batch, ready to move to the device.
 
@@ -185,9 +163,9 @@ class MicroBatches(torch.utils.data.Dataset):
     """
 
     def __init__(self, cache: CacheReader, cfg: dict[str, Any], sampling: TimestepSampling,
-                 world: int, rank: int):
+                 world: int, rank: int, order: ResolutionMix | None = None):
         self.cache, self.cfg, self.sampling, self.world, self.rank = cache, cfg, sampling, world, rank
-        self.order = BucketBatches(cache.samples, cfg["batch_size"], cfg["seed"])
+        self.order = order or batch_order(cache, cfg)
 
     def __len__(self) -> int:
         return self.cfg["max_steps"] * self.per_process_accumulation
@@ -202,6 +180,17 @@ class MicroBatches(torch.utils.data.Dataset):
         return load_batch(self.cache, self.order[micro_batch],
                           micro_batch_generator(self.cfg["seed"], micro_batch),
                           self.cfg["caption_dropout"], self.sampling)
+
+
+def batch_order(cache: CacheReader, cfg: dict[str, Any]) -> ResolutionMix:
+    """The micro-batch order: one (resolution, aspect) bucket per batch, resolutions mixed as
+    ``train.resolution_mix`` says (``{}``: each cached image once per resolution per epoch)."""
+    return ResolutionMix(cache.samples, cfg["batch_size"], cfg["seed"], parse_mix(cfg.get("resolution_mix")),
+                         default_resolution=_first_resolution(cache.index.get("resolution", 0)))
+
+
+def _first_resolution(resolution: Any) -> int:
+    return int(resolution[0] if isinstance(resolution, list) else resolution)
 
 
 def micro_batch_loader(dataset: MicroBatches, start_step: int, workers: int, pin: bool):
@@ -354,6 +343,7 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
     if cache.index["base_model"] != model_cfg["pretrained"]:
         raise UserError(f"the encode cache was made with {cache.index['base_model']}, not "
                         f"{model_cfg['pretrained']}; re-run encode (`dvc repro encode`)")
+    order = batch_order(cache, cfg)  # a mix naming resolutions the cache lacks stops here, before any model
     # The checkpoint root; each run writes under root/<run hash>.
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else checkpoints.default_root()
     lora_dir = Path(lora_dir)
@@ -399,6 +389,9 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
     trainable = [p for p in transformer.parameters() if p.requires_grad]
     raw_optimizer = make_optimizer(cfg, trainable, accelerator.device)
     transformer, optimizer = accelerator.prepare(transformer, raw_optimizer)
+    # Not registered with accelerate (its custom states are unpickled on load): the checkpoint keeps
+    # the average as safetensors (checkpoints.save_ema / load_ema).
+    ema = LoraEMA(trainable, cfg["ema_decay"]) if cfg.get("ema_decay", 0) else None
     _register_lora_hooks(accelerator)
 
     start_step, history = 0, []
@@ -408,6 +401,11 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
         # LoRA (safetensors), optimizer and RNG state; accelerate loads the last two with
         # weights_only=True. The scheduler is not in the checkpoint: it is a function of the step.
         accelerator.load_state(str(folder))
+        if ema is not None:
+            if not (folder / EMA_FILE).is_file():
+                raise UserError(f"{folder} holds no EMA of the LoRA ({EMA_FILE}) but train.ema_decay is set; "
+                                "resume from a checkpoint of a run with EMA, or set train.ema_decay: 0")
+            ema.load(folder / EMA_FILE)
         # load_state brought back the checkpoint's hyper-parameters; train with the params' ones.
         checkpoints.apply_hyperparameters(raw_optimizer, cfg["learning_rate"], cfg["adam_weight_decay"])
         start_step, history = meta["step"], meta["history"]
@@ -424,7 +422,8 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
 
     sampling = TimestepSampling(cfg["timestep_sampling"], cfg["logit_mean"], cfg["logit_std"],
                                 cfg["mode_scale"])
-    batches = iter(micro_batch_loader(MicroBatches(cache, cfg, sampling, world, rank), start_step,
+    accelerator.print(f"train: resolution mix {order.share()} of the micro-batches")
+    batches = iter(micro_batch_loader(MicroBatches(cache, cfg, sampling, world, rank, order), start_step,
                                       cfg.get("dataloader_workers", 0), accelerator.device.type == "cuda"))
     # Micro-batch k of rank r is the step's micro-batch k * world + r: together the ranks train the
     # step's gradient_accumulation_steps micro-batches, and DDP averages their gradients.
@@ -448,6 +447,8 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update()
         step += 1
         interval_steps += 1
 
@@ -473,14 +474,15 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
         if validate_now or checkpoint_now:
             clock.pause()  # not training time
             if validate_now and sampler is not None:
-                _log_validation_images(accelerator, sampler, transformer, step)
+                with ema.applied() if ema is not None else contextlib.nullcontext():
+                    _log_validation_images(accelerator, sampler, transformer, step)
             if checkpoint_now:
                 _save_checkpoint(accelerator, checkpoints.run_folder(checkpoint_dir, this_run), step,
-                                 this_run, history, model_cfg, lora_cfg, cfg)
+                                 this_run, history, model_cfg, lora_cfg, cfg, ema)
             clock.resume()
 
     accelerator.wait_for_everyone()
-    final_lora = lora_state_dict(accelerator, transformer)
+    final_lora, raw_lora = _final_loras(accelerator, transformer, ema)
     rank_checksums = _gather_checksums(accelerator, final_lora)
     if len(set(rank_checksums)) != 1:
         raise RuntimeError(f"LoRA weights differ between processes: {rank_checksums}")
@@ -498,10 +500,16 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
             FluxPipeline.save_lora_weights(
                 tmp, transformer_lora_layers=final_lora,
                 **_collate_lora_metadata({"transformer": unwrapped}))
+            if raw_lora is not None:  # the EMA is the LoRA; the last step's weights stay beside it
+                FluxPipeline.save_lora_weights(
+                    tmp / RAW_LORA_SUBDIR, transformer_lora_layers=raw_lora,
+                    **_collate_lora_metadata({"transformer": unwrapped}))
             (tmp / "training_config.json").write_text(json.dumps(
                 {"base_model": model_cfg["pretrained"], "base_model_commit": cache.index.get("base_model_commit"),
                  "lora": lora_cfg, "train": cfg,
                  "run_hash": this_run, "steps": step, "rank_checksums": rank_checksums,
+                 "weights": "ema" if ema is not None else "raw",
+                 "raw_weights": f"{RAW_LORA_SUBDIR}/" if ema is not None else None,
                  "history": history}, indent=1))
         atomic_write_text(metrics_path, json.dumps(
             {k: summary[k] for k in ("steps", "final_loss", "train_samples")}, indent=1))
@@ -510,6 +518,18 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
         print(f"train: saved LoRA after {step} steps (loss {loss_text}) -> {lora_dir}")
     accelerator.end_training()
     return summary
+
+
+def _final_loras(accelerator, transformer, ema: LoraEMA | None):
+    """(the LoRA to save, the raw last-step LoRA or None): with an EMA the saved LoRA is the
+    average and the raw weights are returned beside it."""
+    raw = lora_state_dict(accelerator, transformer)
+    if ema is None:
+        return raw, None
+    raw = {k: v.detach().clone() for k, v in raw.items()}  # the state dict may share the live tensors
+    with ema.applied():
+        averaged = {k: v.detach().clone() for k, v in lora_state_dict(accelerator, transformer).items()}
+    return averaged, raw
 
 
 def _choose_resume(accelerator, params: dict[str, Any], checkpoint_dir: Path,
@@ -532,9 +552,12 @@ def _choose_resume(accelerator, params: dict[str, Any], checkpoint_dir: Path,
     return resume
 
 
-def _save_checkpoint(accelerator, folder: Path, step: int, this_run: str, history, model_cfg, lora_cfg, cfg):
+def _save_checkpoint(accelerator, folder: Path, step: int, this_run: str, history, model_cfg, lora_cfg, cfg,
+                     ema: LoraEMA | None = None):
     staged = checkpoints.staging_folder(folder, step)
     accelerator.save_state(str(staged))
+    if ema is not None and accelerator.is_main_process:
+        ema.save(staged / EMA_FILE)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final = checkpoints.publish(folder, step, {
