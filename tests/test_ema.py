@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -45,7 +46,7 @@ def test_the_saved_lora_is_the_ema_of_the_step_weights(demo_params, encoded_cach
     monkeypatch.chdir(tmp_path)
     out = outputs(tmp_path)
     train.run(ema_run(demo_params, steps=4, every=1), encoded_cache, **out)
-    steps = [load_file(out["checkpoint_dir"] / f"step-{k:08d}" / train.LORA_STATE) for k in range(1, 5)]
+    steps = [load_file(run_checkpoints(out) / f"step-{k:08d}" / train.LORA_STATE) for k in range(1, 5)]
     expected = dict(steps[0])
     for weights in steps[1:]:
         expected = {k: DECAY * expected[k] + (1 - DECAY) * weights[k] for k in expected}
@@ -67,7 +68,7 @@ def test_without_ema_the_lora_is_the_raw_weights(demo_params, encoded_cache, tmp
     monkeypatch.chdir(tmp_path)
     out = outputs(tmp_path)
     train.run(ema_run(demo_params, steps=2, every=2, decay=0), encoded_cache, **out)
-    last = load_file(out["checkpoint_dir"] / "step-00000002" / train.LORA_STATE)
+    last = load_file(run_checkpoints(out) / "step-00000002" / train.LORA_STATE)
     saved = load_file(out["lora_dir"] / LORA_FILE)
     assert all(torch.equal(saved[f"transformer.{k}"], v) for k, v in last.items())
     assert not (out["lora_dir"] / train.RAW_LORA_SUBDIR).exists()
@@ -115,10 +116,16 @@ def test_validation_images_use_the_ema_weights(demo_params, encoded_cache, tmp_p
 
 @pytest.mark.parametrize("decay", [1.0, -0.1, "high"])
 def test_bad_decays_are_refused_before_any_model_loads(demo_params, encoded_cache, tmp_path, monkeypatch, decay):
-    monkeypatch.setattr(train, "resolve_pretrained", lambda *a, **k: pytest.fail("model resolved"))
+    monkeypatch.setattr(train, "base_model_of_cache", lambda *a, **k: pytest.fail("model resolved"))
     demo_params["train"]["ema_decay"] = decay
     with pytest.raises(UserError, match="train.ema_decay"):
         train.run(demo_params, encoded_cache, **outputs(tmp_path))
+
+
+def run_checkpoints(out: dict) -> Path:
+    """The one run's checkpoint folder under the checkpoint root (``<root>/<run hash>``)."""
+    (folder,) = [p for p in out["checkpoint_dir"].iterdir() if p.is_dir()]
+    return folder
 
 
 def _run_stage(workdir: Path, kill_after_checkpoint: bool = False) -> subprocess.CompletedProcess | None:
@@ -149,7 +156,7 @@ def test_sigkill_then_resume_with_ema_gives_the_same_loras(demo_params, encoded_
     _run_stage(runs["killed"], kill_after_checkpoint=True)
     assert not (runs["killed"] / "models/lora").exists()
     resumed = _run_stage(runs["killed"])
-    assert "resuming from models/checkpoints/step-00000004 at step 4" in resumed.stdout
+    assert re.search(r"resuming from \.cache/checkpoints/[0-9a-f]+/step-00000004 at step 4", resumed.stdout)
 
     for file in (Path(LORA_FILE), Path(train.RAW_LORA_SUBDIR) / LORA_FILE):  # the EMA and the raw LoRA
         expected = load_file(runs["uninterrupted"] / "models/lora" / file)

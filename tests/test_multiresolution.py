@@ -122,7 +122,7 @@ def test_the_mix_is_exact_at_every_epoch_boundary_and_a_pure_function_of_the_mic
 
 def test_a_mix_that_names_an_uncached_resolution_stops_before_any_model_loads(demo_params, multires_cache,
                                                                               tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "resolve_pretrained", lambda *a, **k: pytest.fail("model resolved"))
+    monkeypatch.setattr(train, "base_model_of_cache", lambda *a, **k: pytest.fail("model resolved"))
     demo_params["train"]["resolution_mix"] = {32: 1, 1024: 1}
     with pytest.raises(UserError, match=r"names \[1024\], which the encode cache does not hold") as err:
         _trained_buckets(demo_params, multires_cache, tmp_path, monkeypatch)

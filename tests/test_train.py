@@ -270,7 +270,7 @@ def test_resume_from_trains_with_the_new_optimizer_settings(demo_params, encoded
 
     # Another optimizer cannot continue this optimizer state: one line, before any model loads.
     params["train"].update(optimizer="prodigy", learning_rate=1.0)
-    monkeypatch.setattr(train, "resolve_pretrained", lambda *a, **k: pytest.fail("model resolved"))
+    monkeypatch.setattr(train, "base_model_of_cache", lambda *a, **k: pytest.fail("model resolved"))
     with pytest.raises(UserError, match="train.optimizer=adamw") as err:
         train.run(params, encoded_cache, **outputs(tmp_path / "c"))
     assert "\n" not in str(err.value)
