@@ -7,10 +7,6 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -18,17 +14,12 @@ import pytest
 import yaml
 
 from conftest import train_tiny_lora
+from helpers import served_app
 
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 PROMPT = "impr3ssionism, water lilies on a pond"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -39,29 +30,10 @@ def app_server(tmp_path_factory, _demo_params_master, encoded_cache):
     params["sample"].update(steps=2, resolution=64)
     params["app"] = {"min_resolution": 32, "max_resolution": 128, "max_steps": 8}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
-    port = free_port()
     env = dict(os.environ, IMPRESSIONIST_PARAMS=str(root / "params.yaml"),
-               IMPRESSIONIST_LORA=str(root / "lora"), GRADIO_SERVER_NAME="127.0.0.1",
-               GRADIO_SERVER_PORT=str(port), GRADIO_ANALYTICS_ENABLED="False",
-               GRADIO_TEMP_DIR=str(root / "gradio"))
-    log = open(root / "app.log", "w")
-    process = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=env, stdout=log,
-                               stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail(f"app.py did not serve {url}:\n{(root / 'app.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
-    log.close()
+               IMPRESSIONIST_LORA=str(root / "lora"), GRADIO_TEMP_DIR=str(root / "gradio"))
+    with served_app(REPO, env, root / "app.log") as url:
+        yield url
 
 
 @pytest.fixture

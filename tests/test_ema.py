@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+
+from helpers import run_train_stage
 
 from impressionist import train
 from impressionist.ema import LoraEMA
@@ -128,22 +126,6 @@ def run_checkpoints(out: dict) -> Path:
     return folder
 
 
-def _run_stage(workdir: Path, kill_after_checkpoint: bool = False) -> subprocess.CompletedProcess | None:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    command = [sys.executable, "-m", "impressionist.train"]
-    if not kill_after_checkpoint:
-        return subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, check=True)
-    proc = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        if line.startswith("train: checkpoint"):
-            proc.send_signal(signal.SIGKILL)  # no clean-up handlers run, as on a lost Colab VM
-            break
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    return None
-
-
 def test_sigkill_then_resume_with_ema_gives_the_same_loras(demo_params, encoded_cache, tmp_path):
     params = ema_run(demo_params, steps=12, every=4)
     runs = {}
@@ -152,10 +134,10 @@ def test_sigkill_then_resume_with_ema_gives_the_same_loras(demo_params, encoded_
         shutil.copytree(encoded_cache, workdir / "data/cache")
         (workdir / "params.yaml").write_text(yaml.safe_dump(params))
         runs[name] = workdir
-    _run_stage(runs["uninterrupted"])
-    _run_stage(runs["killed"], kill_after_checkpoint=True)
+    run_train_stage(runs["uninterrupted"])
+    run_train_stage(runs["killed"], kill_after_checkpoint=True)
     assert not (runs["killed"] / "models/lora").exists()
-    resumed = _run_stage(runs["killed"])
+    resumed = run_train_stage(runs["killed"])
     assert re.search(r"resuming from \.cache/checkpoints/[0-9a-f]+/step-00000004 at step 4", resumed.stdout)
 
     for file in (Path(LORA_FILE), Path(train.RAW_LORA_SUBDIR) / LORA_FILE):  # the EMA and the raw LoRA

@@ -11,9 +11,7 @@ import importlib.metadata
 import importlib.util
 import os
 import shutil
-import subprocess
 import sys
-import time
 import types
 import urllib.request
 from pathlib import Path
@@ -24,6 +22,7 @@ import yaml
 from PIL import Image
 
 from conftest import REPO, committed_params_text, train_tiny_lora
+from helpers import served_app
 from test_app_browser import browser, image_sources  # noqa: F401  (the browser fixture)
 
 from impressionist import app, space
@@ -31,14 +30,6 @@ from impressionist.errors import UserError
 
 PROMPT = "impr3ssionism, a harbor at sunset"
 TOKEN = "hf_" + "SecretTestToken" + "7d1e9c"  # looks like a token; must never land in a file or a log
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def real_params() -> dict:
@@ -89,29 +80,12 @@ def space_server(tmp_path_factory, _demo_params_master, encoded_cache):
     poisoned = root / "poisoned" / "impressionist"
     poisoned.mkdir(parents=True)
     (poisoned / "__init__.py").write_text("raise ImportError('not the Space folder impressionist')\n")
-    port = free_port()
     env = dict(os.environ, PYTHONPATH=str(poisoned.parent), HF_HUB_OFFLINE="1",
                IMPRESSIONIST_BASE_MODEL="builtin:tiny-flux", IMPRESSIONIST_LORA=str(lora),
                IMPRESSIONIST_MIN_RESOLUTION="32", IMPRESSIONIST_MAX_RESOLUTION="64", IMPRESSIONIST_MAX_STEPS="4",
-               GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port), GRADIO_ANALYTICS_ENABLED="False",
                GRADIO_TEMP_DIR=str(root / "gradio"))
-    log = open(root / "app.log", "w")
-    process = subprocess.Popen([sys.executable, "app.py"], cwd=alone, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail(f"the Space folder's app.py did not serve {url}:\n{(root / 'app.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
-    log.close()
+    with served_app(alone, env, root / "app.log", "the Space folder's app.py") as url:
+        yield url
 
 
 def test_space_folder_alone_answers_gradio_client(space_server):

@@ -19,6 +19,8 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
+from helpers import run_train_stage
+
 from impressionist import checkpoints, train
 from impressionist.errors import UserError
 from impressionist.flux_math import flow_matching_loss
@@ -124,22 +126,6 @@ def test_checkpoints_resume_only_matching_runs(demo_params, encoded_cache, tmp_p
     assert kept(out["checkpoint_dir"]) == {first: ["step-00000030", "step-00000040"]}
 
 
-def _run_stage(workdir: Path, kill_after_checkpoint: bool = False) -> subprocess.CompletedProcess | None:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    command = [sys.executable, "-m", "impressionist.train"]
-    if not kill_after_checkpoint:
-        return subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, check=True)
-    proc = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        if line.startswith("train: checkpoint"):
-            proc.send_signal(signal.SIGKILL)  # no clean-up handlers run, as on a lost Colab VM
-            break
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    return None
-
-
 def test_sigkill_then_resume_gives_the_same_lora(demo_params, encoded_cache, tmp_path):
     params = small_run(demo_params, 30, every=10)
     runs = {}
@@ -148,10 +134,10 @@ def test_sigkill_then_resume_gives_the_same_lora(demo_params, encoded_cache, tmp
         shutil.copytree(encoded_cache, workdir / "data/cache")
         (workdir / "params.yaml").write_text(yaml.safe_dump(params))
         runs[name] = workdir
-    _run_stage(runs["uninterrupted"])
-    _run_stage(runs["killed"], kill_after_checkpoint=True)
+    run_train_stage(runs["uninterrupted"])
+    run_train_stage(runs["killed"], kill_after_checkpoint=True)
     assert not (runs["killed"] / "models/lora").exists()
-    resumed = _run_stage(runs["killed"])
+    resumed = run_train_stage(runs["killed"])
     assert re.search(r"resuming from \.cache/checkpoints/[0-9a-f]+/step-00000010 at step 10", resumed.stdout)
 
     expected = load_file(runs["uninterrupted"] / "models/lora" / LORA_FILE)
