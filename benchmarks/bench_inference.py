@@ -189,7 +189,7 @@ def timing_table(rows: list[dict], args, device, lora_mib: float) -> str:
 
 def clip_scorer(model_name: str, pretrained: str, device: torch.device):
     """The evaluate stage's CLIP scorer (image embeddings, style score)."""
-    from impressionist.evaluate import ClipScorer
+    from impressionist.image_features import ClipScorer
     from impressionist.feature_nets import load_clip
 
     model, preprocess, tokenizer = load_clip(model_name, pretrained)

@@ -208,6 +208,7 @@ def test_deploy_refusals_are_one_line_before_any_hub_call(hub, monkeypatch, tmp_
     # the command line: one error line, exit code 2
     (tmp_path / "params.yaml").write_text(committed_params_text())
     monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.chdir(REPO)  # `impressionist space` runs from the repository root (requirements.txt)
     with pytest.raises(SystemExit) as exit_info:
         space.main(["--params", str(tmp_path / "params.yaml"), "--space-id", "someone/impressionist",
                     "--lora-repo", "someone/lora"])
