@@ -206,12 +206,6 @@ def test_outside_colab_without_the_switch_is_one_clear_error():
         colab.detect_environment({})
 
 
-def test_checkpoint_folder_matches_the_trainer():
-    from impressionist import train
-
-    assert colab.CHECKPOINTS == train.CHECKPOINT_DIR
-
-
 def test_state_paths_are_the_uncached_outs(tmp_path):
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
         "a": {"cmd": "x", "outs": ["data/a", {"logs": {"cache": False}}, {"data/p": {"persist": True}}],

@@ -22,10 +22,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from .layout import CHECKPOINT_ROOT
+
 META = "impressionist.json"
 PREFIX = "step-"
 ROOT_ENV = "IMPRESSIONIST_CHECKPOINTS"
-DEFAULT_ROOT = Path(".cache/checkpoints")  # relative to the repository root, where DVC runs stages
+DEFAULT_ROOT = CHECKPOINT_ROOT  # relative to the repository root, where DVC runs stages
 
 
 def default_root() -> Path:

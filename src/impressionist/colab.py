@@ -68,13 +68,13 @@ from .cli import apply_overrides, demo_overrides, hydra_value
 from .dvc_cli import dvc_environment, dvc_executable, run_dvc
 from .errors import UserError, atomic_write_bytes, atomic_write_text, first_line
 from .hub import is_hub_id
-from .layout import EVAL_METRICS, SAMPLE_GRID
+from .layout import CHECKPOINT_ROOT, EVAL_METRICS, SAMPLE_GRID, TRAIN_METRICS
 
 ENV_LOCAL = "IMPRESSIONIST_COLAB_LOCAL"  # a folder standing in for Drive: local test mode
 DRIVE_MOUNT = Path("/content/drive")
 DRIVE_HOME = DRIVE_MOUNT / "MyDrive"
 DEFAULT_PROJECT = "impressionist"
-CHECKPOINTS = Path(".cache/checkpoints")  # train.CHECKPOINT_DIR (a test checks they agree)
+CHECKPOINTS = CHECKPOINT_ROOT  # the trainer's checkpoint root
 PREPARED_MARKER = Path(".dvc/tmp/impressionist-colab.json")  # .dvc/tmp is git-ignored
 TOKEN_SECRET = "HF_TOKEN"
 # DVC logs this right before it rewrites dvc.lock after a stage: the mirror then syncs soon.
@@ -769,7 +769,7 @@ def _stop(process: subprocess.Popen, grace: float = 30.0) -> None:
 
 # --------------------------------------------------------------------------- results, errors
 
-RESULT_FILES = (SAMPLE_GRID.as_posix(), EVAL_METRICS.as_posix(), "metrics/train.json")
+RESULT_FILES = (SAMPLE_GRID.as_posix(), EVAL_METRICS.as_posix(), TRAIN_METRICS.as_posix())
 
 
 def show_results(repo: Path | str) -> dict[str, Any]:

@@ -67,7 +67,7 @@ from tqdm import tqdm
 
 from .errors import DEMO_HINT, UserError, atomic_write_bytes, atomic_write_text, first_line, stage_main
 from .hub import hub_offline
-from .layout import RAW_DIR
+from .layout import DOWNLOAD_METRICS, RAW_DIR
 from .params import fingerprint, load_params, require, require_int, require_positive, section
 from .source_reads import ReadMeter, local_file_sizes, metering_parquet_reads
 from .tables import METADATA_FILE, RAW_COLUMNS
@@ -77,7 +77,7 @@ SYNTHETIC = "synthetic"
 PARTIAL_DIR = ".partial"
 REQUIRED_COLUMNS = ("image", "artist", "genre", "style")  # of the source (huggan/wikiart's schema)
 DEFAULT_REVISION = "main"
-METRICS_PATH = Path("metrics/download.json")
+METRICS_PATH = DOWNLOAD_METRICS
 PUSHDOWN_KINDS = ("hub", "parquet")  # sources read by datasets' Parquet builder, which takes filters=
 
 # A plain folder of images (the "imagefolder" source).

@@ -49,15 +49,14 @@ from typing import Any
 import torch
 
 from .errors import UserError, atomic_dir, stage_main
-from .layout import LORA_DIR, LORA_WEIGHTS
+from .layout import EXPORT_DIR, EXPORT_MANIFEST, LORA_DIR, LORA_WEIGHTS
 from .params import load_params, require_choice, require_positive, section
 
-EXPORT_DIR = Path("models/export")
 # Not ending in "pytorch_lora_weights.safetensors": diffusers' load_lora_weights(repo) picks the
 # diffusers file when both sit in one Hub repo.
 KOHYA_FILE = "impressionist_lora_kohya.safetensors"
 FUSED_DIR = "transformer"
-MANIFEST = "export.json"
+MANIFEST = EXPORT_MANIFEST
 # diffusers' FluxSingleTransformerBlock has a fixed MLP ratio of 4 (BFL's single blocks too).
 SINGLE_BLOCK_MLP_RATIO = 4
 

@@ -39,13 +39,12 @@ from PIL import Image, ImageFile, ImageOps
 from tqdm import tqdm
 
 from .errors import UserError, atomic_dir, atomic_write_text, stage_main
-from .layout import FILTERED_DIR, RAW_DIR
+from .layout import DATA_ARTISTS_PLOT, DATA_METRICS, FILTERED_DIR, RAW_DIR
 from .params import load_params, require, require_positive, section
 from .plotting import save_figure
 from .tables import METADATA_FILE, RAW_COLUMNS, read_table
 
-METRICS_PATH = Path("metrics/data.json")
-PLOT_PATH = Path("plots/data_artists.png")
+METRICS_PATH, PLOT_PATH = DATA_METRICS, DATA_ARTISTS_PLOT
 
 REASONS = ["missing_file", "undecodable", "too_small", "extreme_aspect", "grayscale", "near_duplicate"]
 GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}

@@ -1,6 +1,7 @@
 """Where the stages read and write (see docs/layout.md and dvc.yaml): one definition per path.
 
-Paths are relative to the repository root, where DVC runs every stage.
+Paths are relative to the repository root, where DVC runs every stage. A path or manifest name that
+more than one module reads or writes is defined here and imported, never spelled again.
 """
 
 from pathlib import Path
@@ -18,3 +19,12 @@ SAMPLES_DIR = Path("samples")
 SAMPLE_GRID = Path("plots/samples_grid.png")
 EVAL_METRICS = Path("metrics/eval.json")
 EVAL_IMAGES = Path("metrics/eval_images.csv")  # per-image scores: pairs commits in the PR report
+EXPORT_DIR = Path("models/export")
+EXPORT_MANIFEST = "export.json"              # in EXPORT_DIR: names the exported files and their sizes
+TRAINING_CONFIG = "training_config.json"     # in LORA_DIR: the params and base-model commit of the run
+CHECKPOINT_ROOT = Path(".cache/checkpoints")  # git- and DVC-ignored; <run hash>/step-NNNNNNNN inside
+DOWNLOAD_METRICS = Path("metrics/download.json")
+DATA_METRICS = Path("metrics/data.json")
+DATA_ARTISTS_PLOT = Path("plots/data_artists.png")
+TRAIN_METRICS = Path("metrics/train.json")
+LOSS_PLOT = Path("plots/loss.png")

@@ -23,16 +23,13 @@ from typing import Any
 
 from .errors import UserError, atomic_dir, first_line, stage_main
 from .hub import BUILTIN_PREFIX, TOKEN_HINT, check_access
-from .layout import EVAL_METRICS, LORA_DIR, LORA_WEIGHTS
+from .layout import (DATA_METRICS, EVAL_METRICS, EXPORT_DIR, EXPORT_MANIFEST, LORA_DIR, LORA_WEIGHTS,
+                     TRAINING_CONFIG)
 from .layout import SAMPLE_GRID as GRID
 from .model_card import build_card
 from .params import load_params, require, section
 
-EXPORT_DIR = Path("models/export")
-DATA_METRICS = Path("metrics/data.json")
 HUB_DIR = Path("build/hub")
-TRAINING_CONFIG = "training_config.json"
-EXPORT_MANIFEST = "export.json"  # written by the export stage: names its files
 CARD = "README.md"
 GRID_IN_REPO = "images/samples_grid.png"
 DEFAULTS = {

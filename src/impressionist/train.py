@@ -27,7 +27,7 @@ from .errors import UserError, atomic_dir, atomic_write_text, stage_main
 from .flux_math import (LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS, TimestepSampling, flow_matching_loss,
                         sample_sigmas)
 from .latent_cache import EMPTY_CAPTION_KEY, CacheReader
-from .layout import CACHE_DIR, LORA_DIR
+from .layout import CACHE_DIR, LORA_DIR, LOSS_PLOT, TRAIN_METRICS, TRAINING_CONFIG
 from .lora import lora_config, validate_lora
 from .models import (base_model_of_cache, check_attention_backend, check_quantization, load_transformer,
                      require_package, resolve_device, resolve_dtype, use_attention_backend)
@@ -37,8 +37,7 @@ from .plotting import new_figure, save_figure
 from .validation_images import ValidationSampler, check_settings
 
 CHECKPOINT_DIR = checkpoints.DEFAULT_ROOT  # $IMPRESSIONIST_CHECKPOINTS overrides it
-METRICS = Path("metrics/train.json")
-LOSS_PLOT = Path("plots/loss.png")
+METRICS = TRAIN_METRICS
 LIVE_DIR = Path("dvclive")
 LOG_DIR = Path("logs")
 LORA_STATE = "lora_state.safetensors"  # inside a checkpoint: peft-format LoRA tensors
@@ -504,7 +503,7 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
                 FluxPipeline.save_lora_weights(
                     tmp / RAW_LORA_SUBDIR, transformer_lora_layers=raw_lora,
                     **_collate_lora_metadata({"transformer": unwrapped}))
-            (tmp / "training_config.json").write_text(json.dumps(
+            (tmp / TRAINING_CONFIG).write_text(json.dumps(
                 {"base_model": model_cfg["pretrained"], "base_model_commit": cache.index.get("base_model_commit"),
                  "lora": lora_cfg, "train": cfg,
                  "run_hash": this_run, "steps": step, "rank_checksums": rank_checksums,
