@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 from huggingface_hub import HfApi, constants
 
-from conftest import REPO, write_filtered_dataset
+from conftest import committed_params_text, write_filtered_dataset
 
 from impressionist import encode, pin_model, train
 from impressionist.errors import UserError
@@ -135,7 +135,7 @@ def test_a_cache_of_a_local_folder_that_changed_is_refused(tiny_flux_dir, tmp_pa
 def test_pin_model_writes_the_commit_into_params_yaml(hub, tmp_path, capsys):
     hub.online(main_is=COMMIT_B)
     params = tmp_path / "params.yaml"
-    original = (REPO / "params.yaml").read_text().replace("black-forest-labs/FLUX.1-dev", REPO_ID, 1)
+    original = committed_params_text().replace("black-forest-labs/FLUX.1-dev", REPO_ID, 1)
     params.write_text(original)
     assert pin_model.pin(params) == COMMIT_B
     pinned = params.read_text()
@@ -148,7 +148,7 @@ def test_pin_model_writes_the_commit_into_params_yaml(hub, tmp_path, capsys):
 
 def test_pin_model_leaves_a_builtin_model_alone(tmp_path, capsys):
     params = tmp_path / "params.yaml"
-    text = (REPO / "params.yaml").read_text().replace("black-forest-labs/FLUX.1-dev", BUILTIN_TINY_FLUX, 1)
+    text = committed_params_text().replace("black-forest-labs/FLUX.1-dev", BUILTIN_TINY_FLUX, 1)
     params.write_text(text)
     assert pin_model.pin(params) is None
     assert params.read_text() == text and "nothing to pin" in capsys.readouterr().out

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, train_tiny_lora
+from conftest import REPO, committed_params_text, train_tiny_lora
 
 from impressionist import sample
 from impressionist.errors import UserError
@@ -90,7 +90,7 @@ def test_fingerprint_follows_what_shapes_the_images_not_the_model(demo_params, t
 def test_shipped_subjects_have_no_style_words_and_enough_for_the_recipe():
     import yaml
 
-    recipe = yaml.safe_load((REPO / "params.yaml").read_text())
+    recipe = yaml.safe_load(committed_params_text())  # the recipe, not a demo applied in the workspace
     ev = {**recipe["sample"]["eval_set"], "subjects": str(REPO / recipe["sample"]["eval_set"]["subjects"])}
     subjects = sample.evaluation_subjects(ev)
     assert len(subjects) == ev["num_subjects"] == 100 and len(set(subjects)) == 100
