@@ -49,7 +49,7 @@ import torch
 
 from .errors import UserError, atomic_write_text, stage_main
 from .image_features import Extractors, check_feature_config, load_reference, uses_random_nets
-from .layout import EVAL_IMAGES, EVAL_METRICS, REFERENCE_DIR, SAMPLES_DIR
+from .layout import EVAL_IMAGES, EVAL_METRICS, EVAL_SET_TABLE, REFERENCE_DIR, SAMPLES_DIR
 from .params import load_params, require_int, section
 from .stats import (CMMD, CONFIDENCE, KID, Estimate, Resampling, mean_estimate, paired_difference,
                     replicate_difference, set_distance_estimates)
@@ -59,7 +59,7 @@ PER_IMAGE = ("clip_score", "style_score")
 SET_LEVEL = ("kid", "cmmd")
 METRICS = PER_IMAGE + SET_LEVEL  # every one with a CI; FID comes apart
 DISTANCES = {"kid": KID, "cmmd": CMMD}
-EVAL_TABLE = "eval.csv"  # written by the sample stages beside samples.csv
+EVAL_TABLE = EVAL_SET_TABLE  # written by the sample stages beside samples.csv
 EVAL_COLUMNS = ("file", "subject", "prompt_id", "seed", "lora_scale", "eval_set")
 IMAGE_COLUMNS = ["lora_scale", "prompt_id", "seed", "subject", "clip_score", "style_score", "eval_set"]
 MIN_IMAGES = 2  # per generated set: KID's unbiased MMD divides by n(n-1), FID needs a covariance

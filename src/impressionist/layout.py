@@ -16,6 +16,7 @@ LORA_DIR = Path("models/lora")
 # The file name FluxPipeline.save_lora_weights writes and load_lora_weights looks for.
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 SAMPLES_DIR = Path("samples")
+EVAL_SET_TABLE = "eval.csv"  # in samples/base and samples/lora: the evaluation set (sample writes, evaluate reads)
 SAMPLE_GRID = Path("plots/samples_grid.png")
 EVAL_METRICS = Path("metrics/eval.json")
 EVAL_IMAGES = Path("metrics/eval_images.csv")  # per-image scores: pairs commits in the PR report

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from .errors import UserError, atomic_dir, first_line, stage_main
 from .grid import save_sample_grid
 from .inference import baked, build_pipeline, check, lora_applied, settings_from
-from .layout import CAPTIONS, LORA_DIR, LORA_WEIGHTS, SAMPLE_GRID, SAMPLES_DIR
+from .layout import CAPTIONS, EVAL_SET_TABLE, LORA_DIR, LORA_WEIGHTS, SAMPLE_GRID, SAMPLES_DIR
 from .models import resolve_device, resolve_dtype, resolve_pretrained, without_third_party_noise
 from .params import (fingerprint, load_params, require, require_int, require_keys, require_multiple,
                      require_positive, section)
@@ -47,7 +47,7 @@ BASE_DIR = SAMPLES_DIR / "base"
 LORA_SAMPLES_DIR = SAMPLES_DIR / "lora"
 SUBJECT, VAL_CAPTION = "subject", "val_caption"  # the `prompt_source` column of samples.csv
 EVAL_SUBDIR = "eval"          # the evaluation set's images, under samples/base and samples/lora
-EVAL_TABLE = "eval.csv"       # its table, in the same folder as samples.csv
+EVAL_TABLE = EVAL_SET_TABLE   # its table, in the same folder as samples.csv
 EVAL_SET_KEYS = ("subjects", "num_subjects", "seeds", "steps", "resolution", "guidance_scale")
 
 
