@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+import yaml
 
 
 def run_train_stage(workdir: Path, kill_after_checkpoint: bool = False) -> subprocess.CompletedProcess | None:
@@ -32,6 +34,22 @@ def run_train_stage(workdir: Path, kill_after_checkpoint: bool = False) -> subpr
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     return None
+
+
+def killed_and_uninterrupted(params: dict, cache: Path, root: Path) -> tuple[Path, Path, str]:
+    """The train stage run twice on the same cache and params: once straight through, once SIGKILLed
+    after its first checkpoint and run again. Returns both work folders and the rerun's output."""
+    runs = {}
+    for name in ("uninterrupted", "killed"):
+        workdir = root / name
+        shutil.copytree(cache, workdir / "data/cache")
+        (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+        runs[name] = workdir
+    run_train_stage(runs["uninterrupted"])
+    run_train_stage(runs["killed"], kill_after_checkpoint=True)
+    assert not (runs["killed"] / "models/lora").exists()
+    resumed = run_train_stage(runs["killed"])
+    return runs["uninterrupted"], runs["killed"], resumed.stdout
 
 
 def free_port() -> int:

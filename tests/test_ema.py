@@ -6,15 +6,13 @@ from __future__ import annotations
 import copy
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
-from helpers import run_train_stage
+from helpers import killed_and_uninterrupted
 
 from impressionist import train
 from impressionist.ema import LoraEMA
@@ -128,21 +126,12 @@ def run_checkpoints(out: dict) -> Path:
 
 def test_sigkill_then_resume_with_ema_gives_the_same_loras(demo_params, encoded_cache, tmp_path):
     params = ema_run(demo_params, steps=12, every=4)
-    runs = {}
-    for name in ("uninterrupted", "killed"):
-        workdir = tmp_path / name
-        shutil.copytree(encoded_cache, workdir / "data/cache")
-        (workdir / "params.yaml").write_text(yaml.safe_dump(params))
-        runs[name] = workdir
-    run_train_stage(runs["uninterrupted"])
-    run_train_stage(runs["killed"], kill_after_checkpoint=True)
-    assert not (runs["killed"] / "models/lora").exists()
-    resumed = run_train_stage(runs["killed"])
-    assert re.search(r"resuming from \.cache/checkpoints/[0-9a-f]+/step-00000004 at step 4", resumed.stdout)
+    uninterrupted, killed, resumed = killed_and_uninterrupted(params, encoded_cache, tmp_path)
+    assert re.search(r"resuming from \.cache/checkpoints/[0-9a-f]+/step-00000004 at step 4", resumed)
 
     for file in (Path(LORA_FILE), Path(train.RAW_LORA_SUBDIR) / LORA_FILE):  # the EMA and the raw LoRA
-        expected = load_file(runs["uninterrupted"] / "models/lora" / file)
-        got = load_file(runs["killed"] / "models/lora" / file)
+        expected = load_file(uninterrupted / "models/lora" / file)
+        got = load_file(killed / "models/lora" / file)
         assert expected.keys() == got.keys()
         for key in expected:
             assert torch.equal(expected[key], got[key]), (file, key)

@@ -19,7 +19,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from helpers import run_train_stage
+from helpers import killed_and_uninterrupted
 
 from impressionist import checkpoints, train
 from impressionist.errors import UserError
@@ -128,20 +128,11 @@ def test_checkpoints_resume_only_matching_runs(demo_params, encoded_cache, tmp_p
 
 def test_sigkill_then_resume_gives_the_same_lora(demo_params, encoded_cache, tmp_path):
     params = small_run(demo_params, 30, every=10)
-    runs = {}
-    for name in ("uninterrupted", "killed"):
-        workdir = tmp_path / name
-        shutil.copytree(encoded_cache, workdir / "data/cache")
-        (workdir / "params.yaml").write_text(yaml.safe_dump(params))
-        runs[name] = workdir
-    run_train_stage(runs["uninterrupted"])
-    run_train_stage(runs["killed"], kill_after_checkpoint=True)
-    assert not (runs["killed"] / "models/lora").exists()
-    resumed = run_train_stage(runs["killed"])
-    assert re.search(r"resuming from \.cache/checkpoints/[0-9a-f]+/step-00000010 at step 10", resumed.stdout)
+    uninterrupted, killed, resumed = killed_and_uninterrupted(params, encoded_cache, tmp_path)
+    assert re.search(r"resuming from \.cache/checkpoints/[0-9a-f]+/step-00000010 at step 10", resumed)
 
-    expected = load_file(runs["uninterrupted"] / "models/lora" / LORA_FILE)
-    got = load_file(runs["killed"] / "models/lora" / LORA_FILE)
+    expected = load_file(uninterrupted / "models/lora" / LORA_FILE)
+    got = load_file(killed / "models/lora" / LORA_FILE)
     assert expected.keys() == got.keys()
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
