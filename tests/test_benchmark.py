@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -24,13 +26,13 @@ def test_cpu_profile_prints_a_row_per_case(tmp_path):
         assert abs(float(speedup.rstrip("x")) - ratio) / ratio < 0.05
 
 
-def test_gpu_profile_without_gpu_is_one_line():
-    import pytest
+@pytest.mark.parametrize("script", ["bench_train_step.py", "bench_inference.py"])
+def test_gpu_profile_without_gpu_is_one_line(script):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: the refusal is for machines without one")
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks/bench_train_step.py"), "--profile", "gpu"],
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--profile", "gpu"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith("error: --profile gpu needs a CUDA GPU")
@@ -225,14 +227,3 @@ def test_inference_cpu_profile_prints_the_table_with_n_and_spread(tmp_path):
         assert rows["nf4 transformer"][1] == "refused: setting.quantization=nf4 needs a CUDA GPU (bitsandbytes " \
                                              "kernels); use none on the CPU"
 
-
-def test_inference_gpu_profile_without_gpu_is_one_line():
-    import pytest
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU: the refusal is for machines without one")
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks/bench_inference.py"), "--profile", "gpu"],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0
-    assert result.stderr.strip().splitlines()[-1].startswith("error: --profile gpu needs a CUDA GPU")
