@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import train_tiny_lora
+from helpers import train_tiny_lora
 
 from impressionist import app
 from impressionist.errors import UserError

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import train_tiny_lora
+from helpers import train_tiny_lora
 from helpers import served_app
 
 

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 from huggingface_hub import HfApi, constants
 
-from conftest import committed_params_text, write_filtered_dataset
+from helpers import committed_params_text, write_filtered_dataset
 
 from impressionist import encode, pin_model, train
 from impressionist.errors import UserError

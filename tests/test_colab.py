@@ -23,7 +23,7 @@ import nbformat
 import psutil
 import pytest
 import yaml
-from conftest import committed_params_text
+from helpers import committed_params_text
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError, DeadKernelError
 

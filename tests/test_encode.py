@@ -31,7 +31,7 @@ def test_crop_to_bucket_keeps_the_bucket_size():
 
 @pytest.fixture(scope="module")
 def flip_cache(tmp_path_factory, _demo_params_master, tiny_flux_dir):
-    from conftest import write_filtered_dataset
+    from helpers import write_filtered_dataset
 
     root = tmp_path_factory.mktemp("flip")
     filtered, captions = write_filtered_dataset(root, n_images=8)
@@ -84,7 +84,7 @@ def test_each_distinct_caption_is_encoded_once_plus_the_empty_one(flip_cache, ti
 
 
 def test_bad_input_leaves_no_cache(demo_params, tmp_path):
-    from conftest import write_filtered_dataset
+    from helpers import write_filtered_dataset
 
     filtered, captions = write_filtered_dataset(tmp_path, n_images=3)
     demo_params["encode"]["resolution"] = 72
@@ -100,7 +100,7 @@ def test_bad_input_leaves_no_cache(demo_params, tmp_path):
 
 
 def test_failure_mid_run_leaves_no_cache_and_no_temporary_folder(demo_params, tmp_path):
-    from conftest import write_filtered_dataset
+    from helpers import write_filtered_dataset
 
     filtered, captions = write_filtered_dataset(tmp_path, n_images=6)
     # A corrupt training image is only met while latents are written into the temporary folder.
@@ -116,7 +116,7 @@ def test_failure_mid_run_leaves_no_cache_and_no_temporary_folder(demo_params, tm
 
 
 def test_data_loader_workers_do_not_change_the_cache(demo_params, tmp_path):
-    from conftest import write_filtered_dataset
+    from helpers import write_filtered_dataset
 
     filtered, captions = write_filtered_dataset(tmp_path, n_images=7)
     demo_params["encode"].update(batch_size=2, shard_size=3, flip=True)
@@ -136,7 +136,7 @@ def test_data_loader_workers_do_not_change_the_cache(demo_params, tmp_path):
 def test_the_dvc_stage_depends_on_every_encode_param_that_shapes_the_cache():
     import yaml
 
-    from conftest import REPO
+    from helpers import REPO
 
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["encode"]
     declared = {p.split(".", 1)[1] for p in stage["params"] if isinstance(p, str) and p.startswith("encode.")}

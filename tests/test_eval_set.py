@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, committed_params_text, train_tiny_lora
+from helpers import REPO, committed_params_text, train_tiny_lora
 
 from impressionist import sample
 from impressionist.errors import UserError

@@ -250,7 +250,7 @@ def test_fid_equals_torchmetrics_running_the_network_itself():
 
 
 def test_run_writes_flat_metrics_with_cis_table_and_plots(tmp_path, monkeypatch):
-    from conftest import assert_png_shows, record_figures
+    from helpers import assert_png_shows, record_figures
 
     root = make_project(tmp_path / "p")
     figures = record_figures(monkeypatch)

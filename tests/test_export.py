@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import train_tiny_lora
+from helpers import train_tiny_lora
 
 from impressionist import export
 from impressionist.errors import UserError

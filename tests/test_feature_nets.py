@@ -176,7 +176,7 @@ def test_real_recipe_clip_is_built_with_quick_gelu(monkeypatch, tmp_path):
     "ViT-L-14" unless told. Built on the meta device with a stand-in download: no network, no 1.7 GB."""
     import open_clip.factory
     import yaml
-    from conftest import committed_params_text
+    from helpers import committed_params_text
     from open_clip.transformer import QuickGELU
 
     cfg = yaml.safe_load(committed_params_text())["evaluate"]

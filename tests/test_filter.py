@@ -211,7 +211,7 @@ def test_split_is_stable_when_images_are_added(tmp_path):
 
 
 def test_artists_plot_shows_the_kept_images_per_artist_and_split(filtered):
-    from conftest import assert_png_shows
+    from helpers import assert_png_shows
 
     out, _ = filtered
     kept = pd.read_parquet(out / "filtered" / "metadata.parquet")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import train_tiny_lora
+from helpers import train_tiny_lora
 
 from impressionist import inference, sample
 from impressionist.errors import UserError

@@ -10,14 +10,14 @@ from fractions import Fraction
 import pytest
 import torch
 
-from conftest import write_filtered_dataset
+from helpers import write_filtered_dataset
 from impressionist import encode, train
 from impressionist.batch_order import ResolutionMix, parse_mix
 from impressionist.errors import UserError
 from impressionist.latent_cache import CacheReader
 
 RESOLUTIONS = [32, 64]
-# conftest's images are 96x96, 128x80 and 80x128 (4, 4 and 2 of the 10 training images)
+# write_filtered_dataset's images are 96x96, 128x80 and 80x128 (4, 4 and 2 of the 10 training images)
 EXPECTED_BUCKETS = {32: [[32, 32], [32, 48], [48, 32]], 64: [[48, 80], [64, 64], [80, 48]]}
 
 

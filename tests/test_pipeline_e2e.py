@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import committed_params_text
+from helpers import committed_params_text
 
 from impressionist.cli import apply_overrides, demo_overrides
 

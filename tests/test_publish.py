@@ -15,12 +15,12 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import train_tiny_lora
+from helpers import train_tiny_lora
 
 from impressionist import export, publish
 from impressionist.errors import UserError
 
-from conftest import committed_params_text
+from helpers import committed_params_text
 
 SECRET = "hf_TestTokenThatMustNeverBeWritten123"
 REPO = "someone/impressionist-flux-lora"

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import REPO, committed_params_text, train_tiny_lora
+from helpers import REPO, committed_params_text, train_tiny_lora
 from helpers import served_app
 from test_app_browser import browser, image_sources  # noqa: F401  (the browser fixture)
 

@@ -84,7 +84,7 @@ def kept(root: Path) -> dict[str, list[str]]:
 
 
 def test_checkpoints_resume_only_matching_runs(demo_params, encoded_cache, tmp_path, capsys, monkeypatch):
-    from conftest import assert_png_shows, record_figures
+    from helpers import assert_png_shows, record_figures
 
     monkeypatch.chdir(tmp_path)
     figures = record_figures(monkeypatch, train)
