@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from impressionist.errors import UserError
-from impressionist.models import (BUILTIN_TINY_FLUX, load_pipeline, resolve_device,
+from impressionist.models import (BUILTIN_TINY_FLUX, ModelParams, load_pipeline, resolve_device,
                                   resolve_pretrained)
 from impressionist.tiny_flux import VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR
 
@@ -75,8 +75,21 @@ def test_local_folder_must_be_a_pipeline(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown on machines without a GPU")
 def test_cuda_requested_without_gpu():
     with pytest.raises(UserError, match="no CUDA GPU.*impressionist demo"):
-        resolve_device({"device": "cuda"})
-    assert resolve_device({"device": "cpu"}).type == "cpu"
+        resolve_device(ModelParams(pretrained=BUILTIN_TINY_FLUX, device="cuda"))
+    assert resolve_device(ModelParams(pretrained=BUILTIN_TINY_FLUX, device="cpu")).type == "cpu"
+
+
+def test_model_params_declare_defaults_and_reject_typos():
+    model = ModelParams.check({"model": {"pretrained": BUILTIN_TINY_FLUX}})
+    assert (model.revision, model.dtype, model.device) == (None, "bfloat16", "cuda")
+    with pytest.raises(UserError, match="'model.dtpye' is not a setting of 'model'"):
+        ModelParams.check({"model": {"pretrained": BUILTIN_TINY_FLUX, "dtpye": "float32"}})
+    with pytest.raises(UserError, match="model.dtype='fp8' is not one of"):
+        ModelParams.check({"model": {"pretrained": BUILTIN_TINY_FLUX, "dtype": "fp8"}})
+    with pytest.raises(UserError, match="'model.pretrained' is missing"):
+        ModelParams.check({"model": {"dtype": "float32"}})
+    with pytest.raises(UserError, match="no 'model' section"):
+        ModelParams.check({})
 
 
 def test_nf4_loads_the_transformer_as_qlora_does(tiny_flux_dir, monkeypatch):

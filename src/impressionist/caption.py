@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import argparse
 import re
-import string
 import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 import pandas as pd
 
@@ -26,9 +25,9 @@ from .errors import DEMO_HINT, UserError, atomic_dir, first_line, stage_main
 from .layout import CAPTIONS, CAPTIONS_DIR, FILTERED_DIR, RAW_DIR
 from .params import load_params, require, require_positive, section
 from .tables import METADATA_FILE, read_table
+from .prompts import validate_template
 from .wikiart import UNKNOWN_ARTIST
 
-TEMPLATE_FIELDS = ("trigger", "artist", "genre", "style")
 FILTERED_COLUMNS = ("id", "split", "artist", "genre", "style")  # what captions are made from
 # Names whose hyphens are part of the name itself, or whose capitals are not word-initial; the
 # slug alone cannot say which hyphen separates words.
@@ -108,25 +107,6 @@ def readable_genre(name: str) -> str:
 def readable_style(name: str) -> str:
     """ "Impressionism" -> "Impressionism"; "Post_Impressionism" -> "Post-Impressionism"."""
     return STYLE_DISPLAY_NAMES.get(name, name.replace("_", " "))
-
-
-def template_fields(template: str) -> list[str]:
-    try:
-        return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
-    except ValueError as err:
-        raise UserError(f"params.yaml: caption.template {template!r} is not a valid format string "
-                        f"({first_line(err)})") from err
-
-
-def validate_template(template: Any) -> str:
-    if not isinstance(template, str) or not template.strip():
-        raise UserError("params.yaml: caption.template must be a non-empty string such as "
-                        "\"{trigger}, an impressionist painting of {genre} by {artist}\"")
-    unknown = [name for name in template_fields(template) if name not in TEMPLATE_FIELDS]
-    if unknown:
-        raise UserError(f"params.yaml: caption.template uses unknown field(s) {', '.join('{' + u + '}' for u in unknown)}; "
-                        f"available: {', '.join('{' + f + '}' for f in TEMPLATE_FIELDS)}")
-    return template
 
 
 def template_caption(template: str, trigger: str, artist: str, genre: str, style: str) -> str:

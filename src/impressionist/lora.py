@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
 
 import torch
 from peft import LoraConfig
 
 from .errors import UserError
-from .params import require_choice, require_keys, require_positive
+from .params import ParamsSection, require_choice, require_positive
 
 ATTENTION = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
              "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
@@ -33,24 +34,32 @@ def linear_module_names(model: torch.nn.Module) -> set[str]:
     return names
 
 
-def validate_lora(cfg: dict[str, Any]) -> None:
-    """Every lora.* check that needs no model; only an explicit targets list waits for the model
-    (its names are checked against the model's layers in :func:`resolve_targets`)."""
-    require_keys(cfg, ("rank", "alpha", "targets"), "lora")
-    rank = cfg["rank"]
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
-        raise UserError(f"params.yaml: lora.rank={rank!r} must be a positive integer")
-    require_positive(cfg["alpha"], "lora.alpha")
-    dropout = cfg.get("dropout", 0.0)
-    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
-        raise UserError(f"params.yaml: lora.dropout={dropout!r} must be in [0, 1)")
-    require_choice(cfg.get("init", "gaussian"), INITS, "lora.init")
-    targets = cfg["targets"]
-    if isinstance(targets, str):
-        require_choice(targets, TARGET_PRESETS, "lora.targets")
-    elif not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
-        raise UserError("params.yaml: lora.targets must be a preset name (attention, default, all-linear) "
-                        "or a non-empty list of module names")
+@dataclass(frozen=True)
+class LoraParams(ParamsSection):
+    """params.yaml ``lora``: every check that needs no model. Only an explicit targets list waits
+    for the model (its names are checked against the model's layers in :func:`resolve_targets`)."""
+
+    SECTION: ClassVar[str] = "lora"
+    rank: int
+    alpha: float
+    targets: str | list[str]
+    dropout: float = 0.0
+    init: str = "gaussian"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
+            raise UserError(f"params.yaml: lora.rank={self.rank!r} must be a positive integer")
+        require_positive(self.alpha, "lora.alpha")
+        dropout = self.dropout
+        if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
+            raise UserError(f"params.yaml: lora.dropout={dropout!r} must be in [0, 1)")
+        require_choice(self.init, INITS, "lora.init")
+        targets = self.targets
+        if isinstance(targets, str):
+            require_choice(targets, TARGET_PRESETS, "lora.targets")
+        elif not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
+            raise UserError("params.yaml: lora.targets must be a preset name (attention, default, all-linear) "
+                            "or a non-empty list of module names")
 
 
 def resolve_targets(targets: Any, model: torch.nn.Module) -> list[str]:
@@ -68,8 +77,8 @@ def resolve_targets(targets: Any, model: torch.nn.Module) -> list[str]:
     return list(targets)
 
 
-def lora_config(cfg: dict[str, Any], model: torch.nn.Module) -> LoraConfig:
-    validate_lora(cfg)
-    return LoraConfig(r=cfg["rank"], lora_alpha=cfg["alpha"], lora_dropout=cfg.get("dropout", 0.0),
-                      init_lora_weights=INITS[cfg.get("init", "gaussian")],
-                      target_modules=resolve_targets(cfg["targets"], model))
+def lora_config(lora: LoraParams | Mapping[str, Any], model: torch.nn.Module) -> LoraConfig:
+    if not isinstance(lora, LoraParams):
+        lora = LoraParams.of(lora)
+    return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      init_lora_weights=INITS[lora.init], target_modules=resolve_targets(lora.targets, model))

@@ -19,12 +19,12 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
 import torch
 
 from .errors import DEMO_HINT, UserError, atomic_dir, atomic_write_text, first_line
-from .params import require_choice
+from .params import ParamsSection, require_choice
 
 BUILTIN_TINY_FLUX = "builtin:tiny-flux"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -38,8 +38,32 @@ def cache_root() -> Path:
     return Path(os.environ.get("IMPRESSIONIST_CACHE", Path.cwd() / ".cache" / "impressionist"))
 
 
-def resolve_device(model_cfg: dict[str, Any]) -> torch.device:
-    name = require_choice(model_cfg.get("device", "cuda"), ["cuda", "cpu"], "model.device")
+@dataclass(frozen=True)
+class ModelParams(ParamsSection):
+    """params.yaml ``model``: the base model every stage loads."""
+
+    SECTION: ClassVar[str] = "model"
+    pretrained: str
+    revision: str | None = None
+    dtype: str = "bfloat16"
+    device: str = "cuda"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pretrained, str) or not self.pretrained.strip():
+            raise UserError("params.yaml: model.pretrained must be a Hub id, a local diffusers folder or "
+                            f"{BUILTIN_TINY_FLUX}")
+        if self.revision is not None and not isinstance(self.revision, str):
+            self._set("revision", str(self.revision))
+        require_choice(self.dtype, DTYPES, "model.dtype")
+        require_choice(self.device, ["cuda", "cpu"], "model.device")
+
+
+def _model_params(model: ModelParams | Mapping[str, Any]) -> ModelParams:
+    return model if isinstance(model, ModelParams) else ModelParams.of(model)
+
+
+def resolve_device(model: ModelParams | Mapping[str, Any]) -> torch.device:
+    name = _model_params(model).device
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError(
             "model.device is 'cuda' but no CUDA GPU is visible; the FLUX.1-dev recipe needs one "
@@ -47,8 +71,8 @@ def resolve_device(model_cfg: dict[str, Any]) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(model_cfg: dict[str, Any]) -> torch.dtype:
-    return DTYPES[require_choice(model_cfg.get("dtype", "bfloat16"), DTYPES, "model.dtype")]
+def resolve_dtype(model: ModelParams | Mapping[str, Any]) -> torch.dtype:
+    return DTYPES[_model_params(model).dtype]
 
 
 @dataclass(frozen=True)

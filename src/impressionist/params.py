@@ -1,15 +1,20 @@
 """Read ``params.yaml``: each stage reads its own section (plus the shared ``model`` section).
 
-Values are validated where they are read, so a wrong param stops the stage with one clear line
-before any heavy work.
+Each section is one frozen dataclass, a :class:`ParamsSection`, declared beside the code that owns it
+(``TrainParams`` in train.py, ``ModelParams`` in models.py, ...). Its fields name every setting and
+hold each default once; ``XParams.check(params)`` is the one way to read a section: it rejects
+unknown and missing keys and runs the class's ``__post_init__`` checks, so a wrong param stops the
+stage with one clear line before any heavy work. params.yaml stays the single place users edit.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import typing
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, ClassVar, Iterable, Mapping, TypeVar
 
 import yaml
 
@@ -84,3 +89,57 @@ def fingerprint(*parts: Any) -> str:
     """A short stable hash of JSON-serialisable values (used to key caches and checkpoints)."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+SectionT = TypeVar("SectionT", bound="ParamsSection")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamsSection:
+    """One section of params.yaml, typed. Subclasses set ``SECTION`` (the dotted path of the
+    mapping, e.g. ``"train"`` or ``"train.validation"``), declare one field per setting (a default
+    where the setting may be left out) and check values in ``__post_init__``. A field typed as
+    another ParamsSection is a nested mapping (``train.validation``)."""
+
+    SECTION: ClassVar[str] = ""
+
+    @classmethod
+    def check(cls: type[SectionT], params: Mapping[str, Any]) -> SectionT:
+        """The section of the whole ``params`` mapping, validated (one UserError line if not)."""
+        values: Any = params
+        for name in cls.SECTION.split("."):
+            if not isinstance(values, Mapping) or not isinstance(values.get(name), Mapping):
+                raise UserError(f"params.yaml has no '{cls.SECTION}' section")
+            values = values[name]
+        return cls.of(values)
+
+    @classmethod
+    def of(cls: type[SectionT], values: Mapping[str, Any]) -> SectionT:
+        """Validate the mapping of this section alone (``check`` finds it in the whole params)."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise UserError(f"params.yaml: {', '.join(repr(f'{cls.SECTION}.{k}') for k in unknown)} "
+                            f"{'is not a setting' if len(unknown) == 1 else 'are not settings'} of "
+                            f"'{cls.SECTION}' (its settings: {', '.join(fields)})")
+        required = [name for name, f in fields.items()
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        require_keys(values, required, cls.SECTION)
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for name, value in values.items():
+            kind = hints.get(name)
+            if isinstance(kind, type) and issubclass(kind, ParamsSection):
+                if not isinstance(value, Mapping):
+                    raise UserError(f"params.yaml: '{kind.SECTION}' must be a mapping of settings")
+                value = kind.of(value)
+            kwargs[name] = value
+        return cls(**kwargs)
+
+    def _set(self, name: str, value: Any) -> None:
+        """Store a normalised value from ``__post_init__`` (the instance is frozen afterwards)."""
+        object.__setattr__(self, name, value)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every setting, defaults included, as plain data (JSON records, fingerprints)."""
+        return dataclasses.asdict(self)

@@ -28,7 +28,7 @@ from .flux_math import (LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS, TimestepSampling, f
                         sample_sigmas)
 from .latent_cache import EMPTY_CAPTION_KEY, CacheReader
 from .layout import CACHE_DIR, LORA_DIR, LOSS_PLOT, TRAIN_METRICS, TRAINING_CONFIG
-from .lora import lora_config, validate_lora
+from .lora import LoraParams, lora_config
 from .models import (base_model_of_cache, check_attention_backend, check_quantization, load_transformer,
                      require_package, resolve_device, resolve_dtype, use_attention_backend)
 from .params import (fingerprint, load_params, require, require_choice, require_int, require_keys,
@@ -77,7 +77,7 @@ def validate(params: dict[str, Any]) -> torch.device:
     require(model_cfg, "pretrained", "model")
     device = resolve_device(model_cfg)
     resolve_dtype(model_cfg)
-    validate_lora(lora_cfg)
+    LoraParams.of(lora_cfg)
     _validate_train(cfg, device)
     if cfg.get("resume_from"):
         folder, meta = checkpoints.explicit_resume(Path(cfg["resume_from"]), model_cfg["pretrained"],
