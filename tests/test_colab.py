@@ -1,4 +1,4 @@
-"""The Colab notebook and its logic (src/impressionist/colab.py).
+"""The Colab notebook and its logic (the package src/impressionist/colab/).
 
 Unit tests of the choices (recipe per GPU, Drive layout, state mirror, checkpoint link), then the
 notebook itself, executed headless on CPU with nbclient in local test mode (a folder stands in for
@@ -29,6 +29,7 @@ from nbclient.exceptions import CellExecutionError, DeadKernelError
 
 from impressionist import colab
 from impressionist.cli import apply_overrides, demo_overrides
+from impressionist.colab.pipeline_run import _stop
 from impressionist.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -477,7 +478,7 @@ def test_stop_ends_the_whole_process_group():
     while not psutil.Process(process.pid).children() and time.monotonic() < deadline:
         time.sleep(0.05)
     children = psutil.Process(process.pid).children()
-    colab._stop(process, grace=5)
+    _stop(process, grace=5)
     assert process.poll() is not None
     gone, alive = psutil.wait_procs(children, timeout=5)
     assert not alive
@@ -537,7 +538,8 @@ def project_checkout(dest: Path) -> Path:
     from test_pipeline_e2e import copy_project, sh
 
     repo = copy_project(dest)
-    for name in ("src/impressionist/colab.py", "notebooks/train_colab.ipynb", "src/impressionist/dvc_cli.py",
+    colab_package = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "src/impressionist/colab").glob("*.py"))
+    for name in (*colab_package, "notebooks/train_colab.ipynb", "src/impressionist/dvc_cli.py",
                  "src/impressionist/hub.py", "src/impressionist/tables.py", "src/impressionist/prompts.py"):
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         (repo / name).write_bytes((REPO / name).read_bytes())
