@@ -51,7 +51,7 @@ def child(filtered: str, captions: str, out: str, side: int, workers: int) -> No
     from impressionist.models import resolve_pretrained
 
     params = {"model": {"pretrained": "builtin:tiny-flux", "dtype": "float32", "device": "cpu"},
-              "caption": {"max_sequence_length": 128},
+              "caption": {"trigger": "impr3ssionism", "template": "{trigger}", "max_sequence_length": 128},
               "encode": {"resolution": side, "bucket_min_aspect": 0.5, "bucket_max_aspect": 2.0, "flip": False,
                          "batch_size": 4, "shard_size": 16, "dataloader_workers": workers}}
     resolve_pretrained("builtin:tiny-flux", None)  # build the tiny model outside the timing

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import sys
-import types
-
 import pandas as pd
 import pytest
 from transformers import T5TokenizerFast
 
 from impressionist import caption
 from impressionist.errors import UserError
+from impressionist.models import ModelParams
 from impressionist.wikiart import ARTISTS, GENRES, STYLES
 
 TEMPLATE = "{trigger}, an impressionist painting of {genre} by {artist}"
 CFG = {"trigger": "impr3ssionism", "template": TEMPLATE, "max_sequence_length": 512}
+
 # (id, split, artist, genre, style) -> the caption the default template must give.
 ROWS = [
     (("a1", "train", "claude-monet", "landscape", "Impressionism"),
@@ -48,6 +47,11 @@ def word_tokenizer(texts) -> T5TokenizerFast:
 
 
 TOKENIZER = word_tokenizer([c for _, c in ROWS] + [SIDECAR_CAPTION])
+
+
+def params(**caption_changes) -> dict:
+    """The params caption.run reads; the model is never loaded (the tests pass their tokenizer)."""
+    return {"caption": {**CFG, **caption_changes}, "model": {"pretrained": "builtin:tiny-flux"}}
 
 
 @pytest.fixture
@@ -95,7 +99,7 @@ def test_captions_from_template_and_sidecar(dirs, capsys):
     filtered, raw, out = dirs
     (raw / "images" / f"{SIDECAR_ID}.txt").write_text(SIDECAR_TEXT)
     (raw / "images" / "a1.txt").write_text("   \n")  # empty sidecar: the template still applies
-    result = caption.run(CFG, {}, filtered, raw, out, tokenizer=TOKENIZER)
+    result = caption.run(params(), filtered, raw, out, tokenizer=TOKENIZER)
     written = pd.read_parquet(out / "captions.parquet")
     pd.testing.assert_frame_equal(written, result)
     assert list(written.columns) == ["id", "split", "caption", "caption_source", "t5_tokens", "truncated"]
@@ -112,9 +116,8 @@ def test_captions_from_template_and_sidecar(dirs, capsys):
 
 def test_other_template_fields(dirs):
     filtered, raw, out = dirs
-    cfg = {**CFG, "template": "{trigger}: {style}, {genre}"}
     tokenizer = word_tokenizer(["impr3ssionism: Impressionism a landscape"])
-    result = caption.run(cfg, {}, filtered, raw, out, tokenizer=tokenizer)
+    result = caption.run(params(template="{trigger}: {style}, {genre}"), filtered, raw, out, tokenizer=tokenizer)
     assert result.loc[result["id"] == "a1", "caption"].item() == "impr3ssionism: Impressionism, a landscape"
 
 
@@ -122,7 +125,7 @@ def test_long_captions_are_flagged_and_warned_about(dirs, capsys):
     filtered, raw, out = dirs
     counts = {row[0]: word_count_tokens(text) for row, text in ROWS}
     limit = sorted(counts.values())[1]
-    result = caption.run({**CFG, "max_sequence_length": limit}, {}, filtered, raw, out, tokenizer=TOKENIZER)
+    result = caption.run(params(max_sequence_length=limit), filtered, raw, out, tokenizer=TOKENIZER)
     assert dict(zip(result["id"], result["truncated"])) == {i: n > limit for i, n in counts.items()}
     err = capsys.readouterr().err
     n_long = sum(n > limit for n in counts.values())
@@ -137,16 +140,15 @@ def test_count_t5_tokens_counts_the_end_of_sequence_token():
 def test_tokenizer_comes_from_the_models_tokenizer_2(tmp_path, monkeypatch):
     model = tmp_path / "model"
     TOKENIZER.save_pretrained(model / "tokenizer_2")
-    loaded = caption.load_t5_tokenizer({"pretrained": str(model)})
+    loaded = caption.load_t5_tokenizer(ModelParams(pretrained=str(model)))
     text = ROWS[0][1]
     assert caption.count_t5_tokens([text], loaded) == [word_count_tokens(text)]
 
     # builtin: models go through impressionist.models.resolve_pretrained (stubbed: no diffusers here).
     asked = []
-    fake_models = types.ModuleType("impressionist.models")
-    fake_models.resolve_pretrained = lambda name, revision=None: asked.append(name) or str(model)
-    monkeypatch.setitem(sys.modules, "impressionist.models", fake_models)
-    loaded = caption.load_t5_tokenizer({"pretrained": "builtin:tiny-flux"})
+    monkeypatch.setattr(caption, "resolve_pretrained",
+                        lambda name, revision=None: asked.append(name) or str(model))
+    loaded = caption.load_t5_tokenizer(ModelParams(pretrained="builtin:tiny-flux"))
     assert asked == ["builtin:tiny-flux"]
     assert caption.count_t5_tokens([text], loaded) == [word_count_tokens(text)]
 
@@ -154,7 +156,7 @@ def test_tokenizer_comes_from_the_models_tokenizer_2(tmp_path, monkeypatch):
 def test_unloadable_tokenizer_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError) as error:
-        caption.load_t5_tokenizer({"pretrained": str(tmp_path / "no-such-model")})
+        caption.load_t5_tokenizer(ModelParams(pretrained=str(tmp_path / "no-such-model")))
     message = str(error.value)
     assert "\n" not in message and "tokenizer_2" in message and "model.pretrained" in message
 
@@ -162,7 +164,7 @@ def test_unloadable_tokenizer_is_one_clear_error(tmp_path, monkeypatch):
 def test_unknown_template_field_fails_before_writing(dirs):
     filtered, raw, out = dirs
     with pytest.raises(UserError, match=r"unknown field\(s\) \{painter\}.*\{trigger\}, \{artist\}"):
-        caption.run({**CFG, "template": "{trigger} by {painter}"}, {}, filtered, raw, out, tokenizer=TOKENIZER)
+        caption.run(params(template="{trigger} by {painter}"), filtered, raw, out, tokenizer=TOKENIZER)
     assert not out.exists()
 
 
@@ -177,5 +179,5 @@ def test_missing_or_unreadable_metadata(dirs, content, expected):
     else:
         (filtered / "metadata.parquet").write_bytes(content)
     with pytest.raises(UserError, match=expected):
-        caption.run(CFG, {}, filtered, raw, out, tokenizer=TOKENIZER)
+        caption.run(params(), filtered, raw, out, tokenizer=TOKENIZER)
     assert not out.exists()

@@ -93,12 +93,12 @@ def make_project(root: Path, *, n_val: int = 8, n_train: int = 3, n_subjects: in
                      "style": "Impressionism", "split": "val" if i < n_val else "train"})
     pd.DataFrame(rows).to_parquet(filtered / "metadata.parquet")
     if with_reference:
-        reference.run(DEMO_CFG, filtered, root / "data" / "reference")
+        reference.run({"evaluate": DEMO_CFG}, filtered, root / "data" / "reference")
     return root
 
 
 def run_in(root: Path, cfg: dict | None = None) -> dict:
-    return evaluate.run(cfg or DEMO_CFG, root / "samples", root / "data" / "reference",
+    return evaluate.run({"evaluate": cfg or DEMO_CFG}, root / "samples", root / "data" / "reference",
                         root / "metrics" / "eval.json", root / "metrics" / "eval_images.csv", root / "plots")
 
 
@@ -435,7 +435,7 @@ def test_bad_input_is_one_line_before_heavy_work(tmp_path, monkeypatch, breakage
 def test_reference_bad_input_is_one_line_and_writes_nothing(tmp_path):
     root = make_project(tmp_path / "p", n_val=1, with_reference=False)
     with pytest.raises(UserError, match="1 validation image.*at least 2"):
-        reference.run(DEMO_CFG, root / "data" / "filtered", root / "data" / "reference")
+        reference.run({"evaluate": DEMO_CFG}, root / "data" / "filtered", root / "data" / "reference")
     assert not (root / "data" / "reference").exists()
 
 

@@ -12,6 +12,12 @@ from impressionist.errors import UserError
 from impressionist.feature_nets import (
     TinyFeatureNet, cache_dir, fid_feature_extractor, load_clip, tiny_clip_checkpoint,
 )
+from impressionist.image_features import EvaluateParams
+
+# The evaluate params of the offline networks, which EvaluateParams accepts without any download.
+TINY_EVALUATE = {"fid_features": "builtin:tiny", "image_size": 32, "clip_model": "builtin:tiny-clip",
+                 "clip_pretrained": "builtin", "cmmd_clip_model": "builtin:tiny-clip",
+                 "cmmd_clip_pretrained": "builtin"}
 
 
 def _one_line(err: pytest.ExceptionInfo) -> str:
@@ -24,7 +30,7 @@ def _one_line(err: pytest.ExceptionInfo) -> str:
 
 
 def test_tiny_feature_net_is_fixed_and_frozen():
-    a, b = fid_feature_extractor({"fid_features": "builtin:tiny"}), TinyFeatureNet()
+    a, b = fid_feature_extractor("builtin:tiny"), TinyFeatureNet()
     assert isinstance(a, TinyFeatureNet)
     assert isinstance(a.num_features, int) and a.num_features > 0
     for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
@@ -52,7 +58,7 @@ def test_tiny_feature_net_reads_uint8_and_float_alike():
 
 def test_unknown_fid_features_is_a_user_error():
     with pytest.raises(UserError, match="fid_features"):
-        fid_feature_extractor({"fid_features": "resnet"})
+        EvaluateParams.of({**TINY_EVALUATE, "fid_features": "resnet"})
 
 
 def test_inception_offline_download_is_one_line_user_error(monkeypatch, tmp_path):
@@ -64,7 +70,7 @@ def test_inception_offline_download_is_one_line_user_error(monkeypatch, tmp_path
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(UserError) as err:
-        fid_feature_extractor({"fid_features": "inception", "inception_weights": ""})
+        fid_feature_extractor("inception", "")
     message = _one_line(err)
     assert "Inception weights" in message
     assert "evaluate.inception_weights" in message
@@ -73,12 +79,13 @@ def test_inception_offline_download_is_one_line_user_error(monkeypatch, tmp_path
 
 def test_inception_weights_path_missing_or_broken(tmp_path):
     with pytest.raises(UserError) as err:
-        fid_feature_extractor({"fid_features": "inception", "inception_weights": str(tmp_path / "nope.pth")})
+        EvaluateParams.of({**TINY_EVALUATE, "fid_features": "inception",
+                           "inception_weights": str(tmp_path / "nope.pth")})
     assert "does not exist" in _one_line(err)
     broken = tmp_path / "broken.pth"
     broken.write_bytes(b"not a checkpoint")
     with pytest.raises(UserError) as err:
-        fid_feature_extractor({"fid_features": "inception", "inception_weights": str(broken)})
+        fid_feature_extractor("inception", str(broken))
     assert "broken.pth" in _one_line(err)
 
 
@@ -97,7 +104,7 @@ def test_inception_local_weights_load_through_torchmetrics(monkeypatch, tmp_path
     weights = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
     torch.save(state, weights)
 
-    net = fid_feature_extractor({"fid_features": "inception", "inception_weights": str(weights)})
+    net = fid_feature_extractor("inception", str(weights))
     assert no_pickle_loads == [str(weights)]
     assert isinstance(net, NoTrainInceptionV3)
     assert net.num_features == 2048

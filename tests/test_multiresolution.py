@@ -142,6 +142,6 @@ def test_bad_mixes_are_refused(value, message):
 
 @pytest.mark.parametrize("resolution, message", [([], "at least one"), ([64, 40], "multiple of 16"),
                                                   ([64, 64], "twice")])
-def test_bad_resolution_lists_are_refused(resolution, message):
+def test_bad_resolution_lists_are_refused(demo_params, resolution, message):
     with pytest.raises(UserError, match=message):
-        encode.resolutions({"resolution": resolution})
+        encode.EncodeParams.of({**demo_params["encode"], "resolution": resolution})

@@ -17,15 +17,16 @@ import argparse
 import re
 import sys
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable, Mapping
 
 import pandas as pd
 
 from .errors import DEMO_HINT, UserError, atomic_dir, first_line, stage_main
 from .layout import CAPTIONS, CAPTIONS_DIR, FILTERED_DIR, RAW_DIR
-from .params import load_params, require, require_positive, section
+from .models import ModelParams, resolve_pretrained
+from .params import load_params
+from .prompts import CaptionParams
 from .tables import METADATA_FILE, read_table
-from .prompts import validate_template
 from .wikiart import UNKNOWN_ARTIST
 
 FILTERED_COLUMNS = ("id", "split", "artist", "genre", "style")  # what captions are made from
@@ -133,15 +134,12 @@ def count_t5_tokens(captions: Iterable[str], tokenizer) -> list[int]:
     return [len(ids) for ids in encoded]
 
 
-def load_t5_tokenizer(model_cfg: dict):
+def load_t5_tokenizer(model: ModelParams):
     """The T5 tokenizer of the base model (``tokenizer_2``); "builtin:" models resolve locally."""
     from transformers import AutoTokenizer
 
-    pretrained = require(model_cfg, "pretrained", "model")
-    revision = model_cfg.get("revision") or None
-    if isinstance(pretrained, str) and pretrained.startswith("builtin:"):
-        from .models import resolve_pretrained  # imported late: it pulls in diffusers
-
+    pretrained, revision = model.pretrained, model.revision or None
+    if pretrained.startswith("builtin:"):
         location, revision = resolve_pretrained(pretrained), None
     else:
         location = pretrained
@@ -158,21 +156,18 @@ def read_filtered_metadata(filtered_dir: Path) -> pd.DataFrame:
     return read_table(filtered_dir / METADATA_FILE, FILTERED_COLUMNS, "filter")
 
 
-def run(cfg: dict, model_cfg: dict, filtered_dir: Path | str = FILTERED_DIR, raw_dir: Path | str = RAW_DIR,
+def run(params: Mapping[str, Any], filtered_dir: Path | str = FILTERED_DIR, raw_dir: Path | str = RAW_DIR,
         captions_dir: Path | str = CAPTIONS_DIR, *, tokenizer=None) -> pd.DataFrame:
     """Write ``captions_dir/captions.parquet`` for the images in ``filtered_dir``; returns the table.
 
     ``tokenizer`` defaults to the base model's T5 tokenizer (see `load_t5_tokenizer`).
     """
-    trigger = require(cfg, "trigger", "caption")
-    if not isinstance(trigger, str):
-        raise UserError(f"params.yaml: caption.trigger={trigger!r} must be a string")
-    template = validate_template(require(cfg, "template", "caption"))
-    max_tokens = require_positive(require(cfg, "max_sequence_length", "caption"), "caption.max_sequence_length")
+    cfg, model = CaptionParams.check(params), ModelParams.check(params)
+    trigger, template, max_tokens = cfg.trigger, cfg.template, cfg.max_sequence_length
     filtered_dir, raw_dir = Path(filtered_dir), Path(raw_dir)
     table = read_filtered_metadata(filtered_dir)
     if tokenizer is None:
-        tokenizer = load_t5_tokenizer(model_cfg)
+        tokenizer = load_t5_tokenizer(model)
 
     captions, sources = [], []
     for row in table.itertuples():
@@ -213,8 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write one training caption per filtered image.")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
-    params = load_params(args.params)
-    run(section(params, "caption"), section(params, "model"), FILTERED_DIR, RAW_DIR, CAPTIONS_DIR)
+    run(load_params(args.params))
 
 
 if __name__ == "__main__":

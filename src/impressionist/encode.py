@@ -16,8 +16,9 @@ import argparse
 import hashlib
 import json
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Mapping
 
 import numpy as np
 import pandas as pd
@@ -29,9 +30,11 @@ from tqdm import tqdm
 from .errors import UserError, atomic_dir, first_line, stage_main
 from .latent_cache import EMPTY_CAPTION_KEY, INDEX, ShardWriter
 from .layout import CACHE_DIR, CAPTIONS, FILTERED_DIR
-from .models import encode_prompts, load_vae, resolve_base_model, resolve_device, resolve_dtype
-from .params import (fingerprint, load_params, require, require_int, require_keys, require_multiple,
-                     require_positive, section)
+from .models import (ModelParams, encode_prompts, load_vae, resolve_base_model, resolve_device,
+                     resolve_dtype)
+from .params import (ParamsSection, fingerprint, load_params, require_int, require_multiple,
+                     require_positive)
+from .prompts import CaptionParams
 
 
 def aspect_buckets(resolution: int, min_aspect: float, max_aspect: float) -> list[tuple[int, int]]:
@@ -79,30 +82,47 @@ def caption_key(caption: str) -> str:
     return hashlib.sha256(caption.encode()).hexdigest()[:16]
 
 
-def resolutions(cfg: dict[str, Any]) -> list[int]:
-    """``encode.resolution`` as a list: one value, or several (each image is cached at each)."""
-    value = cfg["resolution"]
-    values = value if isinstance(value, list) else [value]
-    if not values:
-        raise UserError("params.yaml: encode.resolution=[] must name at least one resolution, e.g. 512")
-    for v in values:
-        require_multiple(v, 16, "encode.resolution", "FLUX packs 2x2 latents of an 8x VAE")
-    if len(set(values)) != len(values):
-        raise UserError(f"params.yaml: encode.resolution={value!r} lists a resolution twice")
-    return list(values)
+# Keys of encode.* that do not change what is cached (left out of the cache fingerprint and of the
+# DVC stage's params).
+NOT_CACHED = {"dataloader_workers"}
 
 
-def _validate(cfg: dict[str, Any]) -> None:
-    require_keys(cfg, ("resolution", "bucket_min_aspect", "bucket_max_aspect", "batch_size", "shard_size"),
-                 "encode")
-    resolutions(cfg)
-    require_int(cfg["batch_size"], "encode.batch_size", minimum=1)
-    require_int(cfg["shard_size"], "encode.shard_size", minimum=1)
-    require_int(cfg.get("dataloader_workers", 0), "encode.dataloader_workers")
-    low = require_positive(cfg["bucket_min_aspect"], "encode.bucket_min_aspect")
-    high = require_positive(cfg["bucket_max_aspect"], "encode.bucket_max_aspect")
-    if not low <= 1 <= high:
-        raise UserError("params.yaml: encode.bucket_min_aspect must be in (0, 1] and bucket_max_aspect >= 1")
+@dataclass(frozen=True)
+class EncodeParams(ParamsSection):
+    """params.yaml ``encode``: the resolutions and aspect buckets the latents are cached at."""
+
+    SECTION: ClassVar[str] = "encode"
+    resolution: int | list[int]  # one value or several: each image is cached at each
+    bucket_min_aspect: float
+    bucket_max_aspect: float
+    batch_size: int
+    shard_size: int
+    flip: bool = False
+    dataloader_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.resolutions:
+            raise UserError("params.yaml: encode.resolution=[] must name at least one resolution, e.g. 512")
+        for value in self.resolutions:
+            require_multiple(value, 16, "encode.resolution", "FLUX packs 2x2 latents of an 8x VAE")
+        if len(set(self.resolutions)) != len(self.resolutions):
+            raise UserError(f"params.yaml: encode.resolution={self.resolution!r} lists a resolution twice")
+        require_int(self.batch_size, "encode.batch_size", minimum=1)
+        require_int(self.shard_size, "encode.shard_size", minimum=1)
+        require_int(self.dataloader_workers, "encode.dataloader_workers")
+        low = require_positive(self.bucket_min_aspect, "encode.bucket_min_aspect")
+        high = require_positive(self.bucket_max_aspect, "encode.bucket_max_aspect")
+        if not low <= 1 <= high:
+            raise UserError("params.yaml: encode.bucket_min_aspect must be in (0, 1] and bucket_max_aspect >= 1")
+
+    @property
+    def resolutions(self) -> list[int]:
+        """``resolution`` as a list (kept as written in ``resolution``: the cache fingerprint covers it)."""
+        return list(self.resolution) if isinstance(self.resolution, list) else [self.resolution]
+
+    def cached_settings(self) -> dict[str, Any]:
+        """The settings that shape the cache (its fingerprint covers exactly these)."""
+        return {k: v for k, v in self.as_dict().items() if k not in NOT_CACHED}
 
 
 def _training_rows(filtered_dir: Path, captions_path: Path) -> pd.DataFrame:
@@ -119,11 +139,6 @@ def _training_rows(filtered_dir: Path, captions_path: Path) -> pd.DataFrame:
     if rows.empty:
         raise UserError("no training images after filtering; add images or relax filter params")
     return rows.sort_values("id").reset_index(drop=True)
-
-
-# Keys of encode.* that do not change what is cached (left out of the cache fingerprint and of the
-# DVC stage's params).
-NOT_CACHED = {"dataloader_workers"}
 
 
 class BucketBatchImages(torch.utils.data.Dataset):
@@ -155,36 +170,36 @@ class BucketBatchImages(torch.utils.data.Dataset):
                 for flip in self.flips}
 
 
-def encode_batches(rows: pd.DataFrame, cfg: dict[str, Any],
+def encode_batches(rows: pd.DataFrame, cfg: EncodeParams,
                    resolution: int) -> list[tuple[tuple[int, int], list[int]]]:
     """(bucket, row indices) of every encode batch at ``resolution``: rows grouped by nearest
     bucket, buckets in order."""
-    buckets = aspect_buckets(resolution, cfg["bucket_min_aspect"], cfg["bucket_max_aspect"])
+    buckets = aspect_buckets(resolution, cfg.bucket_min_aspect, cfg.bucket_max_aspect)
     by_bucket: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i, row in rows.iterrows():
         by_bucket[nearest_bucket(int(row["height"]), int(row["width"]), buckets)].append(i)
-    return [(bucket, by_bucket[bucket][start:start + cfg["batch_size"]])
+    return [(bucket, by_bucket[bucket][start:start + cfg.batch_size])
             for bucket in sorted(by_bucket)
-            for start in range(0, len(by_bucket[bucket]), cfg["batch_size"])]
+            for start in range(0, len(by_bucket[bucket]), cfg.batch_size)]
 
 
 @torch.no_grad()
-def _encode_latents(rows: pd.DataFrame, filtered_dir: Path, cfg: dict[str, Any], model_folder: str,
+def _encode_latents(rows: pd.DataFrame, filtered_dir: Path, cfg: EncodeParams, model_folder: str,
                     dtype: torch.dtype, device: torch.device, out: Path) -> list[dict[str, Any]]:
-    plan = [(resolution, bucket, indices) for resolution in resolutions(cfg)
+    plan = [(resolution, bucket, indices) for resolution in cfg.resolutions
             for bucket, indices in encode_batches(rows, cfg, resolution)]
     batches = [(bucket, indices) for _, bucket, indices in plan]
-    flips = (False, True) if cfg.get("flip", False) else (False,)
-    workers = cfg.get("dataloader_workers", 0)
+    flips = (False, True) if cfg.flip else (False,)
+    workers = cfg.dataloader_workers
     loader = torch.utils.data.DataLoader(
         BucketBatchImages(batches, rows, filtered_dir, flips), batch_size=None, num_workers=workers,
         pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None)
 
     vae = load_vae(model_folder, dtype).to(device).eval()
     shift, scale = vae.config.shift_factor, vae.config.scaling_factor
-    writer = ShardWriter(out, "latents", cfg["shard_size"])
+    writer = ShardWriter(out, "latents", cfg.shard_size)
     samples = []
-    progress = tqdm(total=len(rows) * len(flips) * len(resolutions(cfg)), desc="encode latents",
+    progress = tqdm(total=len(rows) * len(flips) * len(cfg.resolutions), desc="encode latents",
                     unit="img")
     for (resolution, bucket, indices), pixels_by_flip in zip(plan, loader, strict=True):
         if isinstance(pixels_by_flip, UserError):
@@ -208,14 +223,14 @@ def _encode_latents(rows: pd.DataFrame, filtered_dir: Path, cfg: dict[str, Any],
     return samples
 
 
-def _encode_texts(captions: list[str], cfg: dict[str, Any], max_sequence_length: int,
+def _encode_texts(captions: list[str], cfg: EncodeParams, max_sequence_length: int,
                   model_folder: str, dtype: torch.dtype, device: torch.device,
                   out: Path) -> dict[str, str]:
-    writer = ShardWriter(out, "text", cfg["shard_size"])
+    writer = ShardWriter(out, "text", cfg.shard_size)
     keyed = {caption_key(c): c for c in captions}
     items = [(EMPTY_CAPTION_KEY, "")] + sorted(keyed.items())
     batches = encode_prompts(model_folder, dtype, device, [text for _, text in items], max_sequence_length,
-                             batch_size=cfg["batch_size"])
+                             batch_size=cfg.batch_size)
     done = 0
     with tqdm(total=len(items), desc="encode captions") as progress:
         for prompt_embeds, pooled in batches:  # written shard by shard as they come
@@ -228,16 +243,13 @@ def _encode_texts(captions: list[str], cfg: dict[str, Any], max_sequence_length:
     return writer.location
 
 
-def run(params: dict[str, Any], filtered_dir: Path = FILTERED_DIR, captions_path: Path = CAPTIONS,
+def run(params: Mapping[str, Any], filtered_dir: Path = FILTERED_DIR, captions_path: Path = CAPTIONS,
         out_dir: Path = CACHE_DIR) -> dict[str, Any]:
-    model_cfg, cfg = section(params, "model"), section(params, "encode")
-    max_sequence_length = require_int(require(section(params, "caption"), "max_sequence_length", "caption"),
-                                      "caption.max_sequence_length", minimum=1)
-    require(model_cfg, "pretrained", "model")
-    _validate(cfg)
-    device, dtype = resolve_device(model_cfg), resolve_dtype(model_cfg)
+    model, cfg = ModelParams.check(params), EncodeParams.check(params)
+    max_sequence_length = CaptionParams.check(params).max_sequence_length
+    device, dtype = resolve_device(model), resolve_dtype(model)
     rows = _training_rows(Path(filtered_dir), Path(captions_path))
-    base = resolve_base_model(model_cfg["pretrained"], model_cfg.get("revision"))
+    base = resolve_base_model(model.pretrained, model.revision)
     model_folder = base.folder
 
     with atomic_dir(out_dir) as tmp:
@@ -247,13 +259,12 @@ def run(params: dict[str, Any], filtered_dir: Path = FILTERED_DIR, captions_path
         index = {
             # The commit, not model.revision: a branch that moved is another model (and so, through
             # this fingerprint, another training run hash).
-            "fingerprint": fingerprint(model_cfg["pretrained"], base.commit,
-                                       str(dtype), {k: v for k, v in cfg.items() if k not in NOT_CACHED},
+            "fingerprint": fingerprint(model.pretrained, base.commit, str(dtype), cfg.cached_settings(),
                                        max_sequence_length,
                                        rows[["id", "caption"]].values.tolist()),
-            "base_model": model_cfg["pretrained"],
+            "base_model": model.pretrained,
             "base_model_commit": base.commit,
-            "resolution": cfg["resolution"],
+            "resolution": cfg.resolution,
             "resolutions": cache_summary(samples),
             "max_sequence_length": max_sequence_length,
             "samples": samples,
@@ -264,7 +275,7 @@ def run(params: dict[str, Any], filtered_dir: Path = FILTERED_DIR, captions_path
         print(f"encode: {resolution} px: {summary['latents']} latents ({summary['mib']:.1f} MiB) in "
               f"{len(summary['buckets'])} buckets {[tuple(b) for b in summary['buckets']]}")
     print(f"encode: {len(samples)} latents, {len(text) - 1} distinct captions -> {out_dir} "
-          f"({model_cfg['pretrained']} at {base.commit})")
+          f"({model.pretrained} at {base.commit})")
     return index
 
 

@@ -48,9 +48,9 @@ import pandas as pd
 import torch
 
 from .errors import UserError, atomic_write_text, stage_main
-from .image_features import Extractors, check_feature_config, load_reference, uses_random_nets
+from .image_features import EvaluateParams, Extractors, load_reference, uses_random_nets
 from .layout import EVAL_IMAGES, EVAL_METRICS, EVAL_SET_TABLE, REFERENCE_DIR, SAMPLES_DIR
-from .params import load_params, require_int, section
+from .params import load_params
 from .stats import (CMMD, CONFIDENCE, KID, Estimate, Resampling, mean_estimate, paired_difference,
                     replicate_difference, set_distance_estimates)
 from .tables import read_table
@@ -71,22 +71,8 @@ PLOT_DATA = "eval_vs_scale.csv"
 
 
 # --------------------------------------------------------------------------------------------
-# Config and inputs
+# Inputs
 # --------------------------------------------------------------------------------------------
-
-
-def check_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate the `evaluate` section; return it with defaults filled and types normalised."""
-    out = dict(cfg)
-    out.update(check_feature_config(cfg))
-    out["seed"] = require_int(cfg.get("seed", 0), "evaluate.seed")
-    out["bootstrap_resamples"] = require_int(cfg.get("bootstrap_resamples", 2000),
-                                             "evaluate.bootstrap_resamples", minimum=100)
-    confidence = cfg.get("confidence", CONFIDENCE)
-    if not isinstance(confidence, float) or not 0.5 <= confidence < 1.0:
-        raise UserError(f"params.yaml: evaluate.confidence={confidence!r} must be a number in [0.5, 1), e.g. 0.95")
-    out["confidence"] = confidence
-    return out
 
 
 def read_eval_table(folder: Path | str) -> pd.DataFrame:
@@ -262,14 +248,14 @@ def plot_table(results: Mapping[float, Mapping[str, Any]]) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------
 
 
-def run(eval_cfg: Mapping[str, Any], samples_dir: Path | str = SAMPLES_DIR,
+def run(params: Mapping[str, Any], samples_dir: Path | str = SAMPLES_DIR,
         reference_dir: Path | str = REFERENCE_DIR, metrics_path: Path | str = EVAL_METRICS,
         images_path: Path | str = EVAL_IMAGES, plots_dir: Path | str = "plots") -> dict[str, Any]:
     """Score the evaluation set; write the metrics, the per-image table and the plots; return the metrics."""
     from .plotting import plot_deltas, plot_metrics_vs_scale
 
     # Everything that can be checked cheaply is checked before any model is loaded.
-    cfg = check_config(eval_cfg)
+    cfg = EvaluateParams.check(params)
     sets = evaluation_sets(samples_dir)
     real, n_real = load_reference(reference_dir, cfg)
 
@@ -283,7 +269,7 @@ def run(eval_cfg: Mapping[str, Any], samples_dir: Path | str = SAMPLES_DIR,
             "clip_score": extractors.clip.clip_scores(features["clip"], list(table["subject"])).numpy(),
             "style_score": extractors.clip.style_scores(features["clip"]).numpy(),
         }
-    resamples, seed, confidence = cfg["bootstrap_resamples"], cfg["seed"], cfg["confidence"]
+    resamples, seed, confidence = cfg.bootstrap_resamples, cfg.seed, cfg.confidence
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
         results, deltas = score(real, fakes, per_image, clusters, resamples=resamples, seed=seed,
@@ -326,9 +312,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m impressionist.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml", help="params file (reads its `evaluate` section)")
     args = parser.parse_args(argv)
-    cfg = section(load_params(args.params), "evaluate")
-    metrics = run(cfg)
-    print("\n".join(summary_lines(metrics, cfg.get("confidence", CONFIDENCE))))
+    params = load_params(args.params)
+    metrics = run(params)
+    print("\n".join(summary_lines(metrics, EvaluateParams.check(params).confidence)))
     if metrics["base"]["fid_n"] < FID_RELIABLE:
         print(f"note: FID from {metrics['base']['fid_n']} images per set is biased upwards (it wants "
               f"thousands); read KID and CMMD, which are unbiased / stable at this size, with their CIs",

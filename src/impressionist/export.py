@@ -43,14 +43,17 @@ import math
 import re
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Mapping
 
 import torch
 
 from .errors import UserError, atomic_dir, stage_main
 from .layout import EXPORT_DIR, EXPORT_MANIFEST, LORA_DIR, LORA_WEIGHTS
-from .params import load_params, require_choice, require_positive, section
+from .models import (DTYPES, ModelParams, load_pipeline, resolve_device, resolve_dtype, resolve_pretrained,
+                     without_third_party_noise)
+from .params import ParamsSection, load_params, require_choice, require_positive
 
 # Not ending in "pytorch_lora_weights.safetensors": diffusers' load_lora_weights(repo) picks the
 # diffusers file when both sit in one Hub repo.
@@ -219,28 +222,33 @@ def file_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
-def export_cfg(params: dict[str, Any]) -> dict[str, Any]:
-    """The ``export`` section with defaults, validated (the section itself is optional)."""
-    from .models import DTYPES
+@dataclass(frozen=True)
+class ExportParams(ParamsSection):
+    """params.yaml ``export``: the kohya file's dtype, and whether to fuse the LoRA into the transformer."""
 
-    cfg = {"fused": False, "lora_scale": 1.0, "dtype": "bfloat16", **(params.get("export") or {})}
-    if not isinstance(cfg["fused"], bool):
-        raise UserError(f"params.yaml: export.fused={cfg['fused']!r} must be true or false")
-    require_choice(cfg["dtype"], DTYPES, "export.dtype")
-    require_positive(cfg["lora_scale"], "export.lora_scale")
-    return cfg
+    SECTION: ClassVar[str] = "export"
+    fused: bool = False
+    lora_scale: float = 1.0
+    dtype: str = "bfloat16"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.fused, bool):
+            raise UserError(f"params.yaml: export.fused={self.fused!r} must be true or false")
+        require_choice(self.dtype, DTYPES, "export.dtype")
+        require_positive(self.lora_scale, "export.lora_scale")
+
+    @classmethod
+    def check(cls, params: Mapping[str, Any]) -> "ExportParams":
+        """As every section's check, but params.yaml may leave ``export`` out: each setting has a default."""
+        return cls() if params.get(cls.SECTION) is None else super().check(params)
 
 
-def fuse_into_transformer(params: dict[str, Any], lora_dir: Path, lora_scale: float, out_dir: Path) -> None:
+def fuse_into_transformer(model: ModelParams, lora_dir: Path, lora_scale: float, out_dir: Path) -> None:
     """Merge the LoRA into the base transformer (``fuse_lora``) and save the transformer alone."""
-    from .models import (load_pipeline, resolve_device, resolve_dtype, resolve_pretrained,
-                         without_third_party_noise)
-
-    model_cfg = section(params, "model")
-    device = resolve_device(model_cfg)
-    folder = resolve_pretrained(model_cfg["pretrained"], model_cfg.get("revision"))
+    device = resolve_device(model)
+    folder = resolve_pretrained(model.pretrained, model.revision)
     # Only the transformer is fused: the text encoders and VAE are not loaded at all.
-    pipe = load_pipeline(folder, resolve_dtype(model_cfg), text_encoder=None, text_encoder_2=None,
+    pipe = load_pipeline(folder, resolve_dtype(model), text_encoder=None, text_encoder_2=None,
                          tokenizer=None, tokenizer_2=None, vae=None)
     pipe.transformer.to(device)
     with without_third_party_noise():
@@ -250,36 +258,34 @@ def fuse_into_transformer(params: dict[str, Any], lora_dir: Path, lora_scale: fl
     pipe.transformer.save_pretrained(str(out_dir))
 
 
-def run(params: dict[str, Any], lora_dir: Path = LORA_DIR, out_dir: Path = EXPORT_DIR) -> dict[str, Any]:
+def run(params: Mapping[str, Any], lora_dir: Path = LORA_DIR, out_dir: Path = EXPORT_DIR) -> dict[str, Any]:
     from safetensors.torch import save_file
 
-    cfg = export_cfg(params)
-    model_cfg = section(params, "model")
+    cfg, model = ExportParams.check(params), ModelParams.check(params)
     lora_dir, out_dir = Path(lora_dir), Path(out_dir)
     state_dict, config = read_lora(lora_dir)
-    from .models import DTYPES
 
     kohya = kohya_state_dict(module_scales(state_dict, config))
     # The factors in export.dtype (computed in fp32 first); the alphas stay exact fp32 scalars.
-    kohya = {k: t if k.endswith(".alpha") else t.to(DTYPES[cfg["dtype"]]) for k, t in kohya.items()}
+    kohya = {k: t if k.endswith(".alpha") else t.to(DTYPES[cfg.dtype]) for k, t in kohya.items()}
     top_level = sorted({k.split(".")[0] for k in kohya} & {f"lora_unet_{n}" for n in TOP_LEVEL.values()})
     final_layer = [name for name in top_level if name.removeprefix("lora_unet_") in SCALE_IN_WEIGHTS]
     manifest: dict[str, Any] = {
-        "source": LORA_WEIGHTS, "base_model": model_cfg["pretrained"], "kohya_file": KOHYA_FILE,
+        "source": LORA_WEIGHTS, "base_model": model.pretrained, "kohya_file": KOHYA_FILE,
         "kohya_layers": sum(k.endswith(".alpha") for k in kohya), "rank": config.get("r"),
-        "alpha": config.get("lora_alpha"), "dtype": cfg["dtype"], "fused": None,
+        "alpha": config.get("lora_alpha"), "dtype": cfg.dtype, "fused": None,
         "diffusers_kohya_reader_skips": top_level}
     with atomic_dir(out_dir) as tmp:
-        save_file(kohya, str(tmp / KOHYA_FILE), metadata=kohya_metadata(config, model_cfg["pretrained"], kohya))
+        save_file(kohya, str(tmp / KOHYA_FILE), metadata=kohya_metadata(config, model.pretrained, kohya))
         sizes = {"diffusers_lora": file_bytes(lora_dir / LORA_WEIGHTS), "kohya_lora": file_bytes(tmp / KOHYA_FILE)}
-        if cfg["fused"]:
-            fuse_into_transformer(params, lora_dir, cfg["lora_scale"], tmp / FUSED_DIR)
-            manifest["fused"] = {"folder": FUSED_DIR, "lora_scale": float(cfg["lora_scale"])}
+        if cfg.fused:
+            fuse_into_transformer(model, lora_dir, cfg.lora_scale, tmp / FUSED_DIR)
+            manifest["fused"] = {"folder": FUSED_DIR, "lora_scale": float(cfg.lora_scale)}
             sizes["fused_transformer"] = file_bytes(tmp / FUSED_DIR)
         manifest["size_bytes"] = sizes
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    fused = f", fused transformer (LoRA x{cfg['lora_scale']:g}) -> {out_dir / FUSED_DIR}" if cfg["fused"] else ""
-    print(f"export: kohya/ComfyUI LoRA ({manifest['kohya_layers']} layers, {cfg['dtype']}, "
+    fused = f", fused transformer (LoRA x{cfg.lora_scale:g}) -> {out_dir / FUSED_DIR}" if cfg.fused else ""
+    print(f"export: kohya/ComfyUI LoRA ({manifest['kohya_layers']} layers, {cfg.dtype}, "
           f"{sizes['kohya_lora'] / 2**20:.2f} MiB; diffusers file {sizes['diffusers_lora'] / 2**20:.2f} MiB) "
           f"-> {out_dir / KOHYA_FILE}{fused}")
     if top_level:

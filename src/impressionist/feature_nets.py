@@ -30,13 +30,13 @@ import io
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
 from .errors import DEMO_HINT, UserError, atomic_write_bytes, atomic_write_text, first_line
-from .params import fingerprint, require_choice
+from .params import fingerprint
 
 TINY_FID = "builtin:tiny"
 INCEPTION = "inception"
@@ -148,30 +148,14 @@ def _inception(weights_path: str | None) -> nn.Module:
     return net
 
 
-def check_fid_params(cfg: Mapping[str, Any]) -> tuple[str, str]:
-    """``(fid_features, inception_weights)`` of the `evaluate` section, checked cheaply (no model).
-
-    One line for an unknown ``fid_features`` or an ``inception_weights`` file that does not exist.
-    """
-    kind = require_choice(cfg.get("fid_features", INCEPTION), FID_FEATURE_CHOICES, "evaluate.fid_features")
-    weights = str(cfg.get("inception_weights") or "").strip()
-    if kind == INCEPTION and weights and not Path(weights).expanduser().is_file():
-        raise UserError(
-            f"evaluate.inception_weights={weights!r} does not exist; point it at a local copy of "
-            f"{INCEPTION_WEIGHTS_FILE} (pytorch-fid's pt_inception-2015-12-05-6726825d.pth) or set it to \"\" "
-            "to download it"
-        )
-    return kind, weights
-
-
-def fid_feature_extractor(cfg: Mapping[str, Any]) -> nn.Module:
-    """The feature network for FID and KID named by ``cfg["fid_features"]`` (the `evaluate` section).
+def fid_feature_extractor(kind: str, weights: str = "") -> nn.Module:
+    """The feature network for FID and KID: ``kind`` is ``evaluate.fid_features``, ``weights``
+    ``evaluate.inception_weights`` ("" = download), both as the evaluate params checked them.
 
     Returns an ``nn.Module`` in eval mode with an int ``num_features``, mapping uint8
     ``(N, 3, H, W)`` images to ``(N, num_features)``. Raises UserError (one line) when the
     Inception weights are neither a readable local file nor downloadable.
     """
-    kind, weights = check_fid_params(cfg)
     if kind == TINY_FID:
         return TinyFeatureNet()
     if weights:

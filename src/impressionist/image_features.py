@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -27,8 +27,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .errors import UserError, first_line
-from .feature_nets import INCEPTION, check_clip_params, check_fid_params, fid_feature_extractor, load_clip
-from .params import require, require_int
+from .feature_nets import (FID_FEATURE_CHOICES, INCEPTION, INCEPTION_WEIGHTS_FILE, check_clip_params,
+                           fid_feature_extractor, load_clip)
+from .params import ParamsSection, require_choice, require_int
+from .stats import CONFIDENCE, RESAMPLES
 from .wikiart import STYLES
 
 TARGET_STYLE = "Impressionism"
@@ -167,33 +169,67 @@ class ClipScorer:
 # --------------------------------------------------------------------------------------------
 
 
-def check_feature_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The `evaluate` keys that define the features, checked cheaply (no model is loaded)."""
-    out: dict[str, Any] = {}
-    require(cfg, "fid_features", "evaluate")
-    out["fid_features"], out["inception_weights"] = check_fid_params(cfg)
-    out["image_size"] = require_int(require(cfg, "image_size", "evaluate"), "evaluate.image_size", minimum=1)
-    for model_key, pretrained_key in (CLIP_KEYS, CMMD_KEYS):
+@dataclass(frozen=True)
+class EvaluateParams(ParamsSection):
+    """params.yaml ``evaluate``: the feature networks (the reference and evaluate stages must use the
+    same ones) and the bootstrap behind every interval. Checked cheaply: no model is loaded."""
+
+    SECTION: ClassVar[str] = "evaluate"
+    fid_features: str
+    image_size: int
+    clip_model: str
+    clip_pretrained: str | None  # None is stored as ""
+    cmmd_clip_model: str
+    cmmd_clip_pretrained: str | None
+    inception_weights: str | None = ""  # stored stripped, None as ""
+    bootstrap_resamples: int = RESAMPLES
+    confidence: float = CONFIDENCE
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self._check_fid_features()
+        require_int(self.image_size, "evaluate.image_size", minimum=1)
+        for model_key, pretrained_key in (CLIP_KEYS, CMMD_KEYS):
+            self._check_clip(model_key, pretrained_key)
+        require_int(self.seed, "evaluate.seed")
+        require_int(self.bootstrap_resamples, "evaluate.bootstrap_resamples", minimum=100)
+        if not isinstance(self.confidence, float) or not 0.5 <= self.confidence < 1.0:
+            raise UserError(f"params.yaml: evaluate.confidence={self.confidence!r} must be a number in "
+                            "[0.5, 1), e.g. 0.95")
+
+    def _check_fid_features(self) -> None:
+        """One line for an unknown ``fid_features`` or an ``inception_weights`` file that does not exist."""
+        require_choice(self.fid_features, FID_FEATURE_CHOICES, "evaluate.fid_features")
+        weights = str(self.inception_weights or "").strip()
+        if self.fid_features == INCEPTION and weights and not Path(weights).expanduser().is_file():
+            raise UserError(
+                f"evaluate.inception_weights={weights!r} does not exist; point it at a local copy of "
+                f"{INCEPTION_WEIGHTS_FILE} (pytorch-fid's pt_inception-2015-12-05-6726825d.pth) or set it to \"\" "
+                "to download it"
+            )
+        self._set("inception_weights", weights)
+
+    def _check_clip(self, model_key: str, pretrained_key: str) -> None:
         for key in (model_key, pretrained_key):
-            value = require(cfg, key, "evaluate")
+            value = getattr(self, key)
             if value is not None and not isinstance(value, str):
                 raise UserError(f"params.yaml: evaluate.{key}={value!r} must be a string")
-        if not (cfg.get(model_key) or "").strip():
+        model_name = getattr(self, model_key)
+        if not (model_name or "").strip():
             raise UserError(f"params.yaml: evaluate.{model_key} is empty")
-        check_clip_params(cfg[model_key], cfg.get(pretrained_key), (model_key, pretrained_key))
-        out[model_key], out[pretrained_key] = cfg[model_key], cfg.get(pretrained_key) or ""
-    return out
+        check_clip_params(model_name, getattr(self, pretrained_key), (model_key, pretrained_key))
+        self._set(pretrained_key, getattr(self, pretrained_key) or "")
 
 
-def feature_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+def feature_config(cfg: EvaluateParams) -> dict[str, Any]:
     """What identifies the features: reference features are only reused under the same one."""
-    return {key: cfg[key] for key in FEATURE_KEYS}
+    return {key: getattr(cfg, key) for key in FEATURE_KEYS}
 
 
-def uses_random_nets(cfg: Mapping[str, Any]) -> bool:
+def uses_random_nets(cfg: EvaluateParams) -> bool:
     """The demo's random feature nets: numbers that show the pipeline runs, nothing about paintings."""
-    return cfg["fid_features"] != INCEPTION or any(str(cfg[k]).startswith("builtin:")
-                                                   for k in ("clip_model", "cmmd_clip_model"))
+    return cfg.fid_features != INCEPTION or any(model.startswith("builtin:")
+                                                for model in (cfg.clip_model, cfg.cmmd_clip_model))
 
 
 @dataclass
@@ -207,18 +243,17 @@ class Extractors:
     device: torch.device
 
     @classmethod
-    def load(cls, cfg: Mapping[str, Any]) -> "Extractors":
-        """``cfg``: the checked `evaluate` section (:func:`check_feature_config`)."""
+    def load(cls, cfg: EvaluateParams) -> "Extractors":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        fid_net = fid_feature_extractor(cfg).to(device).eval()
+        fid_net = fid_feature_extractor(cfg.fid_features, cfg.inception_weights).to(device).eval()
 
         def scorer(keys: tuple[str, str]) -> ClipScorer:
-            model, preprocess, tokenizer = load_clip(cfg[keys[0]], cfg[keys[1]], keys)
+            model, preprocess, tokenizer = load_clip(getattr(cfg, keys[0]), getattr(cfg, keys[1]), keys)
             return ClipScorer(model.to(device), preprocess, tokenizer, device=device)
 
         clip = scorer(CLIP_KEYS)
-        same = (cfg["cmmd_clip_model"], cfg["cmmd_clip_pretrained"]) == (cfg["clip_model"], cfg["clip_pretrained"])
-        return cls(fid_net, clip, None if same else scorer(CMMD_KEYS), int(cfg["image_size"]), device)
+        same = (cfg.cmmd_clip_model, cfg.cmmd_clip_pretrained) == (cfg.clip_model, cfg.clip_pretrained)
+        return cls(fid_net, clip, None if same else scorer(CMMD_KEYS), cfg.image_size, device)
 
     @torch.no_grad()
     def features(self, paths: Sequence[Path]) -> dict[str, torch.Tensor]:
@@ -244,7 +279,7 @@ INFO_FILE = "reference.json"
 
 
 def save_reference(folder: Path, features: Mapping[str, torch.Tensor], ids: Sequence[str],
-                   cfg: Mapping[str, Any]) -> None:
+                   cfg: EvaluateParams) -> None:
     """Write the real set's features and what made them into ``folder`` (already a fresh folder)."""
     import json
 
@@ -258,7 +293,7 @@ def save_reference(folder: Path, features: Mapping[str, torch.Tensor], ids: Sequ
     (folder / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 
-def load_reference(folder: Path | str, cfg: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], int]:
+def load_reference(folder: Path | str, cfg: EvaluateParams) -> tuple[dict[str, torch.Tensor], int]:
     """The real set's features, checked to come from the feature config ``cfg``; and their count."""
     import json
 

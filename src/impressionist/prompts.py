@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .errors import UserError, first_line
-from .params import ParamsSection, require_positive
+from .params import ParamsSection, require_int
 
 TEMPLATE_FIELDS = ("trigger", "artist", "genre", "style")
 
@@ -46,7 +46,7 @@ class CaptionParams(ParamsSection):
         if not isinstance(self.trigger, str):
             raise UserError(f"params.yaml: caption.trigger={self.trigger!r} must be a string")
         validate_template(self.template)
-        require_positive(self.max_sequence_length, "caption.max_sequence_length")
+        require_int(self.max_sequence_length, "caption.max_sequence_length", minimum=1)
 
 
 def with_trigger(trigger: str, prompt: str) -> str:

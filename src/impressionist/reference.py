@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .errors import UserError, atomic_dir, stage_main
-from .image_features import Extractors, check_feature_config, save_reference
+from .image_features import EvaluateParams, Extractors, save_reference
 from .layout import FILTERED_DIR, REFERENCE_DIR
-from .params import load_params, section
+from .params import load_params
 from .tables import METADATA_FILE, read_table
 
 # FID needs a covariance and KID's unbiased MMD divides by m(m-1): neither exists for one image.
@@ -40,10 +40,10 @@ def validation_paintings(filtered_dir: Path | str) -> tuple[list[str], list[Path
     return [str(i) for i in val["id"]], paths
 
 
-def run(eval_cfg: Mapping[str, Any], filtered_dir: Path | str = FILTERED_DIR,
+def run(params: Mapping[str, Any], filtered_dir: Path | str = FILTERED_DIR,
         out_dir: Path | str = REFERENCE_DIR) -> int:
     """Extract and save the validation paintings' features; return how many paintings."""
-    cfg = check_feature_config(eval_cfg)  # cheap checks before any network loads
+    cfg = EvaluateParams.check(params)  # cheap checks before any network loads
     ids, paths = validation_paintings(filtered_dir)
     features = Extractors.load(cfg).features(paths)
     with atomic_dir(out_dir) as tmp:
@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m impressionist.reference", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml", help="params file (reads its `evaluate` section)")
     args = parser.parse_args(argv)
-    n = run(section(load_params(args.params), "evaluate"))
+    n = run(load_params(args.params))
     print(f"reference: features of {n} validation paintings -> {REFERENCE_DIR}")
 
 
