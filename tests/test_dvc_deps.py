@@ -101,6 +101,9 @@ def stage_mismatches(dvc_yaml: dict) -> list[str]:
         chains = import_chains(stage_module(stage["cmd"]))
         needed = set(chains) - ALLOWED_UNLISTED
         listed = code_deps(stage)
+        paths = [next(iter(d)) if isinstance(d, dict) else d for d in stage.get("deps", [])]
+        for twice in sorted({p for p in paths if paths.count(p) > 1}):
+            problems.append(f"stage {name}: list `- {twice}` once in its deps in dvc.yaml")
         for missing in sorted(needed - listed):
             problems.append(f"stage {name}: add `- src/{PACKAGE}/{missing}` to its deps in dvc.yaml "
                             f"(imported: {' -> '.join(chains[missing])})")
@@ -135,8 +138,9 @@ def test_closure_follows_every_import_form(tmp_path, monkeypatch):
                                                   "e.py"}
     lines = stage_mismatches({"stages": {"s": {"cmd": f"python -m {PACKAGE}.stage --x", "deps": [
         f"src/{PACKAGE}/stage.py", f"src/{PACKAGE}/a.py", f"src/{PACKAGE}/b.py", f"src/{PACKAGE}/c.py",
-        f"src/{PACKAGE}/e.py", f"src/{PACKAGE}/unused.py", f"src/{PACKAGE}/errors.py", "data/raw"]}}})
+        f"src/{PACKAGE}/e.py", f"src/{PACKAGE}/unused.py", f"src/{PACKAGE}/errors.py", "data/raw", f"src/{PACKAGE}/c.py"]}}})
     assert lines == [
+        f"stage s: list `- src/{PACKAGE}/c.py` once in its deps in dvc.yaml",
         f"stage s: add `- src/{PACKAGE}/d.py` to its deps in dvc.yaml (imported: stage.py -> a.py -> d.py)",
         f"stage s: remove `- src/{PACKAGE}/errors.py` from its deps in dvc.yaml (it is allow-listed plumbing, see "
         "ALLOWED_UNLISTED in tests/test_dvc_deps.py)",
