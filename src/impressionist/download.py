@@ -74,7 +74,6 @@ class DownloadSummary:
     read_filter: str | None = None  # the filter pushed down into the Parquet reads, if any
 
 
-
 def image_header(data: bytes) -> tuple[str, int, int]:
     """Extension, width and height from the image header only (no pixel decoding).
 
@@ -88,7 +87,6 @@ def image_header(data: bytes) -> tuple[str, int, int]:
             return EXTENSIONS.get(image.format, (image.format or "bin").lower()), image.width, image.height
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError):
         return "bin", 0, 0
-
 
 
 class Progress:

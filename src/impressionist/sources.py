@@ -498,8 +498,6 @@ def image_bytes(cell: Any) -> bytes:
     return b""
 
 
-
-
 class SourceReadError(Exception):
     """A transient error while reading the source (its ``error``), worth reopening the stream for.
     Errors writing data/raw are never wrapped in it: those are not retried."""
