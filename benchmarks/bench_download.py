@@ -56,7 +56,7 @@ def measure(mirror: Path, pushdown: bool, raw: Path) -> dict:
     rchar_before = kernel_read_chars()
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):  # the stage's summary line, once per run
-        summary = download.run(cfg, raw, pushdown=pushdown)
+        summary = download.run({"download": cfg}, raw, pushdown=pushdown)
     seconds = time.perf_counter() - start
     rchar_after = kernel_read_chars()
     return {"bytes": summary.bytes_read, "rchar": None if rchar_before is None else rchar_after - rchar_before,

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from impressionist import download
+from impressionist import download, sources
 from impressionist.errors import DEMO_HINT, UserError
 from impressionist.source_reads import ReadMeter
 from impressionist.synthetic import write_synthetic_wikiart, write_wikiart_mirror
@@ -29,10 +29,11 @@ MAX_IMAGES = 12
 SEED = 5
 
 
-def config(source, **overrides):
+def params(source, **overrides):
+    """The params of a download of ``source`` (its ``download`` section, with ``overrides``)."""
     cfg = {"source": str(source), "style": "Impressionism", "artists": [], "max_images": MAX_IMAGES, "seed": SEED}
     cfg.update(overrides)
-    return cfg
+    return {"download": cfg}
 
 
 def synthetic_mirror(folder, shards=1):
@@ -70,7 +71,7 @@ def mirror(tmp_path_factory):
 def reference(tmp_path_factory):
     """An uninterrupted synthetic download, to compare other runs against."""
     raw = tmp_path_factory.mktemp("reference") / "raw"
-    summary = download.run(config("synthetic"), raw)
+    summary = download.run(params("synthetic"), raw)
     return raw, summary
 
 
@@ -100,7 +101,7 @@ def test_synthetic_source_writes_the_layout(reference):
 def test_local_folder_and_file_read_like_the_synthetic_source(tmp_path, reference, mirror):
     expected = raw_state(reference[0])
     folder = synthetic_mirror(tmp_path / "mirror", shards=3)
-    download.run(config(folder), tmp_path / "from_folder")
+    download.run(params(folder), tmp_path / "from_folder")
     assert raw_state(tmp_path / "from_folder") == expected
     assert set(pd.read_parquet(tmp_path / "from_folder" / "metadata.parquet")["source"]) == {str(folder)}
     # Each row's origin is its shard and row among the rows the pushed-down filter passes: that row of
@@ -117,7 +118,7 @@ def test_local_folder_and_file_read_like_the_synthetic_source(tmp_path, referenc
         assert hashlib.sha256(shards[name][int(row)]["bytes"]).hexdigest() == sha256, origin
     assert len(shards) > 1  # the kept rows span shards, each named by its own file
 
-    download.run(config(mirror), tmp_path / "from_file")
+    download.run(params(mirror), tmp_path / "from_file")
     assert raw_state(tmp_path / "from_file") == expected
     assert [o.replace("all.parquet", "synthetic-wikiart.parquet") for o in origins(tmp_path / "from_file")] == \
         origins(reference[0])  # a single file: the same rows of the same file layout
@@ -141,10 +142,10 @@ def test_hub_source_uses_the_same_streaming_code(tmp_path, monkeypatch, referenc
         calls.append(("checked", dataset_id, revision))
         return commit
 
-    monkeypatch.setattr(download, "check_hub_reachable", fake_check)
-    monkeypatch.setattr(download, "hub_parquet_files", lambda dataset_id, revision: [])
+    monkeypatch.setattr(sources, "check_hub_reachable", fake_check)
+    monkeypatch.setattr(sources, "hub_parquet_files", lambda dataset_id, revision: [])
     monkeypatch.setattr(datasets, "load_dataset", fake_hub)
-    download.run(config("huggan/wikiart", revision="main"), tmp_path / "raw")
+    download.run(params("huggan/wikiart", revision="main"), tmp_path / "raw")
     assert calls[0] == ("checked", "huggan/wikiart", "main")
     # The stream reads the commit the branch resolved to, and the table records it; opened once for
     # the schema, then with the style pushed down into the Parquet reads as its ClassLabel id.
@@ -181,15 +182,15 @@ def test_hub_revision_is_passed_to_the_hub_and_a_missing_one_is_one_line(tmp_pat
         return Info()
 
     monkeypatch.setattr(HfApi, "dataset_info", dataset_info)
-    assert download.check_hub_reachable("huggan/wikiart", "v1") == Info.sha
+    assert sources.check_hub_reachable("huggan/wikiart", "v1") == Info.sha
     assert asked == [("huggan/wikiart", "v1")]
     with pytest.raises(UserError) as error:
-        download.run(config("huggan/wikiart", revision="v9"), tmp_path / "raw")
+        download.run(params("huggan/wikiart", revision="v9"), tmp_path / "raw")
     message = str(error.value)
     assert "\n" not in message and "no revision 'v9'" in message and "download.revision" in message
     assert not (tmp_path / "raw").exists()
     with pytest.raises(UserError, match="download.revision"):
-        download.run(config("huggan/wikiart", revision=""), tmp_path / "raw")
+        download.run(params("huggan/wikiart", revision=""), tmp_path / "raw")
 
 
 def test_hub_offline_is_one_clear_error_before_any_output(tmp_path, monkeypatch, capsys):
@@ -217,7 +218,7 @@ def test_unreachable_hub_is_one_clear_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(HfApi, "dataset_info", no_network)
     with pytest.raises(UserError) as error:
-        download.run(config("huggan/wikiart"), tmp_path / "raw")
+        download.run(params("huggan/wikiart"), tmp_path / "raw")
     message = str(error.value)
     assert "\n" not in message
     assert "cannot reach the Hugging Face Hub" in message and "Name or service not known" in message
@@ -231,7 +232,7 @@ def test_unreachable_hub_is_one_clear_error(tmp_path, monkeypatch):
 ])
 def test_unknown_names_list_the_valid_ones(tmp_path, key, value, valid_example, mirror):
     with pytest.raises(UserError) as error:
-        download.run(config(mirror, **{key: value}), tmp_path / "raw")
+        download.run(params(mirror, **{key: value}), tmp_path / "raw")
     message = str(error.value)
     assert "\n" not in message
     bad = value if isinstance(value, str) else value[1]
@@ -247,13 +248,13 @@ def test_unknown_names_list_the_valid_ones(tmp_path, key, value, valid_example, 
 ])
 def test_missing_or_empty_local_source(tmp_path, make_source, expected):
     with pytest.raises(UserError, match=expected):
-        download.run(config(make_source(tmp_path)), tmp_path / "raw")
+        download.run(params(make_source(tmp_path)), tmp_path / "raw")
     assert not (tmp_path / "raw").exists()
 
 
 def test_artist_allow_list(tmp_path, reference, mirror):
     wanted = sorted(reference[1].per_artist)[:2]
-    download.run(config(mirror, artists=wanted, max_images=0), tmp_path / "raw")
+    download.run(params(mirror, artists=wanted, max_images=0), tmp_path / "raw")
     table = pd.read_parquet(tmp_path / "raw" / "metadata.parquet")
     assert set(table["artist"]) == set(wanted)
     assert (table["artist"].value_counts() >= 1).all()
@@ -261,7 +262,7 @@ def test_artist_allow_list(tmp_path, reference, mirror):
 
 def test_no_matching_rows_is_an_error_that_leaves_nothing(tmp_path, mirror):
     with pytest.raises(UserError, match="no images of style Impressionism by canaletto"):
-        download.run(config(mirror, artists=["canaletto"]), tmp_path / "raw")
+        download.run(params(mirror, artists=["canaletto"]), tmp_path / "raw")
     assert not (tmp_path / "raw").exists()
 
 
@@ -278,7 +279,7 @@ def test_class_names_come_from_the_files_own_features(tmp_path):
     rows = {"image": [{"bytes": buffer.getvalue(), "path": None}], "artist": [1], "genre": [1], "style": [1]}
     path = tmp_path / "mirror.parquet"
     datasets.Dataset.from_dict(rows, features=features).to_parquet(str(path))
-    download.run(config(path, max_images=0), tmp_path / "raw")
+    download.run(params(path, max_images=0), tmp_path / "raw")
     row = pd.read_parquet(tmp_path / "raw" / "metadata.parquet").iloc[0]
     assert (row.artist, row.genre, row.style) == ("claude-monet", "portrait", "Impressionism")
     assert (row.width, row.height) == (40, 30)
@@ -310,9 +311,9 @@ class FlakyStream:
 
 
 def flaky_open_stream(monkeypatch, fail_after, error, later_fail_after=None):
-    """Patch download.open_stream: the first stream fails after ``fail_after`` rows, later ones
+    """Patch sources.open_stream: the first stream fails after ``fail_after`` rows, later ones
     after ``later_fail_after`` rows (None: they do not fail)."""
-    real_open_stream = download.open_stream
+    real_open_stream = sources.open_stream
     log, opens = [], []
 
     def open_stream(source):
@@ -320,14 +321,14 @@ def flaky_open_stream(monkeypatch, fail_after, error, later_fail_after=None):
         fail = fail_after if len(opens) == 1 else later_fail_after
         return FlakyStream(real_open_stream(source), fail, error, log)
 
-    monkeypatch.setattr(download, "open_stream", open_stream)
+    monkeypatch.setattr(sources, "open_stream", open_stream)
     return log, opens
 
 
 def test_transient_error_restarts_the_stream_and_matches_an_uninterrupted_run(tmp_path, monkeypatch, reference):
     # Opening once to validate names, then the first iteration fails halfway through.
     log, opens = flaky_open_stream(monkeypatch, fail_after=10, error=ConnectionError("reset by peer"))
-    summary = download.run(config("synthetic"), tmp_path / "raw", backoff_s=0)
+    summary = download.run(params("synthetic"), tmp_path / "raw", backoff_s=0)
     assert len(opens) == 2, "one retry with a fresh stream"
     assert ("resumed", True) in log, "the retry continues from the saved position"
     assert raw_state(tmp_path / "raw") == raw_state(reference[0])
@@ -340,14 +341,14 @@ def test_interrupted_run_resumes_without_refetching(tmp_path, monkeypatch, refer
     with monkeypatch.context() as patch:
         flaky_open_stream(patch, fail_after=9, error=KeyboardInterrupt())
         with pytest.raises(KeyboardInterrupt):
-            download.run(config("synthetic"), raw)
+            download.run(params("synthetic"), raw)
     assert not (raw / "metadata.parquet").exists(), "no completion marker after an interruption"
     partial_rows = (raw / ".partial" / "rows.jsonl").read_text().splitlines()
     kept_before = {p.name: p.stat().st_mtime_ns for p in (raw / "images").iterdir()}
     assert 0 < len(partial_rows) == len(kept_before) < MAX_IMAGES
 
     log, _ = flaky_open_stream(monkeypatch, fail_after=None, error=None)
-    summary = download.run(config("synthetic"), raw)
+    summary = download.run(params("synthetic"), raw)
     assert summary.resumed_from == len(kept_before)
     assert raw_state(raw) == raw_state(reference[0])
     assert origins(raw) == origins(reference[0])  # rows kept after the resume are counted from where it stopped
@@ -366,12 +367,12 @@ def test_persistent_errors_give_up_with_one_line_and_keep_the_partial_work(tmp_p
         # Some progress, then every restarted stream fails at once: no progress, so it gives up.
         flaky_open_stream(patch, fail_after=6, error=TimeoutError("read timed out"), later_fail_after=0)
         with pytest.raises(UserError) as error:
-            download.run(config("synthetic"), raw, retries=2, backoff_s=0)
+            download.run(params("synthetic"), raw, retries=2, backoff_s=0)
     message = str(error.value)
     assert "\n" not in message and "3 times" in message and "rerun" in message
     assert not (raw / "metadata.parquet").exists()
     assert len((raw / ".partial" / "rows.jsonl").read_text().splitlines()) > 0
-    download.run(config("synthetic"), raw)  # the network is back
+    download.run(params("synthetic"), raw)  # the network is back
     assert raw_state(raw) == raw_state(reference[0])
 
 
@@ -379,15 +380,15 @@ def test_a_failed_write_to_data_raw_is_one_line_and_not_retried(tmp_path, monkey
     """Disk full or no permission on data/raw is not a network hiccup: no retries, no "reading failed"."""
     import errno
 
-    real_open_stream, opens = download.open_stream, []
-    monkeypatch.setattr(download, "open_stream", lambda source: opens.append(source) or real_open_stream(source))
+    real_open_stream, opens = sources.open_stream, []
+    monkeypatch.setattr(sources, "open_stream", lambda source: opens.append(source) or real_open_stream(source))
 
     def disk_full(path, data):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(download, "atomic_write_bytes", disk_full)
     with pytest.raises(UserError) as error:
-        download.run(config("synthetic"), tmp_path / "raw", retries=3, backoff_s=0)
+        download.run(params("synthetic"), tmp_path / "raw", retries=3, backoff_s=0)
     message = str(error.value)
     assert "\n" not in message and "cannot write to" in message and "No space left on device" in message
     assert "times in a row" not in message and len(opens) == 1  # opened once to check names, never reopened
@@ -412,13 +413,13 @@ def test_a_decompression_bomb_is_kept_as_bin_for_the_filter_to_reject():
 
 def test_rerun_is_idempotent_and_drops_stale_files(tmp_path, reference):
     raw = tmp_path / "raw"
-    download.run(config("synthetic"), raw)
+    download.run(params("synthetic"), raw)
     first = raw_state(raw)
     (raw / "images" / "0123456789abcdef.jpg").write_bytes(b"left over from other params")
-    download.run(config("synthetic"), raw)
+    download.run(params("synthetic"), raw)
     assert raw_state(raw) == first == raw_state(reference[0])
     # Fewer images with the same params: the first rows of the same stream.
-    download.run(config("synthetic", max_images=5), raw)
+    download.run(params("synthetic", max_images=5), raw)
     table, files = raw_state(raw)
     assert table == first[0][:5] and len(files) == 5
 
@@ -471,7 +472,7 @@ def test_image_folder_with_metadata_reads_like_the_parquet_mirror(tmp_path, fold
     folder, records = folder_records
     folder = copy_folder(folder, tmp_path)
     write_metadata(folder, metadata_name, records)
-    summary = download.run(config(folder), tmp_path / "raw")
+    summary = download.run(params(folder), tmp_path / "raw")
     # Same rows, ids, labels, sizes and image bytes as the parquet route (the reference), in the same order.
     assert raw_state(tmp_path / "raw") == raw_state(reference[0])
     table = pd.read_parquet(tmp_path / "raw" / "metadata.parquet")
@@ -498,7 +499,7 @@ def test_image_folder_without_metadata_is_the_requested_style(tmp_path, folder_r
     (source / ".thumbnails" / "a.jpg").write_bytes((folder / records[6]["file_name"]).read_bytes())
     (source / "notes.md").write_text("not an image")
 
-    summary = download.run(config(source, style="Post_Impressionism", max_images=0), tmp_path / "raw")
+    summary = download.run(params(source, style="Post_Impressionism", max_images=0), tmp_path / "raw")
     table = pd.read_parquet(tmp_path / "raw" / "metadata.parquet")
     expected_ids = sorted(hashlib.sha256((source / name).read_bytes()).hexdigest()[:16] for name in chosen)
     assert sorted(table["id"]) == expected_ids, "every image, recursively, and nothing hidden"
@@ -508,7 +509,7 @@ def test_image_folder_without_metadata_is_the_requested_style(tmp_path, folder_r
 
     # Without metadata no artist can be chosen but "Unknown Artist"; the error says why.
     with pytest.raises(UserError) as error:
-        download.run(config(source, artists=["claude-monet"]), tmp_path / "raw2")
+        download.run(params(source, artists=["claude-monet"]), tmp_path / "raw2")
     message = str(error.value)
     assert "\n" not in message and "'claude-monet'" in message and "Unknown Artist" in message
     assert "no metadata.csv" in message
@@ -527,7 +528,7 @@ def test_partial_metadata_falls_back_to_the_defaults(tmp_path, folder_records):
         f"{records[1]['file_name']},,portrait,\n"                 # empty cells: the defaults
         f"{records[2]['file_name']},rembrandt,portrait,Baroque,\n"  # another style: skipped
     )                                                             # row 3 unlisted: the defaults
-    summary = download.run(config(source, max_images=0), tmp_path / "raw")
+    summary = download.run(params(source, max_images=0), tmp_path / "raw")
     table = pd.read_parquet(tmp_path / "raw" / "metadata.parquet")
     by_id = {row.id: (row.artist, row.genre, row.style) for row in table.itertuples()}
 
@@ -548,13 +549,13 @@ def test_image_folder_artists_are_validated_against_its_metadata(tmp_path, folde
     metadata = write_metadata(folder, "metadata.jsonl", records)
     impressionists = sorted({r["artist"] for r in records if r["style"] == "Impressionism"})
     with pytest.raises(UserError) as error:
-        download.run(config(folder, artists=[impressionists[0], "claude-monnet"]), tmp_path / "raw")
+        download.run(params(folder, artists=[impressionists[0], "claude-monnet"]), tmp_path / "raw")
     message = str(error.value)
     assert "\n" not in message and "'claude-monnet'" in message and str(metadata) in message
     assert all(name in message for name in impressionists) and repr(impressionists[0]) not in message
     assert not (tmp_path / "raw").exists()
 
-    download.run(config(folder, artists=impressionists[:1], max_images=0), tmp_path / "raw")
+    download.run(params(folder, artists=impressionists[:1], max_images=0), tmp_path / "raw")
     table = pd.read_parquet(tmp_path / "raw" / "metadata.parquet")
     expected = [r for r in records if r["artist"] == impressionists[0] and r["style"] == "Impressionism"]
     # every image of that artist, once: ids are the first 16 hex digits of the bytes' sha256
@@ -575,7 +576,7 @@ def test_sidecar_captions_follow_the_renamed_images(tmp_path, folder_records):
     caption = "impr3ssionism, a  haystack at dusk\nby Claude Monet ✓\n"
     (source / names[0]).with_suffix(".txt").write_text(caption, encoding="utf-8")
     raw = tmp_path / "raw"
-    download.run(config(source, max_images=0), raw)
+    download.run(params(source, max_images=0), raw)
 
     ids = [hashlib.sha256((source / name).read_bytes()).hexdigest()[:16] for name in names]
     assert (raw / "images" / f"{ids[0]}.txt").read_text(encoding="utf-8") == caption
@@ -585,7 +586,7 @@ def test_sidecar_captions_follow_the_renamed_images(tmp_path, folder_records):
 
     # The sidecar is removed from the source: a rerun must not keep the stale copy.
     (source / names[0]).with_suffix(".txt").unlink()
-    download.run(config(source, max_images=0), raw)
+    download.run(params(source, max_images=0), raw)
     assert sorted(p.suffix for p in (raw / "images").iterdir()) == [".jpg", ".jpg"]
 
 
@@ -594,7 +595,7 @@ def test_image_folder_resumes_after_a_transient_error(tmp_path, monkeypatch, fol
     folder = copy_folder(folder, tmp_path)
     write_metadata(folder, "metadata.csv", records)
     log, opens = flaky_open_stream(monkeypatch, fail_after=8, error=OSError("stale file handle"))
-    download.run(config(folder), tmp_path / "raw", backoff_s=0)
+    download.run(params(folder), tmp_path / "raw", backoff_s=0)
     assert len(opens) == 2 and ("resumed", True) in log
     assert raw_state(tmp_path / "raw") == raw_state(reference[0])
 
@@ -605,7 +606,7 @@ def test_folder_without_images_or_parquet_is_one_clear_error(tmp_path):
     (source / "readme.md").write_text("no paintings here")
     (source / "metadata.csv").write_text("file_name,artist\n")
     with pytest.raises(UserError) as error:
-        download.run(config(source), tmp_path / "raw")
+        download.run(params(source), tmp_path / "raw")
     message = str(error.value)
     assert "\n" not in message and "no .parquet files and no images" in message and "jpg" in message
     assert not (tmp_path / "raw").exists()
@@ -628,7 +629,7 @@ def test_unreadable_metadata_is_one_error_naming_the_file_and_columns(tmp_path, 
         (source / f"row-{row:03d}.jpg").write_bytes((folder_records[0] / f"row-{row:03d}.jpg").read_bytes())
     (source / name).write_text(text)
     with pytest.raises(UserError) as error:
-        download.run(config(source), tmp_path / "raw")
+        download.run(params(source), tmp_path / "raw")
     message = str(error.value)
     assert "\n" not in message and expected in message and str(source.resolve() / name) in message
     if "not images" not in expected:
@@ -642,7 +643,7 @@ def test_two_metadata_files_are_ambiguous(tmp_path, folder_records):
     write_metadata(folder, "metadata.csv", records)
     write_metadata(folder, "metadata.jsonl", records)
     with pytest.raises(UserError, match="metadata.csv and metadata.jsonl; keep one"):
-        download.run(config(folder), tmp_path / "raw")
+        download.run(params(folder), tmp_path / "raw")
     assert not (tmp_path / "raw").exists()
 
 
@@ -654,12 +655,12 @@ def test_edited_folder_metadata_restarts_an_interrupted_download(tmp_path, monke
     with monkeypatch.context() as patch:
         flaky_open_stream(patch, fail_after=9, error=KeyboardInterrupt())
         with pytest.raises(KeyboardInterrupt):
-            download.run(config(folder), raw)
+            download.run(params(folder), raw)
     assert (raw / ".partial" / "rows.jsonl").read_text().strip(), "some rows were kept before the interruption"
 
     renamed = [dict(r, artist="monet-renamed") if r["artist"] == "claude-monet" else r for r in records]
     write_metadata(folder, "metadata.csv", renamed)
-    summary = download.run(config(folder), raw)
+    summary = download.run(params(folder), raw)
     assert summary.resumed_from == 0, "rows kept under the old labels are not reused"
     table = pd.read_parquet(raw / "metadata.parquet")
     assert "claude-monet" not in set(table["artist"]) and "monet-renamed" in set(table["artist"])
@@ -692,7 +693,7 @@ def test_pushdown_keeps_the_same_rows_on_a_shuffled_mirror(tmp_path, ordered_mir
         runs = {}
         for pushdown in (True, False):
             raw = tmp_path / f"{len(overrides)}-{pushdown}"
-            runs[pushdown] = download.run(config(mirror, max_images=0, **overrides), raw, pushdown=pushdown)
+            runs[pushdown] = download.run(params(mirror, max_images=0, **overrides), raw, pushdown=pushdown)
         assert raw_state(tmp_path / f"{len(overrides)}-True") == raw_state(tmp_path / f"{len(overrides)}-False")
         pushed, unpushed = runs[True], runs[False]
         assert unpushed.read_filter is None and unpushed.rows_scanned == ORDERED_ROWS
@@ -708,8 +709,8 @@ def test_pushdown_reads_about_the_wanted_share_of_a_style_grouped_mirror(tmp_pat
     files_bytes = sum(path.stat().st_size for path in mirror.glob("*.parquet"))
     table = mirror_table(mirror)
     wanted_image_bytes = sum(len(cell["bytes"]) for cell in table[table["style"] == 12]["image"])
-    pushed = download.run(config(mirror, max_images=0), tmp_path / "pushed")
-    unpushed = download.run(config(mirror, max_images=0), tmp_path / "unpushed", pushdown=False)
+    pushed = download.run(params(mirror, max_images=0), tmp_path / "pushed")
+    unpushed = download.run(params(mirror, max_images=0), tmp_path / "unpushed", pushdown=False)
     assert raw_state(tmp_path / "pushed") == raw_state(tmp_path / "unpushed")
     # Without pushdown every byte of every shard is read (the footers twice); with it, the row
     # groups holding Impressionism (16% of the rows, 4 groups of 8 rows: 20%) and the footers.
@@ -722,16 +723,16 @@ def test_pushdown_reads_about_the_wanted_share_of_a_style_grouped_mirror(tmp_pat
 
 def test_pushdown_resumes_an_interrupted_download_of_a_style_grouped_mirror(tmp_path, monkeypatch, ordered_mirrors):
     mirror = ordered_mirrors["by_style"]
-    download.run(config(mirror, max_images=0), tmp_path / "uninterrupted")
+    download.run(params(mirror, max_images=0), tmp_path / "uninterrupted")
     raw = tmp_path / "raw"
     with monkeypatch.context() as patch:
         flaky_open_stream(patch, fail_after=7, error=KeyboardInterrupt())
         with pytest.raises(KeyboardInterrupt):
-            download.run(config(mirror, max_images=0), raw)
+            download.run(params(mirror, max_images=0), raw)
     kept_before = len((raw / ".partial" / "rows.jsonl").read_text().splitlines())
     assert kept_before == 7
     log, _ = flaky_open_stream(monkeypatch, fail_after=None, error=None)
-    summary = download.run(config(mirror, max_images=0), raw)
+    summary = download.run(params(mirror, max_images=0), raw)
     assert summary.resumed_from == kept_before and summary.rows_scanned == summary.kept - kept_before
     assert raw_state(raw) == raw_state(tmp_path / "uninterrupted")
     assert len([kind for kind, _ in log if kind == "row"]) == summary.kept - kept_before, "no row read twice"
@@ -739,7 +740,7 @@ def test_pushdown_resumes_an_interrupted_download_of_a_style_grouped_mirror(tmp_
 
 def test_transfer_metrics_are_written(tmp_path, ordered_mirrors):
     mirror = ordered_mirrors["by_style"]
-    summary = download.run(config(mirror, max_images=10), tmp_path / "raw", metrics_path=tmp_path / "m" / "d.json")
+    summary = download.run(params(mirror, max_images=10), tmp_path / "raw", metrics_path=tmp_path / "m" / "d.json")
     metrics = json.loads((tmp_path / "m" / "d.json").read_text())
     assert metrics == {"images": 10, "resumed_from": 0, "rows_scanned": summary.rows_scanned, "rows_kept": 10,
                        "bytes_read": summary.bytes_read, "seconds": round(summary.seconds, 3),
@@ -776,7 +777,7 @@ def test_hub_parquet_files_lists_the_shards_in_name_order_or_nothing(monkeypatch
 
     asked = []
     monkeypatch.setattr(HfApi, "dataset_info", lambda self, repo_id, **kwargs: asked.append(kwargs) or Info())
-    assert download.hub_parquet_files("huggan/wikiart", "abc") == [
+    assert sources.hub_parquet_files("huggan/wikiart", "abc") == [
         ("data/train-00000-of-00002.parquet", 10), ("data/train-00001-of-00002.parquet", 20)]
     assert asked[0]["revision"] == "abc" and asked[0]["files_metadata"] and asked[0]["timeout"]
 
@@ -784,7 +785,7 @@ def test_hub_parquet_files_lists_the_shards_in_name_order_or_nothing(monkeypatch
         raise ConnectionError("Name or service not known")
 
     monkeypatch.setattr(HfApi, "dataset_info", no_network)
-    assert download.hub_parquet_files("huggan/wikiart", "abc") == []  # the download runs without an ETA
+    assert sources.hub_parquet_files("huggan/wikiart", "abc") == []  # the download runs without an ETA
 
 
 def test_progress_bar_counts_the_source_bytes_passed_and_shows_the_bytes_read(tmp_path, monkeypatch,
@@ -805,12 +806,12 @@ def test_progress_bar_counts_the_source_bytes_passed_and_shows_the_bytes_read(tm
 
     monkeypatch.setattr(download, "tqdm", RecordingBar)
     mirror = ordered_mirrors["by_style"]
-    summary = download.run(config(mirror, max_images=0), tmp_path / "raw")
+    summary = download.run(params(mirror, max_images=0), tmp_path / "raw")
     bar = bars[-1]
     # Without max_images: bytes of the source passed, out of the mirror's size (an ETA is possible).
     assert bar.unit == "B" and bar.total == sum(p.stat().st_size for p in mirror.glob("*.parquet"))
     assert bar.n == bar.total and "read " in bar.postfix and f"kept {summary.kept}" in bar.postfix
     assert any(0 < n < bar.total for n in bar.seen) and bar.seen == sorted(bar.seen), "it moves forward as it reads"
     bars.clear()
-    download.run(config(mirror, max_images=5), tmp_path / "raw5")
+    download.run(params(mirror, max_images=5), tmp_path / "raw5")
     assert bars[-1].unit == "img" and bars[-1].total == 5 and bars[-1].n == 5

@@ -115,7 +115,7 @@ def planted(tmp_path_factory):
 
 
 def run_filter(raw_dir, out, **overrides):
-    return filter_stage.run({**CFG, **overrides}, raw_dir, out / "filtered", out / "metrics" / "data.json",
+    return filter_stage.run({"filter": {**CFG, **overrides}}, raw_dir, out / "filtered", out / "metrics" / "data.json",
                             out / "plots" / "data_artists.png")
 
 

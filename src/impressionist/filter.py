@@ -30,8 +30,9 @@ import json
 import os
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, ClassVar, Iterator, Mapping
 
 import numpy as np
 import pandas as pd
@@ -40,7 +41,7 @@ from tqdm import tqdm
 
 from .errors import UserError, atomic_dir, atomic_write_text, stage_main
 from .layout import DATA_ARTISTS_PLOT, DATA_METRICS, FILTERED_DIR, RAW_DIR
-from .params import load_params, require, require_positive, section
+from .params import ParamsSection, load_params, require_positive
 from .plotting import save_figure
 from .tables import METADATA_FILE, RAW_COLUMNS, read_table
 
@@ -103,7 +104,7 @@ def strict_decoding() -> Iterator[None]:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
-def inspect_image(task: tuple[str, str, str, dict]) -> dict:
+def inspect_image(task: tuple[str, str, str, FilterParams]) -> dict:
     """Check one raw image; if it passes, write it as RGB PNG to ``out_path`` and hash it.
 
     Returns ``{"id", "reason"}`` (reason None when kept) plus ``width``, ``height``, ``phash``
@@ -123,11 +124,11 @@ def inspect_image(task: tuple[str, str, str, dict]) -> dict:
             return {"id": image_id, "reason": "undecodable"}
     width, height = image.size
     short, long = min(width, height), max(width, height)
-    if short < cfg["min_side"]:
+    if short < cfg.min_side:
         return {"id": image_id, "reason": "too_small"}
-    if long / short > cfg["max_aspect"]:
+    if long / short > cfg.max_aspect:
         return {"id": image_id, "reason": "extreme_aspect"}
-    if cfg["drop_grayscale"] and is_grayscale(image):
+    if cfg.drop_grayscale and is_grayscale(image):
         return {"id": image_id, "reason": "grayscale"}
     rgb = to_rgb(image)
     rgb.save(out_path, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
@@ -168,24 +169,34 @@ def near_duplicate_losers(ids: list[str], areas: list[int], hashes: list[int], t
     return losers
 
 
-def _read_config(cfg: dict) -> dict:
-    min_side = require_positive(require(cfg, "min_side", "filter"), "filter.min_side")
-    max_aspect = require_positive(require(cfg, "max_aspect", "filter"), "filter.max_aspect")
-    if max_aspect < 1:
-        raise UserError(f"params.yaml: filter.max_aspect={max_aspect!r} must be >= 1 (long side / short side)")
-    drop_grayscale = require(cfg, "drop_grayscale", "filter")
-    if not isinstance(drop_grayscale, bool):
-        raise UserError(f"params.yaml: filter.drop_grayscale={drop_grayscale!r} must be true or false")
-    threshold = require_positive(require(cfg, "phash_threshold", "filter"), "filter.phash_threshold",
-                                 allow_zero=True)
-    if int(threshold) != threshold or threshold > 64:
-        raise UserError(f"params.yaml: filter.phash_threshold={threshold!r} must be a whole number of bits, 0-64")
-    val_fraction = require(cfg, "val_fraction", "filter")
-    if not isinstance(val_fraction, (int, float)) or isinstance(val_fraction, bool) or not 0 < val_fraction < 1:
-        raise UserError(f"params.yaml: filter.val_fraction={val_fraction!r} must be between 0 and 1 (exclusive); "
-                        "the evaluate stage needs val images")
-    return {"min_side": min_side, "max_aspect": float(max_aspect), "drop_grayscale": drop_grayscale,
-            "phash_threshold": int(threshold), "val_fraction": float(val_fraction)}
+@dataclass(frozen=True)
+class FilterParams(ParamsSection):
+    """params.yaml ``filter``: which raw images are kept, and the share of them held out for val."""
+
+    SECTION: ClassVar[str] = "filter"
+    min_side: float       # px, of the shorter side
+    max_aspect: float     # long side / short side
+    drop_grayscale: bool
+    phash_threshold: int
+    val_fraction: float
+
+    def __post_init__(self) -> None:
+        require_positive(self.min_side, "filter.min_side")
+        max_aspect = require_positive(self.max_aspect, "filter.max_aspect")
+        if max_aspect < 1:
+            raise UserError(f"params.yaml: filter.max_aspect={max_aspect!r} must be >= 1 (long side / short side)")
+        self._set("max_aspect", float(max_aspect))
+        if not isinstance(self.drop_grayscale, bool):
+            raise UserError(f"params.yaml: filter.drop_grayscale={self.drop_grayscale!r} must be true or false")
+        threshold = require_positive(self.phash_threshold, "filter.phash_threshold", allow_zero=True)
+        if int(threshold) != threshold or threshold > 64:
+            raise UserError(f"params.yaml: filter.phash_threshold={threshold!r} must be a whole number of bits, 0-64")
+        self._set("phash_threshold", int(threshold))
+        val_fraction = self.val_fraction
+        if not isinstance(val_fraction, (int, float)) or isinstance(val_fraction, bool) or not 0 < val_fraction < 1:
+            raise UserError(f"params.yaml: filter.val_fraction={val_fraction!r} must be between 0 and 1 (exclusive); "
+                            "the evaluate stage needs val images")
+        self._set("val_fraction", float(val_fraction))
 
 
 def read_raw_metadata(raw_dir: Path) -> pd.DataFrame:
@@ -216,19 +227,19 @@ def plot_artists(table: pd.DataFrame, top: int = 30):
     return fig
 
 
-def run(cfg: dict, raw_dir: Path | str = RAW_DIR, filtered_dir: Path | str = FILTERED_DIR,
+def run(params: Mapping[str, Any], raw_dir: Path | str = RAW_DIR, filtered_dir: Path | str = FILTERED_DIR,
         metrics_path: Path | str = METRICS_PATH, plot_path: Path | str = PLOT_PATH) -> dict:
     """Filter ``raw_dir`` into ``filtered_dir``; write the data metrics and the artists plot.
 
     Returns the metrics written to ``metrics_path``.
     """
-    config = _read_config(cfg)
+    cfg = FilterParams.check(params)
     raw_dir, filtered_dir = Path(raw_dir), Path(filtered_dir)
     raw = read_raw_metadata(raw_dir)
 
     with atomic_dir(filtered_dir) as out:
         (out / "images").mkdir()
-        tasks = [(row.id, str(raw_dir / row.file), str(out / "images" / f"{row.id}.png"), config)
+        tasks = [(row.id, str(raw_dir / row.file), str(out / "images" / f"{row.id}.png"), cfg)
                  for row in raw.itertuples()]
         workers = min(os.cpu_count() or 1, 8)
         if len(tasks) >= PARALLEL_MIN_IMAGES and workers > 1:
@@ -241,7 +252,7 @@ def run(cfg: dict, raw_dir: Path | str = RAW_DIR, filtered_dir: Path | str = FIL
         reasons = {r["id"]: r["reason"] for r in results}
         passed = [r for r in results if r["reason"] is None]
         losers = near_duplicate_losers([r["id"] for r in passed], [r["width"] * r["height"] for r in passed],
-                                       [r["phash"] for r in passed], config["phash_threshold"])
+                                       [r["phash"] for r in passed], cfg.phash_threshold)
         for loser in losers:
             reasons[loser] = "near_duplicate"
             (out / "images" / f"{loser}.png").unlink()
@@ -256,12 +267,12 @@ def run(cfg: dict, raw_dir: Path | str = RAW_DIR, filtered_dir: Path | str = FIL
         # Sizes as stored in the PNG (after EXIF rotation), which is what later stages read.
         kept["width"] = [sizes[i][0] for i in kept["id"]]
         kept["height"] = [sizes[i][1] for i in kept["id"]]
-        kept["split"] = [split_of(i, config["val_fraction"]) for i in kept["id"]]
+        kept["split"] = [split_of(i, cfg.val_fraction) for i in kept["id"]]
         n_val = int((kept["split"] == "val").sum())
         if n_val == 0 or n_val == len(kept):
             empty = "val" if n_val == 0 else "train"
             raise UserError(f"the {empty} split is empty ({len(kept)} images kept, filter.val_fraction="
-                            f"{config['val_fraction']}); {'raise' if n_val == 0 else 'lower'} filter.val_fraction "
+                            f"{cfg.val_fraction}); {'raise' if n_val == 0 else 'lower'} filter.val_fraction "
                             "or download more images")
         kept = kept.reset_index(drop=True)
         kept.to_parquet(out / METADATA_FILE, index=False)
@@ -297,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Filter data/raw into RGB PNGs with a train/val split.")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
-    run(section(load_params(args.params), "filter"), RAW_DIR, FILTERED_DIR, METRICS_PATH, PLOT_PATH)
+    run(load_params(args.params))
 
 
 if __name__ == "__main__":
