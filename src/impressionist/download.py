@@ -409,6 +409,7 @@ def run(params: Mapping[str, Any], raw_dir: Path | str = RAW_DIR, *, retries: in
         write_metrics(summary, Path(metrics_path))
     return summary
 
+
 def write_metrics(summary: DownloadSummary, path: Path) -> None:
     """What the download transferred, as ``metrics/download.json`` (this run's reads only)."""
     metrics = {
