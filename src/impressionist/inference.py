@@ -92,8 +92,8 @@ class EvalSetParams(ParamsSection):
 @dataclass(frozen=True)
 class SampleParams(ParamsSection, InferenceSettings):
     """params.yaml ``sample``: the show set (prompts x seeds at each LoRA scale), how it is drawn, and
-    the evaluation set. Read by the sample stages, the app, the Space and the model card, so it lives
-    here rather than in the sample stage."""
+    the evaluation set. It lives beside the inference settings it extends, outside the sample stage,
+    because the app, the Space and the model card read the section too."""
 
     SECTION: ClassVar[str] = "sample"
     seeds: list[int]
