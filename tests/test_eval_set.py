@@ -13,6 +13,8 @@ from helpers import REPO, committed_params_text, train_tiny_lora
 
 from impressionist import sample
 from impressionist.errors import UserError
+from impressionist.inference import EvalSetParams, SampleParams
+from impressionist.models import ModelParams
 
 
 def eval_params(params, tmp_path, subjects=("a harbor at sunset", "a field of poppies", "a bridge at dusk")):
@@ -46,10 +48,10 @@ def test_base_and_lora_eval_sets_pair_by_subject_and_seed(demo_params, trained_l
     assert base["eval_set"].nunique() == 1
 
     # an image is the pipeline's own output for its recorded prompt and seed at the set's settings
-    pipe, _ = sample.load(params, torch.device("cpu"))
-    ev = sample.eval_set_config(params)
+    cfg = SampleParams.check(params)
+    pipe = sample.load(ModelParams.check(params), cfg, torch.device("cpu"))
     row = base.iloc[3]
-    direct = np.asarray(sample.draw(pipe, ev, row["prompt"], int(row["seed"]))).astype(np.int16)
+    direct = np.asarray(sample.draw(pipe, sample.eval_sampler(cfg), row["prompt"], int(row["seed"]))).astype(np.int16)
     assert np.array_equal(pixels(tmp_path / "base" / row["file"]), direct)
     assert pixels(tmp_path / "base" / row["file"]).shape == (32, 32, 3)
     # different seeds of one subject give different images
@@ -73,8 +75,8 @@ def test_fingerprint_follows_what_shapes_the_images_not_the_model(demo_params, t
     params = eval_params(demo_params, tmp_path)
 
     def fingerprint(p):
-        ev = sample.eval_set_config(p)
-        return sample.eval_set_fingerprint(p, ev, sample.evaluation_subjects(ev))
+        cfg = SampleParams.check(p)
+        return sample.eval_set_fingerprint(cfg, p["caption"]["trigger"], sample.evaluation_subjects(cfg.eval_set))
 
     first = fingerprint(params)
     params["model"]["pretrained"] = "black-forest-labs/FLUX.1-dev"
@@ -92,7 +94,7 @@ def test_shipped_subjects_have_no_style_words_and_enough_for_the_recipe():
 
     recipe = yaml.safe_load(committed_params_text())  # the recipe, not a demo applied in the workspace
     ev = {**recipe["sample"]["eval_set"], "subjects": str(REPO / recipe["sample"]["eval_set"]["subjects"])}
-    subjects = sample.evaluation_subjects(ev)
+    subjects = sample.evaluation_subjects(EvalSetParams.of(ev))
     assert len(subjects) == ev["num_subjects"] == 100 and len(set(subjects)) == 100
     words = ("impression", "monet", "renoir", "painting", "style", recipe["caption"]["trigger"])
     assert not [s for s in subjects if any(w in s.lower() for w in words)]

@@ -85,9 +85,10 @@ def test_what_the_cpu_cannot_run_is_refused(settings, message):
 @pytest.mark.parametrize("key, value, message", [
     ("lora_mode", "merged", "sample.lora_mode"), ("quantization", "int4", "sample.quantization"),
     ("offload", "disk", "sample.offload"), ("compile", "yes", "sample.compile=.yes. must be true or false")])
-def test_bad_values_name_the_setting(key, value, message):
+def test_bad_values_name_the_setting(demo_params, key, value, message):
+    demo_params["sample"][key] = value
     with pytest.raises(UserError, match=message):
-        inference.settings_from({key: value}, "sample")
+        inference.SampleParams.check(demo_params)
 
 
 def test_sample_stage_refuses_before_loading_and_draws_fused(demo_params, trained_lora, tmp_path, monkeypatch):

@@ -157,7 +157,7 @@ def test_card_for_the_real_recipe(recipe_params, artefacts, tmp_path):
     training = json.loads((artefacts["lora_dir"] / "training_config.json").read_text())
     training["base_model"] = recipe_params["model"]["pretrained"]  # as a FLUX.1-dev run records it
     card = publish.build_card(repo_id=REPO, params=recipe_params, training=training, metrics=EVAL,
-                              publish_cfg=publish.publish_cfg(recipe_params, REPO),
+                              publish=publish.publish_params(recipe_params, REPO),
                               lora_file="pytorch_lora_weights.safetensors",
                               kohya_file=export.KOHYA_FILE, grid_file="images/samples_grid.png",
                               data_metrics={"train": 12345})

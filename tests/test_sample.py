@@ -14,6 +14,8 @@ from helpers import train_tiny_lora
 from impressionist import sample
 from impressionist.errors import UserError
 from impressionist.grid import sample_grid_figure
+from impressionist.inference import SampleParams
+from impressionist.prompts import CaptionParams
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +48,16 @@ def write_captions(path, rows=CAPTION_ROWS):
     return path
 
 
+def prompt_set(params, captions):
+    return sample.prompt_set(SampleParams.check(params), CaptionParams.check(params).trigger, captions)
+
+
 def test_prompt_set_is_subjects_with_trigger_then_val_captions_verbatim(demo_params, tmp_path):
     params = small(demo_params)
     params["caption"]["trigger"] = "trig"
     params["sample"]["val_captions"] = 3
     captions = write_captions(tmp_path / "captions.parquet")
-    assert sample.prompt_set(params, captions) == [
+    assert prompt_set(params, captions) == [
         ("trig, a harbor at sunset", "subject"),
         ("trig, a field", "subject"),
         # first distinct validation captions by image id: b0, c0 (d0 repeats c0), e0
@@ -60,12 +66,12 @@ def test_prompt_set_is_subjects_with_trigger_then_val_captions_verbatim(demo_par
         ("trig, a portrait sitter by Mary Cassatt", "val_caption"),
     ]
     params["sample"]["val_captions"] = 1
-    assert [p for p, _ in sample.prompt_set(params, captions)][-1] == "a quiet river at dawn, trig style"
+    assert [p for p, _ in prompt_set(params, captions)][-1] == "a quiet river at dawn, trig style"
     # captions alone are a prompt set; the captions file is not read when none are asked for
     params["sample"].update(prompts=[], val_captions=2)
-    assert len(sample.prompt_set(params, captions)) == 2
+    assert len(prompt_set(params, captions)) == 2
     params["sample"].update(prompts=["a field"], val_captions=0)
-    assert sample.prompt_set(params, tmp_path / "absent.parquet") == [("trig, a field", "subject")]
+    assert prompt_set(params, tmp_path / "absent.parquet") == [("trig, a field", "subject")]
 
 
 @pytest.mark.parametrize(("change", "needle"), [
@@ -80,7 +86,7 @@ def test_prompt_set_refusals(demo_params, tmp_path, change, needle):
     params = small(demo_params)
     params["sample"].update(change)
     with pytest.raises(UserError) as err:
-        sample.prompt_set(params, write_captions(tmp_path / "captions.parquet"))
+        prompt_set(params, write_captions(tmp_path / "captions.parquet"))
     assert needle in str(err.value) and "\n" not in str(err.value)
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 FLUX_MATH, SAMPLE, CAPTION = ("src/impressionist/flux_math.py", "src/impressionist/sample.py",
                               "src/impressionist/caption.py")
+INFERENCE = "src/impressionist/inference.py"
 FLUX_MATH_TESTS, SAMPLE_TESTS, CAPTION_TESTS = ("tests/test_flux_math.py",), ("tests/test_sample.py",), \
     ("tests/test_caption.py",)
 STATS, EVALUATE, REPORT = "src/impressionist/stats.py", "src/impressionist/evaluate.py", "src/impressionist/report.py"
@@ -75,15 +76,15 @@ MUTATIONS = [
     # --- sample.py: which image is drawn from what
     Mutation("all_seed_0", SAMPLE, "manual_seed(int(seed))", "manual_seed(0)",
              SAMPLE_TESTS, "every image drawn with seed 0"),
-    Mutation("all_first_prompt", SAMPLE, "draw(pipe, cfg, prompt, seed)", "draw(pipe, cfg, prompt_list[0][0], seed)",
+    Mutation("all_first_prompt", SAMPLE, "draw(pipe, show, prompt, seed)", "draw(pipe, show, prompt_list[0][0], seed)",
              SAMPLE_TESTS, "every image drawn from the first prompt"),
-    Mutation("lora_noise_differs", SAMPLE, "draw(pipe, cfg, prompt, seed)", "draw(pipe, cfg, prompt, seed + int(lora_scale > 0))",
+    Mutation("lora_noise_differs", SAMPLE, "draw(pipe, show, prompt, seed)", "draw(pipe, show, prompt, seed + int(lora_scale > 0))",
              SAMPLE_TESTS, "LoRA images start from other noise than the base images of their row"),
     Mutation("seed_not_recorded", SAMPLE, '"seed": int(seed),', '"seed": 0,',
              SAMPLE_TESTS, "samples.csv records the wrong seed"),
-    Mutation("lora_scale_ignored", SAMPLE, "adapter_weights=[float(scale)]", "adapter_weights=[1.0]",
+    Mutation("lora_scale_ignored", INFERENCE, "adapter_weights=[float(scale)]", "adapter_weights=[1.0]",
              SAMPLE_TESTS, "every LoRA scale samples at 1.0"),
-    Mutation("val_captions_dropped", SAMPLE, "[(c, VAL_CAPTION) for c in validation_captions(count, captions_path)]",
+    Mutation("val_captions_dropped", SAMPLE, "[(c, VAL_CAPTION) for c in validation_captions(cfg.val_captions, captions_path)]",
              "[]", SAMPLE_TESTS, "sample.val_captions adds nothing to the prompt set"),
     Mutation("val_captions_unsorted", SAMPLE, '.sort_values("id", kind="stable")', "",
              SAMPLE_TESTS, "validation captions taken in file order, not by image id"),

@@ -26,51 +26,35 @@ from __future__ import annotations
 import math
 import os
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 from .errors import UserError, first_line
-from .inference import InferenceSettings, baked, build_pipeline, check, lora_applied, lora_removed, settings_from
+from .inference import InferenceSettings, baked, build_pipeline, check, lora_applied, lora_removed
 from .layout import LORA_DIR, LORA_WEIGHTS
-from .params import load_params
+from .models import ModelParams
+from .params import ParamsSection, load_params
 from .prompts import with_trigger
 
 ENV_PREFIX = "IMPRESSIONIST_"
-# Used when params.yaml has no `app` section (or on a Space without params.yaml).
-APP_DEFAULTS: dict[str, Any] = {
-    "base_model": "",           # "" = model.pretrained
-    "lora": LORA_DIR.as_posix(),  # a LoRA folder or a Hub repo id
-    "dtype": "",                # "" = model.dtype on a GPU, float32 on the CPU
-    "max_steps": 50,
-    "max_resolution": 1024,
-    "min_resolution": 256,
-    "max_prompt_chars": 300,
-    "max_guidance": 10.0,
-    "max_lora_scale": 2.0,
-    "concurrency_limit": 1,
-    "max_queue_size": 16,
-    "lora_mode": "adapter",     # adapter | fused (impressionist.inference)
-    "quantization": "none",     # none | fp8 | nf4: the transformer's block weights
-    "offload": "none",          # none | model | sequential
-    "compile": False,           # torch.compile the repeated transformer blocks
-    "gpu_duration": 120,        # ZeroGPU: seconds a call may hold the GPU (spaces.GPU duration)
-}
+# A bare Space has no params.yaml: it runs the recipe's base model.
+RECIPE_BASE_MODEL = "black-forest-labs/FLUX.1-dev"
 MULTIPLE = 16  # FLUX image sides: 8x VAE downsampling, then 2x2 latent packing
+POSITIVE_INTEGERS = ("max_steps", "max_resolution", "min_resolution", "max_prompt_chars", "concurrency_limit",
+                     "max_queue_size", "gpu_duration")
 
 
 @dataclass(frozen=True)
-class AppSettings:
-    base_model: str
-    revision: str | None
-    lora: str
-    dtype: str
-    device: str
-    trigger: str
-    examples: list[str] = field(default_factory=list)
-    default_steps: int = 28
-    default_guidance: float = 3.5
-    default_size: int = 1024
+class AppParams(ParamsSection, InferenceSettings):
+    """params.yaml ``app`` (each setting also ``IMPRESSIONIST_<KEY>``); every key has a default, so the
+    app runs without the section, or without params.yaml (a bare Space). lora_mode, quantization,
+    offload and compile are :class:`~impressionist.inference.InferenceSettings`, as in ``sample``."""
+
+    SECTION: ClassVar[str] = "app"
+    base_model: str = ""                 # "" = model.pretrained
+    lora: str = LORA_DIR.as_posix()      # a LoRA folder or a Hub repo id
+    dtype: str = ""                      # "" = model.dtype on a GPU, float32 on the CPU
     max_steps: int = 50
     max_resolution: int = 1024
     min_resolution: int = 256
@@ -79,8 +63,50 @@ class AppSettings:
     max_lora_scale: float = 2.0
     concurrency_limit: int = 1
     max_queue_size: int = 16
-    inference: InferenceSettings = field(default_factory=InferenceSettings)
-    gpu_duration: int = 120
+    gpu_duration: int = 120              # ZeroGPU: seconds a call may hold the GPU (spaces.GPU duration)
+
+    def __post_init__(self) -> None:
+        for key in POSITIVE_INTEGERS:
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UserError(f"app.{key}={value!r} must be a positive integer")
+        for key in ("min_resolution", "max_resolution"):  # the sliders step by 16 from the minimum
+            if getattr(self, key) % MULTIPLE:
+                raise UserError(f"app.{key}={getattr(self, key)} must be a multiple of {MULTIPLE} (FLUX image sides)")
+        if self.min_resolution > self.max_resolution:
+            raise UserError(f"app.max_resolution={self.max_resolution} must be at least "
+                            f"app.min_resolution={self.min_resolution}")
+        for key in ("max_guidance", "max_lora_scale"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise UserError(f"app.{key}={value!r} must be a positive number")
+        super().__post_init__()  # lora_mode, quantization, offload, compile
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    """What the app runs with: ``app`` settings resolved against the model, caption and sample params."""
+
+    base_model: str
+    revision: str | None
+    lora: str
+    dtype: str
+    device: str
+    trigger: str
+    examples: list[str]
+    default_steps: int
+    default_guidance: float
+    default_size: int
+    max_steps: int
+    max_resolution: int
+    min_resolution: int
+    max_prompt_chars: int
+    max_guidance: float
+    max_lora_scale: float
+    concurrency_limit: int
+    max_queue_size: int
+    inference: InferenceSettings
+    gpu_duration: int
 
 
 def _from_env(key: str, default: Any, environ: Mapping[str, str]) -> Any:
@@ -100,6 +126,13 @@ def _from_env(key: str, default: Any, environ: Mapping[str, str]) -> Any:
     return raw
 
 
+def app_params(params: Mapping[str, Any], environ: Mapping[str, str]) -> AppParams:
+    """The ``app`` section, each setting overridden by ``IMPRESSIONIST_<KEY>``, then checked: the
+    overrides go into the mapping first, so a variable is typed as the value it replaces."""
+    given = {f.name: f.default for f in fields(AppParams)} | dict(params.get("app") or {})
+    return AppParams.of({key: _from_env(key, value, environ) for key, value in given.items()})
+
+
 def load_settings(params: dict[str, Any] | None = None,
                   environ: Mapping[str, str] | None = None) -> AppSettings:
     """Settings from params (``IMPRESSIONIST_PARAMS`` or ./params.yaml, if present) and the environment."""
@@ -109,42 +142,29 @@ def load_settings(params: dict[str, Any] | None = None,
     if params is None:
         path = Path(environ.get(ENV_PREFIX + "PARAMS", "params.yaml"))
         params = load_params(path) if path.is_file() else {}
-    model = params.get("model") or {}
+    cfg = app_params(params, environ)
+    model = ModelParams.check(params) if params.get("model") else ModelParams(pretrained=RECIPE_BASE_MODEL)
+    # caption and sample are read key by key: a Space's params.yaml holds only the keys the app uses
+    # (space.APP_SECTIONS), too few for CaptionParams and SampleParams, and a bare Space has none.
     sample = params.get("sample") or {}
-    cfg = {**APP_DEFAULTS, **(params.get("app") or {})}
-    cfg = {key: _from_env(key, value, environ) for key, value in cfg.items()}
-    base_model = cfg["base_model"] or model.get("pretrained") or "black-forest-labs/FLUX.1-dev"
+    base_model = cfg.base_model or model.pretrained
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = cfg["dtype"] or (model.get("dtype", "bfloat16") if device == "cuda" else "float32")
+    dtype = cfg.dtype or (model.dtype if device == "cuda" else "float32")
     trigger = str(_from_env("trigger", (params.get("caption") or {}).get("trigger", ""), environ))
     prompts = [with_trigger(trigger, p) for p in sample.get("prompts") or []]
-    for key in ("max_steps", "max_resolution", "min_resolution", "max_prompt_chars", "concurrency_limit",
-                "max_queue_size", "gpu_duration"):
-        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
-            raise UserError(f"app.{key}={cfg[key]!r} must be a positive integer")
-    for key in ("min_resolution", "max_resolution"):  # the sliders step by 16 from the minimum
-        if cfg[key] % MULTIPLE:
-            raise UserError(f"app.{key}={cfg[key]} must be a multiple of {MULTIPLE} (FLUX image sides)")
-    if cfg["min_resolution"] > cfg["max_resolution"]:
-        raise UserError(f"app.max_resolution={cfg['max_resolution']} must be at least "
-                        f"app.min_resolution={cfg['min_resolution']}")
-    for key in ("max_guidance", "max_lora_scale"):
-        value = cfg[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-            raise UserError(f"app.{key}={value!r} must be a positive number")
-    size = int(sample.get("resolution", cfg["max_resolution"]))
-    size = min(max(size, cfg["min_resolution"]), cfg["max_resolution"]) // MULTIPLE * MULTIPLE
+    size = int(sample.get("resolution", cfg.max_resolution))
+    size = min(max(size, cfg.min_resolution), cfg.max_resolution) // MULTIPLE * MULTIPLE
     return AppSettings(
         base_model=str(base_model),
-        revision=model.get("revision") if base_model == model.get("pretrained") else None,
-        lora=str(cfg["lora"]), dtype=str(dtype), device=device, trigger=trigger, examples=prompts,
-        default_steps=min(int(sample.get("steps", 28)), cfg["max_steps"]),
-        default_guidance=min(float(sample.get("guidance_scale", 3.5)), float(cfg["max_guidance"])),
+        revision=model.revision if base_model == model.pretrained else None,
+        lora=str(cfg.lora), dtype=str(dtype), device=device, trigger=trigger, examples=prompts,
+        default_steps=min(int(sample.get("steps", 28)), cfg.max_steps),
+        default_guidance=min(float(sample.get("guidance_scale", 3.5)), float(cfg.max_guidance)),
         default_size=max(size, MULTIPLE),
-        **{key: cfg[key] for key in ("max_steps", "max_resolution", "min_resolution", "max_prompt_chars",
-                                     "concurrency_limit", "max_queue_size")},
-        max_guidance=float(cfg["max_guidance"]), max_lora_scale=float(cfg["max_lora_scale"]),
-        inference=settings_from(cfg, "app"), gpu_duration=cfg["gpu_duration"],
+        max_steps=cfg.max_steps, max_resolution=cfg.max_resolution, min_resolution=cfg.min_resolution,
+        max_prompt_chars=cfg.max_prompt_chars, concurrency_limit=cfg.concurrency_limit,
+        max_queue_size=cfg.max_queue_size, max_guidance=float(cfg.max_guidance),
+        max_lora_scale=float(cfg.max_lora_scale), inference=cfg, gpu_duration=cfg.gpu_duration,
     )
 
 

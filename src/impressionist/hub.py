@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any, Mapping
 
 BUILTIN_PREFIX = "builtin:"  # locally built models (the demo's tiny networks), never on the Hub
 OFFLINE_VALUES = ("1", "true", "yes", "on")  # what huggingface_hub reads as a set HF_HUB_OFFLINE
@@ -25,6 +26,15 @@ def hub_offline() -> bool:
     except ImportError:
         return False
     return bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
+def refuse_token_keys(values: Mapping[str, Any], section: str) -> None:
+    """A params section must never hold a token: it would end up in git and DVC."""
+    from .errors import UserError
+
+    if any("token" in str(key).lower() for key in values):
+        raise UserError("params.yaml: never put a Hugging Face token in params (it would end up in git "
+                        f"and DVC); remove it from '{section}' and {TOKEN_HINT}")
 
 
 def check_access(api, token: str) -> str:

@@ -12,6 +12,7 @@
 * ``compile``: ``torch.compile`` of the repeated transformer blocks (diffusers'
   ``compile_repeated_blocks``, as ``train.compile``); the first image pays for the compilation.
 
+:class:`SampleParams` (``sample``) holds them with the sampler settings and the evaluation set;
 :func:`check` refuses, with one line and before any model loads, what this machine cannot run.
 Estimated full-size peaks per setting: ``benchmarks/bench_inference.py --profile estimate``.
 """
@@ -21,42 +22,117 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import shutil
-from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterator
 
 import torch
 
 from .errors import UserError
-from .params import require_choice
+from .params import ParamsSection, require_choice, require_int, require_multiple, require_positive
 
 ADAPTER = "impressionist"
 LORA_MODES = ("adapter", "fused")
 QUANTIZATIONS = ("none", "fp8", "nf4")
 OFFLOAD_MODES = ("none", "model", "sequential")
-DEFAULTS: dict[str, Any] = {"lora_mode": "adapter", "quantization": "none", "offload": "none", "compile": False}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class InferenceSettings:
+    """The four settings the sample stages and the app share; ``SampleParams`` and ``AppParams``
+    are InferenceSettings, so these keys, their defaults and checks are written once, here."""
+
+    SECTION: ClassVar[str] = "inference"  # names the settings in messages (sample.*, app.*)
     lora_mode: str = "adapter"
     quantization: str = "none"
     offload: str = "none"
     compile: bool = False
+
+    def __post_init__(self) -> None:
+        require_choice(self.lora_mode, LORA_MODES, f"{self.SECTION}.lora_mode")
+        require_choice(self.quantization, QUANTIZATIONS, f"{self.SECTION}.quantization")
+        require_choice(self.offload, OFFLOAD_MODES, f"{self.SECTION}.offload")
+        require_bool(self.compile, f"{self.SECTION}.compile")
 
     def describe(self) -> str:
         return (f"LoRA {self.lora_mode}, transformer {self.quantization if self.quantization != 'none' else 'unquantized'}, "
                 f"offload {self.offload}{', compiled' if self.compile else ''}")
 
 
-def settings_from(cfg: Mapping[str, Any], section: str) -> InferenceSettings:
-    """The four settings from a params section (``sample`` or ``app``), defaults for absent keys."""
-    values = {key: cfg.get(key, default) for key, default in DEFAULTS.items()}
-    require_choice(values["lora_mode"], LORA_MODES, f"{section}.lora_mode")
-    require_choice(values["quantization"], QUANTIZATIONS, f"{section}.quantization")
-    require_choice(values["offload"], OFFLOAD_MODES, f"{section}.offload")
-    if not isinstance(values["compile"], bool):
-        raise UserError(f"params.yaml: {section}.compile={values['compile']!r} must be true or false")
-    return InferenceSettings(**values)
+def require_bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise UserError(f"params.yaml: {name}={value!r} must be true or false")
+    return value
+
+
+@dataclass(frozen=True)
+class EvalSetParams(ParamsSection):
+    """params.yaml ``sample.eval_set``: the evaluation set the sample stages draw and evaluate measures."""
+
+    SECTION: ClassVar[str] = "sample.eval_set"
+    subjects: str
+    num_subjects: int
+    seeds: list[int]
+    steps: int
+    resolution: int
+    guidance_scale: float
+
+    def __post_init__(self) -> None:
+        require_int(self.num_subjects, "sample.eval_set.num_subjects", minimum=1)
+        require_int(self.steps, "sample.eval_set.steps", minimum=1)
+        require_multiple(self.resolution, 16, "sample.eval_set.resolution")
+        require_positive(self.guidance_scale, "sample.eval_set.guidance_scale", allow_zero=True)
+        seeds = self.seeds
+        if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
+            raise UserError("params.yaml: sample.eval_set.seeds must list distinct integer seeds, e.g. [0, 1, 2]")
+        if not isinstance(self.subjects, str) or not self.subjects.strip():
+            raise UserError("params.yaml: sample.eval_set.subjects must name a text file of subjects, one per line")
+
+
+@dataclass(frozen=True)
+class SampleParams(ParamsSection, InferenceSettings):
+    """params.yaml ``sample``: the show set (prompts x seeds at each LoRA scale), how it is drawn, and
+    the evaluation set. It lives beside the inference settings it extends, outside the sample stage,
+    because the app, the Space and the model card read the section too."""
+
+    SECTION: ClassVar[str] = "sample"
+    seeds: list[int]
+    steps: int
+    guidance_scale: float
+    resolution: int
+    lora_scales: list[float]
+    max_sequence_length: int
+    eval_set: EvalSetParams
+    prompts: list[str] = field(default_factory=list)  # held-out subjects; the trigger is added to each
+    val_captions: int = 0  # + the first N distinct validation captions (0 = none)
+    vae_tiling: bool = False
+
+    def __post_init__(self) -> None:
+        items = [] if self.prompts is None else self.prompts
+        if not isinstance(items, list) or not all(isinstance(p, str) and p.strip() for p in items):
+            raise UserError("params.yaml: sample.prompts must be a list of non-empty prompts")
+        self._set("prompts", [p.strip() for p in items])
+        count = self.val_captions
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise UserError(f"params.yaml: sample.val_captions={count!r} must be an integer >= 0 "
+                            "(0 = no validation captions in the prompt set)")
+        if not self.prompts and count == 0:
+            raise UserError("the prompt set is empty: params.yaml lists no sample.prompts and sample.val_captions "
+                            "is 0; add held-out subjects to sample.prompts or set sample.val_captions > 0")
+        require_multiple(self.resolution, 16, "sample.resolution")
+        require_int(self.steps, "sample.steps", minimum=1)
+        require_positive(self.guidance_scale, "sample.guidance_scale", allow_zero=True)
+        require_int(self.max_sequence_length, "sample.max_sequence_length", minimum=1)
+        seeds = self.seeds
+        if not seeds or not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                                 for s in seeds):
+            raise UserError("params.yaml: sample.seeds must list at least one integer seed")
+        scales = self.lora_scales
+        if (not scales or not isinstance(scales, list)
+                or any(not isinstance(s, (int, float)) or s <= 0 for s in scales)):
+            raise UserError("params.yaml: sample.lora_scales must list LoRA scales > 0, e.g. [0.5, 1.0]")
+        require_bool(self.vae_tiling, "sample.vae_tiling")
+        super().__post_init__()  # lora_mode, quantization, offload, compile
 
 
 def check(settings: InferenceSettings, device: torch.device, section: str) -> None:

@@ -9,10 +9,13 @@ from the offline demo (tiny random-weight model, synthetic images, random metric
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .hub import BUILTIN_PREFIX, is_hub_id
 from .prompts import with_trigger
+
+if TYPE_CHECKING:
+    from .publish import PublishParams
 
 METRIC_COLUMNS = [("clip_score", "CLIP score (subject) ↑"), ("style_score", "style score ↑"),
                   ("kid", "KID ↓"), ("cmmd", "CMMD ↓")]
@@ -132,11 +135,13 @@ def data_note(download: dict[str, Any], data_metrics: dict[str, Any] | None) -> 
 
 
 def build_card(*, repo_id: str, params: dict[str, Any], training: dict[str, Any],
-               metrics: dict[str, Any], publish_cfg: dict[str, Any], lora_file: str, kohya_file: str,
+               metrics: dict[str, Any], publish: PublishParams, lora_file: str, kohya_file: str,
                grid_file: str, data_metrics: dict[str, Any] | None = None):
     """The ``huggingface_hub.ModelCard`` for the upload folder (files named relative to it)."""
     from huggingface_hub import ModelCard, ModelCardData
 
+    # Other modules' sections are read key by key: their classes live in stage modules or in
+    # inference.py, and publishing imports neither (nor the torch they bring).
     trigger = params.get("caption", {}).get("trigger", "")
     base_model = str(training.get("base_model") or params["model"]["pretrained"])
     download = params.get("download", {})
@@ -148,9 +153,8 @@ def build_card(*, repo_id: str, params: dict[str, Any], training: dict[str, Any]
     data = ModelCardData(
         base_model=base_model if is_hub_id(base_model) else None,
         library_name="diffusers", pipeline_tag="text-to-image",
-        license=publish_cfg["license"], license_name=publish_cfg.get("license_name"),
-        license_link=publish_cfg.get("license_link"),
-        tags=list(publish_cfg.get("tags") or []),
+        license=publish.license, license_name=publish.license_name, license_link=publish.license_link,
+        tags=list(publish.tags or []),
         datasets=[download["source"]] if is_hub_id(str(download.get("source", ""))) else None,
         instance_prompt=trigger or None,
         widget=[{"text": full_prompt, "output": {"url": grid_file}}],
@@ -226,7 +230,7 @@ against the subject alone.
 ## Licence
 
 FLUX.1-dev is released under the FLUX.1 [dev] Non-Commercial License
-([{publish_cfg.get('license_name')}]({publish_cfg.get('license_link')})); LoRAs trained on it are derivatives
+([{publish.license_name}]({publish.license_link})); LoRAs trained on it are derivatives
 and inherit its terms: no commercial use.
 """
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")

@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError, atomic_write_text, stage_main
-from .params import DEFAULT_PARAMS, load_params, require, section
+from .params import DEFAULT_PARAMS, load_params
 
 REVISION_LINE = re.compile(r"^(?P<key>[ \t]+revision:[ \t]*)(?P<value>[^#\n]*?)(?P<rest>[ \t]*(#.*)?)$")
 
@@ -41,16 +41,16 @@ def pin(params_path: Path | str = DEFAULT_PARAMS, revision: str | None = None) -
     """Pin ``model.revision`` (or ``revision``) to its commit in ``params_path``; returns the commit,
     or None when the model is not a Hub model (nothing to pin)."""
     from .hub import is_hub_id
-    from .models import hub_commit
+    from .models import ModelParams, hub_commit
 
     params_path = Path(params_path)
-    model_cfg = section(load_params(params_path), "model")
-    name = str(require(model_cfg, "pretrained", "model"))
+    model = ModelParams.check(load_params(params_path))
+    name = model.pretrained
     if not is_hub_id(name):
         print(f"pin-model: model.pretrained={name} is not a Hub model: nothing to pin (stages record its "
               "content hash, or the builtin model's version, in data/cache/index.json)")
         return None
-    wanted = revision or model_cfg.get("revision") or "main"
+    wanted = revision or model.revision or "main"
     commit = hub_commit(name, wanted)
     text = set_model_revision(params_path.read_text(), commit)
     if (yaml.safe_load(text) or {}).get("model", {}).get("revision") != commit:  # never write a wrong file

@@ -18,52 +18,69 @@ import argparse
 import json
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Mapping
 
 from .errors import UserError, atomic_dir, first_line, stage_main
-from .hub import BUILTIN_PREFIX, TOKEN_HINT, check_access
+from .hub import BUILTIN_PREFIX, TOKEN_HINT, check_access, refuse_token_keys
 from .layout import (DATA_METRICS, EVAL_METRICS, EXPORT_DIR, EXPORT_MANIFEST, LORA_DIR, LORA_WEIGHTS,
                      TRAINING_CONFIG)
 from .layout import SAMPLE_GRID as GRID
 from .model_card import build_card
-from .params import load_params, require, section
+from .params import ParamsSection, load_params
 
 HUB_DIR = Path("build/hub")
 CARD = "README.md"
 GRID_IN_REPO = "images/samples_grid.png"
-DEFAULTS = {
-    "repo_id": "", "private": True,
-    "tags": ["text-to-image", "diffusers", "lora", "flux", "template:sd-lora", "impressionism"],
-    "license": "other", "license_name": "flux-1-dev-non-commercial-license",
-    "license_link": "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md",
-    "commit_message": "Upload impressionist LoRA",
-}
-
-
-def publish_cfg(params: dict[str, Any], repo_id: str | None = None) -> dict[str, Any]:
-    """The ``publish`` section with defaults; ``repo_id`` (from ``--repo-id``) overrides it."""
-    given = params.get("publish") or {}
-    if any("token" in str(key).lower() for key in given):
-        raise UserError("params.yaml: never put a Hugging Face token in params (it would end up in git "
-                        f"and DVC); remove it and {TOKEN_HINT}")
-    cfg = {**DEFAULTS, **given}
-    if repo_id:
-        cfg["repo_id"] = repo_id
-    if not cfg["repo_id"]:
-        raise UserError("no Hub repo to publish to: set publish.repo_id in params.yaml or pass "
-                        "--repo-id, e.g. --repo-id your-name/impressionist-flux-lora")
+def _repo_id(value: Any, name: str) -> None:
+    """A Hub repo id with a namespace (``your-name/impressionist-flux-lora``), or one line."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
-        validate_repo_id(cfg["repo_id"])
+        validate_repo_id(value)
     except HFValidationError as err:
-        raise UserError(f"publish.repo_id={cfg['repo_id']!r} is not a valid Hub repo id: "
-                        f"{first_line(err)}") from err
-    if cfg["repo_id"].count("/") != 1:
-        raise UserError(f"publish.repo_id={cfg['repo_id']!r} needs a namespace: your-name/{cfg['repo_id']}")
-    if not isinstance(cfg["private"], bool):
-        raise UserError(f"params.yaml: publish.private={cfg['private']!r} must be true or false")
+        raise UserError(f"{name}={value!r} is not a valid Hub repo id: {first_line(err)}") from err
+    if value.count("/") != 1:
+        raise UserError(f"{name}={value!r} needs a namespace: your-name/{value}")
+
+
+@dataclass(frozen=True)
+class PublishParams(ParamsSection):
+    """params.yaml ``publish``: where ``impressionist publish`` uploads, and the card's licence and tags.
+    ``repo_id`` may be empty here: ``--repo-id`` gives it, and ``space`` only reads it."""
+
+    SECTION: ClassVar[str] = "publish"
+    repo_id: str = ""
+    private: bool = True
+    tags: list[str] = field(default_factory=lambda: [
+        "text-to-image", "diffusers", "lora", "flux", "template:sd-lora", "impressionism"])
+    license: str = "other"
+    license_name: str = "flux-1-dev-non-commercial-license"
+    license_link: str = "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md"
+    commit_message: str = "Upload impressionist LoRA"
+
+    @classmethod
+    def of(cls, values: Mapping[str, Any]) -> PublishParams:
+        refuse_token_keys(values, cls.SECTION)  # before the unknown-key check would name the token's key
+        return super().of(values)
+
+    def __post_init__(self) -> None:
+        if self.repo_id:
+            _repo_id(self.repo_id, "publish.repo_id")
+        if not isinstance(self.private, bool):
+            raise UserError(f"params.yaml: publish.private={self.private!r} must be true or false")
+
+
+def publish_params(params: Mapping[str, Any], repo_id: str | None = None) -> PublishParams:
+    """The ``publish`` section (all of it optional); ``repo_id`` (from ``--repo-id``) overrides it."""
+    given = dict(params.get("publish") or {})
+    if repo_id:
+        given["repo_id"] = repo_id
+    cfg = PublishParams.of(given)
+    if not cfg.repo_id:
+        raise UserError("no Hub repo to publish to: set publish.repo_id in params.yaml or pass "
+                        "--repo-id, e.g. --repo-id your-name/impressionist-flux-lora")
     return cfg
 
 
@@ -83,7 +100,7 @@ def _read_json(path: Path, producer: str, required: tuple[str, ...] = ()) -> dic
     return data
 
 
-def build_folder(params: dict[str, Any], cfg: dict[str, Any], out: Path, lora_dir: Path = LORA_DIR,
+def build_folder(params: dict[str, Any], cfg: PublishParams, out: Path, lora_dir: Path = LORA_DIR,
                  export_dir: Path = EXPORT_DIR, grid: Path = GRID, eval_metrics: Path = EVAL_METRICS,
                  data_metrics: Path = DATA_METRICS) -> list[str]:
     """Write the upload folder to ``out`` (atomically) and return its files, relative to it."""
@@ -99,8 +116,8 @@ def build_folder(params: dict[str, Any], cfg: dict[str, Any], out: Path, lora_di
         raise UserError(f"no sample grid at {grid}; run `dvc repro sample` first")
     metrics = _read_json(Path(eval_metrics), "dvc repro evaluate")
     data = _read_json(Path(data_metrics), "dvc repro filter") if Path(data_metrics).is_file() else None
-    card = build_card(repo_id=cfg["repo_id"], params=params, training=training, metrics=metrics,
-                      publish_cfg=cfg, lora_file=LORA_WEIGHTS, kohya_file=kohya.name,
+    card = build_card(repo_id=cfg.repo_id, params=params, training=training, metrics=metrics,
+                      publish=cfg, lora_file=LORA_WEIGHTS, kohya_file=kohya.name,
                       grid_file=GRID_IN_REPO, data_metrics=data)
     with atomic_dir(out) as tmp:
         shutil.copy2(lora_dir / LORA_WEIGHTS, tmp / LORA_WEIGHTS)
@@ -121,7 +138,7 @@ def hub_token() -> str:
     return token
 
 
-def upload(params: dict[str, Any], cfg: dict[str, Any], base: str, **paths) -> str:
+def upload(params: dict[str, Any], cfg: PublishParams, base: str, **paths) -> str:
     """Create the repo (if needed) and upload the folder in one commit; returns the repo URL.
 
     ``base`` is the base model the LoRA was trained on (:func:`base_model`).
@@ -132,7 +149,7 @@ def upload(params: dict[str, Any], cfg: dict[str, Any], base: str, **paths) -> s
         raise UserError(f"this LoRA was trained on {base}, the offline demo's random-weight model; "
                         "publish a LoRA trained on FLUX.1-dev (`dvc repro` with params.yaml), or use "
                         "--dry-run to see the upload folder")
-    repo_id = cfg["repo_id"]
+    repo_id = cfg.repo_id
     with tempfile.TemporaryDirectory(prefix="impressionist-hub-") as tmp:
         folder = Path(tmp) / "upload"
         build_folder(params, cfg, folder, **paths)  # missing inputs stop here, before any Hub call
@@ -141,13 +158,13 @@ def upload(params: dict[str, Any], cfg: dict[str, Any], base: str, **paths) -> s
         check_access(api, token)
         try:
             existed = api.repo_exists(repo_id, token=token)
-            url = api.create_repo(repo_id, private=cfg["private"], exist_ok=True, token=token)
+            url = api.create_repo(repo_id, private=cfg.private, exist_ok=True, token=token)
         except Exception as err:  # e.g. no write access to that namespace
             raise UserError(f"cannot create the Hub repo {repo_id} ({type(err).__name__}: "
                             f"{first_line(err, 160)}); check the name and the token's write access") from err
         try:
             api.upload_folder(repo_id=repo_id, folder_path=folder, token=token,
-                              commit_message=cfg["commit_message"])
+                              commit_message=cfg.commit_message)
         except Exception as err:
             if not existed:  # leave no empty repo behind
                 try:
@@ -161,16 +178,18 @@ def upload(params: dict[str, Any], cfg: dict[str, Any], base: str, **paths) -> s
 
 def base_model(params: dict[str, Any]) -> str:
     """``model.pretrained``: what the LoRA was trained on (the model card and the demo check need it)."""
-    return str(require(section(params, "model"), "pretrained", "model"))
+    from .models import ModelParams  # late: models.py imports torch, which publishing needs nowhere else
+
+    return ModelParams.check(params).pretrained
 
 
 def run(params: dict[str, Any], repo_id: str | None = None, dry_run: bool = False,
         out: Path = HUB_DIR, **paths) -> list[str] | str:
-    cfg = publish_cfg(params, repo_id)
+    cfg = publish_params(params, repo_id)
     base = base_model(params)  # a params file without model.pretrained stops here, before any work
     if dry_run:
         files = build_folder(params, cfg, Path(out), **paths)
-        print(f"publish --dry-run: {len(files)} files for {cfg['repo_id']} -> {out} "
+        print(f"publish --dry-run: {len(files)} files for {cfg.repo_id} -> {out} "
               f"({', '.join(files)}); nothing uploaded")
         return files
     url = upload(params, cfg, base, **paths)

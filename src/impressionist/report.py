@@ -272,6 +272,7 @@ def _table_or(markdown: str, empty: str) -> str:
 
 def report_confidence(root: Path) -> float:
     """``evaluate.confidence`` of the workspace's params (the level of every interval), else 0.95."""
+    # Raw and tolerant (not EvaluateParams): no torch here, and an old revision's params may not check.
     try:
         params = yaml.safe_load((root / "params.yaml").read_text()) or {}
         value = (params.get("evaluate") or {}).get("confidence", CONFIDENCE)
@@ -286,6 +287,7 @@ def random_nets_note(root: Path) -> str | None:
         params = yaml.safe_load((root / "params.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError):
         return None
+    # Raw and tolerant (not ModelParams): no torch here, and an old revision's params may not check.
     evaluate, model = params.get("evaluate") or {}, params.get("model") or {}
     builtin = [f"{key}={value}" for key, value in (
         ("model.pretrained", model.get("pretrained")), ("evaluate.fid_features", evaluate.get("fid_features")),

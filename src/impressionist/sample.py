@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,35 +37,37 @@ from tqdm import tqdm
 
 from .errors import UserError, atomic_dir, first_line, stage_main
 from .grid import save_sample_grid
-from .inference import baked, build_pipeline, check, lora_applied, settings_from
+from .inference import EvalSetParams, SampleParams, baked, build_pipeline, check, lora_applied
 from .layout import CAPTIONS, EVAL_SET_TABLE, LORA_DIR, LORA_WEIGHTS, SAMPLE_GRID, SAMPLES_DIR
-from .models import resolve_device, resolve_dtype, resolve_pretrained, without_third_party_noise
-from .params import (fingerprint, load_params, require, require_int, require_keys, require_multiple,
-                     require_positive, section)
-from .prompts import with_trigger
+from .models import ModelParams, resolve_device, resolve_dtype, resolve_pretrained, without_third_party_noise
+from .params import fingerprint, load_params
+from .prompts import CaptionParams, with_trigger
 
 BASE_DIR = SAMPLES_DIR / "base"
 LORA_SAMPLES_DIR = SAMPLES_DIR / "lora"
 SUBJECT, VAL_CAPTION = "subject", "val_caption"  # the `prompt_source` column of samples.csv
 EVAL_SUBDIR = "eval"          # the evaluation set's images, under samples/base and samples/lora
 EVAL_TABLE = EVAL_SET_TABLE   # its table, in the same folder as samples.csv
-EVAL_SET_KEYS = ("subjects", "num_subjects", "seeds", "steps", "resolution", "guidance_scale")
 
 
-def subject_prompts(cfg: dict[str, Any], trigger: str) -> list[str]:
-    """``sample.prompts`` with the trigger word placed as the caption template places it (first)."""
-    items = cfg.get("prompts") or []
-    if not isinstance(items, list) or not all(isinstance(p, str) and p.strip() for p in items):
-        raise UserError("params.yaml: sample.prompts must be a list of non-empty prompts")
-    return [with_trigger(trigger, p.strip()) for p in items]
+@dataclass(frozen=True)
+class Sampler:
+    """How one image is drawn: the show set and the evaluation set each have their own."""
+
+    resolution: int
+    steps: int
+    guidance_scale: float
+    max_sequence_length: int
 
 
-def val_caption_count(cfg: dict[str, Any]) -> int:
-    count = cfg.get("val_captions", 0)
-    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
-        raise UserError(f"params.yaml: sample.val_captions={count!r} must be an integer >= 0 "
-                        "(0 = no validation captions in the prompt set)")
-    return count
+def show_sampler(cfg: SampleParams) -> Sampler:
+    return Sampler(cfg.resolution, cfg.steps, cfg.guidance_scale, cfg.max_sequence_length)
+
+
+def eval_sampler(cfg: SampleParams) -> Sampler:
+    """The evaluation set's side, steps and guidance; the prompt length is the show set's."""
+    ev = cfg.eval_set
+    return Sampler(ev.resolution, ev.steps, ev.guidance_scale, cfg.max_sequence_length)
 
 
 def validation_captions(count: int, captions_path: Path | str = CAPTIONS) -> list[str]:
@@ -95,73 +98,56 @@ def validation_captions(count: int, captions_path: Path | str = CAPTIONS) -> lis
     return distinct[:count]
 
 
-def prompt_set(params: dict[str, Any], captions_path: Path | str = CAPTIONS) -> list[tuple[str, str]]:
-    """``[(prompt, source), ...]``: the held-out subjects, then the validation captions."""
-    cfg = section(params, "sample")
-    count = val_caption_count(cfg)
-    subjects = subject_prompts(cfg, section(params, "caption").get("trigger") or "")
-    if not subjects and count == 0:
-        raise UserError("the prompt set is empty: params.yaml lists no sample.prompts and sample.val_captions "
-                        "is 0; add held-out subjects to sample.prompts or set sample.val_captions > 0")
-    pairs = [(p, SUBJECT) for p in subjects] + [(c, VAL_CAPTION) for c in validation_captions(count, captions_path)]
+def prompt_set(cfg: SampleParams, trigger: str, captions_path: Path | str = CAPTIONS) -> list[tuple[str, str]]:
+    """``[(prompt, source), ...]``: the held-out subjects with the trigger placed first, as the caption
+    template places it, then the validation captions."""
+    subjects = [with_trigger(trigger, p) for p in cfg.prompts]
+    pairs = ([(p, SUBJECT) for p in subjects]
+             + [(c, VAL_CAPTION) for c in validation_captions(cfg.val_captions, captions_path)])
     unique: dict[str, str] = {}
     for prompt, source in pairs:  # a caption equal to a subject prompt is sampled once
         unique.setdefault(prompt, source)
     return list(unique.items())
 
 
-def validate(params: dict[str, Any]) -> torch.device:
-    """Check the sampler params before any model is loaded; return the device to sample on."""
-    cfg = section(params, "sample")
-    model_cfg = section(params, "model")
-    require(model_cfg, "pretrained", "model")
-    device = resolve_device(model_cfg)
-    resolve_dtype(model_cfg)
-    require_keys(cfg, ("resolution", "steps", "guidance_scale", "max_sequence_length"), "sample")
-    require_multiple(cfg["resolution"], 16, "sample.resolution")
-    require_int(cfg["steps"], "sample.steps", minimum=1)
-    require_positive(cfg["guidance_scale"], "sample.guidance_scale", allow_zero=True)
-    require_int(cfg["max_sequence_length"], "sample.max_sequence_length", minimum=1)
-    seeds = cfg.get("seeds")
-    if not seeds or not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool)
-                                                             for s in seeds):
-        raise UserError("params.yaml: sample.seeds must list at least one integer seed")
-    # lora_mode, quantization, offload, compile: impressionist.inference, shared with the app
-    check(settings_from(cfg, "sample"), device, "sample")
+def sampling_device(model: ModelParams, cfg: SampleParams) -> torch.device:
+    """The device to sample on, once this machine is known to run the inference settings."""
+    device = resolve_device(model)
+    check(cfg, device, "sample")
     return device
 
 
-def load(params: dict[str, Any], device: torch.device, lora_dir: Path | None = None, baked_scale: float = 1.0):
-    model_cfg, cfg = section(params, "model"), section(params, "sample")
-    folder = resolve_pretrained(model_cfg["pretrained"], model_cfg.get("revision"))
-    pipe = build_pipeline(folder, resolve_dtype(model_cfg), device, settings_from(cfg, "sample"),
+def load(model: ModelParams, cfg: SampleParams, device: torch.device, lora_dir: Path | None = None,
+         baked_scale: float = 1.0):
+    folder = resolve_pretrained(model.pretrained, model.revision)
+    pipe = build_pipeline(folder, resolve_dtype(model), device, cfg,
                           lora=None if lora_dir is None else str(lora_dir), baked_scale=baked_scale)
-    if cfg.get("vae_tiling"):
+    if cfg.vae_tiling:
         pipe.vae.enable_tiling()
-    return pipe, cfg
+    return pipe
 
 
 @without_third_party_noise()
 @torch.no_grad()
-def draw(pipe, settings: dict[str, Any], prompt: str, seed: int):
-    """One image: ``settings`` gives resolution, steps, guidance_scale and max_sequence_length."""
+def draw(pipe, sampler: Sampler, prompt: str, seed: int):
     return pipe(
-        prompt, height=settings["resolution"], width=settings["resolution"],
-        num_inference_steps=settings["steps"], guidance_scale=settings["guidance_scale"],
-        max_sequence_length=settings["max_sequence_length"],
+        prompt, height=sampler.resolution, width=sampler.resolution,
+        num_inference_steps=sampler.steps, guidance_scale=sampler.guidance_scale,
+        max_sequence_length=sampler.max_sequence_length,
         # A CPU generator gives the same starting noise on every device.
         generator=torch.Generator("cpu").manual_seed(int(seed)),
     ).images[0]
 
 
-def generate(pipe, cfg: dict[str, Any], prompt_list: list[tuple[str, str]], lora_scale: float,
+def generate(pipe, cfg: SampleParams, prompt_list: list[tuple[str, str]], lora_scale: float,
              out_dir: Path) -> list[dict[str, Any]]:
     rows = []
-    jobs = [(i, p, src, s) for i, (p, src) in enumerate(prompt_list) for s in cfg["seeds"]]
+    show = show_sampler(cfg)
+    jobs = [(i, p, src, s) for i, (p, src) in enumerate(prompt_list) for s in cfg.seeds]
     for index, prompt, source, seed in tqdm(
             jobs, desc=f"sample (lora x{lora_scale:g})" if lora_scale else "sample (base)"):
         name = f"p{index:02d}_seed{seed}_scale{lora_scale:g}.png"
-        draw(pipe, cfg, prompt, seed).save(out_dir / name)
+        draw(pipe, show, prompt, seed).save(out_dir / name)
         rows.append({"file": name, "prompt": prompt, "seed": int(seed), "lora_scale": float(lora_scale),
                      "prompt_source": source})
     return rows
@@ -172,39 +158,18 @@ def generate(pipe, cfg: dict[str, Any], prompt_list: list[tuple[str, str]], lora
 # --------------------------------------------------------------------------------------------
 
 
-def eval_set_config(params: dict[str, Any]) -> dict[str, Any]:
-    """``sample.eval_set``, checked (one line per problem) before any model loads."""
-    cfg = section(params, "sample")
-    ev = cfg.get("eval_set")
-    if not isinstance(ev, dict):
-        raise UserError("params.yaml: sample.eval_set is missing; it defines the images the evaluate stage "
-                        "measures (subjects, num_subjects, seeds, steps, resolution, guidance_scale)")
-    require_keys(ev, EVAL_SET_KEYS, "sample.eval_set")
-    require_int(ev["num_subjects"], "sample.eval_set.num_subjects", minimum=1)
-    require_int(ev["steps"], "sample.eval_set.steps", minimum=1)
-    require_multiple(ev["resolution"], 16, "sample.eval_set.resolution")
-    require_positive(ev["guidance_scale"], "sample.eval_set.guidance_scale", allow_zero=True)
-    seeds = ev["seeds"]
-    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
-            or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
-        raise UserError("params.yaml: sample.eval_set.seeds must list distinct integer seeds, e.g. [0, 1, 2]")
-    if not isinstance(ev["subjects"], str) or not ev["subjects"].strip():
-        raise UserError("params.yaml: sample.eval_set.subjects must name a text file of subjects, one per line")
-    return {**ev, "max_sequence_length": cfg.get("max_sequence_length", 512)}
-
-
-def evaluation_subjects(ev: dict[str, Any]) -> list[str]:
+def evaluation_subjects(ev: EvalSetParams) -> list[str]:
     """The first ``num_subjects`` distinct subjects of the subjects file (``#`` lines are comments)."""
-    path = Path(ev["subjects"])
+    path = Path(ev.subjects)
     if not path.is_file():
         raise UserError(f"sample.eval_set.subjects: {path} not found; it lists the evaluation subjects, one "
                         f"per line (the repository ships configs/eval_subjects.txt)")
     lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     subjects = list(dict.fromkeys(line for line in lines if line and not line.startswith("#")))
-    if len(subjects) < ev["num_subjects"]:
-        raise UserError(f"sample.eval_set.num_subjects={ev['num_subjects']} but {path} lists only "
+    if len(subjects) < ev.num_subjects:
+        raise UserError(f"sample.eval_set.num_subjects={ev.num_subjects} but {path} lists only "
                         f"{len(subjects)} distinct subject(s); lower num_subjects or add subjects")
-    return subjects[:ev["num_subjects"]]
+    return subjects[:ev.num_subjects]
 
 
 def prompt_id(subject: str) -> str:
@@ -212,22 +177,22 @@ def prompt_id(subject: str) -> str:
     return hashlib.sha256(subject.encode("utf-8")).hexdigest()[:12]
 
 
-def eval_set_fingerprint(params: dict[str, Any], ev: dict[str, Any], subjects: list[str]) -> str:
+def eval_set_fingerprint(cfg: SampleParams, trigger: str, subjects: list[str]) -> str:
     """What makes two evaluation sets comparable image for image: the subjects and seeds, the trigger
     and the sampler settings (the model is not part of it: comparing models is the point)."""
-    settings = {k: ev[k] for k in ("seeds", "steps", "resolution", "guidance_scale", "max_sequence_length")}
-    return fingerprint(subjects, settings, section(params, "caption").get("trigger") or "")
+    settings = {"seeds": cfg.eval_set.seeds, **asdict(eval_sampler(cfg))}
+    return fingerprint(subjects, settings, trigger)
 
 
-def generate_eval_set(pipe, params: dict[str, Any], lora_scale: float, out_dir: Path) -> list[dict[str, Any]]:
+def generate_eval_set(pipe, cfg: SampleParams, trigger: str, lora_scale: float,
+                      out_dir: Path) -> list[dict[str, Any]]:
     """The evaluation set at one LoRA scale (0 = base model) into ``out_dir/eval``; its table rows."""
-    ev = eval_set_config(params)
-    subjects = evaluation_subjects(ev)
-    trigger = section(params, "caption").get("trigger") or ""
-    eval_set = eval_set_fingerprint(params, ev, subjects)
+    subjects = evaluation_subjects(cfg.eval_set)
+    eval_set = eval_set_fingerprint(cfg, trigger, subjects)
+    ev = eval_sampler(cfg)
     folder = out_dir / EVAL_SUBDIR
     folder.mkdir(parents=True, exist_ok=True)
-    jobs = [(i, subject, seed) for i, subject in enumerate(subjects) for seed in ev["seeds"]]
+    jobs = [(i, subject, seed) for i, subject in enumerate(subjects) for seed in cfg.eval_set.seeds]
     rows = []
     for index, subject, seed in tqdm(jobs, desc=f"eval set (lora x{lora_scale:g})" if lora_scale
                                      else "eval set (base)"):
@@ -239,10 +204,9 @@ def generate_eval_set(pipe, params: dict[str, Any], lora_scale: float, out_dir: 
     return rows
 
 
-def check_base_eval_set(base_dir: Path, params: dict[str, Any]) -> None:
+def check_base_eval_set(base_dir: Path, cfg: SampleParams, trigger: str) -> None:
     """The base model's evaluation set must be the one params.yaml asks for, or nothing pairs."""
-    ev = eval_set_config(params)
-    wanted = eval_set_fingerprint(params, ev, evaluation_subjects(ev))
+    wanted = eval_set_fingerprint(cfg, trigger, evaluation_subjects(cfg.eval_set))
     csv = Path(base_dir) / EVAL_TABLE
     made = set(pd.read_csv(csv)["eval_set"].astype(str)) if csv.is_file() else set()
     if made != {wanted}:
@@ -251,15 +215,16 @@ def check_base_eval_set(base_dir: Path, params: dict[str, Any]) -> None:
 
 
 def run_base(params: dict[str, Any], out_dir: Path = BASE_DIR, captions_path: Path = CAPTIONS) -> None:
-    prompt_list = prompt_set(params, captions_path)
-    evaluation_subjects(eval_set_config(params))
-    device = validate(params)
-    pipe, cfg = load(params, device)
+    model, cfg = ModelParams.check(params), SampleParams.check(params)
+    trigger = CaptionParams.check(params).trigger
+    prompt_list = prompt_set(cfg, trigger, captions_path)
+    evaluation_subjects(cfg.eval_set)
+    pipe = load(model, cfg, sampling_device(model, cfg))
     with atomic_dir(out_dir) as tmp:
         pd.DataFrame(generate(pipe, cfg, prompt_list, 0.0, tmp)).to_csv(tmp / "samples.csv", index=False)
-        eval_rows = generate_eval_set(pipe, params, 0.0, tmp)
+        eval_rows = generate_eval_set(pipe, cfg, trigger, 0.0, tmp)
         pd.DataFrame(eval_rows).to_csv(tmp / EVAL_TABLE, index=False)
-    print(f"sample_base: {len(prompt_list) * len(cfg['seeds'])} show images and {len(eval_rows)} "
+    print(f"sample_base: {len(prompt_list) * len(cfg.seeds)} show images and {len(eval_rows)} "
           f"evaluation-set images -> {out_dir}")
 
 
@@ -279,33 +244,30 @@ def check_base_samples(base_dir: Path, prompt_list: list[tuple[str, str]], seeds
 def run_lora(params: dict[str, Any], lora_dir: Path = LORA_DIR, base_dir: Path = BASE_DIR,
              out_dir: Path = LORA_SAMPLES_DIR, grid_path: Path = SAMPLE_GRID,
              captions_path: Path = CAPTIONS) -> None:
-    cfg = section(params, "sample")
-    prompt_list = prompt_set(params, captions_path)
-    device = validate(params)
-    scales = cfg.get("lora_scales") or []
-    if not scales or any(not isinstance(s, (int, float)) or s <= 0 for s in scales):
-        raise UserError("params.yaml: sample.lora_scales must list LoRA scales > 0, e.g. [0.5, 1.0]")
+    model, cfg = ModelParams.check(params), SampleParams.check(params)
+    trigger = CaptionParams.check(params).trigger
+    prompt_list = prompt_set(cfg, trigger, captions_path)
+    device = sampling_device(model, cfg)
     if not (Path(lora_dir) / LORA_WEIGHTS).is_file():
         raise UserError(f"no LoRA at {lora_dir}/{LORA_WEIGHTS}; run the train stage first "
                         "(`dvc repro train`)")
-    check_base_samples(Path(base_dir), prompt_list, cfg["seeds"])
-    check_base_eval_set(Path(base_dir), params)
-    settings = settings_from(cfg, "sample")
+    check_base_samples(Path(base_dir), prompt_list, cfg.seeds)
+    check_base_eval_set(Path(base_dir), cfg, trigger)
     with without_third_party_noise():
-        pipe = None if baked(settings) else load(params, device, lora_dir)[0]
+        pipe = None if baked(cfg) else load(model, cfg, device, lora_dir)
     with atomic_dir(out_dir) as tmp:
         rows, eval_rows = [], []
-        for scale in scales:
-            if baked(settings):  # merged into quantized weights: one pipeline per scale
+        for scale in cfg.lora_scales:
+            if baked(cfg):  # merged into quantized weights: one pipeline per scale
                 with without_third_party_noise():
-                    pipe = load(params, device, lora_dir, baked_scale=float(scale))[0]
-            with lora_applied(pipe, settings, float(scale)):
+                    pipe = load(model, cfg, device, lora_dir, baked_scale=float(scale))
+            with lora_applied(pipe, cfg, float(scale)):
                 rows += generate(pipe, cfg, prompt_list, float(scale), tmp)
-                eval_rows += generate_eval_set(pipe, params, float(scale), tmp)
+                eval_rows += generate_eval_set(pipe, cfg, trigger, float(scale), tmp)
         pd.DataFrame(rows).to_csv(tmp / "samples.csv", index=False)
         pd.DataFrame(eval_rows).to_csv(tmp / EVAL_TABLE, index=False)
         # Drawn from the finished temporary folder: a failed grid leaves no samples/lora behind.
-        save_sample_grid(Path(base_dir), tmp, Path(grid_path), section(params, "model")["pretrained"])
+        save_sample_grid(Path(base_dir), tmp, Path(grid_path), model.pretrained)
     print(f"sample: {len(rows)} show and {len(eval_rows)} evaluation-set LoRA images -> {out_dir}, "
           f"grid -> {grid_path}")
 

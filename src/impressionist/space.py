@@ -22,12 +22,15 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Mapping
 
 from .errors import UserError, atomic_dir, first_line, stage_main
-from .hub import TOKEN_HINT, check_access
-from .params import load_params, section
+from .hub import check_access, refuse_token_keys
+from .params import ParamsSection, load_params
+from .prompts import CaptionParams
+from .publish import PublishParams
 
 SPACE_DIR = Path("build/space")
 REPO = Path(".")
@@ -39,8 +42,6 @@ MODULES = ("__init__.py", "app.py", "errors.py", "hub.py", "inference.py", "layo
 PACKAGES = ("torch", "diffusers", "transformers", "tokenizers", "peft", "accelerate", "huggingface_hub",
             "safetensors", "sentencepiece", "protobuf", "numpy", "pillow", "PyYAML", "filelock", "gradio",
             "bitsandbytes")
-DEFAULTS: dict[str, Any] = {"space_id": "", "lora_repo": "", "hardware": "zero-a10g", "private": True,
-                            "title": "Impressionist FLUX.1 LoRA"}
 # GPUs of 24 GB or less cannot hold FLUX.1-dev's transformer in bf16 beside the text encoders:
 # the Space gets a 4-bit transformer there (benchmarks/RESULTS.md, inference estimate).
 NF4_HARDWARE = {"t4-small", "t4-medium", "l4x1", "l4x4", "a10g-small", "a10g-large", "a10g-largex2", "a10g-largex4"}
@@ -48,31 +49,53 @@ APP_SECTIONS = {"model": ("pretrained", "revision", "dtype"), "caption": ("trigg
                 "sample": ("prompts", "steps", "guidance_scale", "resolution")}
 
 
-def space_cfg(params: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """The ``space`` section with defaults and command-line overrides, validated before any work."""
-    from huggingface_hub import SpaceHardware
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
+@dataclass(frozen=True)
+class SpaceParams(ParamsSection):
+    """params.yaml ``space`` (every key optional; the command line overrides each)."""
 
-    given = params.get("space") or {}
-    if any("token" in str(key).lower() for key in given):
-        raise UserError(f"params.yaml: never put a Hugging Face token in params; remove it and {TOKEN_HINT}")
-    cfg = {**DEFAULTS, **given, **{k: v for k, v in overrides.items() if v is not None}}
-    if not cfg["lora_repo"]:
-        cfg["lora_repo"] = (params.get("publish") or {}).get("repo_id") or ""
-    for key in ("space_id", "lora_repo"):
-        if cfg[key]:
-            try:
-                validate_repo_id(cfg[key])
-            except HFValidationError as err:
-                raise UserError(f"space.{key}={cfg[key]!r} is not a Hub repo id: {first_line(err)}") from err
-            if cfg[key].count("/") != 1:
-                raise UserError(f"space.{key}={cfg[key]!r} needs a namespace: your-name/{cfg[key]}")
-    hardware = [h.value for h in SpaceHardware]
-    if cfg["hardware"] not in hardware:
-        raise UserError(f"space.hardware={cfg['hardware']!r} is not a Space hardware; one of {', '.join(hardware)}")
-    if not isinstance(cfg["private"], bool):
-        raise UserError(f"space.private={cfg['private']!r} must be true or false")
-    return cfg
+    SECTION: ClassVar[str] = "space"
+    space_id: str = ""        # "" = write the folder only
+    lora_repo: str = ""       # "" = publish.repo_id
+    hardware: str = "zero-a10g"
+    private: bool = True
+    title: str = "Impressionist FLUX.1 LoRA"
+
+    @classmethod
+    def of(cls, values: Mapping[str, Any]) -> SpaceParams:
+        refuse_token_keys(values, cls.SECTION)  # before the unknown-key check would name the token's key
+        return super().of(values)
+
+    def __post_init__(self) -> None:
+        from huggingface_hub import SpaceHardware
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        for key in ("space_id", "lora_repo"):
+            value = getattr(self, key)
+            if value:
+                try:
+                    validate_repo_id(value)
+                except HFValidationError as err:
+                    raise UserError(f"space.{key}={value!r} is not a Hub repo id: {first_line(err)}") from err
+                if value.count("/") != 1:
+                    raise UserError(f"space.{key}={value!r} needs a namespace: your-name/{value}")
+        hardware = [h.value for h in SpaceHardware]
+        if self.hardware not in hardware:
+            raise UserError(f"space.hardware={self.hardware!r} is not a Space hardware; one of {', '.join(hardware)}")
+        if not isinstance(self.private, bool):
+            raise UserError(f"space.private={self.private!r} must be true or false")
+
+
+def space_params_of(params: Mapping[str, Any], overrides: Mapping[str, Any]) -> SpaceParams:
+    """The ``space`` section with command-line overrides (None: not given), checked before any work;
+    without a ``lora_repo``, the LoRA is the one ``publish`` uploads."""
+    given = {**(params.get("space") or {}), **{k: v for k, v in overrides.items() if v is not None}}
+    cfg = SpaceParams.of(given)
+    return cfg if cfg.lora_repo else replace(cfg, lora_repo=publish_section(params).repo_id)
+
+
+def publish_section(params: Mapping[str, Any]) -> PublishParams:
+    """``publish``, all of it optional: the Space names its LoRA repo and licence."""
+    return PublishParams.of(params.get("publish") or {})
 
 
 def pinned_requirements(requirements: Path) -> list[str]:
@@ -90,44 +113,51 @@ def pinned_requirements(requirements: Path) -> list[str]:
     return [f"{name}=={version}" for name, version in (pins[p.lower().replace("_", "-")] for p in PACKAGES)]
 
 
-def space_variables(params: dict[str, Any], cfg: dict[str, Any]) -> dict[str, str]:
+def base_model(params: Mapping[str, Any]) -> str:
+    """``model.pretrained``, the Space's base model."""
+    from .models import ModelParams  # late: models.py imports torch, which writing the Space needs nowhere else
+
+    return ModelParams.check(params).pretrained
+
+
+def space_variables(params: dict[str, Any], cfg: SpaceParams) -> dict[str, str]:
     """Environment of the Space's app (``IMPRESSIONIST_<KEY>`` overrides of the ``app`` settings)."""
-    variables = {"IMPRESSIONIST_BASE_MODEL": str(section(params, "model")["pretrained"])}
-    if cfg["lora_repo"]:
-        variables["IMPRESSIONIST_LORA"] = cfg["lora_repo"]
-    if cfg["hardware"] in NF4_HARDWARE:
+    variables = {"IMPRESSIONIST_BASE_MODEL": base_model(params)}
+    if cfg.lora_repo:
+        variables["IMPRESSIONIST_LORA"] = cfg.lora_repo
+    if cfg.hardware in NF4_HARDWARE:
         variables["IMPRESSIONIST_QUANTIZATION"] = "nf4"
     return variables
 
 
-def space_params(params: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
-    """The params.yaml the Space's app reads: only the keys it uses (no data or training settings)."""
+def space_params(params: dict[str, Any], cfg: SpaceParams) -> dict[str, Any]:
+    """The params.yaml the Space's app reads: only the keys it uses (no data or training settings),
+    copied as they are."""
     out: dict[str, Any] = {}
     for name, keys in APP_SECTIONS.items():
         part = params.get(name) or {}
         out[name] = {k: part[k] for k in keys if k in part}
     out["app"] = dict(params.get("app") or {})
-    if cfg["lora_repo"]:
-        out["app"]["lora"] = cfg["lora_repo"]
+    if cfg.lora_repo:
+        out["app"]["lora"] = cfg.lora_repo
     return out
 
 
-def space_card(params: dict[str, Any], cfg: dict[str, Any], gradio_version: str) -> str:
+def space_card(params: dict[str, Any], cfg: SpaceParams, gradio_version: str) -> str:
     from huggingface_hub import SpaceCardData
 
-    publish = params.get("publish") or {}
-    base = str(section(params, "model")["pretrained"])
-    models = [m for m in (base, cfg["lora_repo"]) if m and m.count("/") == 1 and not m.startswith("builtin:")]
+    base = base_model(params)
+    models = [m for m in (base, cfg.lora_repo) if m and m.count("/") == 1 and not m.startswith("builtin:")]
     data = SpaceCardData(
-        title=cfg["title"], sdk="gradio", sdk_version=gradio_version, python_version="3.11", app_file="app.py",
-        license=publish.get("license", "other"), models=models,
-        tags=["text-to-image", "flux", "lora", "impressionism"] + (["zerogpu"] if cfg["hardware"] == "zero-a10g" else []),
+        title=cfg.title, sdk="gradio", sdk_version=gradio_version, python_version="3.11", app_file="app.py",
+        license=publish_section(params).license, models=models,
+        tags=["text-to-image", "flux", "lora", "impressionism"] + (["zerogpu"] if cfg.hardware == "zero-a10g" else []),
         emoji="🎨", colorFrom="yellow", colorTo="blue", pinned=False,
         short_description="FLUX.1-dev vs an Impressionism LoRA, same seed",
     )
-    trigger = (params.get("caption") or {}).get("trigger") or ""
-    lora = cfg["lora_repo"] or "the LoRA in IMPRESSIONIST_LORA"
-    return (f"---\n{data.to_yaml()}\n---\n\n# {cfg['title']}\n\n"
+    trigger = CaptionParams.check(params).trigger
+    lora = cfg.lora_repo or "the LoRA in IMPRESSIONIST_LORA"
+    return (f"---\n{data.to_yaml()}\n---\n\n# {cfg.title}\n\n"
             f"The base model `{base}` and the LoRA `{lora}` side by side, drawn from the same seed"
             + (f"; start prompts with `{trigger}`" if trigger else "") + ".\n\n"
             "Written by `impressionist space` (the impressionist project). Settings: "
@@ -137,7 +167,7 @@ def space_card(params: dict[str, Any], cfg: dict[str, Any], gradio_version: str)
             "FLUX.1-dev is released under the FLUX.1 [dev] Non-Commercial License; the LoRA inherits its terms.\n")
 
 
-def build_folder(params: dict[str, Any], cfg: dict[str, Any], out: Path, repo: Path = REPO) -> list[str]:
+def build_folder(params: dict[str, Any], cfg: SpaceParams, out: Path, repo: Path = REPO) -> list[str]:
     """Write the self-contained Space folder to ``out``; returns its files (relative paths)."""
     import yaml
 
@@ -165,14 +195,14 @@ def environment_token() -> str:
     return token
 
 
-def deploy(params: dict[str, Any], cfg: dict[str, Any], repo: Path = REPO) -> str:
+def deploy(params: dict[str, Any], cfg: SpaceParams, repo: Path = REPO) -> str:
     """Create or update the Space and its settings; returns its URL."""
     from huggingface_hub import HfApi
 
-    if not cfg["lora_repo"]:
+    if not cfg.lora_repo:
         raise UserError("no LoRA repo for the Space: set space.lora_repo or publish.repo_id in params.yaml, or "
                         "pass --lora-repo your-name/impressionist-flux-lora (`impressionist publish` uploads it)")
-    space_id = cfg["space_id"]
+    space_id = cfg.space_id
     with tempfile.TemporaryDirectory(prefix="impressionist-space-") as tmp:
         folder = Path(tmp) / "space"
         build_folder(params, cfg, folder, repo)  # bad params or files stop here, before any Hub call
@@ -180,14 +210,14 @@ def deploy(params: dict[str, Any], cfg: dict[str, Any], repo: Path = REPO) -> st
         api = HfApi()
         check_access(api, token)
         try:
-            url = api.create_repo(space_id, repo_type="space", space_sdk="gradio", private=cfg["private"],
+            url = api.create_repo(space_id, repo_type="space", space_sdk="gradio", private=cfg.private,
                                   exist_ok=True, token=token)
             api.upload_folder(repo_id=space_id, repo_type="space", folder_path=folder, token=token,
                               commit_message="Update the impressionist Space")
             for key, value in space_variables(params, cfg).items():
                 api.add_space_variable(space_id, key, value, token=token)
             api.add_space_secret(space_id, "HF_TOKEN", token, description="reads the gated FLUX.1-dev", token=token)
-            api.request_space_hardware(space_id, cfg["hardware"], token=token)
+            api.request_space_hardware(space_id, cfg.hardware, token=token)
         except Exception as err:  # no write access, quota, hardware not allowed, network
             # The message never holds the token: huggingface_hub does not echo it, and first_line cuts.
             raise UserError(f"deploying the Space {space_id} failed ({type(err).__name__}: "
@@ -198,15 +228,15 @@ def deploy(params: dict[str, Any], cfg: dict[str, Any], repo: Path = REPO) -> st
 
 def run(params: dict[str, Any], dry_run: bool = False, out: Path = SPACE_DIR, repo: Path = REPO,
         **overrides) -> list[str] | str:
-    cfg = space_cfg(params, overrides)
-    section(params, "model")
-    if dry_run or not cfg["space_id"]:
+    cfg = space_params_of(params, overrides)
+    base_model(params)  # a params file without model.pretrained stops here, before any work
+    if dry_run or not cfg.space_id:
         files = build_folder(params, cfg, Path(out), repo)
         why = "--dry-run" if dry_run else "no space id (space.space_id or --space-id)"
         print(f"space: {len(files)} files -> {out} ({why}: nothing uploaded); try it: cd {out} && python app.py")
         return files
     url = deploy(params, cfg, repo)
-    print(f"space: deployed {cfg['space_id']} ({cfg['hardware']}) -> {url}")
+    print(f"space: deployed {cfg.space_id} ({cfg.hardware}) -> {url}")
     return url
 
 
