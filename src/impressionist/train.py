@@ -380,7 +380,6 @@ def run(params: Mapping[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path =
     # The checkpoint root; each run writes under root/<run hash>.
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else checkpoints.default_root()
     accelerator = make_accelerator(train, resolve_device(model), checkpoint_dir, log_dir)
-    launcher.check_split(accelerator.num_processes, train.gradient_accumulation_steps)  # also under a launch by hand
     this_run = run_hash(params, cache.index["fingerprint"], accelerator.num_processes)
     set_seed(train.seed)
 
@@ -389,16 +388,13 @@ def run(params: Mapping[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path =
                                        cache.index.get("base_model_commit")).folder
     # Before the transformer loads: the text encoders come and go while memory is still free.
     sampler = validation_sampler(accelerator, train.validation, model_folder, model, cache)
-    learner = prepare_learner(accelerator, build_transformer(model_folder, model, lora, train, accelerator.device),
-                              train)
+    transformer = build_transformer(model_folder, model, lora, train, accelerator.device)
+    learner = prepare_learner(accelerator, transformer, train)
     progress = resume(accelerator, learner, model, lora, train, checkpoint_dir, this_run)
     scheduler = lr_schedule(learner.raw_optimizer, train, progress.start_step)
     start_trackers(accelerator, params, live_dir, progress.history)
     batches = micro_batches(accelerator, cache, train, order, progress.start_step)
-    save_checkpoint = functools.partial(
-        _save_checkpoint, accelerator, checkpoints.run_folder(checkpoint_dir, this_run), ema=learner.ema,
-        keep=train.keep_checkpoints, identity={"run_hash": this_run, "base_model": model.pretrained,
-                                               "lora": lora_fingerprint(lora), "optimizer": train.optimizer})
+    save_checkpoint = checkpoint_saver(accelerator, checkpoint_dir, this_run, model, lora, train, learner.ema)
     started = time.perf_counter()
     train_loop(accelerator, learner, scheduler, batches, train, progress, sampler, save_checkpoint)
 
@@ -440,13 +436,17 @@ def open_cache(cache_dir: Path, model: ModelParams) -> CacheReader:
 
 
 def make_accelerator(train: TrainParams, device: torch.device, checkpoint_dir: Path, log_dir: Path):
+    """The accelerator of this process, whose processes must split a step's micro-batches evenly
+    (checked here too: a launch started by hand may start any number)."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=MIXED_PRECISION[train.mixed_precision], cpu=device.type == "cpu",
         log_with=list(train.report_to) or None,
         project_config=ProjectConfiguration(project_dir=str(checkpoint_dir), logging_dir=str(log_dir)))
+    launcher.check_split(accelerator.num_processes, train.gradient_accumulation_steps)
+    return accelerator
 
 
 def validation_sampler(accelerator, validation: ValidationParams, model_folder: str, model: ModelParams,
@@ -527,7 +527,8 @@ def lr_schedule(raw_optimizer, train: TrainParams, start_step: int):
                          num_training_steps=train.max_steps, last_epoch=start_step - 1)
 
 
-def start_trackers(accelerator, params: Mapping[str, Any], live_dir: Path, history: list[dict[str, float]]) -> None:
+def start_trackers(accelerator, params: Mapping[str, Any], live_dir: Path,
+                   history: list[dict[str, float]]) -> None:
     accelerator.init_trackers("impressionist", config=_flat(params), init_kwargs={
         "dvclive": {"dir": str(live_dir), "save_dvc_exp": False, "dvcyaml": None}})
     for past in history:  # a resumed run's logs still show the whole curve
@@ -544,6 +545,15 @@ def micro_batches(accelerator, cache: CacheReader, train: TrainParams, order: Re
                                    accelerator.device.type == "cuda"))
 
 
+def checkpoint_saver(accelerator, checkpoint_dir: Path, this_run: str, model: ModelParams, lora: LoraParams,
+                     train: TrainParams, ema: LoraEMA | None) -> Callable[[int, list[dict[str, float]]], None]:
+    """``save(step, history)``: a checkpoint of this run under ``checkpoint_dir/<run hash>``."""
+    identity = {"run_hash": this_run, "base_model": model.pretrained, "lora": lora_fingerprint(lora),
+                "optimizer": train.optimizer}
+    return functools.partial(_save_checkpoint, accelerator, checkpoints.run_folder(checkpoint_dir, this_run),
+                             identity=identity, keep=train.keep_checkpoints, ema=ema)
+
+
 def train_loop(accelerator, learner: Learner, scheduler, batches: Iterator[dict[str, torch.Tensor]],
                train: TrainParams, progress: Progress, sampler: ValidationSampler | None,
                save_checkpoint: Callable[[int, list[dict[str, float]]], None]) -> None:
@@ -555,7 +565,8 @@ def train_loop(accelerator, learner: Learner, scheduler, batches: Iterator[dict[
     accumulation = train.gradient_accumulation_steps // accelerator.num_processes
     images_per_step = train.batch_size * train.gradient_accumulation_steps
     # The log interval's losses add up on the device; reading them is the loop's only host sync.
-    loss_sum, interval_steps, clock = torch.zeros((), device=accelerator.device), 0, IntervalClock(accelerator.device)
+    loss_sum, interval_steps = torch.zeros((), device=accelerator.device), 0
+    clock = IntervalClock(accelerator.device)
     transformer.train()
     for step in range(progress.step + 1, train.max_steps + 1):
         for micro in range(accumulation):
@@ -638,7 +649,8 @@ def write_outputs(accelerator, learner: Learner, params: Mapping[str, Any], cach
                 **_collate_lora_metadata({"transformer": unwrapped}))
         # the sections as written in params.yaml, as the run hash covers them
         (tmp / TRAINING_CONFIG).write_text(json.dumps(
-            {"base_model": params["model"]["pretrained"], "base_model_commit": cache.index.get("base_model_commit"),
+            {"base_model": params["model"]["pretrained"],
+             "base_model_commit": cache.index.get("base_model_commit"),
              "lora": params["lora"], "train": params["train"],
              "run_hash": this_run, "steps": step, "rank_checksums": rank_checksums,
              "weights": "ema" if ema is not None else "raw",

@@ -43,7 +43,7 @@ class ValidationParams(ParamsSection):
         require_keys({name: value for name in SETTINGS if (value := getattr(self, name)) is not None},
                      SETTINGS, self.SECTION)
         prompts = self.prompts
-        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        if not (isinstance(prompts, list) and prompts and all(isinstance(p, str) and p.strip() for p in prompts)):
             raise UserError("params.yaml: train.validation.every > 0 needs train.validation.prompts, "
                             "a list of non-empty prompts")
         require_int(self.seed, "train.validation.seed")
