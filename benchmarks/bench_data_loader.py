@@ -14,6 +14,7 @@ the estimate profile's floor is about 250 ms per 1024² image on an H100).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import tempfile
@@ -24,7 +25,8 @@ import torch
 
 from impressionist.flux_math import TimestepSampling
 from impressionist.latent_cache import EMPTY_CAPTION_KEY, INDEX, CacheReader, ShardWriter
-from impressionist.train import MicroBatches, micro_batch_loader
+from impressionist.params import load_params
+from impressionist.train import MicroBatches, TrainParams, micro_batch_loader
 from results_file import command_line, publish
 
 
@@ -50,8 +52,9 @@ def write_cache(folder: Path, images: int, captions: int, side: int, shard_size:
 
 def time_loader(cache: CacheReader, workers: int, batch_size: int, batches: int) -> float:
     """Seconds per micro-batch, after the first (workers starting, shards opening)."""
-    cfg = {"batch_size": batch_size, "seed": 0, "max_steps": batches + 1, "gradient_accumulation_steps": 1,
-           "caption_dropout": 0.05}
+    recipe = TrainParams.check(load_params(Path(__file__).resolve().parents[1] / "params.yaml"))
+    cfg = dataclasses.replace(recipe, batch_size=batch_size, seed=0, max_steps=batches + 1,
+                              gradient_accumulation_steps=1, caption_dropout=0.05)
     loader = iter(micro_batch_loader(MicroBatches(cache, cfg, TimestepSampling(), 1, 0), 0, workers,
                                      pin=torch.cuda.is_available()))
     next(loader)

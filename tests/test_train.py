@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from helpers import killed_and_uninterrupted
 
 from impressionist import checkpoints, train
+from impressionist.batch_order import BucketBatches
 from impressionist.errors import UserError
 from impressionist.flux_math import flow_matching_loss
 from impressionist.latent_cache import CacheReader
@@ -414,13 +415,13 @@ def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):
 
 def test_bucket_batches_are_deterministic_and_single_bucket():
     samples = [{"bucket": [64, 64]}] * 5 + [{"bucket": [48, 80]}] * 3
-    order = train.BucketBatches(samples, batch_size=2, seed=3)
+    order = BucketBatches(samples, batch_size=2, seed=3)
     assert order.batches_per_epoch == 3 + 2
     epoch0 = [order[i] for i in range(order.batches_per_epoch)]
     assert sorted(i for batch in epoch0 for i in batch) == list(range(8))  # each sample once
     for batch in epoch0:
         assert len({tuple(samples[i]["bucket"]) for i in batch}) == 1
-    assert epoch0 == [train.BucketBatches(samples, 2, 3)[i] for i in range(5)]
+    assert epoch0 == [BucketBatches(samples, 2, 3)[i] for i in range(5)]
     assert order[5] == order.epoch(1)[0] and order.epoch(1) != order.epoch(0)
 
 
@@ -491,17 +492,18 @@ def test_two_gloo_processes_train_identical_loras(demo_params, encoded_cache, tm
 def test_process_counts_are_checked_before_any_launch(demo_params):
     from impressionist import launcher
 
-    cpu, cfg = torch.device("cpu"), {"gradient_accumulation_steps": 4}
-    assert launcher.processes_to_launch({**cfg, "num_processes": 0}, cpu) == 1  # auto: 1 on CPU
-    assert launcher.processes_to_launch({**cfg, "num_processes": 2}, cpu) == 2
+    cpu = torch.device("cpu")
+    assert launcher.processes_to_launch(0, 4, cpu) == 1  # auto: 1 on CPU
+    assert launcher.processes_to_launch(2, 4, cpu) == 2
     with pytest.raises(UserError, match="multiple of 3"):
-        launcher.processes_to_launch({**cfg, "num_processes": 3}, cpu)
+        train.TrainParams.check({"train": {**demo_params["train"], "gradient_accumulation_steps": 4,
+                                           "num_processes": 3}})
     assert launcher.largest_divisor_up_to(4, 8) == 4 and launcher.largest_divisor_up_to(12, 8) == 6
     assert launcher.under_launcher({"LOCAL_RANK": "0"}) and not launcher.under_launcher({})
     params = copy.deepcopy(demo_params)
     params["train"]["num_processes"] = -1
     with pytest.raises(UserError, match="train.num_processes"):
-        train.validate(params)
+        train.TrainParams.check(params)
     # LoRA dropout draws each process's own masks: only then does the count enter the run hash
     assert train.run_hash(params, "c", 1) == train.run_hash(params, "c", 2)
     params["lora"]["dropout"] = 0.1

@@ -63,7 +63,9 @@ def parse_mix(mix: Any, name: str = "train.resolution_mix") -> dict[int, Fractio
             resolution = int(key)
         except (TypeError, ValueError):
             raise UserError(f"params.yaml: {name} key {key!r} must be a resolution (an integer)") from None
-        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight < 0 or math.isnan(weight):
+        # a Fraction: a mix parse_mix already read (TrainParams keeps it parsed)
+        number = isinstance(weight, (int, float, Fraction)) and not isinstance(weight, bool)
+        if not number or weight < 0 or math.isnan(weight):
             raise UserError(f"params.yaml: {name}[{key}]={weight!r} must be a number >= 0")
         parsed[resolution] = Fraction(weight)
     if not any(parsed.values()):

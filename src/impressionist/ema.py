@@ -23,7 +23,7 @@ from .errors import UserError
 
 
 def check_decay(decay: Any) -> float:
-    """``train.ema_decay``: 0 = no EMA; otherwise in (0, 1)."""
+    """``train.ema_decay`` (checked by ``TrainParams``): 0 = no EMA; otherwise in (0, 1)."""
     if not isinstance(decay, (int, float)) or isinstance(decay, bool) or math.isnan(decay) or not 0 <= decay < 1:
         raise UserError(f"params.yaml: train.ema_decay={decay!r} must be in [0, 1) (0 = no EMA; "
                         "ai-toolkit's FLUX LoRA default is 0.99)")
@@ -31,11 +31,12 @@ def check_decay(decay: Any) -> float:
 
 
 class LoraEMA:
-    """The EMA of ``params`` (the LoRA's trainable tensors, updated in place by the optimizer)."""
+    """The EMA of ``params`` (the LoRA's trainable tensors, updated in place by the optimizer);
+    ``decay`` as :func:`check_decay` accepts it, above 0."""
 
     def __init__(self, params: list[torch.nn.Parameter], decay: float):
         self.params = list(params)
-        self.decay = check_decay(decay)
+        self.decay = decay
         self._live = torch.nn.ParameterList(self.params)  # the same tensors, not copies
         # deep-copies the LoRA tensors only (on their device, fp32 as they train)
         self.average = AveragedModel(self._live, multi_avg_fn=get_ema_multi_avg_fn(self.decay),

@@ -19,7 +19,7 @@ FSDP) the stage trains as the launcher says and launches nothing.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -40,14 +40,15 @@ def largest_divisor_up_to(number: int, limit: int) -> int:
     return max(d for d in range(1, max(min(number, limit), 1) + 1) if number % d == 0)
 
 
-def processes_to_launch(cfg: Mapping[str, Any], device: torch.device,
+def processes_to_launch(requested: int, accumulation: int, device: torch.device,
                         log: Callable[[str], None] = print) -> int:
-    """How many processes ``train.num_processes`` asks for here (already checked to be an int >= 0).
+    """How many processes ``train.num_processes`` (``requested``) asks for here, with
+    ``train.gradient_accumulation_steps`` (``accumulation``); both as ``TrainParams`` checked them
+    (an explicit count splits the micro-batches, see :func:`check_split`).
 
     Auto uses the most visible GPUs that split a step's micro-batches evenly, and says so when that
-    leaves GPUs idle; an explicit count that cannot run here, or does not split them, is one line.
+    leaves GPUs idle; an explicit count that cannot run here is one line.
     """
-    requested, accumulation = cfg.get("num_processes", AUTO), cfg["gradient_accumulation_steps"]
     visible = torch.cuda.device_count() if device.type == "cuda" else 0
     if requested == AUTO:
         if visible <= 1:
@@ -61,11 +62,11 @@ def processes_to_launch(cfg: Mapping[str, Any], device: torch.device,
     if device.type == "cuda" and requested > visible:
         raise UserError(f"train.num_processes={requested} but {visible} GPU(s) are visible; set it to "
                         f"at most {visible}, or 0 for every visible GPU")
-    check_split(requested, accumulation)
     return requested
 
 
 def check_split(processes: int, accumulation: int) -> None:
+    """``processes`` ranks can share each step's ``accumulation`` micro-batches evenly."""
     if accumulation % processes:
         raise UserError(f"train.gradient_accumulation_steps={accumulation} micro-batches per step cannot be "
                         f"split over {processes} processes; make it a multiple of {processes} (the recipe "

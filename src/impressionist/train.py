@@ -5,23 +5,29 @@ per GPU, launched by the stage itself: see :mod:`impressionist.launcher`), logs 
 TensorBoard through accelerate's trackers, checkpoints every ``train.checkpoint_every`` steps into
 ``.cache/checkpoints/<run hash>`` (outside DVC's outputs, see :mod:`impressionist.checkpoints`) and
 resumes from the newest checkpoint of the same params automatically. Writes the final LoRA in diffusers format to ``models/lora``.
+
+:func:`run` goes through its phases in order: check the params, open the cache, build the
+transformer, prepare the optimizer (resuming a checkpoint), the training loop, write the outputs.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import resource
 import sys
 import time
+from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, ClassVar, Iterator, Mapping
 
 import torch
 
 from . import checkpoints, launcher
-from .batch_order import BucketBatches, ResolutionMix, parse_mix  # noqa: F401 (BucketBatches: API)
+from .batch_order import ResolutionMix, parse_mix
 from .ema import LoraEMA, check_decay
 from .errors import UserError, atomic_dir, atomic_write_text, stage_main
 from .flux_math import (LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS, TimestepSampling, flow_matching_loss,
@@ -29,12 +35,11 @@ from .flux_math import (LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS, TimestepSampling, f
 from .latent_cache import EMPTY_CAPTION_KEY, CacheReader
 from .layout import CACHE_DIR, LORA_DIR, LOSS_PLOT, TRAIN_METRICS, TRAINING_CONFIG
 from .lora import LoraParams, lora_config
-from .models import (base_model_of_cache, check_attention_backend, check_quantization, load_transformer,
-                     require_package, resolve_device, resolve_dtype, use_attention_backend)
-from .params import (fingerprint, load_params, require, require_choice, require_int, require_keys,
-                     require_positive, section)
+from .models import (ModelParams, base_model_of_cache, check_attention_backend, check_quantization,
+                     load_transformer, require_package, resolve_device, resolve_dtype, use_attention_backend)
+from .params import ParamsSection, fingerprint, load_params, require_choice, require_int, require_positive
 from .plotting import new_figure, save_figure
-from .validation_images import ValidationSampler, check_settings
+from .validation_images import ValidationParams, ValidationSampler
 
 CHECKPOINT_DIR = checkpoints.DEFAULT_ROOT  # $IMPRESSIONIST_CHECKPOINTS overrides it
 METRICS = TRAIN_METRICS
@@ -44,12 +49,6 @@ LORA_STATE = "lora_state.safetensors"  # inside a checkpoint: peft-format LoRA t
 EMA_FILE = "ema.safetensors"  # in each checkpoint folder when train.ema_decay > 0
 RAW_LORA_SUBDIR = "raw"  # models/lora/raw: the last step's LoRA when the saved one is the EMA
 
-# train.* keys without a sensible default; the others fall back to the value noted where read.
-REQUIRED = ("seed", "max_steps", "batch_size", "gradient_accumulation_steps", "learning_rate",
-            "lr_scheduler", "lr_warmup_steps", "optimizer", "adam_weight_decay", "max_grad_norm",
-            "mixed_precision", "gradient_checkpointing", "guidance_scale", "timestep_sampling",
-            "logit_mean", "logit_std", "mode_scale", "loss_weighting", "caption_dropout",
-            "checkpoint_every", "keep_checkpoints", "log_every")
 # Params that do not change what a training step computes: changing them keeps checkpoints valid.
 # Gradient checkpointing recomputes activations (with the same RNG state); every attention backend
 # and a compiled block compute the same maths, up to float rounding: a resumed run may switch them
@@ -68,88 +67,131 @@ MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 TRACKERS = ("dvclive", "tensorboard")
 
 
-def validate(params: dict[str, Any]) -> torch.device:
-    """Every model/lora/train check that needs no model, so mistakes stop before anything loads.
+@dataclass(frozen=True)
+class TrainParams(ParamsSection):
+    """params.yaml ``train``: every check that needs neither this machine nor a checkpoint (those
+    are :func:`check_machine` and :func:`check_resume_from`)."""
 
-    Only the names of an explicit ``lora.targets`` list wait for the model. Returns the device.
-    """
-    model_cfg, lora_cfg, cfg = (section(params, s) for s in ("model", "lora", "train"))
-    require(model_cfg, "pretrained", "model")
-    device = resolve_device(model_cfg)
-    resolve_dtype(model_cfg)
-    LoraParams.of(lora_cfg)
-    _validate_train(cfg, device)
-    if cfg.get("resume_from"):
-        folder, meta = checkpoints.explicit_resume(Path(cfg["resume_from"]), model_cfg["pretrained"],
-                                                   lora_fingerprint(lora_cfg), cfg["optimizer"])
-        if meta.get("step", 0) > cfg["max_steps"]:
-            raise UserError(f"train.resume_from={folder} is at step {meta.get('step')}, beyond "
-                            f"train.max_steps={cfg['max_steps']}; raise max_steps or clear resume_from")
-    return device
+    SECTION: ClassVar[str] = "train"
+    seed: int
+    max_steps: int
+    batch_size: int
+    gradient_accumulation_steps: int  # micro-batches per optimizer step over all processes
+    learning_rate: float
+    lr_scheduler: str
+    lr_warmup_steps: int
+    optimizer: str
+    adam_weight_decay: float
+    max_grad_norm: float  # 0: no clipping
+    mixed_precision: str
+    gradient_checkpointing: bool
+    guidance_scale: float
+    timestep_sampling: str
+    logit_mean: float
+    logit_std: float
+    mode_scale: float
+    loss_weighting: str
+    caption_dropout: float
+    checkpoint_every: int  # 0: no checkpoints
+    keep_checkpoints: int
+    log_every: int
+    base_quantization: str = "none"
+    compile: bool = False
+    attention_backend: str = "native"
+    dataloader_workers: int = 0
+    num_processes: int = launcher.AUTO
+    ema_decay: float = 0.0  # 0: no EMA
+    # {resolution: weight}, as parse_mix reads it; {}: each cached resolution once per epoch
+    resolution_mix: dict[int, Fraction] | None = None
+    report_to: list[str] = field(default_factory=lambda: list(TRACKERS))
+    resume_from: str | None = None
+    validation: ValidationParams = field(default_factory=ValidationParams)
 
-
-def _validate_train(cfg: dict[str, Any], device: torch.device) -> None:
-    require_keys(cfg, REQUIRED, "train")
-    require_int(cfg["seed"], "train.seed")
-    for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every", "keep_checkpoints"):
-        require_int(cfg[key], f"train.{key}", minimum=1)
-    for key in ("checkpoint_every", "lr_warmup_steps"):
-        require_int(cfg[key], f"train.{key}")
-    require_int(cfg.get("dataloader_workers", 0), "train.dataloader_workers")
-    require_int(cfg.get("num_processes", launcher.AUTO), "train.num_processes")
-    require_positive(cfg["learning_rate"], "train.learning_rate")
-    require_positive(cfg["adam_weight_decay"], "train.adam_weight_decay", allow_zero=True)
-    require_positive(cfg["max_grad_norm"], "train.max_grad_norm", allow_zero=True)
-    require_positive(cfg["logit_std"], "train.logit_std")
-    require_positive(cfg["guidance_scale"], "train.guidance_scale", allow_zero=True)
-    check_decay(cfg.get("ema_decay", 0))
-    parse_mix(cfg.get("resolution_mix"))
-    require_choice(cfg["lr_scheduler"], LR_SCHEDULERS, "train.lr_scheduler")
-    require_choice(cfg["optimizer"], OPTIMIZERS, "train.optimizer")
-    require_choice(cfg["mixed_precision"], MIXED_PRECISION, "train.mixed_precision")
-    require_choice(cfg["timestep_sampling"], TIMESTEP_SAMPLINGS, "train.timestep_sampling")
-    require_choice(cfg["loss_weighting"], LOSS_WEIGHTINGS, "train.loss_weighting")
-    report_to = cfg.get("report_to", list(TRACKERS))
-    if not isinstance(report_to, list):
-        raise UserError(f"params.yaml: train.report_to={report_to!r} must be a list of {', '.join(TRACKERS)}")
-    for tracker in report_to:
-        require_choice(tracker, TRACKERS, "train.report_to[]")
-    dropout = cfg["caption_dropout"]
-    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
-        raise UserError(f"params.yaml: train.caption_dropout={dropout!r} must be in [0, 1]")
-    check_quantization(cfg.get("base_quantization", "none"), device)
-    check_attention_backend(cfg.get("attention_backend", "native"), device)
-    check_settings(cfg.get("validation") or {})
-    if device.type != "cuda":
-        if cfg["optimizer"] == "adamw8bit":
-            raise UserError("train.optimizer=adamw8bit (bitsandbytes) needs a CUDA GPU; "
-                            "use adamw or prodigy on CPU")
-        if cfg["mixed_precision"] == "fp16":
-            raise UserError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
-    if cfg["optimizer"] == "adamw8bit":
-        require_package("bitsandbytes", "train.optimizer=adamw8bit")
-    if cfg["optimizer"] == "prodigy":
-        require_package("prodigyopt", "train.optimizer=prodigy")
-        if cfg["learning_rate"] < PRODIGY_MIN_LR:
+    def __post_init__(self) -> None:
+        require_int(self.seed, "train.seed")
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every", "keep_checkpoints"):
+            require_int(getattr(self, name), f"train.{name}", minimum=1)
+        for name in ("checkpoint_every", "lr_warmup_steps", "dataloader_workers", "num_processes"):
+            require_int(getattr(self, name), f"train.{name}")
+        require_positive(self.learning_rate, "train.learning_rate")
+        require_positive(self.adam_weight_decay, "train.adam_weight_decay", allow_zero=True)
+        require_positive(self.max_grad_norm, "train.max_grad_norm", allow_zero=True)
+        require_positive(self.logit_std, "train.logit_std")
+        require_positive(self.guidance_scale, "train.guidance_scale", allow_zero=True)
+        self._set("ema_decay", check_decay(self.ema_decay))
+        self._set("resolution_mix", parse_mix(self.resolution_mix))
+        require_choice(self.lr_scheduler, LR_SCHEDULERS, "train.lr_scheduler")
+        require_choice(self.optimizer, OPTIMIZERS, "train.optimizer")
+        require_choice(self.mixed_precision, MIXED_PRECISION, "train.mixed_precision")
+        require_choice(self.timestep_sampling, TIMESTEP_SAMPLINGS, "train.timestep_sampling")
+        require_choice(self.loss_weighting, LOSS_WEIGHTINGS, "train.loss_weighting")
+        if not isinstance(self.report_to, list):
+            raise UserError(f"params.yaml: train.report_to={self.report_to!r} must be a list of "
+                            f"{', '.join(TRACKERS)}")
+        for tracker in self.report_to:
+            require_choice(tracker, TRACKERS, "train.report_to[]")
+        dropout = self.caption_dropout
+        if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
+            raise UserError(f"params.yaml: train.caption_dropout={dropout!r} must be in [0, 1]")
+        if self.num_processes != launcher.AUTO:
+            launcher.check_split(self.num_processes, self.gradient_accumulation_steps)
+        if self.optimizer == "prodigy" and self.learning_rate < PRODIGY_MIN_LR:
             # Prodigy multiplies its own step-size estimate by lr: 1e-4 would barely train at all.
             raise UserError(f"train.optimizer=prodigy expects train.learning_rate around 1.0 (it "
-                            f"estimates the step size itself), not {cfg['learning_rate']}; set "
+                            f"estimates the step size itself), not {self.learning_rate}; set "
                             "train.learning_rate: 1.0")
 
 
-def run_hash(params: dict[str, Any], cache_fingerprint: str, world_size: int) -> str:
+def check_machine(train: TrainParams, device: torch.device) -> None:
+    """The train settings this machine must support: CUDA-only kernels and optional packages."""
+    check_quantization(train.base_quantization, device)
+    check_attention_backend(train.attention_backend, device)
+    if device.type != "cuda":
+        if train.optimizer == "adamw8bit":
+            raise UserError("train.optimizer=adamw8bit (bitsandbytes) needs a CUDA GPU; "
+                            "use adamw or prodigy on CPU")
+        if train.mixed_precision == "fp16":
+            raise UserError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
+    if train.optimizer == "adamw8bit":
+        require_package("bitsandbytes", "train.optimizer=adamw8bit")
+    if train.optimizer == "prodigy":
+        require_package("prodigyopt", "train.optimizer=prodigy")
+
+
+def check_resume_from(model: ModelParams, lora: LoraParams, train: TrainParams) -> None:
+    """``train.resume_from`` names a checkpoint this run can continue."""
+    if not train.resume_from:
+        return
+    folder, meta = checkpoints.explicit_resume(Path(train.resume_from), model.pretrained,
+                                               lora_fingerprint(lora), train.optimizer)
+    if meta.get("step", 0) > train.max_steps:
+        raise UserError(f"train.resume_from={folder} is at step {meta.get('step')}, beyond "
+                        f"train.max_steps={train.max_steps}; raise max_steps or clear resume_from")
+
+
+def checked_sections(params: Mapping[str, Any]) -> tuple[ModelParams, LoraParams, TrainParams]:
+    """The model, lora and train sections after every check that needs no model, so mistakes stop
+    before anything loads. Only the names of an explicit ``lora.targets`` list wait for the model."""
+    model, lora, train = ModelParams.check(params), LoraParams.check(params), TrainParams.check(params)
+    check_machine(train, resolve_device(model))
+    check_resume_from(model, lora, train)
+    return model, lora, train
+
+
+def run_hash(params: Mapping[str, Any], cache_fingerprint: str, world_size: int) -> str:
     """The hash of everything that shapes training; a checkpoint resumes only under the same hash.
 
     ``max_steps`` is left out only under a constant schedule: a decaying one (linear, cosine, ...)
     sets every step's learning rate from it, so raising it must start over. The number of
     processes is left out (they split each step's micro-batches, see :mod:`launcher`) unless LoRA
-    dropout is on: its masks come from each process's own RNG stream.
+    dropout is on: its masks come from each process's own RNG stream. The sections are hashed as
+    written in params.yaml (a default left out and one written out are two runs).
     """
     train = params["train"]
     ignored = NOT_SHAPING | ({"max_steps"} if train["lr_scheduler"] in STEP_FREE_SCHEDULERS else set())
     model_cfg = {k: v for k, v in params["model"].items() if k != "device"}
     train_cfg = {k: v for k, v in train.items() if k not in ignored}
-    processes = world_size if params["lora"].get("dropout", 0) else "any"
+    processes = world_size if LoraParams.check(params).dropout else "any"
     return fingerprint(model_cfg, params["lora"], train_cfg, cache_fingerprint, processes)
 
 
@@ -161,30 +203,30 @@ class MicroBatches(torch.utils.data.Dataset):
     number of workers never changes what is trained.
     """
 
-    def __init__(self, cache: CacheReader, cfg: dict[str, Any], sampling: TimestepSampling,
+    def __init__(self, cache: CacheReader, cfg: TrainParams, sampling: TimestepSampling,
                  world: int, rank: int, order: ResolutionMix | None = None):
         self.cache, self.cfg, self.sampling, self.world, self.rank = cache, cfg, sampling, world, rank
         self.order = order or batch_order(cache, cfg)
 
     def __len__(self) -> int:
-        return self.cfg["max_steps"] * self.per_process_accumulation
+        return self.cfg.max_steps * self.per_process_accumulation
 
     @property
     def per_process_accumulation(self) -> int:
         """Micro-batches per step on this process: the step's micro-batches are split over all."""
-        return self.cfg["gradient_accumulation_steps"] // self.world
+        return self.cfg.gradient_accumulation_steps // self.world
 
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
         micro_batch = k * self.world + self.rank
         return load_batch(self.cache, self.order[micro_batch],
-                          micro_batch_generator(self.cfg["seed"], micro_batch),
-                          self.cfg["caption_dropout"], self.sampling)
+                          micro_batch_generator(self.cfg.seed, micro_batch),
+                          self.cfg.caption_dropout, self.sampling)
 
 
-def batch_order(cache: CacheReader, cfg: dict[str, Any]) -> ResolutionMix:
+def batch_order(cache: CacheReader, cfg: TrainParams) -> ResolutionMix:
     """The micro-batch order: one (resolution, aspect) bucket per batch, resolutions mixed as
     ``train.resolution_mix`` says (``{}``: each cached image once per resolution per epoch)."""
-    return ResolutionMix(cache.samples, cfg["batch_size"], cfg["seed"], parse_mix(cfg.get("resolution_mix")),
+    return ResolutionMix(cache.samples, cfg.batch_size, cfg.seed, cfg.resolution_mix,
                          default_resolution=_first_resolution(cache.index.get("resolution", 0)))
 
 
@@ -224,17 +266,17 @@ def load_batch(cache: CacheReader, indices: list[int], generator: torch.Generato
     }
 
 
-def make_optimizer(cfg: dict[str, Any], trainable: list[torch.nn.Parameter], device):
-    """The optimizer named by ``train.optimizer`` (its package was checked by :func:`validate`)."""
-    if cfg["optimizer"] == "adamw8bit":
+def make_optimizer(cfg: TrainParams, trainable: list[torch.nn.Parameter], device):
+    """The optimizer named by ``train.optimizer`` (its package was checked by :func:`check_machine`)."""
+    if cfg.optimizer == "adamw8bit":
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(trainable, lr=cfg["learning_rate"], weight_decay=cfg["adam_weight_decay"])
-    if cfg["optimizer"] == "prodigy":
+        return bnb.optim.AdamW8bit(trainable, lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay)
+    if cfg.optimizer == "prodigy":
         from prodigyopt import Prodigy
 
-        return Prodigy(trainable, lr=cfg["learning_rate"], weight_decay=cfg["adam_weight_decay"])
-    return torch.optim.AdamW(trainable, lr=cfg["learning_rate"], weight_decay=cfg["adam_weight_decay"],
+        return Prodigy(trainable, lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay)
+    return torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay,
                              fused=device.type == "cuda")
 
 
@@ -327,131 +369,225 @@ def _register_lora_hooks(accelerator) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LORA_DIR,
+def run(params: Mapping[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LORA_DIR,
         checkpoint_dir: Path | None = None, metrics_path: Path = METRICS,
         loss_plot: Path = LOSS_PLOT, live_dir: Path = LIVE_DIR, log_dir: Path = LOG_DIR) -> dict[str, Any]:
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import _collate_lora_metadata, cast_training_params
-    from diffusers import FluxPipeline
+    from accelerate.utils import set_seed
 
-    device = validate(params)
-    model_cfg, lora_cfg, cfg = (section(params, s) for s in ("model", "lora", "train"))
-    cache = CacheReader(cache_dir)
-    if cache.index["base_model"] != model_cfg["pretrained"]:
-        raise UserError(f"the encode cache was made with {cache.index['base_model']}, not "
-                        f"{model_cfg['pretrained']}; re-run encode (`dvc repro encode`)")
-    order = batch_order(cache, cfg)  # a mix naming resolutions the cache lacks stops here, before any model
+    model, lora, train = checked_sections(params)
+    cache = open_cache(cache_dir, model)
+    order = batch_order(cache, train)  # a mix naming resolutions the cache lacks stops here, before any model
     # The checkpoint root; each run writes under root/<run hash>.
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else checkpoints.default_root()
-    lora_dir = Path(lora_dir)
-    trackers = list(cfg.get("report_to", TRACKERS))
-    validation = cfg.get("validation") or {}
-    validation_every = validation.get("every", 0)
-
-    accelerator = Accelerator(
-        mixed_precision=MIXED_PRECISION[cfg["mixed_precision"]], cpu=device.type == "cpu",
-        log_with=trackers or None,
-        project_config=ProjectConfiguration(project_dir=str(checkpoint_dir), logging_dir=str(log_dir)))
-    rank, world = accelerator.process_index, accelerator.num_processes
-    launcher.check_split(world, cfg["gradient_accumulation_steps"])  # also under a launch by hand
-    this_run = run_hash(params, cache.index["fingerprint"], world)
-    set_seed(cfg["seed"])
+    accelerator = make_accelerator(train, resolve_device(model), checkpoint_dir, log_dir)
+    this_run = run_hash(params, cache.index["fingerprint"], accelerator.num_processes)
+    set_seed(train.seed)
 
     # The model the cache was encoded with (its commit is in the cache fingerprint, so in this_run).
-    model_folder = base_model_of_cache(model_cfg["pretrained"], model_cfg.get("revision"),
+    model_folder = base_model_of_cache(model.pretrained, model.revision,
                                        cache.index.get("base_model_commit")).folder
-    sampler = None
-    if validation_every and accelerator.is_main_process:
-        # Before the transformer loads: the text encoders come and go while memory is still free.
-        sampler = ValidationSampler(validation, model_folder, resolve_dtype(model_cfg),
-                                    accelerator.device, cache.index["max_sequence_length"])
-    transformer = load_transformer(model_folder, resolve_dtype(model_cfg),
-                                   cfg.get("base_quantization", "none"))
+    # Before the transformer loads: the text encoders come and go while memory is still free.
+    sampler = validation_sampler(accelerator, train.validation, model_folder, model, cache)
+    transformer = build_transformer(model_folder, model, lora, train, accelerator.device)
+    learner = prepare_learner(accelerator, transformer, train)
+    progress = resume(accelerator, learner, model, lora, train, checkpoint_dir, this_run)
+    scheduler = lr_schedule(learner.raw_optimizer, train, progress.start_step)
+    start_trackers(accelerator, params, live_dir, progress.history)
+    batches = micro_batches(accelerator, cache, train, order, progress.start_step)
+    save_checkpoint = checkpoint_saver(accelerator, checkpoint_dir, this_run, model, lora, train, learner.ema)
+    started = time.perf_counter()
+    train_loop(accelerator, learner, scheduler, batches, train, progress, sampler, save_checkpoint)
+
+    accelerator.wait_for_everyone()
+    summary = write_outputs(accelerator, learner, params, cache, this_run, progress, started,
+                            Path(lora_dir), metrics_path, loss_plot)
+    accelerator.end_training()
+    return summary
+
+
+@dataclass
+class Learner:
+    """The transformer being trained and what updates it (see :func:`prepare_learner`)."""
+
+    transformer: Any  # as accelerate prepared it (wrapped under DDP)
+    trainable: list[torch.nn.Parameter]  # the LoRA tensors
+    optimizer: Any  # as accelerate prepared it
+    raw_optimizer: torch.optim.Optimizer  # the one checkpoints fill and the schedule sets
+    ema: LoraEMA | None
+
+
+@dataclass
+class Progress:
+    """Where a run stands: the step it started (or resumed) at, the step it has reached, and the
+    logged history (a resumed run's includes the steps before the resume)."""
+
+    start_step: int = 0
+    step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def open_cache(cache_dir: Path, model: ModelParams) -> CacheReader:
+    """The encode cache, which must have been made with ``model.pretrained``."""
+    cache = CacheReader(cache_dir)
+    if cache.index["base_model"] != model.pretrained:
+        raise UserError(f"the encode cache was made with {cache.index['base_model']}, not "
+                        f"{model.pretrained}; re-run encode (`dvc repro encode`)")
+    return cache
+
+
+def make_accelerator(train: TrainParams, device: torch.device, checkpoint_dir: Path, log_dir: Path):
+    """The accelerator of this process, whose processes must split a step's micro-batches evenly
+    (checked here too: a launch started by hand may start any number)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    accelerator = Accelerator(
+        mixed_precision=MIXED_PRECISION[train.mixed_precision], cpu=device.type == "cpu",
+        log_with=list(train.report_to) or None,
+        project_config=ProjectConfiguration(project_dir=str(checkpoint_dir), logging_dir=str(log_dir)))
+    launcher.check_split(accelerator.num_processes, train.gradient_accumulation_steps)
+    return accelerator
+
+
+def validation_sampler(accelerator, validation: ValidationParams, model_folder: str, model: ModelParams,
+                       cache: CacheReader) -> ValidationSampler | None:
+    """The sampler of the validation images, on the main process when they are on; else None."""
+    if not (validation.every and accelerator.is_main_process):
+        return None
+    return ValidationSampler(validation, model_folder, resolve_dtype(model), accelerator.device,
+                             cache.index["max_sequence_length"])
+
+
+def build_transformer(model_folder: str, model: ModelParams, lora: LoraParams, train: TrainParams,
+                      device: torch.device):
+    """The base transformer (quantized as ``train.base_quantization`` says), frozen, with a fresh
+    LoRA adapter training in fp32, on ``device``."""
+    from accelerate.utils import set_seed
+    from diffusers.training_utils import cast_training_params
+
+    transformer = load_transformer(model_folder, resolve_dtype(model), train.base_quantization)
     transformer.requires_grad_(False)
-    use_attention_backend(transformer, cfg.get("attention_backend", "native"))
-    config = lora_config(lora_cfg, transformer)  # checks explicit target names against this model
+    use_attention_backend(transformer, train.attention_backend)
+    config = lora_config(lora, transformer)  # checks explicit target names against this model
     # Seeded right here: the LoRA's initial weights must not depend on what ran before (building the
     # tiny model, the validation prompts' text encoders).
-    set_seed(cfg["seed"])
+    set_seed(train.seed)
     transformer.add_adapter(config)
     cast_training_params(transformer, dtype=torch.float32)  # LoRA weights train in fp32
-    if cfg["gradient_checkpointing"]:
+    if train.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
-    if cfg.get("compile", False):
+    if train.compile:
         # Regional compilation (inductor): the double and the single block are each compiled once and
         # reused by their repeats, in a fraction of a whole-model compile's time; parameter names, and
         # so checkpoints and LoRA files, stay as they are.
         transformer.compile_repeated_blocks()
-    transformer.to(accelerator.device)
+    return transformer.to(device)
+
+
+def prepare_learner(accelerator, transformer, train: TrainParams) -> Learner:
+    """The optimizer over the LoRA tensors and their EMA; the transformer and optimizer prepared
+    by accelerate, and checkpoints set to hold the LoRA tensors only."""
     trainable = [p for p in transformer.parameters() if p.requires_grad]
-    raw_optimizer = make_optimizer(cfg, trainable, accelerator.device)
-    transformer, optimizer = accelerator.prepare(transformer, raw_optimizer)
+    raw_optimizer = make_optimizer(train, trainable, accelerator.device)
+    prepared, optimizer = accelerator.prepare(transformer, raw_optimizer)
     # Not registered with accelerate (its custom states are unpickled on load): the checkpoint keeps
-    # the average as safetensors (checkpoints.save_ema / load_ema).
-    ema = LoraEMA(trainable, cfg["ema_decay"]) if cfg.get("ema_decay", 0) else None
+    # the average as safetensors (LoraEMA.save / LoraEMA.load).
+    ema = LoraEMA(trainable, train.ema_decay) if train.ema_decay else None
     _register_lora_hooks(accelerator)
+    return Learner(prepared, trainable, optimizer, raw_optimizer, ema)
 
-    start_step, history = 0, []
-    resume = _choose_resume(accelerator, params, checkpoint_dir, this_run)
-    if resume:
-        folder, meta = resume
-        # LoRA (safetensors), optimizer and RNG state; accelerate loads the last two with
-        # weights_only=True. The scheduler is not in the checkpoint: it is a function of the step.
-        accelerator.load_state(str(folder))
-        if ema is not None:
-            if not (folder / EMA_FILE).is_file():
-                raise UserError(f"{folder} holds no EMA of the LoRA ({EMA_FILE}) but train.ema_decay is set; "
-                                "resume from a checkpoint of a run with EMA, or set train.ema_decay: 0")
-            ema.load(folder / EMA_FILE)
-        # load_state brought back the checkpoint's hyper-parameters; train with the params' ones.
-        checkpoints.apply_hyperparameters(raw_optimizer, cfg["learning_rate"], cfg["adam_weight_decay"])
-        start_step, history = meta["step"], meta["history"]
-        accelerator.print(f"train: resuming from {folder} at step {start_step} of {cfg['max_steps']}")
-    # Stepped by hand once per optimizer step (a prepared scheduler steps once per process); built
-    # at the resumed step, so its learning rate is the schedule's at that step for the params' lr.
-    scheduler = get_scheduler(cfg["lr_scheduler"], raw_optimizer, num_warmup_steps=cfg["lr_warmup_steps"],
-                              num_training_steps=cfg["max_steps"], last_epoch=start_step - 1)
 
+def resume(accelerator, learner: Learner, model: ModelParams, lora: LoraParams, train: TrainParams,
+           checkpoint_dir: Path, this_run: str) -> Progress:
+    """Load the checkpoint :func:`_choose_resume` picks into ``learner``; a fresh Progress if none."""
+    chosen = _choose_resume(accelerator, model, lora, train, checkpoint_dir, this_run)
+    if not chosen:
+        return Progress()
+    folder, meta = chosen
+    # LoRA (safetensors), optimizer and RNG state; accelerate loads the last two with
+    # weights_only=True. The scheduler is not in the checkpoint: it is a function of the step.
+    accelerator.load_state(str(folder))
+    if learner.ema is not None:
+        if not (folder / EMA_FILE).is_file():
+            raise UserError(f"{folder} holds no EMA of the LoRA ({EMA_FILE}) but train.ema_decay is set; "
+                            "resume from a checkpoint of a run with EMA, or set train.ema_decay: 0")
+        learner.ema.load(folder / EMA_FILE)
+    # load_state brought back the checkpoint's hyper-parameters; train with the params' ones.
+    checkpoints.apply_hyperparameters(learner.raw_optimizer, train.learning_rate, train.adam_weight_decay)
+    accelerator.print(f"train: resuming from {folder} at step {meta['step']} of {train.max_steps}")
+    return Progress(meta["step"], meta["step"], meta["history"])
+
+
+def lr_schedule(raw_optimizer, train: TrainParams, start_step: int):
+    """Stepped by hand once per optimizer step (a prepared scheduler steps once per process); built
+    at the resumed step, so its learning rate is the schedule's at that step for the params' lr."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(train.lr_scheduler, raw_optimizer, num_warmup_steps=train.lr_warmup_steps,
+                         num_training_steps=train.max_steps, last_epoch=start_step - 1)
+
+
+def start_trackers(accelerator, params: Mapping[str, Any], live_dir: Path,
+                   history: list[dict[str, float]]) -> None:
     accelerator.init_trackers("impressionist", config=_flat(params), init_kwargs={
         "dvclive": {"dir": str(live_dir), "save_dvc_exp": False, "dvcyaml": None}})
     for past in history:  # a resumed run's logs still show the whole curve
         accelerator.log({k: v for k, v in past.items() if k != "step"}, step=past["step"])
 
-    sampling = TimestepSampling(cfg["timestep_sampling"], cfg["logit_mean"], cfg["logit_std"],
-                                cfg["mode_scale"])
+
+def micro_batches(accelerator, cache: CacheReader, train: TrainParams, order: ResolutionMix,
+                  start_step: int) -> Iterator[dict[str, torch.Tensor]]:
+    """This process's micro-batches from ``start_step`` on, read ahead by the data-loader workers."""
+    sampling = TimestepSampling(train.timestep_sampling, train.logit_mean, train.logit_std, train.mode_scale)
     accelerator.print(f"train: resolution mix {order.share()} of the micro-batches")
-    batches = iter(micro_batch_loader(MicroBatches(cache, cfg, sampling, world, rank, order), start_step,
-                                      cfg.get("dataloader_workers", 0), accelerator.device.type == "cuda"))
+    dataset = MicroBatches(cache, train, sampling, accelerator.num_processes, accelerator.process_index, order)
+    return iter(micro_batch_loader(dataset, start_step, train.dataloader_workers,
+                                   accelerator.device.type == "cuda"))
+
+
+def checkpoint_saver(accelerator, checkpoint_dir: Path, this_run: str, model: ModelParams, lora: LoraParams,
+                     train: TrainParams, ema: LoraEMA | None) -> Callable[[int, list[dict[str, float]]], None]:
+    """``save(step, history)``: a checkpoint of this run under ``checkpoint_dir/<run hash>``."""
+    identity = {"run_hash": this_run, "base_model": model.pretrained, "lora": lora_fingerprint(lora),
+                "optimizer": train.optimizer}
+    return functools.partial(_save_checkpoint, accelerator, checkpoints.run_folder(checkpoint_dir, this_run),
+                             identity=identity, keep=train.keep_checkpoints, ema=ema)
+
+
+def train_loop(accelerator, learner: Learner, scheduler, batches: Iterator[dict[str, torch.Tensor]],
+               train: TrainParams, progress: Progress, sampler: ValidationSampler | None,
+               save_checkpoint: Callable[[int, list[dict[str, float]]], None]) -> None:
+    """Train from ``progress.step`` to ``train.max_steps``, logging, drawing validation images and
+    checkpointing on the way; ``progress`` follows."""
+    transformer, ema = learner.transformer, learner.ema
     # Micro-batch k of rank r is the step's micro-batch k * world + r: together the ranks train the
     # step's gradient_accumulation_steps micro-batches, and DDP averages their gradients.
-    accumulation = cfg["gradient_accumulation_steps"] // world
-    images_per_step = cfg["batch_size"] * cfg["gradient_accumulation_steps"]
-    step, started = start_step, time.perf_counter()
+    accumulation = train.gradient_accumulation_steps // accelerator.num_processes
+    images_per_step = train.batch_size * train.gradient_accumulation_steps
     # The log interval's losses add up on the device; reading them is the loop's only host sync.
-    loss_sum, interval_steps, clock = torch.zeros((), device=accelerator.device), 0, IntervalClock(accelerator.device)
+    loss_sum, interval_steps = torch.zeros((), device=accelerator.device), 0
+    clock = IntervalClock(accelerator.device)
     transformer.train()
-    while step < cfg["max_steps"]:
+    for step in range(progress.step + 1, train.max_steps + 1):
         for micro in range(accumulation):
             batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(batches).items()}
             sync = micro == accumulation - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(transformer):
-                loss = flow_matching_loss(transformer, guidance_scale=cfg["guidance_scale"],
-                                          weighting=cfg["loss_weighting"], **batch)
+                loss = flow_matching_loss(transformer, guidance_scale=train.guidance_scale,
+                                          weighting=train.loss_weighting, **batch)
                 accelerator.backward(loss / accumulation)
             loss_sum += loss.detach().float()
-        grad_norm = (accelerator.clip_grad_norm_(trainable, cfg["max_grad_norm"])
-                     if cfg["max_grad_norm"] > 0 else None)
-        optimizer.step()
+        grad_norm = (accelerator.clip_grad_norm_(learner.trainable, train.max_grad_norm)
+                     if train.max_grad_norm > 0 else None)
+        learner.optimizer.step()
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        learner.optimizer.zero_grad(set_to_none=True)
         if ema is not None:
             ema.update()
-        step += 1
+        progress.step = step
         interval_steps += 1
 
-        if step % cfg["log_every"] == 0 or step == cfg["max_steps"]:
+        if step % train.log_every == 0 or step == train.max_steps:
             seconds = clock.read()
             mean_loss = loss_sum / (interval_steps * accumulation)
             entry = {"step": step,
@@ -462,60 +598,69 @@ def run(params: dict[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LO
                      "peak_memory_gb": peak_memory_gb(accelerator.device)}
             if grad_norm is not None:
                 entry["grad_norm"] = float(grad_norm)  # of this step
-            history.append(entry)
+            progress.history.append(entry)
             accelerator.log({k: v for k, v in entry.items() if k != "step"}, step=step)
-            accelerator.print(f"train: step {step}/{cfg['max_steps']} loss {entry['loss']:.4f}")
+            accelerator.print(f"train: step {step}/{train.max_steps} loss {entry['loss']:.4f}")
             loss_sum, interval_steps = torch.zeros_like(loss_sum), 0
-        validate_now = validation_every and step % validation_every == 0
+        validate_now = train.validation.every and step % train.validation.every == 0
         # The last step is checkpointed too, so a rerun with more steps can continue from it.
-        checkpoint_now = cfg["checkpoint_every"] and (step % cfg["checkpoint_every"] == 0
-                                                      or step == cfg["max_steps"])
+        checkpoint_now = train.checkpoint_every and (step % train.checkpoint_every == 0
+                                                     or step == train.max_steps)
         if validate_now or checkpoint_now:
             clock.pause()  # not training time
             if validate_now and sampler is not None:
                 with ema.applied() if ema is not None else contextlib.nullcontext():
                     _log_validation_images(accelerator, sampler, transformer, step)
             if checkpoint_now:
-                _save_checkpoint(accelerator, checkpoints.run_folder(checkpoint_dir, this_run), step,
-                                 this_run, history, model_cfg, lora_cfg, cfg, ema)
+                save_checkpoint(step, progress.history)
             clock.resume()
 
-    accelerator.wait_for_everyone()
-    final_lora, raw_lora = _final_loras(accelerator, transformer, ema)
+
+def write_outputs(accelerator, learner: Learner, params: Mapping[str, Any], cache: CacheReader, this_run: str,
+                  progress: Progress, started: float, lora_dir: Path, metrics_path: Path,
+                  loss_plot: Path) -> dict[str, Any]:
+    """The LoRA (the EMA, the raw weights beside it), its training record, the metrics and the loss
+    plot, written by the main process; returns the run's summary there ({} on the other ranks)."""
+    from diffusers import FluxPipeline
+    from diffusers.training_utils import _collate_lora_metadata
+
+    final_lora, raw_lora = _final_loras(accelerator, learner.transformer, learner.ema)
     rank_checksums = _gather_checksums(accelerator, final_lora)
     if len(set(rank_checksums)) != 1:
         raise RuntimeError(f"LoRA weights differ between processes: {rank_checksums}")
-    summary = {}
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(transformer)
-        summary = {
-            "steps": step, "resumed_from_step": start_step,
-            "final_loss": history[-1]["loss"] if history else None,  # None: no step logged yet
-            "train_samples": len(cache.samples),
-            "seconds": round(time.perf_counter() - started, 2),
-            "run_hash": this_run,
-        }
-        with atomic_dir(lora_dir) as tmp:
+    if not accelerator.is_main_process:
+        return {}
+    step, history, ema = progress.step, progress.history, learner.ema
+    unwrapped = accelerator.unwrap_model(learner.transformer)
+    summary = {
+        "steps": step, "resumed_from_step": progress.start_step,
+        "final_loss": history[-1]["loss"] if history else None,  # None: no step logged yet
+        "train_samples": len(cache.samples),
+        "seconds": round(time.perf_counter() - started, 2),
+        "run_hash": this_run,
+    }
+    with atomic_dir(lora_dir) as tmp:
+        FluxPipeline.save_lora_weights(
+            tmp, transformer_lora_layers=final_lora,
+            **_collate_lora_metadata({"transformer": unwrapped}))
+        if raw_lora is not None:  # the EMA is the LoRA; the last step's weights stay beside it
             FluxPipeline.save_lora_weights(
-                tmp, transformer_lora_layers=final_lora,
+                tmp / RAW_LORA_SUBDIR, transformer_lora_layers=raw_lora,
                 **_collate_lora_metadata({"transformer": unwrapped}))
-            if raw_lora is not None:  # the EMA is the LoRA; the last step's weights stay beside it
-                FluxPipeline.save_lora_weights(
-                    tmp / RAW_LORA_SUBDIR, transformer_lora_layers=raw_lora,
-                    **_collate_lora_metadata({"transformer": unwrapped}))
-            (tmp / TRAINING_CONFIG).write_text(json.dumps(
-                {"base_model": model_cfg["pretrained"], "base_model_commit": cache.index.get("base_model_commit"),
-                 "lora": lora_cfg, "train": cfg,
-                 "run_hash": this_run, "steps": step, "rank_checksums": rank_checksums,
-                 "weights": "ema" if ema is not None else "raw",
-                 "raw_weights": f"{RAW_LORA_SUBDIR}/" if ema is not None else None,
-                 "history": history}, indent=1))
-        atomic_write_text(metrics_path, json.dumps(
-            {k: summary[k] for k in ("steps", "final_loss", "train_samples")}, indent=1))
-        save_loss_plot(history, Path(loss_plot))
-        loss_text = "n/a" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
-        print(f"train: saved LoRA after {step} steps (loss {loss_text}) -> {lora_dir}")
-    accelerator.end_training()
+        # the sections as written in params.yaml, as the run hash covers them
+        (tmp / TRAINING_CONFIG).write_text(json.dumps(
+            {"base_model": params["model"]["pretrained"],
+             "base_model_commit": cache.index.get("base_model_commit"),
+             "lora": params["lora"], "train": params["train"],
+             "run_hash": this_run, "steps": step, "rank_checksums": rank_checksums,
+             "weights": "ema" if ema is not None else "raw",
+             "raw_weights": f"{RAW_LORA_SUBDIR}/" if ema is not None else None,
+             "history": history}, indent=1))
+    atomic_write_text(metrics_path, json.dumps(
+        {k: summary[k] for k in ("steps", "final_loss", "train_samples")}, indent=1))
+    save_loss_plot(history, Path(loss_plot))
+    loss_text = "n/a" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
+    print(f"train: saved LoRA after {step} steps (loss {loss_text}) -> {lora_dir}")
     return summary
 
 
@@ -531,45 +676,42 @@ def _final_loras(accelerator, transformer, ema: LoraEMA | None):
     return averaged, raw
 
 
-def _choose_resume(accelerator, params: dict[str, Any], checkpoint_dir: Path,
+def _choose_resume(accelerator, model: ModelParams, lora: LoraParams, train: TrainParams, checkpoint_dir: Path,
                    this_run: str) -> tuple[Path, dict[str, Any]] | None:
     """This run's newest checkpoint; else ``train.resume_from``; else None (start at step 0).
 
     The run's own checkpoints come first: a rerun after a disconnect continues where it stopped,
     not from the folder it was first started from (which ``select_resume`` leaves in place).
     """
-    cfg = params["train"]
-    explicit = Path(cfg["resume_from"]) if cfg.get("resume_from") else None
-    resume = None
+    explicit = Path(train.resume_from) if train.resume_from else None
+    chosen = None
     if accelerator.is_main_process:
-        resume = checkpoints.select_resume(checkpoint_dir, this_run, cfg["max_steps"],
+        chosen = checkpoints.select_resume(checkpoint_dir, this_run, train.max_steps,
                                            log=accelerator.print, protect=explicit)
-    resume = _broadcast(accelerator, resume)
-    if resume is None and explicit is not None:
-        resume = checkpoints.explicit_resume(explicit, params["model"]["pretrained"],
-                                             lora_fingerprint(params["lora"]), cfg["optimizer"])
-    return resume
+    chosen = _broadcast(accelerator, chosen)
+    if chosen is None and explicit is not None:
+        chosen = checkpoints.explicit_resume(explicit, model.pretrained, lora_fingerprint(lora), train.optimizer)
+    return chosen
 
 
-def _save_checkpoint(accelerator, folder: Path, step: int, this_run: str, history, model_cfg, lora_cfg, cfg,
-                     ema: LoraEMA | None = None):
+def _save_checkpoint(accelerator, folder: Path, step: int, history: list[dict[str, float]], *,
+                     identity: dict[str, str], keep: int, ema: LoraEMA | None) -> None:
+    """Checkpoint ``step`` into the run's ``folder``; ``identity`` (run hash, base model, LoRA
+    fingerprint, optimizer) goes into its metadata, for resuming."""
     staged = checkpoints.staging_folder(folder, step)
     accelerator.save_state(str(staged))
     if ema is not None and accelerator.is_main_process:
         ema.save(staged / EMA_FILE)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        final = checkpoints.publish(folder, step, {
-            "run_hash": this_run, "step": step, "base_model": model_cfg["pretrained"],
-            "lora": lora_fingerprint(lora_cfg), "optimizer": cfg["optimizer"], "history": history},
-            keep=cfg["keep_checkpoints"])
+        final = checkpoints.publish(folder, step, {**identity, "step": step, "history": history}, keep=keep)
         accelerator.print(f"train: checkpoint {final}")
     accelerator.wait_for_everyone()
 
 
-def lora_fingerprint(lora_cfg: dict[str, Any]) -> str:
+def lora_fingerprint(lora: LoraParams) -> str:
     """What a checkpoint's LoRA tensors must agree with to be loadable."""
-    return fingerprint(lora_cfg.get("rank"), lora_cfg.get("alpha"), lora_cfg.get("targets"))
+    return fingerprint(lora.rank, lora.alpha, lora.targets)
 
 
 def _log_validation_images(accelerator, sampler, transformer, step: int) -> None:
@@ -624,11 +766,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = load_params(args.params)
     if not launcher.under_launcher():  # a rank of a launch trains; the stage's own command may launch
-        device = validate(params)  # bad params stop here, before any process is launched
-        processes = launcher.processes_to_launch(params["train"], device)
+        model, _, train = checked_sections(params)  # bad params stop here, before any process is launched
+        device = resolve_device(model)
+        processes = launcher.processes_to_launch(train.num_processes, train.gradient_accumulation_steps, device)
         if processes > 1:
             launcher.relaunch("impressionist.train", sys.argv[1:] if argv is None else argv, processes,
-                              MIXED_PRECISION[params["train"]["mixed_precision"]], cpu=device.type != "cuda")
+                              MIXED_PRECISION[train.mixed_precision], cpu=device.type != "cuda")
             return
     run(params)
 

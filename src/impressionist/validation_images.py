@@ -6,48 +6,59 @@ each validation only the small VAE sits beside the transformer being trained.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 
 from .errors import UserError
 from .models import encode_prompts, load_vae
-from .params import require_int, require_keys, require_multiple, require_positive
+from .params import ParamsSection, require_int, require_keys, require_multiple, require_positive
 
 SETTINGS = ("prompts", "seed", "steps", "guidance_scale", "resolution")
 
 
-def check_settings(cfg: dict[str, Any]) -> bool:
-    """Check ``train.validation`` before training starts; return whether validation is on.
+@dataclass(frozen=True)
+class ValidationParams(ParamsSection):
+    """params.yaml ``train.validation``: images every ``every`` steps (0: off); the other settings
+    are needed only when it is on.
 
-    Every setting is checked here, not where it is first used (at step ``every``), so a mistake
-    stops the run before any model loads, on every DDP rank alike.
+    Every setting is checked here, before training starts, not where it is first used (at step
+    ``every``), so a mistake stops the run before any model loads, on every DDP rank alike.
     """
-    if not isinstance(cfg, dict):
-        raise UserError("params.yaml: train.validation must be a mapping (every, prompts, seed, ...)")
-    every = require_int(cfg.get("every", 0), "train.validation.every")
-    if every == 0:
-        return False
-    require_keys(cfg, SETTINGS, "train.validation")
-    prompts = cfg["prompts"]
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
-        raise UserError("params.yaml: train.validation.every > 0 needs train.validation.prompts, "
-                        "a list of non-empty prompts")
-    require_int(cfg["seed"], "train.validation.seed")
-    require_int(cfg["steps"], "train.validation.steps", minimum=1)
-    require_positive(cfg["guidance_scale"], "train.validation.guidance_scale", allow_zero=True)
-    require_multiple(cfg["resolution"], 16, "train.validation.resolution")
-    return True
+
+    SECTION: ClassVar[str] = "train.validation"
+    every: int = 0
+    prompts: list[str] | None = None
+    seed: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    resolution: int | None = None
+
+    def __post_init__(self) -> None:
+        require_int(self.every, "train.validation.every")
+        if not self.every:
+            return
+        require_keys({name: value for name in SETTINGS if (value := getattr(self, name)) is not None},
+                     SETTINGS, self.SECTION)
+        prompts = self.prompts
+        if not (isinstance(prompts, list) and prompts and all(isinstance(p, str) and p.strip() for p in prompts)):
+            raise UserError("params.yaml: train.validation.every > 0 needs train.validation.prompts, "
+                            "a list of non-empty prompts")
+        require_int(self.seed, "train.validation.seed")
+        require_int(self.steps, "train.validation.steps", minimum=1)
+        require_positive(self.guidance_scale, "train.validation.guidance_scale", allow_zero=True)
+        require_multiple(self.resolution, 16, "train.validation.resolution")
 
 
 class ValidationSampler:
-    """Takes ``train.validation`` as checked by :func:`check_settings`."""
+    """Images of the transformer being trained at the ``train.validation`` prompts and seed."""
 
-    def __init__(self, cfg: dict[str, Any], model_folder: str, dtype: torch.dtype, device: torch.device,
+    def __init__(self, cfg: ValidationParams, model_folder: str, dtype: torch.dtype, device: torch.device,
                  max_sequence_length: int):
         self.cfg, self.folder, self.dtype, self.device = cfg, model_folder, dtype, device
-        batches = list(encode_prompts(model_folder, dtype, device, cfg["prompts"], max_sequence_length))
+        batches = list(encode_prompts(model_folder, dtype, device, cfg.prompts, max_sequence_length))
         self.embeds = torch.cat([embeds for embeds, _ in batches])
         self.pooled = torch.cat([pooled for _, pooled in batches])
         self.vae = None
@@ -70,9 +81,9 @@ class ValidationSampler:
             out.append(pipe(
                 prompt_embeds=embeds[None].to(self.device, self.dtype),
                 pooled_prompt_embeds=pooled[None].to(self.device, self.dtype),
-                height=self.cfg["resolution"], width=self.cfg["resolution"],
-                num_inference_steps=self.cfg["steps"], guidance_scale=self.cfg["guidance_scale"],
-                generator=torch.Generator("cpu").manual_seed(self.cfg["seed"]),
+                height=self.cfg.resolution, width=self.cfg.resolution,
+                num_inference_steps=self.cfg.steps, guidance_scale=self.cfg.guidance_scale,
+                generator=torch.Generator("cpu").manual_seed(self.cfg.seed),
                 output_type="np").images[0])
         transformer.train(was_training)
         return [(image * 255).round().astype(np.uint8) for image in out]
