@@ -89,12 +89,12 @@ def random_lora(folder: str, out: Path, rank: int = 16) -> Path:
     from diffusers import FluxPipeline
     from peft.utils import get_peft_model_state_dict
 
-    from impressionist.lora import lora_config
+    from impressionist.lora import LoraParams, lora_config
     from impressionist.models import load_pipeline
 
     torch.manual_seed(0)
     transformer = load_pipeline(folder, torch.float32).transformer
-    config = lora_config({"rank": rank, "alpha": rank, "targets": "attention"}, transformer)
+    config = lora_config(LoraParams(rank=rank, alpha=rank, targets="attention"), transformer)
     transformer.add_adapter(config)
     for name, param in transformer.named_parameters():
         if "lora_B" in name:
@@ -239,11 +239,11 @@ def phase_activations(args) -> tuple[dict[str, int], dict[str, int]]:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from impressionist.flux_math import flow_matching_loss
-    from impressionist.lora import lora_config
+    from impressionist.lora import LoraParams, lora_config
 
     dtype = torch.bfloat16
     models = build_full_size("meta", dtype)
-    models.transformer.add_adapter(lora_config({"rank": args.rank, "alpha": args.rank, "targets": "attention"},
+    models.transformer.add_adapter(lora_config(LoraParams(rank=args.rank, alpha=args.rank, targets="attention"),
                                                models.transformer))
     fake_mode = FakeTensorMode()
     for module in (models.transformer, models.vae, models.clip, models.t5):

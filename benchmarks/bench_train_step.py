@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_map_only
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from impressionist.flux_math import flow_matching_loss
-from impressionist.lora import lora_config
+from impressionist.lora import LoraParams, lora_config
 from results_file import command_line, publish
 
 # bf16 dense peak of the GPUs we expect; used for a utilisation estimate only.
@@ -137,7 +137,7 @@ def add_fresh_lora(transformer: torch.nn.Module, case: Case, args) -> list[torch
     ``lora.targets`` preset; attention when not given); its params."""
     remove_lora(transformer)
     targets = getattr(args, "targets", "attention")
-    transformer.add_adapter(lora_config({"rank": args.rank, "alpha": args.rank, "targets": targets},
+    transformer.add_adapter(lora_config(LoraParams(rank=args.rank, alpha=args.rank, targets=targets),
                                         transformer))
     for p in transformer.parameters():
         if p.requires_grad:

@@ -15,6 +15,7 @@ from impressionist import sample
 from impressionist.errors import UserError
 from impressionist.grid import sample_grid_figure
 from impressionist.inference import SampleParams
+from impressionist.models import ModelParams
 from impressionist.prompts import CaptionParams
 
 
@@ -196,7 +197,7 @@ def test_each_image_is_the_pipelines_output_for_its_recorded_prompt_and_seed(dem
         assert not np.array_equal(pa, pb), f"{a} and {b} are the same image"
 
     # The second prompt at seed 1 and the first at seed 1, drawn here straight from the pipeline.
-    pipe = load_pipeline(tiny_flux_dir, resolve_dtype(params["model"]))
+    pipe = load_pipeline(tiny_flux_dir, resolve_dtype(ModelParams.check(params)))
     pipe.set_progress_bar_config(disable=True)
     for row in (table.iloc[-1], table[(table.prompt == table.prompt[0]) & (table.seed == 1)].iloc[0]):
         assert row.seed == 1

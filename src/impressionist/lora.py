@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import torch
 from peft import LoraConfig
@@ -77,8 +77,6 @@ def resolve_targets(targets: Any, model: torch.nn.Module) -> list[str]:
     return list(targets)
 
 
-def lora_config(lora: LoraParams | Mapping[str, Any], model: torch.nn.Module) -> LoraConfig:
-    if not isinstance(lora, LoraParams):
-        lora = LoraParams.of(lora)
+def lora_config(lora: LoraParams, model: torch.nn.Module) -> LoraConfig:
     return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                       init_lora_weights=INITS[lora.init], target_modules=resolve_targets(lora.targets, model))

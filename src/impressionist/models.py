@@ -19,7 +19,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Mapping, Sequence
+from typing import ClassVar, Iterator, Sequence
 
 import torch
 
@@ -58,12 +58,8 @@ class ModelParams(ParamsSection):
         require_choice(self.device, ["cuda", "cpu"], "model.device")
 
 
-def _model_params(model: ModelParams | Mapping[str, Any]) -> ModelParams:
-    return model if isinstance(model, ModelParams) else ModelParams.of(model)
-
-
-def resolve_device(model: ModelParams | Mapping[str, Any]) -> torch.device:
-    name = _model_params(model).device
+def resolve_device(model: ModelParams) -> torch.device:
+    name = model.device
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError(
             "model.device is 'cuda' but no CUDA GPU is visible; the FLUX.1-dev recipe needs one "
@@ -71,8 +67,8 @@ def resolve_device(model: ModelParams | Mapping[str, Any]) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(model: ModelParams | Mapping[str, Any]) -> torch.dtype:
-    return DTYPES[_model_params(model).dtype]
+def resolve_dtype(model: ModelParams) -> torch.dtype:
+    return DTYPES[model.dtype]
 
 
 @dataclass(frozen=True)

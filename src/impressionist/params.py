@@ -130,6 +130,7 @@ class ParamsSection:
         for name, value in values.items():
             kind = hints.get(name)
             if isinstance(kind, type) and issubclass(kind, ParamsSection):
+                value = {} if value is None else value  # `validation:` left empty = its defaults
                 if not isinstance(value, Mapping):
                     raise UserError(f"params.yaml: '{kind.SECTION}' must be a mapping of settings")
                 value = kind.of(value)

@@ -41,7 +41,6 @@ from .params import ParamsSection, fingerprint, load_params, require_choice, req
 from .plotting import new_figure, save_figure
 from .validation_images import ValidationParams, ValidationSampler
 
-CHECKPOINT_DIR = checkpoints.DEFAULT_ROOT  # $IMPRESSIONIST_CHECKPOINTS overrides it
 METRICS = TRAIN_METRICS
 LIVE_DIR = Path("dvclive")
 LOG_DIR = Path("logs")
