@@ -62,6 +62,7 @@ class InnerParams(ParamsSection):
 @dataclass(frozen=True)
 class OuterParams(ParamsSection):
     SECTION: ClassVar[str] = "outer"
+    MISSING_HINTS: ClassVar[dict[str, str]] = {"rate": "the step size, e.g. 0.5"}
     rate: float
     names: list[str] = field(default_factory=list)
     inner: InnerParams = field(default_factory=InnerParams)
@@ -83,7 +84,7 @@ def test_check_builds_nested_sections_declares_defaults_once_and_freezes():
 @pytest.mark.parametrize("values, message", [
     ({"outer": {"rate": 1, "rtae": 2}}, r"^params.yaml: 'outer.rtae' is not a setting of 'outer' \(its settings: rate, names, inner\)$"),
     ({"outer": {"rate": 1, "inner": {"step": 2}}}, r"'outer.inner.step' is not a setting of 'outer.inner'"),
-    ({"outer": {"names": []}}, r"^params.yaml: 'outer.rate' is missing$"),
+    ({"outer": {"names": []}}, r"^params.yaml: 'outer.rate' is missing; the step size, e.g. 0.5$"),
     ({"outer": {"rate": -1}}, r"^params.yaml: outer.rate=-1 must be a number > 0$"),
     ({"outer": {"rate": 1, "inner": 3}}, r"'outer.inner' must be a mapping"),
     ({"other": {}}, r"^params.yaml has no 'outer' section$"),
@@ -91,3 +92,19 @@ def test_check_builds_nested_sections_declares_defaults_once_and_freezes():
 def test_check_names_the_first_wrong_setting_in_one_line(values, message):
     with pytest.raises(UserError, match=message):
         OuterParams.check(values)
+
+
+@dataclass(frozen=True)
+class OptionalParams(ParamsSection):
+    SECTION: ClassVar[str] = "extras"
+    OPTIONAL: ClassVar[bool] = True
+    fused: bool = False
+
+
+def test_an_optional_section_may_be_left_out_but_is_checked_when_present():
+    assert OptionalParams.check({}) == OptionalParams.check({"extras": None}) == OptionalParams(fused=False)
+    assert OptionalParams.check({"extras": {"fused": True}}).fused is True
+    with pytest.raises(UserError, match="'extras.fsued' is not a setting"):
+        OptionalParams.check({"extras": {"fsued": True}})
+    with pytest.raises(UserError, match="no 'outer' section"):
+        OuterParams.check({})  # not optional

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from .errors import UserError, stage_main
+from .layout import CHECKPOINT_ROOT
 
 # Every module a dvc.yaml stage runs (sample_base is `sample --base`), in graph order.
 STAGES = {
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("pin-model", add_help=False,
                         help="write the commit model.revision names now into params.yaml")
     commands.add_parser("clean-checkpoints", add_help=False,
-                        help="remove the training checkpoints of earlier runs (.cache/checkpoints)")
+                        help=f"remove the training checkpoints of earlier runs ({CHECKPOINT_ROOT})")
     # Stage commands parse their own options (the rest); the demo has none beyond its own.
     args, rest = parser.parse_known_args(argv)
     if args.command == "demo":

@@ -120,10 +120,6 @@ class EncodeParams(ParamsSection):
         """``resolution`` as a list (kept as written in ``resolution``: the cache fingerprint covers it)."""
         return list(self.resolution) if isinstance(self.resolution, list) else [self.resolution]
 
-    def cached_settings(self) -> dict[str, Any]:
-        """The settings that shape the cache (its fingerprint covers exactly these)."""
-        return {k: v for k, v in self.as_dict().items() if k not in NOT_CACHED}
-
 
 def _training_rows(filtered_dir: Path, captions_path: Path) -> pd.DataFrame:
     meta_path = filtered_dir / "metadata.parquet"
@@ -259,7 +255,10 @@ def run(params: Mapping[str, Any], filtered_dir: Path = FILTERED_DIR, captions_p
         index = {
             # The commit, not model.revision: a branch that moved is another model (and so, through
             # this fingerprint, another training run hash).
-            "fingerprint": fingerprint(model.pretrained, base.commit, str(dtype), cfg.cached_settings(),
+            # encode.* as written in params.yaml, as the training run hash hashes its sections: a
+            # cache keeps its key across this code's versions.
+            "fingerprint": fingerprint(model.pretrained, base.commit, str(dtype),
+                                       {k: v for k, v in params["encode"].items() if k not in NOT_CACHED},
                                        max_sequence_length,
                                        rows[["id", "caption"]].values.tolist()),
             "base_model": model.pretrained,

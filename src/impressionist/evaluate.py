@@ -49,7 +49,7 @@ import torch
 
 from .errors import UserError, atomic_write_text, stage_main
 from .image_features import EvaluateParams, Extractors, load_reference, uses_random_nets
-from .layout import EVAL_IMAGES, EVAL_METRICS, EVAL_SET_TABLE, REFERENCE_DIR, SAMPLES_DIR
+from .layout import EVAL_IMAGES, EVAL_METRICS, EVAL_SET_TABLE, PLOTS_DIR, REFERENCE_DIR, SAMPLES_DIR
 from .params import load_params
 from .stats import (CMMD, CONFIDENCE, KID, Estimate, Resampling, mean_estimate, paired_difference,
                     replicate_difference, set_distance_estimates)
@@ -67,7 +67,7 @@ MIN_IMAGES = 2  # per generated set: KID's unbiased MMD divides by n(n-1), FID n
 # thousands of images before FIDs are comparable. Below this every display flags it as biased.
 FID_RELIABLE = 2000
 SAMPLE_HINT = "run the sample stages first (`dvc repro sample_base sample`)"
-PLOT_DATA = "eval_vs_scale.csv"
+PLOT_DATA, SCALE_PLOT, DELTA_PLOT = "eval_vs_scale.csv", "eval_vs_scale.png", "eval_delta.png"  # in plots/
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,7 +250,7 @@ def plot_table(results: Mapping[float, Mapping[str, Any]]) -> pd.DataFrame:
 
 def run(params: Mapping[str, Any], samples_dir: Path | str = SAMPLES_DIR,
         reference_dir: Path | str = REFERENCE_DIR, metrics_path: Path | str = EVAL_METRICS,
-        images_path: Path | str = EVAL_IMAGES, plots_dir: Path | str = "plots") -> dict[str, Any]:
+        images_path: Path | str = EVAL_IMAGES, plots_dir: Path | str = PLOTS_DIR) -> dict[str, Any]:
     """Score the evaluation set; write the metrics, the per-image table and the plots; return the metrics."""
     from .plotting import plot_deltas, plot_metrics_vs_scale
 
@@ -283,9 +283,9 @@ def run(params: Mapping[str, Any], samples_dir: Path | str = SAMPLES_DIR,
     n = results[0.0]["clip_score"].n
     level = f"{confidence:.0%} CI"
     plot_metrics_vs_scale(sorted(results), {name: [results[s][name] for s in sorted(results)] for name in METRICS},
-                          plots_dir / "eval_vs_scale.png",
+                          plots_dir / SCALE_PLOT,
                           title=f"metrics vs LoRA scale, {level}, n={n} images per point, {n_real} paintings" + note)
-    plot_deltas(deltas, plots_dir / "eval_delta.png",
+    plot_deltas(deltas, plots_dir / DELTA_PLOT,
                 title=f"LoRA ×{max(results):g} − base, paired, {level} (n={n})" + note)
     atomic_write_text(plots_dir / PLOT_DATA, plot_table(results).to_csv(index=False))
     atomic_write_text(images_path, per_image_table(sets, per_image).to_csv(index=False))

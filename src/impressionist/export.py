@@ -227,6 +227,7 @@ class ExportParams(ParamsSection):
     """params.yaml ``export``: the kohya file's dtype, and whether to fuse the LoRA into the transformer."""
 
     SECTION: ClassVar[str] = "export"
+    OPTIONAL: ClassVar[bool] = True
     fused: bool = False
     lora_scale: float = 1.0
     dtype: str = "bfloat16"
@@ -236,11 +237,6 @@ class ExportParams(ParamsSection):
             raise UserError(f"params.yaml: export.fused={self.fused!r} must be true or false")
         require_choice(self.dtype, DTYPES, "export.dtype")
         require_positive(self.lora_scale, "export.lora_scale")
-
-    @classmethod
-    def check(cls, params: Mapping[str, Any]) -> "ExportParams":
-        """As every section's check, but params.yaml may leave ``export`` out: each setting has a default."""
-        return cls() if params.get(cls.SECTION) is None else super().check(params)
 
 
 def fuse_into_transformer(model: ModelParams, lora_dir: Path, lora_scale: float, out_dir: Path) -> None:

@@ -23,7 +23,7 @@ import contextlib
 import importlib.util
 import shutil
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar, Iterator, Mapping
 
 import torch
 
@@ -96,6 +96,11 @@ class SampleParams(ParamsSection, InferenceSettings):
     because the app, the Space and the model card read the section too."""
 
     SECTION: ClassVar[str] = "sample"
+    MISSING_HINTS: ClassVar[Mapping[str, str]] = {
+        "eval_set": "it defines the images the evaluate stage measures (subjects, num_subjects, seeds, "
+                    "steps, resolution, guidance_scale)",
+        "lora_scales": "list LoRA scales > 0, e.g. [0.5, 1.0]",
+        "seeds": "list at least one integer seed, e.g. [0, 1]"}
     seeds: list[int]
     steps: int
     guidance_scale: float

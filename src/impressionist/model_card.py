@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .hub import BUILTIN_PREFIX, is_hub_id
-from .prompts import with_trigger
+from .prompts import CaptionParams, with_trigger
+from .sources import DownloadParams
 
 if TYPE_CHECKING:
     from .publish import PublishParams
@@ -60,7 +61,7 @@ def metrics_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def evaluation_note(metrics: dict[str, Any]) -> str:
+def evaluation_note(metrics: dict[str, Any], confidence: float) -> str:
     """How to read the table: n, what the brackets are, which changes are real, FID's bias."""
     base = metrics.get("base", {})
     n, n_real = base.get("clip_score_n", "?"), metrics.get("n_real", "?")
@@ -74,7 +75,7 @@ def evaluation_note(metrics: dict[str, Any]) -> str:
            f"given for familiarity only, without an interval." if isinstance(fid_n, int) and fid_n < FID_RELIABLE
            else "")
     return (f"{n} generated images per row (subjects × seeds, the same for every row) against {n_real} "
-            f"held-out paintings; brackets are 95% bootstrap confidence intervals. {verdict}{fid}")
+            f"held-out paintings; brackets are {confidence:.0%} bootstrap confidence intervals. {verdict}{fid}")
 
 
 def training_table(training: dict[str, Any], resolution: Any) -> str:
@@ -117,19 +118,19 @@ def weights_text(training: dict[str, Any]) -> str:
     return "the last optimizer step's weights (no EMA)"
 
 
-def data_note(download: dict[str, Any], data_metrics: dict[str, Any] | None) -> str:
-    source = str(download.get("source"))
+def data_note(download: DownloadParams, data_metrics: dict[str, Any] | None) -> str:
+    source = str(download.source)
     if source == "synthetic":
         return ("**This LoRA was trained on SYNTHETIC, procedurally painted images** in the WikiArt "
                 "schema (the project's offline demo), not on paintings. It shows that the pipeline "
                 "works and nothing about art.")
     count = f" {data_metrics['train']}" if data_metrics and "train" in data_metrics else ""
-    artists = download.get("artists") or []
+    artists = download.artists
     who = f" (artists: {', '.join(artists)})" if artists else ""
     origin = (f"[`{source}`](https://huggingface.co/datasets/{source})" if is_hub_id(source)
               else f"the local source `{source}`")
     research = "; the dataset is provided for research use" if is_hub_id(source) else ""
-    return (f"Trained on{count} paintings of the WikiArt style *{download.get('style')}*{who} from "
+    return (f"Trained on{count} paintings of the WikiArt style *{download.style}*{who} from "
             f"{origin}, filtered for size, aspect, colour and near-duplicates. WikiArt images remain "
             f"subject to the terms of their rights holders{research}.")
 
@@ -140,34 +141,36 @@ def build_card(*, repo_id: str, params: dict[str, Any], training: dict[str, Any]
     """The ``huggingface_hub.ModelCard`` for the upload folder (files named relative to it)."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    # Other modules' sections are read key by key: their classes live in stage modules or in
-    # inference.py, and publishing imports neither (nor the torch they bring).
-    trigger = params.get("caption", {}).get("trigger", "")
-    base_model = str(training.get("base_model") or params["model"]["pretrained"])
-    download = params.get("download", {})
-    sample = params.get("sample", {})
-    eval_set = sample.get("eval_set") or {}
-    prompt = next(iter(sample.get("prompts") or []), "a harbor at sunset")
+    from .encode import EncodeParams  # imported late: the card is built only when publishing
+    from .image_features import EvaluateParams
+    from .inference import SampleParams
+    from .models import ModelParams
+
+    trigger = CaptionParams.check(params).trigger
+    base_model = str(training.get("base_model") or ModelParams.check(params).pretrained)
+    download, sample = DownloadParams.check(params), SampleParams.check(params)
+    evaluate, eval_set = EvaluateParams.check(params), sample.eval_set
+    # the card's example: the first show prompt (a prompt set may hold validation captions only)
+    prompt = next(iter(sample.prompts), "a harbor at sunset")
     full_prompt = with_trigger(trigger, prompt)
-    demo = base_model.startswith(BUILTIN_PREFIX) or download.get("source") == "synthetic"
+    demo = base_model.startswith(BUILTIN_PREFIX) or download.source == "synthetic"
     data = ModelCardData(
         base_model=base_model if is_hub_id(base_model) else None,
         library_name="diffusers", pipeline_tag="text-to-image",
         license=publish.license, license_name=publish.license_name, license_link=publish.license_link,
         tags=list(publish.tags or []),
-        datasets=[download["source"]] if is_hub_id(str(download.get("source", ""))) else None,
+        datasets=[download.source] if is_hub_id(str(download.source)) else None,
         instance_prompt=trigger or None,
         widget=[{"text": full_prompt, "output": {"url": grid_file}}],
     )
     name = repo_id.split("/")[-1]
-    evaluate = params.get("evaluate", {})
-    random_nets = any(str(evaluate.get(key, "")).startswith(BUILTIN_PREFIX)
+    random_nets = any(str(getattr(evaluate, key)).startswith(BUILTIN_PREFIX)
                       for key in ("fid_features", "clip_model", "cmmd_clip_model"))
     metric_note = ("**These numbers come from random-weight feature networks (the offline demo) and "
                    "mean nothing about image quality.**" if random_nets else
-                   f"FID/KID with {evaluate.get('fid_features', 'inception')} features, CLIP and style "
-                   f"scores with open_clip {evaluate.get('clip_model')} ({evaluate.get('clip_pretrained')}), "
-                   f"CMMD with {evaluate.get('cmmd_clip_model')} ({evaluate.get('cmmd_clip_pretrained')}); "
+                   f"FID/KID with {evaluate.fid_features} features, CLIP and style "
+                   f"scores with open_clip {evaluate.clip_model} ({evaluate.clip_pretrained}), "
+                   f"CMMD with {evaluate.cmmd_clip_model} ({evaluate.cmmd_clip_pretrained}); "
                    f"{metrics.get('n_real', '?')} validation paintings as the real set.")
     demo_warning = ("> **Offline demo artefact**: trained on the project's tiny random-weight "
                     "FLUX-architecture model and/or synthetic images. It is not a usable "
@@ -197,8 +200,8 @@ from diffusers import FluxPipeline
 
 pipe = FluxPipeline.from_pretrained("{base_model}", dtype=torch.bfloat16).to("cuda")
 pipe.load_lora_weights("{repo_id}", weight_name="{lora_file}")
-image = pipe("{full_prompt}", num_inference_steps={sample.get('steps', 28)},
-             guidance_scale={sample.get('guidance_scale', 3.5)},
+image = pipe("{full_prompt}", num_inference_steps={sample.steps},
+             guidance_scale={sample.guidance_scale},
              joint_attention_kwargs={{"scale": 1.0}}).images[0]  # scale = LoRA strength
 ```
 
@@ -210,17 +213,17 @@ module names, fused q/k/v, `.alpha` per layer). Put it in `ComfyUI/models/loras/
 
 ## Training
 
-{training_table(training, params.get("encode", {}).get("resolution"))}
+{training_table(training, EncodeParams.check(params).resolution)}
 
 ## Evaluation
 
 {metrics_table(metrics)}
 
-{evaluation_note(metrics)}
+{evaluation_note(metrics, evaluate.confidence)}
 
-{metric_note} The evaluation set: `"{trigger}, <subject>"` for {eval_set.get('num_subjects')} subjects
-(`{eval_set.get('subjects')}`) × seeds {eval_set.get('seeds')}, {eval_set.get('steps')} steps,
-guidance {eval_set.get('guidance_scale')}, {eval_set.get('resolution')} px; the CLIP score is measured
+{metric_note} The evaluation set: `"{trigger}, <subject>"` for {eval_set.num_subjects} subjects
+(`{eval_set.subjects}`) × seeds {eval_set.seeds}, {eval_set.steps} steps,
+guidance {eval_set.guidance_scale}, {eval_set.resolution} px; the CLIP score is measured
 against the subject alone.
 
 ## Data

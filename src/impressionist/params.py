@@ -36,18 +36,6 @@ def load_params(path: Path | str = DEFAULT_PARAMS) -> dict[str, Any]:
     return data
 
 
-def section(params: dict[str, Any], name: str) -> dict[str, Any]:
-    if name not in params or not isinstance(params[name], dict):
-        raise UserError(f"params.yaml has no '{name}' section")
-    return params[name]
-
-
-def require(cfg: dict[str, Any], key: str, where: str) -> Any:
-    if key not in cfg:
-        raise UserError(f"params.yaml: '{where}.{key}' is missing")
-    return cfg[key]
-
-
 def require_keys(cfg: dict[str, Any], keys: Iterable[str], where: str) -> None:
     """Check up front that every key without a sensible default is present (one line if not)."""
     missing = [f"'{where}.{key}'" for key in keys if key not in cfg]
@@ -99,15 +87,21 @@ class ParamsSection:
     """One section of params.yaml, typed. Subclasses set ``SECTION`` (the dotted path of the
     mapping, e.g. ``"train"`` or ``"train.validation"``), declare one field per setting (a default
     where the setting may be left out) and check values in ``__post_init__``. A field typed as
-    another ParamsSection is a nested mapping (``train.validation``)."""
+    another ParamsSection is a nested mapping (``train.validation``). ``OPTIONAL`` sections may be
+    left out of params.yaml (every setting then has its default); ``MISSING_HINTS`` says, per
+    required setting, what to write when it is missing."""
 
     SECTION: ClassVar[str] = ""
+    OPTIONAL: ClassVar[bool] = False
+    MISSING_HINTS: ClassVar[Mapping[str, str]] = {}
 
     @classmethod
     def check(cls: type[SectionT], params: Mapping[str, Any]) -> SectionT:
         """The section of the whole ``params`` mapping, validated (one UserError line if not)."""
         values: Any = params
         for name in cls.SECTION.split("."):
+            if cls.OPTIONAL and isinstance(values, Mapping) and values.get(name) is None:
+                return cls.of({})
             if not isinstance(values, Mapping) or not isinstance(values.get(name), Mapping):
                 raise UserError(f"params.yaml has no '{cls.SECTION}' section")
             values = values[name]
@@ -122,9 +116,12 @@ class ParamsSection:
             raise UserError(f"params.yaml: {', '.join(repr(f'{cls.SECTION}.{k}') for k in unknown)} "
                             f"{'is not a setting' if len(unknown) == 1 else 'are not settings'} of "
                             f"'{cls.SECTION}' (its settings: {', '.join(fields)})")
-        required = [name for name, f in fields.items()
-                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-        require_keys(values, required, cls.SECTION)
+        missing = [name for name, f in fields.items() if name not in values
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            hints = "".join(f"; {cls.MISSING_HINTS[name]}" for name in missing if name in cls.MISSING_HINTS)
+            raise UserError(f"params.yaml: {', '.join(repr(f'{cls.SECTION}.{k}') for k in missing)} "
+                            f"{'is' if len(missing) == 1 else 'are'} missing{hints}")
         hints = typing.get_type_hints(cls)
         kwargs = {}
         for name, value in values.items():

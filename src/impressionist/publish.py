@@ -51,6 +51,7 @@ class PublishParams(ParamsSection):
     ``repo_id`` may be empty here: ``--repo-id`` gives it, and ``space`` only reads it."""
 
     SECTION: ClassVar[str] = "publish"
+    OPTIONAL: ClassVar[bool] = True
     repo_id: str = ""
     private: bool = True
     tags: list[str] = field(default_factory=lambda: [

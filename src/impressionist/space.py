@@ -54,6 +54,7 @@ class SpaceParams(ParamsSection):
     """params.yaml ``space`` (every key optional; the command line overrides each)."""
 
     SECTION: ClassVar[str] = "space"
+    OPTIONAL: ClassVar[bool] = True
     space_id: str = ""        # "" = write the folder only
     lora_repo: str = ""       # "" = publish.repo_id
     hardware: str = "zero-a10g"
@@ -90,12 +91,7 @@ def space_params_of(params: Mapping[str, Any], overrides: Mapping[str, Any]) -> 
     without a ``lora_repo``, the LoRA is the one ``publish`` uploads."""
     given = {**(params.get("space") or {}), **{k: v for k, v in overrides.items() if v is not None}}
     cfg = SpaceParams.of(given)
-    return cfg if cfg.lora_repo else replace(cfg, lora_repo=publish_section(params).repo_id)
-
-
-def publish_section(params: Mapping[str, Any]) -> PublishParams:
-    """``publish``, all of it optional: the Space names its LoRA repo and licence."""
-    return PublishParams.of(params.get("publish") or {})
+    return cfg if cfg.lora_repo else replace(cfg, lora_repo=PublishParams.check(params).repo_id)
 
 
 def pinned_requirements(requirements: Path) -> list[str]:
@@ -150,7 +146,7 @@ def space_card(params: dict[str, Any], cfg: SpaceParams, gradio_version: str) ->
     models = [m for m in (base, cfg.lora_repo) if m and m.count("/") == 1 and not m.startswith("builtin:")]
     data = SpaceCardData(
         title=cfg.title, sdk="gradio", sdk_version=gradio_version, python_version="3.11", app_file="app.py",
-        license=publish_section(params).license, models=models,
+        license=PublishParams.check(params).license, models=models,
         tags=["text-to-image", "flux", "lora", "impressionism"] + (["zerogpu"] if cfg.hardware == "zero-a10g" else []),
         emoji="🎨", colorFrom="yellow", colorTo="blue", pinned=False,
         short_description="FLUX.1-dev vs an Impressionism LoRA, same seed",

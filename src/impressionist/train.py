@@ -25,6 +25,10 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Mapping
 
 import torch
+# At the top, not in the phase that uses them: a diffusers without them must fail before training,
+# not after it (_collate_lora_metadata is private API).
+from diffusers import FluxPipeline
+from diffusers.training_utils import _collate_lora_metadata, cast_training_params
 
 from . import checkpoints, launcher
 from .batch_order import ResolutionMix, parse_mix
@@ -462,7 +466,6 @@ def build_transformer(model_folder: str, model: ModelParams, lora: LoraParams, t
     """The base transformer (quantized as ``train.base_quantization`` says), frozen, with a fresh
     LoRA adapter training in fp32, on ``device``."""
     from accelerate.utils import set_seed
-    from diffusers.training_utils import cast_training_params
 
     transformer = load_transformer(model_folder, resolve_dtype(model), train.base_quantization)
     transformer.requires_grad_(False)
@@ -620,8 +623,6 @@ def write_outputs(accelerator, learner: Learner, params: Mapping[str, Any], cach
                   loss_plot: Path) -> dict[str, Any]:
     """The LoRA (the EMA, the raw weights beside it), its training record, the metrics and the loss
     plot, written by the main process; returns the run's summary there ({} on the other ranks)."""
-    from diffusers import FluxPipeline
-    from diffusers.training_utils import _collate_lora_metadata
 
     final_lora, raw_lora = _final_loras(accelerator, learner.transformer, learner.ema)
     rank_checksums = _gather_checksums(accelerator, final_lora)

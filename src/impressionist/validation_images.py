@@ -6,7 +6,7 @@ each validation only the small VAE sits beside the transformer being trained.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import numpy as np
@@ -15,9 +15,6 @@ import torch
 from .errors import UserError
 from .models import encode_prompts, load_vae
 from .params import ParamsSection, require_int, require_keys, require_multiple, require_positive
-
-SETTINGS = ("prompts", "seed", "steps", "guidance_scale", "resolution")
-
 
 @dataclass(frozen=True)
 class ValidationParams(ParamsSection):
@@ -40,8 +37,10 @@ class ValidationParams(ParamsSection):
         require_int(self.every, "train.validation.every")
         if not self.every:
             return
-        require_keys({name: value for name in SETTINGS if (value := getattr(self, name)) is not None},
-                     SETTINGS, self.SECTION)
+        # the settings after `every`: all needed once it is on
+        needed = [f.name for f in fields(self) if f.name != "every"]
+        require_keys({name: value for name in needed if (value := getattr(self, name)) is not None},
+                     needed, self.SECTION)
         prompts = self.prompts
         if not (isinstance(prompts, list) and prompts and all(isinstance(p, str) and p.strip() for p in prompts)):
             raise UserError("params.yaml: train.validation.every > 0 needs train.validation.prompts, "
