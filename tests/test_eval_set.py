@@ -14,6 +14,7 @@ from helpers import REPO, committed_params_text, train_tiny_lora
 from impressionist import sample
 from impressionist.errors import UserError
 from impressionist.inference import EvalSetParams, SampleParams
+from impressionist.layout import EVAL_SET_TABLE
 from impressionist.models import ModelParams
 
 
@@ -40,7 +41,7 @@ def pixels(path):
 def test_base_and_lora_eval_sets_pair_by_subject_and_seed(demo_params, trained_lora, tmp_path):
     params = eval_params(demo_params, tmp_path)
     sample.run_base(params, tmp_path / "base")
-    base = pd.read_csv(tmp_path / "base" / sample.EVAL_TABLE)
+    base = pd.read_csv(tmp_path / "base" / EVAL_SET_TABLE)
     assert list(base["subject"]) == ["a harbor at sunset"] * 2 + ["a field of poppies"] * 2
     assert list(base["prompt"]) == [f"trig, {s}" for s in base["subject"]]  # trigger first, no style words
     assert list(base["seed"]) == [3, 7, 3, 7] and set(base["lora_scale"]) == {0.0}
@@ -59,7 +60,7 @@ def test_base_and_lora_eval_sets_pair_by_subject_and_seed(demo_params, trained_l
                               pixels(tmp_path / "base" / base.iloc[3]["file"]))
 
     sample.run_lora(params, trained_lora, tmp_path / "base", tmp_path / "lora", tmp_path / "grid.png")
-    lora = pd.read_csv(tmp_path / "lora" / sample.EVAL_TABLE)
+    lora = pd.read_csv(tmp_path / "lora" / EVAL_SET_TABLE)
     assert sorted(set(lora["lora_scale"])) == [0.5, 1.0]
     for scale, group in lora.groupby("lora_scale"):
         assert list(zip(group["prompt_id"], group["seed"])) == list(zip(base["prompt_id"], base["seed"]))

@@ -18,6 +18,7 @@ from helpers import train_tiny_lora
 
 from impressionist import export
 from impressionist.errors import UserError
+from impressionist.layout import EXPORT_MANIFEST
 
 # diffusers' kohya loader hard-codes FLUX.1-dev's single-block sizes (3 x 3072 + 12288 rows in
 # `linear1`), so a single-block LoRA of the tiny model cannot go through it; the image round trip
@@ -83,7 +84,7 @@ def test_kohya_file_layout(exported, trained_lora):
     assert sorted(set(ranks.values())) == [4, 12]
     assert metadata["impressionist_trained_rank"] == "4" and metadata["impressionist_trained_alpha"] == "8"
     assert "lora_adapter_metadata" not in metadata  # diffusers would apply alpha a second time
-    manifest = json.loads((exported / export.MANIFEST).read_text())
+    manifest = json.loads((exported / EXPORT_MANIFEST).read_text())
     assert manifest["kohya_file"] == export.KOHYA_FILE and manifest["kohya_layers"] == len(layers)
     assert manifest["fused"] == {"folder": export.FUSED_DIR, "lora_scale": 0.7}
     assert manifest["dtype"] == "bfloat16" and manifest["diffusers_kohya_reader_skips"] == []
@@ -106,7 +107,7 @@ def test_bf16_file_is_half_the_float32_file(exported, exported_fp32):
     assert bf16 < fp32
     ratio = tensor_bytes(exported / export.KOHYA_FILE) / tensor_bytes(exported_fp32 / export.KOHYA_FILE)
     assert 0.49 < ratio < 0.52  # 2 bytes a weight instead of 4; the fp32 alphas are 4 bytes a layer
-    assert json.loads((exported_fp32 / export.MANIFEST).read_text())["size_bytes"]["kohya_lora"] == fp32
+    assert json.loads((exported_fp32 / EXPORT_MANIFEST).read_text())["size_bytes"]["kohya_lora"] == fp32
 
 
 def test_kohya_file_draws_the_same_images_as_the_diffusers_file(tiny_flux_dir, trained_lora, exported,

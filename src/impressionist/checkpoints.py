@@ -27,12 +27,11 @@ from .layout import CHECKPOINT_ROOT
 META = "impressionist.json"
 PREFIX = "step-"
 ROOT_ENV = "IMPRESSIONIST_CHECKPOINTS"
-DEFAULT_ROOT = CHECKPOINT_ROOT  # relative to the repository root, where DVC runs stages
 
 
 def default_root() -> Path:
     """Where the train stage keeps checkpoints: ``$IMPRESSIONIST_CHECKPOINTS`` or ``.cache/checkpoints``."""
-    return Path(os.environ.get(ROOT_ENV) or DEFAULT_ROOT)
+    return Path(os.environ.get(ROOT_ENV) or CHECKPOINT_ROOT)
 
 
 def run_folder(root: Path, run_hash: str) -> Path:
@@ -127,7 +126,7 @@ def explicit_resume(folder: Path, base_model: str, lora_fingerprint: str,
     meta = read_meta(folder) if folder.is_dir() else None
     if meta is None:
         raise UserError(f"train.resume_from={folder} is not a checkpoint written by the train stage "
-                        f"(no {META}); point it at a {DEFAULT_ROOT}/<run>/{PREFIX}* folder")
+                        f"(no {META}); point it at a {CHECKPOINT_ROOT}/<run>/{PREFIX}* folder")
     if meta.get("base_model") != base_model:
         raise UserError(f"train.resume_from={folder} was trained on {meta.get('base_model')}, not "
                         f"{base_model}; resume it with that model.pretrained or clear resume_from")
@@ -190,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         prog="impressionist clean-checkpoints",
         description="Remove training checkpoints of earlier runs (each run hash has its own folder).")
     parser.add_argument("--root", type=Path, default=None,
-                        help=f"checkpoint root (default: ${ROOT_ENV} or {DEFAULT_ROOT})")
+                        help=f"checkpoint root (default: ${ROOT_ENV} or {CHECKPOINT_ROOT})")
     parser.add_argument("--keep", type=int, default=1,
                         help="runs to keep, most recently checkpointed first (default 1; 0 removes all)")
     parser.add_argument("--dry-run", action="store_true", help="only say what would be removed")

@@ -56,7 +56,6 @@ from .sources import (CAPTION_SUFFIX, SYNTHETIC, DownloadParams, ScannedRow, Sou
 from .tables import METADATA_FILE, RAW_COLUMNS
 
 PARTIAL_DIR = ".partial"
-METRICS_PATH = DOWNLOAD_METRICS
 SAVE_EVERY_SKIPPED = 200  # rows skipped between saves of the stream position
 # PIL format name -> file extension for the saved original bytes.
 EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
@@ -429,7 +428,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Download WikiArt images of one style into data/raw.")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
-    run(load_params(args.params), metrics_path=METRICS_PATH)
+    run(load_params(args.params), metrics_path=DOWNLOAD_METRICS)
 
 
 if __name__ == "__main__":

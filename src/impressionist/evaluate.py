@@ -59,7 +59,6 @@ PER_IMAGE = ("clip_score", "style_score")
 SET_LEVEL = ("kid", "cmmd")
 METRICS = PER_IMAGE + SET_LEVEL  # every one with a CI; FID comes apart
 DISTANCES = {"kid": KID, "cmmd": CMMD}
-EVAL_TABLE = EVAL_SET_TABLE  # written by the sample stages beside samples.csv
 EVAL_COLUMNS = ("file", "subject", "prompt_id", "seed", "lora_scale", "eval_set")
 IMAGE_COLUMNS = ["lora_scale", "prompt_id", "seed", "subject", "clip_score", "style_score", "eval_set"]
 MIN_IMAGES = 2  # per generated set: KID's unbiased MMD divides by n(n-1), FID needs a covariance
@@ -80,7 +79,7 @@ def read_eval_table(folder: Path | str) -> pd.DataFrame:
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder} not found; {SAMPLE_HINT}")
-    csv = folder / EVAL_TABLE
+    csv = folder / EVAL_SET_TABLE
     table = read_table(csv, EVAL_COLUMNS, "sample_base" if folder.name == "base" else "sample")
     scales = pd.to_numeric(table["lora_scale"], errors="coerce")
     if scales.isna().any():

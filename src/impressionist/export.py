@@ -59,7 +59,6 @@ from .params import ParamsSection, load_params, require_choice, require_positive
 # diffusers file when both sit in one Hub repo.
 KOHYA_FILE = "impressionist_lora_kohya.safetensors"
 FUSED_DIR = "transformer"
-MANIFEST = EXPORT_MANIFEST
 # diffusers' FluxSingleTransformerBlock has a fixed MLP ratio of 4 (BFL's single blocks too).
 SINGLE_BLOCK_MLP_RATIO = 4
 
@@ -279,7 +278,7 @@ def run(params: Mapping[str, Any], lora_dir: Path = LORA_DIR, out_dir: Path = EX
             manifest["fused"] = {"folder": FUSED_DIR, "lora_scale": float(cfg.lora_scale)}
             sizes["fused_transformer"] = file_bytes(tmp / FUSED_DIR)
         manifest["size_bytes"] = sizes
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=1))
     fused = f", fused transformer (LoRA x{cfg.lora_scale:g}) -> {out_dir / FUSED_DIR}" if cfg.fused else ""
     print(f"export: kohya/ComfyUI LoRA ({manifest['kohya_layers']} layers, {cfg.dtype}, "
           f"{sizes['kohya_lora'] / 2**20:.2f} MiB; diffusers file {sizes['diffusers_lora'] / 2**20:.2f} MiB) "

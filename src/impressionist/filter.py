@@ -45,7 +45,6 @@ from .params import ParamsSection, load_params, require_positive
 from .plotting import save_figure
 from .tables import METADATA_FILE, RAW_COLUMNS, read_table
 
-METRICS_PATH, PLOT_PATH = DATA_METRICS, DATA_ARTISTS_PLOT
 
 REASONS = ["missing_file", "undecodable", "too_small", "extreme_aspect", "grayscale", "near_duplicate"]
 GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
@@ -228,7 +227,7 @@ def plot_artists(table: pd.DataFrame, top: int = 30):
 
 
 def run(params: Mapping[str, Any], raw_dir: Path | str = RAW_DIR, filtered_dir: Path | str = FILTERED_DIR,
-        metrics_path: Path | str = METRICS_PATH, plot_path: Path | str = PLOT_PATH) -> dict:
+        metrics_path: Path | str = DATA_METRICS, plot_path: Path | str = DATA_ARTISTS_PLOT) -> dict:
     """Filter ``raw_dir`` into ``filtered_dir``; write the data metrics and the artists plot.
 
     Returns the metrics written to ``metrics_path``.

@@ -47,7 +47,6 @@ BASE_DIR = SAMPLES_DIR / "base"
 LORA_SAMPLES_DIR = SAMPLES_DIR / "lora"
 SUBJECT, VAL_CAPTION = "subject", "val_caption"  # the `prompt_source` column of samples.csv
 EVAL_SUBDIR = "eval"          # the evaluation set's images, under samples/base and samples/lora
-EVAL_TABLE = EVAL_SET_TABLE   # its table, in the same folder as samples.csv
 
 
 @dataclass(frozen=True)
@@ -207,7 +206,7 @@ def generate_eval_set(pipe, cfg: SampleParams, trigger: str, lora_scale: float,
 def check_base_eval_set(base_dir: Path, cfg: SampleParams, trigger: str) -> None:
     """The base model's evaluation set must be the one params.yaml asks for, or nothing pairs."""
     wanted = eval_set_fingerprint(cfg, trigger, evaluation_subjects(cfg.eval_set))
-    csv = Path(base_dir) / EVAL_TABLE
+    csv = Path(base_dir) / EVAL_SET_TABLE
     made = set(pd.read_csv(csv)["eval_set"].astype(str)) if csv.is_file() else set()
     if made != {wanted}:
         raise UserError(f"{base_dir} holds no base-model evaluation set for the current sample.eval_set; "
@@ -223,7 +222,7 @@ def run_base(params: dict[str, Any], out_dir: Path = BASE_DIR, captions_path: Pa
     with atomic_dir(out_dir) as tmp:
         pd.DataFrame(generate(pipe, cfg, prompt_list, 0.0, tmp)).to_csv(tmp / "samples.csv", index=False)
         eval_rows = generate_eval_set(pipe, cfg, trigger, 0.0, tmp)
-        pd.DataFrame(eval_rows).to_csv(tmp / EVAL_TABLE, index=False)
+        pd.DataFrame(eval_rows).to_csv(tmp / EVAL_SET_TABLE, index=False)
     print(f"sample_base: {len(prompt_list) * len(cfg.seeds)} show images and {len(eval_rows)} "
           f"evaluation-set images -> {out_dir}")
 
@@ -265,7 +264,7 @@ def run_lora(params: dict[str, Any], lora_dir: Path = LORA_DIR, base_dir: Path =
                 rows += generate(pipe, cfg, prompt_list, float(scale), tmp)
                 eval_rows += generate_eval_set(pipe, cfg, trigger, float(scale), tmp)
         pd.DataFrame(rows).to_csv(tmp / "samples.csv", index=False)
-        pd.DataFrame(eval_rows).to_csv(tmp / EVAL_TABLE, index=False)
+        pd.DataFrame(eval_rows).to_csv(tmp / EVAL_SET_TABLE, index=False)
         # Drawn from the finished temporary folder: a failed grid leaves no samples/lora behind.
         save_sample_grid(Path(base_dir), tmp, Path(grid_path), model.pretrained)
     print(f"sample: {len(rows)} show and {len(eval_rows)} evaluation-set LoRA images -> {out_dir}, "

@@ -45,7 +45,6 @@ from .params import ParamsSection, fingerprint, load_params, require_choice, req
 from .plotting import new_figure, save_figure
 from .validation_images import ValidationParams, ValidationSampler
 
-METRICS = TRAIN_METRICS
 LIVE_DIR = Path("dvclive")
 LOG_DIR = Path("logs")
 LORA_STATE = "lora_state.safetensors"  # inside a checkpoint: peft-format LoRA tensors
@@ -373,7 +372,7 @@ def _register_lora_hooks(accelerator) -> None:
 
 
 def run(params: Mapping[str, Any], cache_dir: Path = CACHE_DIR, lora_dir: Path = LORA_DIR,
-        checkpoint_dir: Path | None = None, metrics_path: Path = METRICS,
+        checkpoint_dir: Path | None = None, metrics_path: Path = TRAIN_METRICS,
         loss_plot: Path = LOSS_PLOT, live_dir: Path = LIVE_DIR, log_dir: Path = LOG_DIR) -> dict[str, Any]:
     from accelerate.utils import set_seed
 
