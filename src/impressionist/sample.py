@@ -29,7 +29,7 @@ import argparse
 import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import pandas as pd
 import torch
@@ -213,7 +213,7 @@ def check_base_eval_set(base_dir: Path, cfg: SampleParams, trigger: str) -> None
                         "run `dvc repro sample_base` first")
 
 
-def run_base(params: dict[str, Any], out_dir: Path = BASE_DIR, captions_path: Path = CAPTIONS) -> None:
+def run_base(params: Mapping[str, Any], out_dir: Path = BASE_DIR, captions_path: Path = CAPTIONS) -> None:
     model, cfg = ModelParams.check(params), SampleParams.check(params)
     trigger = CaptionParams.check(params).trigger
     prompt_list = prompt_set(cfg, trigger, captions_path)
@@ -240,7 +240,7 @@ def check_base_samples(base_dir: Path, prompt_list: list[tuple[str, str]], seeds
                         "run `dvc repro sample_base` first")
 
 
-def run_lora(params: dict[str, Any], lora_dir: Path = LORA_DIR, base_dir: Path = BASE_DIR,
+def run_lora(params: Mapping[str, Any], lora_dir: Path = LORA_DIR, base_dir: Path = BASE_DIR,
              out_dir: Path = LORA_SAMPLES_DIR, grid_path: Path = SAMPLE_GRID,
              captions_path: Path = CAPTIONS) -> None:
     model, cfg = ModelParams.check(params), SampleParams.check(params)
