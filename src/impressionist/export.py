@@ -53,7 +53,7 @@ from .errors import UserError, atomic_dir, stage_main
 from .layout import EXPORT_DIR, EXPORT_MANIFEST, LORA_DIR, LORA_WEIGHTS
 from .models import (DTYPES, ModelParams, load_pipeline, resolve_device, resolve_dtype, resolve_pretrained,
                      without_third_party_noise)
-from .params import ParamsSection, load_params, require_choice, require_positive
+from .params import ParamsSection, load_params, require_bool, require_choice, require_positive
 
 # Not ending in "pytorch_lora_weights.safetensors": diffusers' load_lora_weights(repo) picks the
 # diffusers file when both sit in one Hub repo.
@@ -232,8 +232,7 @@ class ExportParams(ParamsSection):
     dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.fused, bool):
-            raise UserError(f"params.yaml: export.fused={self.fused!r} must be true or false")
+        require_bool(self.fused, "export.fused")
         require_choice(self.dtype, DTYPES, "export.dtype")
         require_positive(self.lora_scale, "export.lora_scale")
 

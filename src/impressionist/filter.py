@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from .errors import UserError, atomic_dir, atomic_write_text, stage_main
 from .layout import DATA_ARTISTS_PLOT, DATA_METRICS, FILTERED_DIR, RAW_DIR
-from .params import ParamsSection, load_params, require_positive
+from .params import ParamsSection, load_params, require_bool, require_positive
 from .plotting import save_figure
 from .tables import METADATA_FILE, RAW_COLUMNS, read_table
 
@@ -185,8 +185,7 @@ class FilterParams(ParamsSection):
         if max_aspect < 1:
             raise UserError(f"params.yaml: filter.max_aspect={max_aspect!r} must be >= 1 (long side / short side)")
         self._set("max_aspect", float(max_aspect))
-        if not isinstance(self.drop_grayscale, bool):
-            raise UserError(f"params.yaml: filter.drop_grayscale={self.drop_grayscale!r} must be true or false")
+        require_bool(self.drop_grayscale, "filter.drop_grayscale")
         threshold = require_positive(self.phash_threshold, "filter.phash_threshold", allow_zero=True)
         if int(threshold) != threshold or threshold > 64:
             raise UserError(f"params.yaml: filter.phash_threshold={threshold!r} must be a whole number of bits, 0-64")

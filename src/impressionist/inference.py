@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Iterator, Mapping
 import torch
 
 from .errors import UserError
-from .params import ParamsSection, require_choice, require_int, require_multiple, require_positive
+from .params import ParamsSection, require_bool, require_choice, require_int, require_multiple, require_positive
 
 ADAPTER = "impressionist"
 LORA_MODES = ("adapter", "fused")
@@ -56,12 +56,6 @@ class InferenceSettings:
     def describe(self) -> str:
         return (f"LoRA {self.lora_mode}, transformer {self.quantization if self.quantization != 'none' else 'unquantized'}, "
                 f"offload {self.offload}{', compiled' if self.compile else ''}")
-
-
-def require_bool(value: Any, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise UserError(f"params.yaml: {name}={value!r} must be true or false")
-    return value
 
 
 @dataclass(frozen=True)

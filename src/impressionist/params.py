@@ -50,6 +50,12 @@ def require_choice(value: Any, choices: Iterable[str], name: str) -> str:
     return value
 
 
+def require_bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise UserError(f"params.yaml: {name}={value!r} must be true or false")
+    return value
+
+
 def require_positive(value: Any, name: str, *, allow_zero: bool = False) -> Any:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not ok or value < 0 or (value == 0 and not allow_zero):

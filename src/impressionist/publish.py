@@ -28,7 +28,7 @@ from .layout import (DATA_METRICS, EVAL_METRICS, EXPORT_DIR, EXPORT_MANIFEST, LO
                      TRAINING_CONFIG)
 from .layout import SAMPLE_GRID as GRID
 from .model_card import build_card
-from .params import ParamsSection, load_params
+from .params import ParamsSection, load_params, require_bool
 
 HUB_DIR = Path("build/hub")
 CARD = "README.md"
@@ -69,8 +69,7 @@ class PublishParams(ParamsSection):
     def __post_init__(self) -> None:
         if self.repo_id:
             _repo_id(self.repo_id, "publish.repo_id")
-        if not isinstance(self.private, bool):
-            raise UserError(f"params.yaml: publish.private={self.private!r} must be true or false")
+        require_bool(self.private, "publish.private")
 
 
 def publish_params(params: Mapping[str, Any], repo_id: str | None = None) -> PublishParams:
