@@ -23,7 +23,7 @@ import contextlib
 import importlib.util
 import shutil
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, Mapping
+from typing import ClassVar, Iterator, Mapping
 
 import torch
 
