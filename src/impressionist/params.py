@@ -128,10 +128,10 @@ class ParamsSection:
             hints = "".join(f"; {cls.MISSING_HINTS[name]}" for name in missing if name in cls.MISSING_HINTS)
             raise UserError(f"params.yaml: {', '.join(repr(f'{cls.SECTION}.{k}') for k in missing)} "
                             f"{'is' if len(missing) == 1 else 'are'} missing{hints}")
-        hints = typing.get_type_hints(cls)
+        types = typing.get_type_hints(cls)
         kwargs = {}
         for name, value in values.items():
-            kind = hints.get(name)
+            kind = types.get(name)
             if isinstance(kind, type) and issubclass(kind, ParamsSection):
                 value = {} if value is None else value  # `validation:` left empty = its defaults
                 if not isinstance(value, Mapping):
