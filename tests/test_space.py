@@ -247,3 +247,14 @@ def test_zerogpu_wrapping(monkeypatch, _demo_params_master):
     assert any(getattr(fn, "zerogpu", False) for fn in functions)
     next(fn for fn in functions if getattr(fn, "zerogpu", False))(PROMPT, 0, 2, 3.5, 1.0, 64, 64)
     assert recorded[-1] == ("call", 45)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"space_id": "impressionist"}, r"space.space_id='impressionist' needs a namespace: your-name/impressionist"),
+    ({"lora_repo": "a/b/c"}, r"space.lora_repo='a/b/c' is not a valid Hub repo id"),
+    ({"private": "yes"}, r"space.private='yes' must be true or false"),
+    ({"hardware": "tpu"}, r"space.hardware='tpu' is not a Space hardware"),
+])
+def test_space_settings_are_checked_in_one_line(values, message):
+    with pytest.raises(UserError, match=message):
+        space.SpaceParams.of(values)

@@ -37,6 +37,20 @@ def refuse_token_keys(values: Mapping[str, Any], section: str) -> None:
                         f"and DVC); remove it from '{section}' and {TOKEN_HINT}")
 
 
+def check_repo_id(value: Any, name: str) -> None:
+    """A Hub repo id with a namespace (``your-name/impressionist-flux-lora``), or one line."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    from .errors import UserError, first_line
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError as err:
+        raise UserError(f"{name}={value!r} is not a valid Hub repo id: {first_line(err)}") from err
+    if value.count("/") != 1:
+        raise UserError(f"{name}={value!r} needs a namespace: your-name/{value}")
+
+
 def check_access(api, token: str) -> str:
     """The user name behind the token; one clear line if the Hub is unreachable or refuses it."""
     from huggingface_hub.errors import HfHubHTTPError

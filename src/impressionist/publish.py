@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
 from .errors import UserError, atomic_dir, first_line, stage_main
-from .hub import BUILTIN_PREFIX, TOKEN_HINT, check_access, refuse_token_keys
+from .hub import BUILTIN_PREFIX, TOKEN_HINT, check_access, check_repo_id, refuse_token_keys
 from .layout import (DATA_METRICS, EVAL_METRICS, EXPORT_DIR, EXPORT_MANIFEST, LORA_DIR, LORA_WEIGHTS,
                      TRAINING_CONFIG)
 from .layout import SAMPLE_GRID as GRID
@@ -33,18 +33,6 @@ from .params import ParamsSection, load_params, require_bool
 HUB_DIR = Path("build/hub")
 CARD = "README.md"
 GRID_IN_REPO = "images/samples_grid.png"
-def _repo_id(value: Any, name: str) -> None:
-    """A Hub repo id with a namespace (``your-name/impressionist-flux-lora``), or one line."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(value)
-    except HFValidationError as err:
-        raise UserError(f"{name}={value!r} is not a valid Hub repo id: {first_line(err)}") from err
-    if value.count("/") != 1:
-        raise UserError(f"{name}={value!r} needs a namespace: your-name/{value}")
-
-
 @dataclass(frozen=True)
 class PublishParams(ParamsSection):
     """params.yaml ``publish``: where ``impressionist publish`` uploads, and the card's licence and tags.
@@ -68,7 +56,7 @@ class PublishParams(ParamsSection):
 
     def __post_init__(self) -> None:
         if self.repo_id:
-            _repo_id(self.repo_id, "publish.repo_id")
+            check_repo_id(self.repo_id, "publish.repo_id")
         require_bool(self.private, "publish.private")
 
 

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
 from .errors import UserError, atomic_dir, first_line, stage_main
-from .hub import check_access, refuse_token_keys
-from .params import ParamsSection, load_params
+from .hub import check_access, check_repo_id, refuse_token_keys
+from .params import ParamsSection, load_params, require_bool
 from .prompts import CaptionParams
 from .publish import PublishParams
 
@@ -68,22 +68,14 @@ class SpaceParams(ParamsSection):
 
     def __post_init__(self) -> None:
         from huggingface_hub import SpaceHardware
-        from huggingface_hub.utils import HFValidationError, validate_repo_id
 
         for key in ("space_id", "lora_repo"):
-            value = getattr(self, key)
-            if value:
-                try:
-                    validate_repo_id(value)
-                except HFValidationError as err:
-                    raise UserError(f"space.{key}={value!r} is not a Hub repo id: {first_line(err)}") from err
-                if value.count("/") != 1:
-                    raise UserError(f"space.{key}={value!r} needs a namespace: your-name/{value}")
+            if getattr(self, key):
+                check_repo_id(getattr(self, key), f"space.{key}")
         hardware = [h.value for h in SpaceHardware]
         if self.hardware not in hardware:
             raise UserError(f"space.hardware={self.hardware!r} is not a Space hardware; one of {', '.join(hardware)}")
-        if not isinstance(self.private, bool):
-            raise UserError(f"space.private={self.private!r} must be true or false")
+        require_bool(self.private, "space.private")
 
 
 def space_params_of(params: Mapping[str, Any], overrides: Mapping[str, Any]) -> SpaceParams:
