@@ -609,11 +609,13 @@ def train_loop(accelerator, learner: Learner, scheduler, batches: Iterator[dict[
                                                      or step == train.max_steps)
         if validate_now or checkpoint_now:
             clock.pause()  # not training time
+            # The checkpoint first: a failure while drawing must not lose the step (a resume
+            # would otherwise repeat every step since the last checkpoint, and fail there again).
+            if checkpoint_now:
+                save_checkpoint(step, progress.history)
             if validate_now and sampler is not None:
                 with ema.applied() if ema is not None else contextlib.nullcontext():
                     _log_validation_images(accelerator, sampler, transformer, step)
-            if checkpoint_now:
-                save_checkpoint(step, progress.history)
             clock.resume()
 
 
@@ -714,7 +716,12 @@ def lora_fingerprint(lora: LoraParams) -> str:
 
 
 def _log_validation_images(accelerator, sampler, transformer, step: int) -> None:
-    images = sampler.images(accelerator.unwrap_model(transformer))
+    # The unwrapped model keeps accelerate's mixed-precision forward (autocast inside, fp32
+    # outputs), so under bf16/fp16 the pipeline's latents come out fp32 while the VAE is 16-bit:
+    # the whole drawing runs under the training's autocast. (unwrap_model(keep_fp32_wrapper=False)
+    # would instead strip autocast from the model being trained, in place.)
+    with accelerator.autocast():
+        images = sampler.images(accelerator.unwrap_model(transformer))
     for tracker in accelerator.trackers:
         for i, image in enumerate(images):
             if tracker.name == "dvclive":  # latest images only: they live in git with the metrics
