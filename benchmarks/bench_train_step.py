@@ -105,23 +105,42 @@ def remove_lora(transformer: torch.nn.Module) -> None:
         transformer.unload_lora()
 
 
-def quantize_nf4(transformer: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Swap the block Linears for bitsandbytes NF4 layers, as a QLoRA load would (the weights are
-    quantised when they move to the transformer's device)."""
+def nf4_quantized_names(transformer: torch.nn.Module) -> set[str]:
+    """The Linears the trainer's NF4 load makes 4-bit (module names without peft's ``.base_layer``),
+    decided by diffusers itself: its module swap (``replace_with_bnb_linear``, what from_pretrained
+    runs) with the trainer's config, on an empty copy of the architecture."""
     import bitsandbytes as bnb
+    from diffusers.quantizers.bitsandbytes.utils import replace_with_bnb_linear
+
+    from impressionist.models import nf4_config
+
+    with torch.device("meta"):
+        empty = type(transformer).from_config(transformer.config)
+    config = nf4_config(torch.bfloat16, double_quant=True)
+    replace_with_bnb_linear(empty, modules_to_not_convert=config.llm_int8_skip_modules, quantization_config=config)
+    return {name for name, module in empty.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
+
+
+def quantize_nf4(transformer: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Make the transformer NF4 as the trainer's load does: diffusers' module swap with the
+    trainer's config (double quantisation, the same 16-bit modules), each weight quantised on its
+    device, then the trainer's QLoRA preparation (the 16-bit rest widened to fp32)."""
+    import bitsandbytes as bnb
+    from diffusers.quantizers.bitsandbytes.utils import replace_with_bnb_linear
+
+    from impressionist.models import nf4_config, prepare_nf4_for_training
 
     remove_lora(transformer)
-    for name, module in list(transformer.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, torch.nn.Linear) and "transformer_blocks" in f"{name}.{child_name}":
-                # as the trainer's BitsAndBytesConfig: NF4 with double quantisation (compress_statistics)
-                layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                          compute_dtype=dtype, quant_type="nf4", compress_statistics=True)
-                layer.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4",
-                                                 compress_statistics=True).to(child.weight.device)
-                if child.bias is not None:
-                    layer.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
-                setattr(module, child_name, layer)
+    config = nf4_config(dtype, double_quant=True)
+    sources = {name: m for name, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
+    replace_with_bnb_linear(transformer, modules_to_not_convert=config.llm_int8_skip_modules, quantization_config=config)
+    for name, layer in transformer.named_modules():
+        if isinstance(layer, bnb.nn.Linear4bit):
+            source = sources.pop(name)  # its 16-bit weight is freed once quantised
+            layer.weight = bnb.nn.Params4bit(source.weight.data, requires_grad=False, quant_type="nf4",
+                                             compress_statistics=True, module=layer).to(source.weight.device)
+            layer.bias = None if source.bias is None else torch.nn.Parameter(source.bias.data, requires_grad=False)
+    prepare_nf4_for_training(transformer)
 
 
 @dataclass
@@ -309,12 +328,14 @@ NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
 def nf4_memory_change(transformer: torch.nn.Module) -> tuple[int, int]:
     """(bytes an NF4 base adds, negative: what it saves; the largest transient dequantised weight).
 
-    The blocks' Linear weights shrink from 16-bit to NF4; every other frozen 16-bit weight
-    (embedders, norms, biases, output head) grows to fp32, as the trainer's
-    ``prepare_model_for_kbit_training`` casts them. bitsandbytes dequantises one weight at a time.
+    The Linears the trainer's NF4 load quantises (:func:`nf4_quantized_names`: the blocks' and
+    the output projection) shrink from 16-bit to NF4; every other frozen 16-bit weight (the
+    embedders, norm_out, norms, biases) grows to fp32, as the trainer's QLoRA preparation casts
+    them. bitsandbytes dequantises one weight at a time.
     """
+    names = nf4_quantized_names(transformer)
     quantised = {id(m.weight) for name, m in transformer.named_modules()
-                 if "transformer_blocks" in name and type(m) is torch.nn.Linear}
+                 if type(m) is torch.nn.Linear and name.removesuffix(".base_layer") in names}
     frozen = [p for p in transformer.parameters() if not p.requires_grad]
     saved = sum(p.numel() * (p.element_size() - NF4_BYTES_PER_WEIGHT) for p in frozen if id(p) in quantised)
     grown = sum(p.numel() * (4 - p.element_size()) for p in frozen if id(p) not in quantised)

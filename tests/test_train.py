@@ -275,6 +275,8 @@ def test_resume_unpickles_nothing(demo_params, encoded_cache, tmp_path, monkeypa
     ({"train": {"base_quantization": "nf4"}}, "nf4 needs a CUDA GPU"),
     ({"train": {"base_quantization": "fp8"}}, "fp8 needs a CUDA GPU"),
     ({"train": {"base_quantization": "int3"}}, "train.base_quantization"),
+    ({"train": {"base_quantization": "nf4", "compile": True, "gradient_checkpointing": True}},
+     "train.compile cannot be combined with train.base_quantization=nf4 and train.gradient_checkpointing"),
     ({"train": {"resume_from": "no/such/checkpoint"}}, "not a checkpoint written by the train stage"),
     ({"train": {"attention_backend": "_native_cudnn"}}, "_native_cudnn needs a CUDA GPU"),
     ({"train": {"attention_backend": "flashy"}}, "train.attention_backend"),
