@@ -35,8 +35,8 @@ from pathlib import Path
 
 import torch
 
-from bench_train_step import (CLIP_L, T5_XXL, PeakTensorMemory, build_full_size, cpu_name, module_tensors,
-                              nf4_quantized_names, to_fake)
+from bench_train_step import (CLIP_L, CPU_FLASH_ATTENTION_FLOPS, T5_XXL, PeakTensorMemory, build_full_size, cpu_name,
+                              module_tensors, nf4_quantized_names, peak_tflops, to_fake)
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from results_file import command_line, publish
 
@@ -184,6 +184,14 @@ def run_case(case: Case, args, folder: str, lora: str, device: torch.device, dty
         peak = memory.peak / 2**30
     else:
         peak = None  # a dispatch mode would change what the compiled graph runs
+    if case.settings.quantization == "none" and not case.settings.compile:
+        # the bf16 maths of one image (text encoders, every step, VAE decode): the floor a quantized
+        # or compiled setting at the same steps is measured against too
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False, custom_mapping=CPU_FLASH_ATTENTION_FLOPS) as counter:
+            draw(*jobs[0])
+        row["tflop_image"] = counter.get_total_flops() / 1e12
     transformer_gib = tensor_bytes(pipe.transformer) / 2**30
     del pipe
     if case.settings.compile:
@@ -208,6 +216,7 @@ def mean_std(values: list[float]) -> str:
 
 
 def timing_table(rows: list[dict], args, device, lora_mib: float) -> str:
+    peak = peak_tflops(device)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     memory = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "tensor bytes alive at once"
     lines = [f"### inference {args.profile} profile — {device_name}, {dt.date.today()}",
@@ -215,19 +224,25 @@ def timing_table(rows: list[dict], args, device, lora_mib: float) -> str:
              f"on disk, {args.resolution}², CLIP {args.clip_model}; n = {args.images} images per setting, "
              f"mean ± sample std; peak: {memory})", "",
              "| setting | steps | s/image | speed-up | peak GiB | transformer GiB | CLIP cosine to reference | "
-             "PSNR to reference, dB | style score |", "|---|---|---|---|---|---|---|---|---|"]
+             "PSNR to reference, dB | style score | s/step (s/image ÷ steps) | TFLOP/image (counted, unquantized) | "
+             f"utilisation ({'of ' + format(peak, '.0f') + ' TFLOP/s bf16 peak' if peak else 'no known peak'}) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     reference = next(r for r in rows if "s_mean" in r)
+    flops_at = {r["steps"]: r["tflop_image"] for r in rows if "tflop_image" in r}
     for row in rows:
         if "refused" in row:
-            lines.append(f"| {row['case']} | {row['steps']} | refused: {row['refused']} | | | | | | |")
+            lines.append(f"| {row['case']} | {row['steps']} | refused: {row['refused']} | | | | | | | | | |")
             continue
+        tflop = flops_at.get(row["steps"])
+        floor = f"{tflop / row['s_mean'] / peak:.0%}" if tflop and peak else "n/a"
         peak = "n/a" if row["peak_gib"] is None else f"{row['peak_gib']:.3g}"
         finite = [p for p in row["psnr"] if math.isfinite(p)]
         psnr_text = "identical" if not finite else (mean_std(finite) if len(finite) == len(row["psnr"])
                                                    else f"{mean_std(finite)} ({len(row['psnr']) - len(finite)} identical)")
         lines.append(f"| {row['case']} | {row['steps']} | {row['s_mean']:.3f} ± {row['s_std']:.3f} | "
                      f"{reference['s_mean'] / row['s_mean']:.2f}x | {peak} | {row['transformer_gib']:.3g} | "
-                     f"{row['cos_mean']:.4f} ± {row['cos_std']:.4f} | {psnr_text} | {mean_std(row['style'])} |")
+                     f"{row['cos_mean']:.4f} ± {row['cos_std']:.4f} | {psnr_text} | {mean_std(row['style'])} | "
+                     f"{row['s_mean'] / row['steps']:.4f} | {'n/a' if tflop is None else format(tflop, '.4g')} | {floor} |")
     return "\n".join(lines) + "\n"
 
 
@@ -364,7 +379,7 @@ def estimate_table(args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", choices=["cpu", "gpu", "estimate"], default="cpu")
     parser.add_argument("--images", type=int, default=None, help="timed images per setting (n, default 4)")
@@ -381,7 +396,11 @@ def main() -> None:
     parser.add_argument("--clip-pretrained", default=None)
     parser.add_argument("--rank", type=int, default=16, help="estimate profile: the LoRA's rank")
     parser.add_argument("--out", help="append the table as Markdown to this file")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()

@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import datetime as dt
 import platform
+import statistics
 import sys
 import time
 import weakref
@@ -242,14 +243,17 @@ def run_case(models: Models, case: Case, args, device, dtype) -> dict:
             torch.cuda.reset_peak_memory_stats()
         for _ in range(args.warmup):
             train_step(fn, optimizer)
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(args.steps):
+        times = []
+        for _ in range(args.steps):  # each step timed on its own (a sync apiece): n steps and their spread
+            sync(device)
+            start = time.perf_counter()
             train_step(fn, optimizer)
-        sync(device)
-        seconds = (time.perf_counter() - start) / args.steps
+            sync(device)
+            times.append(time.perf_counter() - start)
+        seconds = statistics.mean(times)
         result[label] = {
-            "s_per_step": seconds, "images_per_s": args.batch_size / seconds, "gflop_per_step": flops / 1e9,
+            "s_per_step": seconds, "s_std": statistics.stdev(times) if len(times) > 1 else float("nan"),
+            "images_per_s": args.batch_size / seconds, "gflop_per_step": flops / 1e9,
             "peak_gib": (torch.cuda.max_memory_allocated() - (unused_by_ours if label == "ours" else 0)) / 2**30
             if device.type == "cuda" else None,
         }
@@ -404,7 +408,7 @@ def peak_tflops(device) -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", choices=["cpu", "gpu", "estimate"], default="cpu")
     parser.add_argument("--steps", type=int, default=None)
@@ -420,7 +424,11 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=None,
                         help="run only these cases by name, e.g. 1024px+ckpt 1024px+ckpt+nf4 (default: all)")
     parser.add_argument("--out", help="append the results as Markdown to this file")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()  # casting whole random models to bf16 is intended here
@@ -473,15 +481,17 @@ def header(args, device_name: str, details: str) -> list[str]:
 def timing_table(rows: list[dict], args, device) -> str:
     peak = peak_tflops(device)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    lines = header(args, device_name, f", {args.steps} timed steps after {args.warmup} warm-up") + [
+    lines = header(args, device_name, f", n = {args.steps} timed steps after {args.warmup} warm-up, "
+                   "s/step as mean ± sample std; MFU: counted FLOPs / s / the GPU's dense bf16 peak") + [
         "| case | speed-up (ours/baseline) | ours s/step | baseline s/step | ours img/s | "
         "ours GFLOP/step | ours peak GiB | baseline peak GiB | ours MFU |",
         "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         ours, base = row["ours"], row["baseline"]
         mfu = f"{ours['gflop_per_step'] / 1e3 / ours['s_per_step'] / peak:.0%}" if peak else "n/a"
-        lines.append(f"| {row['case']} | {base['s_per_step'] / ours['s_per_step']:.2f}x | {ours['s_per_step']:.4f} | "
-                     f"{base['s_per_step']:.4f} | {ours['images_per_s']:.2f} | {ours['gflop_per_step']:.2f} | "
+        lines.append(f"| {row['case']} | {base['s_per_step'] / ours['s_per_step']:.2f}x | "
+                     f"{ours['s_per_step']:.4f} ± {ours['s_std']:.4f} | {base['s_per_step']:.4f} ± {base['s_std']:.4f} | "
+                     f"{ours['images_per_s']:.2f} | {ours['gflop_per_step']:.2f} | "
                      f"{gib(ours['peak_gib'])} | {gib(base['peak_gib'])} | {mfu} |")
     return "\n".join(lines) + "\n"
 
