@@ -15,8 +15,12 @@ run is a row with the one-line refusal the app and the sample stage give.
 The estimate profile builds FLUX.1-dev's four networks on fake tensors (bench_train_step.py's
 estimator) and follows every tensor a 1024² image allocates, phase by phase (T5 + CLIP, one
 transformer step, VAE decode): weights resident per setting (all of them, or only the running model
-under model offload) plus the largest phase's activations; NF4 and fp8 replace the block weights'
-16-bit bytes. Allocator slack and the CUDA context (0.5-2 GB) come on top.
+under model offload) plus the largest phase's activations; fp8 and NF4 replace the 16-bit bytes of
+the weights build_pipeline quantizes (fp8: the blocks' Linears; NF4: those and the output
+projection, as diffusers converts them under models.nf4_config). Allocator slack and the CUDA
+context (0.5-2 GB) come on top. Weight sizes count what tensors really hold (fp8 data + scales,
+packed NF4 + absmax), and each row's pipeline is freed (garbage-collected: a compiled one sits in
+reference cycles) and the CLIP scorer is off the device before the next row starts.
 """
 
 from __future__ import annotations
@@ -44,8 +48,8 @@ from impressionist.errors import UserError
 from impressionist.inference import InferenceSettings, build_pipeline, check, lora_applied
 
 PROMPTS = ["impr3ssionism, a harbor at sunset", "impr3ssionism, a woman with a parasol in a field"]
-# bitsandbytes NF4 as diffusers' BitsAndBytesConfig loads it for inference (no double quantisation):
-# 4 bits a weight and one fp32 absmax per block of 64.
+# bitsandbytes NF4 as build_pipeline loads it (models.nf4_config without double quantisation): 4 bits
+# a weight and one fp32 absmax per block of 64 (tests/test_benchmark.py checks it against bitsandbytes).
 NF4_BYTES_PER_WEIGHT = 0.5 + 4 / 64
 # torchao float8 weights with one fp32 scale per output row (a few bytes per row: negligible).
 FP8_BYTES_PER_WEIGHT = 1.0
