@@ -220,7 +220,7 @@ def mean_std(values: list[float]) -> str:
 
 
 def timing_table(rows: list[dict], args, device, lora_mib: float) -> str:
-    peak = peak_tflops(device)
+    peak_tf = peak_tflops(device)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     memory = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "tensor bytes alive at once"
     lines = [f"### inference {args.profile} profile — {device_name}, {dt.date.today()}",
@@ -229,7 +229,7 @@ def timing_table(rows: list[dict], args, device, lora_mib: float) -> str:
              f"mean ± sample std; peak: {memory})", "",
              "| setting | steps | s/image | speed-up | peak GiB | transformer GiB | CLIP cosine to reference | "
              "PSNR to reference, dB | style score | s/step (s/image ÷ steps) | TFLOP/image (counted, unquantized) | "
-             f"utilisation ({'of ' + format(peak, '.0f') + ' TFLOP/s bf16 peak' if peak else 'no known peak'}) |",
+             f"utilisation ({'of ' + format(peak_tf, '.0f') + ' TFLOP/s bf16 peak' if peak_tf else 'no known peak'}) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     reference = next(r for r in rows if "s_mean" in r)
     flops_at = {r["steps"]: r["tflop_image"] for r in rows if "tflop_image" in r}
@@ -238,7 +238,7 @@ def timing_table(rows: list[dict], args, device, lora_mib: float) -> str:
             lines.append(f"| {row['case']} | {row['steps']} | refused: {row['refused']} | | | | | | | | | |")
             continue
         tflop = flops_at.get(row["steps"])
-        floor = f"{tflop / row['s_mean'] / peak:.0%}" if tflop and peak else "n/a"
+        floor = f"{tflop / row['s_mean'] / peak_tf:.0%}" if tflop and peak_tf else "n/a"
         peak = "n/a" if row["peak_gib"] is None else f"{row['peak_gib']:.3g}"
         finite = [p for p in row["psnr"] if math.isfinite(p)]
         psnr_text = "identical" if not finite else (mean_std(finite) if len(finite) == len(row["psnr"])

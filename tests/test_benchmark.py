@@ -226,6 +226,10 @@ def test_inference_cpu_profile_prints_the_table_with_n_and_spread(tmp_path):
         assert float(mean) > 0 and float(spread) >= 0
     assert reference[6] == "identical" and reference[5].startswith("1.0000")
     assert fewer[6] != "identical"  # 4 steps draw another picture than 2
+    # counted FLOPs of one image: more steps, more FLOPs; the fused LoRA does the reference's maths
+    assert float(fewer[9]) > float(reference[9]) > 0 and fused[9] == reference[9]
+    assert float(reference[8]) == pytest.approx(float(reference[1].split(" ± ")[0]) / 2, abs=1e-3)  # s/step
+    assert reference[10] == "n/a"  # no bf16 peak to compare a CPU with
     if not torch.cuda.is_available():
         assert rows["nf4 transformer"][1] == "refused: setting.quantization=nf4 needs a CUDA GPU (bitsandbytes " \
                                              "kernels); use none on the CPU"
