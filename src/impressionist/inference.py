@@ -4,8 +4,9 @@
   image, the base model is one ``disable_lora`` away); ``fused`` merges it into the base weights
   while an image is drawn (``fuse_lora`` / ``unfuse_lora``): no LoRA matmuls in the denoising loop.
 * ``quantization`` of the transformer's block weights: ``none`` (``model.dtype``, bf16 on a GPU),
-  ``fp8`` (torchao float8 weights and dynamic float8 activations, compute capability 8.9+) or ``nf4``
-  (bitsandbytes 4-bit, loaded through diffusers' ``BitsAndBytesConfig``). The LoRA factors stay in
+  ``fp8`` (torchao float8 weights and dynamic float8 activations, compute capability 8.9+, the model
+  in bfloat16: torchao's per-row scales) or ``nf4`` (bitsandbytes 4-bit through diffusers, with the
+  trainer's ``models.nf4_config``: embedders and ``norm_out`` stay 16-bit). The LoRA factors stay in
   16 bit. A fused LoRA cannot be unfused from quantized weights, so with a quantized transformer a
   fused LoRA is merged once, at one scale, before quantizing (``baked``).
 * ``offload``: ``model`` (each model on the GPU while it runs) or ``sequential`` (layer by layer).
