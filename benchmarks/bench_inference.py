@@ -15,14 +15,20 @@ run is a row with the one-line refusal the app and the sample stage give.
 The estimate profile builds FLUX.1-dev's four networks on fake tensors (bench_train_step.py's
 estimator) and follows every tensor a 1024² image allocates, phase by phase (T5 + CLIP, one
 transformer step, VAE decode): weights resident per setting (all of them, or only the running model
-under model offload) plus the largest phase's activations; NF4 and fp8 replace the block weights'
-16-bit bytes. Allocator slack and the CUDA context (0.5-2 GB) come on top.
+under model offload) plus the largest phase's activations; fp8 and NF4 replace the 16-bit bytes of
+the weights build_pipeline quantizes (fp8: the blocks' Linears; NF4: those and the output
+projection, as diffusers converts them under models.nf4_config). Allocator slack and the CUDA
+context (0.5-2 GB) come on top. Weight sizes count what tensors really hold (fp8 data + scales,
+packed NF4 + absmax), and each row's pipeline is freed (garbage-collected: a compiled one sits in
+reference cycles) and the CLIP scorer is off the device before the next row starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import gc
 import math
 import statistics
 import sys
@@ -33,16 +39,17 @@ from pathlib import Path
 
 import torch
 
-from bench_train_step import (CLIP_L, T5_XXL, PeakTensorMemory, build_full_size, cpu_name, module_tensors,
-                              to_fake)
+from bench_train_step import (CLIP_L, CPU_FLASH_ATTENTION_FLOPS, T5_XXL, PeakTensorMemory, build_full_size, cpu_name,
+                              module_tensors, nf4_quantized_names, peak_tflops, to_fake)
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from results_file import command_line, publish
 
 from impressionist.errors import UserError
 from impressionist.inference import InferenceSettings, build_pipeline, check, lora_applied
 
 PROMPTS = ["impr3ssionism, a harbor at sunset", "impr3ssionism, a woman with a parasol in a field"]
-# bitsandbytes NF4 as diffusers' BitsAndBytesConfig loads it for inference (no double quantisation):
-# 4 bits a weight and one fp32 absmax per block of 64.
+# bitsandbytes NF4 as build_pipeline loads it (models.nf4_config without double quantisation): 4 bits
+# a weight and one fp32 absmax per block of 64 (tests/test_benchmark.py checks it against bitsandbytes).
 NF4_BYTES_PER_WEIGHT = 0.5 + 4 / 64
 # torchao float8 weights with one fp32 scale per output row (a few bytes per row: negligible).
 FP8_BYTES_PER_WEIGHT = 1.0
@@ -103,8 +110,46 @@ def random_lora(folder: str, out: Path, rank: int = 16) -> Path:
     return out
 
 
+def stored_bytes(tensor: torch.Tensor) -> int:
+    """The bytes a tensor really holds: a torchao fp8 weight's inner fp8 data and scales (its
+    wrapper reports a 16-bit storage), a bitsandbytes 4-bit weight's packed data and block absmax
+    (double quantisation: 8-bit absmax, their own fp32 absmax and offset), else its storage."""
+    if is_traceable_wrapper_subclass(tensor):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(stored_bytes(getattr(tensor, name)) for name in names)
+    total = tensor.untyped_storage().nbytes()
+    state = getattr(tensor, "quant_state", None)
+    if state is not None:
+        total += state.absmax.nbytes
+        if state.nested:
+            total += state.state2.absmax.nbytes + state.offset.nbytes
+    return total
+
+
 def tensor_bytes(module: torch.nn.Module) -> int:
-    return sum(t.untyped_storage().nbytes() for t in module_tensors(module))
+    return sum(stored_bytes(t) for t in module_tensors(module))
+
+
+@contextlib.contextmanager
+def scorer_on(scorer, device: torch.device):
+    """The CLIP scorer on ``device`` only while it scores: a ViT-L-14 on the GPU would sit in
+    every row's peak memory."""
+    scorer.model.to(device)
+    scorer.device = device
+    try:
+        yield scorer
+    finally:
+        scorer.model.to("cpu")
+        scorer.device = torch.device("cpu")
+        free_device_memory(device)
+
+
+def free_device_memory(device: torch.device) -> None:
+    """Free what the last row left: a compiled pipeline sits in reference cycles, so it is only
+    collected by the garbage collector, before the allocator's cache can be emptied."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def run_case(case: Case, args, folder: str, lora: str, device: torch.device, dtype: torch.dtype, scorer,
@@ -112,7 +157,7 @@ def run_case(case: Case, args, folder: str, lora: str, device: torch.device, dty
     steps = case.steps if case.steps is not None else args.steps
     row = {"case": case.name, "steps": steps}
     try:
-        check(case.settings, device, "setting")
+        check(case.settings, device, "setting", dtype)
     except UserError as err:
         return {**row, "refused": str(err)}
     pipe = build_pipeline(folder, dtype, device, case.settings, lora=lora)
@@ -143,19 +188,30 @@ def run_case(case: Case, args, folder: str, lora: str, device: torch.device, dty
         peak = memory.peak / 2**30
     else:
         peak = None  # a dispatch mode would change what the compiled graph runs
-    features = scorer.image_features(images)
+    if case.settings.quantization == "none" and not case.settings.compile:
+        # the bf16 maths of one image (text encoders, every step, VAE decode): the floor a quantized
+        # or compiled setting at the same steps is measured against too
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False, custom_mapping=CPU_FLASH_ATTENTION_FLOPS) as counter:
+            draw(*jobs[0])
+        row["tflop_image"] = counter.get_total_flops() / 1e12
+    transformer_gib = tensor_bytes(pipe.transformer) / 2**30
+    del pipe
+    if case.settings.compile:
+        torch._dynamo.reset()  # its caches hold the compiled blocks' code and guards
+    free_device_memory(device)
+    with scorer_on(scorer, device):
+        features = scorer.image_features(images)
+        style = scorer.style_probabilities(features)[:, scorer.target_index].tolist()
     row.update(n=len(seconds), s_mean=statistics.mean(seconds),
                s_std=statistics.stdev(seconds) if len(seconds) > 1 else float("nan"),
-               peak_gib=peak, transformer_gib=tensor_bytes(pipe.transformer) / 2**30,
-               features=features, style=scorer.style_probabilities(features)[:, scorer.target_index].tolist())
+               peak_gib=peak, transformer_gib=transformer_gib, features=features, style=style)
     row["images"] = images
     if reference is not None:
         cosines = (features * reference["features"]).sum(dim=-1).tolist()
         row.update(cos_mean=statistics.mean(cosines), cos_std=statistics.stdev(cosines) if len(cosines) > 1 else 0.0,
                    psnr=[psnr(a, b) for a, b in zip(images, reference["images"])])
-    del pipe
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return row
 
 
@@ -164,6 +220,7 @@ def mean_std(values: list[float]) -> str:
 
 
 def timing_table(rows: list[dict], args, device, lora_mib: float) -> str:
+    peak_tf = peak_tflops(device)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     memory = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "tensor bytes alive at once"
     lines = [f"### inference {args.profile} profile — {device_name}, {dt.date.today()}",
@@ -171,19 +228,25 @@ def timing_table(rows: list[dict], args, device, lora_mib: float) -> str:
              f"on disk, {args.resolution}², CLIP {args.clip_model}; n = {args.images} images per setting, "
              f"mean ± sample std; peak: {memory})", "",
              "| setting | steps | s/image | speed-up | peak GiB | transformer GiB | CLIP cosine to reference | "
-             "PSNR to reference, dB | style score |", "|---|---|---|---|---|---|---|---|---|"]
+             "PSNR to reference, dB | style score | s/step (s/image ÷ steps) | TFLOP/image (counted, unquantized) | "
+             f"utilisation ({'of ' + format(peak_tf, '.0f') + ' TFLOP/s bf16 peak' if peak_tf else 'no known peak'}) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     reference = next(r for r in rows if "s_mean" in r)
+    flops_at = {r["steps"]: r["tflop_image"] for r in rows if "tflop_image" in r}
     for row in rows:
         if "refused" in row:
-            lines.append(f"| {row['case']} | {row['steps']} | refused: {row['refused']} | | | | | | |")
+            lines.append(f"| {row['case']} | {row['steps']} | refused: {row['refused']} | | | | | | | | | |")
             continue
+        tflop = flops_at.get(row["steps"])
+        floor = f"{tflop / row['s_mean'] / peak_tf:.0%}" if tflop and peak_tf else "n/a"
         peak = "n/a" if row["peak_gib"] is None else f"{row['peak_gib']:.3g}"
         finite = [p for p in row["psnr"] if math.isfinite(p)]
         psnr_text = "identical" if not finite else (mean_std(finite) if len(finite) == len(row["psnr"])
                                                    else f"{mean_std(finite)} ({len(row['psnr']) - len(finite)} identical)")
         lines.append(f"| {row['case']} | {row['steps']} | {row['s_mean']:.3f} ± {row['s_std']:.3f} | "
                      f"{reference['s_mean'] / row['s_mean']:.2f}x | {peak} | {row['transformer_gib']:.3g} | "
-                     f"{row['cos_mean']:.4f} ± {row['cos_std']:.4f} | {psnr_text} | {mean_std(row['style'])} |")
+                     f"{row['cos_mean']:.4f} ± {row['cos_std']:.4f} | {psnr_text} | {mean_std(row['style'])} | "
+                     f"{row['s_mean'] / row['steps']:.4f} | {'n/a' if tflop is None else format(tflop, '.4g')} | {floor} |")
     return "\n".join(lines) + "\n"
 
 
@@ -193,7 +256,7 @@ def clip_scorer(model_name: str, pretrained: str, device: torch.device):
     from impressionist.feature_nets import load_clip
 
     model, preprocess, tokenizer = load_clip(model_name, pretrained)
-    return ClipScorer(model.to(device), preprocess, tokenizer, device)
+    return ClipScorer(model, preprocess, tokenizer, "cpu")  # on the device only while scoring (scorer_on)
 
 
 def run_images(args) -> str:
@@ -223,15 +286,15 @@ def run_images(args) -> str:
 # estimate profile: FLUX.1-dev on fake tensors
 # ------------------------------------------------------------------------------------------------
 
-def block_linear_weights(transformer: torch.nn.Module) -> int:
-    """Elements of the block Linear weights (what fp8 and NF4 quantize)."""
-    return sum(m.weight.numel() for name, m in transformer.named_modules()
-               if "transformer_blocks" in name and type(m) is torch.nn.Linear and "lora_" not in name)
+def quantized_weights(transformer: torch.nn.Module, quantization: str) -> list[int]:
+    """Element counts of the weights ``quantization`` makes low-bit, as build_pipeline decides:
+    fp8 through models.fp8_block_linear, NF4 through diffusers with the shared nf4_config."""
+    from impressionist.models import fp8_block_linear
 
-
-def largest_block_weight(transformer: torch.nn.Module) -> int:
-    return max(m.weight.numel() for name, m in transformer.named_modules()
-               if "transformer_blocks" in name and type(m) is torch.nn.Linear and "lora_" not in name)
+    names = nf4_quantized_names(transformer) if quantization == "nf4" else set()
+    return [m.weight.numel() for name, m in transformer.named_modules()
+            if type(m) is torch.nn.Linear and "lora_" not in name
+            and (fp8_block_linear(m, name) if quantization == "fp8" else name.removesuffix(".base_layer") in names)]
 
 
 def phase_activations(args) -> tuple[dict[str, int], dict[str, int]]:
@@ -251,8 +314,7 @@ def phase_activations(args) -> tuple[dict[str, int], dict[str, int]]:
     lora = sum(p.numel() * p.element_size() for n, p in models.transformer.named_parameters() if "lora_" in n)
     weights = {"transformer": tensor_bytes(models.transformer) - lora, "lora": lora, "t5": tensor_bytes(models.t5),
                "clip": tensor_bytes(models.clip), "vae": tensor_bytes(models.vae),
-               "block_weights": block_linear_weights(models.transformer),
-               "largest_block_weight": largest_block_weight(models.transformer)}
+               "quantized": {q: quantized_weights(models.transformer, q) for q in ("fp8", "nf4")}}
     latent = args.resolution // 8
     phases = {}
     def activations(memory: PeakTensorMemory, resident: int) -> int:
@@ -283,12 +345,12 @@ def phase_activations(args) -> tuple[dict[str, int], dict[str, int]]:
 
 def estimate_table(args) -> str:
     weights, phases = phase_activations(args)
-    block_bf16 = weights["block_weights"] * 2
-    transformer = {"none": weights["transformer"],
-                   "fp8": weights["transformer"] - block_bf16 + weights["block_weights"] * FP8_BYTES_PER_WEIGHT,
-                   "nf4": weights["transformer"] - block_bf16 + weights["block_weights"] * NF4_BYTES_PER_WEIGHT}
+    per_weight = {"fp8": FP8_BYTES_PER_WEIGHT, "nf4": NF4_BYTES_PER_WEIGHT}
+    transformer = {"none": weights["transformer"]}
+    for q, counts in weights["quantized"].items():
+        transformer[q] = weights["transformer"] - sum(counts) * (2 - per_weight[q])
     # NF4 matmuls dequantise one weight at a time to bf16
-    transient = {"none": 0, "fp8": 0, "nf4": weights["largest_block_weight"] * 2}
+    transient = {"none": 0, "fp8": 0, "nf4": max(weights["quantized"]["nf4"]) * 2}
     text = weights["t5"] + weights["clip"]
     rows = []
     for quantization in ("none", "fp8", "nf4"):
@@ -321,7 +383,7 @@ def estimate_table(args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", choices=["cpu", "gpu", "estimate"], default="cpu")
     parser.add_argument("--images", type=int, default=None, help="timed images per setting (n, default 4)")
@@ -338,7 +400,11 @@ def main() -> None:
     parser.add_argument("--clip-pretrained", default=None)
     parser.add_argument("--rank", type=int, default=16, help="estimate profile: the LoRA's rank")
     parser.add_argument("--out", help="append the table as Markdown to this file")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()

@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import datetime as dt
 import platform
+import statistics
 import sys
 import time
 import weakref
@@ -105,23 +106,42 @@ def remove_lora(transformer: torch.nn.Module) -> None:
         transformer.unload_lora()
 
 
-def quantize_nf4(transformer: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Swap the block Linears for bitsandbytes NF4 layers, as a QLoRA load would (the weights are
-    quantised when they move to the transformer's device)."""
+def nf4_quantized_names(transformer: torch.nn.Module) -> set[str]:
+    """The Linears the trainer's NF4 load makes 4-bit (module names without peft's ``.base_layer``),
+    decided by diffusers itself: its module swap (``replace_with_bnb_linear``, what from_pretrained
+    runs) with the trainer's config, on an empty copy of the architecture."""
     import bitsandbytes as bnb
+    from diffusers.quantizers.bitsandbytes.utils import replace_with_bnb_linear
+
+    from impressionist.models import nf4_config
+
+    with torch.device("meta"):
+        empty = type(transformer).from_config(transformer.config)
+    config = nf4_config(torch.bfloat16, double_quant=True)
+    replace_with_bnb_linear(empty, modules_to_not_convert=config.llm_int8_skip_modules, quantization_config=config)
+    return {name for name, module in empty.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
+
+
+def quantize_nf4(transformer: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Make the transformer NF4 as the trainer's load does: diffusers' module swap with the
+    trainer's config (double quantisation, the same 16-bit modules), each weight quantised on its
+    device, then the trainer's QLoRA preparation (the 16-bit rest widened to fp32)."""
+    import bitsandbytes as bnb
+    from diffusers.quantizers.bitsandbytes.utils import replace_with_bnb_linear
+
+    from impressionist.models import nf4_config, prepare_nf4_for_training
 
     remove_lora(transformer)
-    for name, module in list(transformer.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, torch.nn.Linear) and "transformer_blocks" in f"{name}.{child_name}":
-                # as the trainer's BitsAndBytesConfig: NF4 with double quantisation (compress_statistics)
-                layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                          compute_dtype=dtype, quant_type="nf4", compress_statistics=True)
-                layer.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4",
-                                                 compress_statistics=True).to(child.weight.device)
-                if child.bias is not None:
-                    layer.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
-                setattr(module, child_name, layer)
+    config = nf4_config(dtype, double_quant=True)
+    sources = {name: m for name, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
+    replace_with_bnb_linear(transformer, modules_to_not_convert=config.llm_int8_skip_modules, quantization_config=config)
+    for name, layer in transformer.named_modules():
+        if isinstance(layer, bnb.nn.Linear4bit):
+            source = sources.pop(name)  # its 16-bit weight is freed once quantised
+            layer.weight = bnb.nn.Params4bit(source.weight.data, requires_grad=False, quant_type="nf4",
+                                             compress_statistics=True, module=layer).to(source.weight.device)
+            layer.bias = None if source.bias is None else torch.nn.Parameter(source.bias.data, requires_grad=False)
+    prepare_nf4_for_training(transformer)
 
 
 @dataclass
@@ -223,14 +243,17 @@ def run_case(models: Models, case: Case, args, device, dtype) -> dict:
             torch.cuda.reset_peak_memory_stats()
         for _ in range(args.warmup):
             train_step(fn, optimizer)
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(args.steps):
+        times = []
+        for _ in range(args.steps):  # each step timed on its own (a sync apiece): n steps and their spread
+            sync(device)
+            start = time.perf_counter()
             train_step(fn, optimizer)
-        sync(device)
-        seconds = (time.perf_counter() - start) / args.steps
+            sync(device)
+            times.append(time.perf_counter() - start)
+        seconds = statistics.mean(times)
         result[label] = {
-            "s_per_step": seconds, "images_per_s": args.batch_size / seconds, "gflop_per_step": flops / 1e9,
+            "s_per_step": seconds, "s_std": statistics.stdev(times) if len(times) > 1 else float("nan"),
+            "images_per_s": args.batch_size / seconds, "gflop_per_step": flops / 1e9,
             "peak_gib": (torch.cuda.max_memory_allocated() - (unused_by_ours if label == "ours" else 0)) / 2**30
             if device.type == "cuda" else None,
         }
@@ -309,12 +332,14 @@ NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
 def nf4_memory_change(transformer: torch.nn.Module) -> tuple[int, int]:
     """(bytes an NF4 base adds, negative: what it saves; the largest transient dequantised weight).
 
-    The blocks' Linear weights shrink from 16-bit to NF4; every other frozen 16-bit weight
-    (embedders, norms, biases, output head) grows to fp32, as the trainer's
-    ``prepare_model_for_kbit_training`` casts them. bitsandbytes dequantises one weight at a time.
+    The Linears the trainer's NF4 load quantises (:func:`nf4_quantized_names`: the blocks' and
+    the output projection) shrink from 16-bit to NF4; every other frozen 16-bit weight (the
+    embedders, norm_out, norms, biases) grows to fp32, as the trainer's QLoRA preparation casts
+    them. bitsandbytes dequantises one weight at a time.
     """
+    names = nf4_quantized_names(transformer)
     quantised = {id(m.weight) for name, m in transformer.named_modules()
-                 if "transformer_blocks" in name and type(m) is torch.nn.Linear}
+                 if type(m) is torch.nn.Linear and name.removesuffix(".base_layer") in names}
     frozen = [p for p in transformer.parameters() if not p.requires_grad]
     saved = sum(p.numel() * (p.element_size() - NF4_BYTES_PER_WEIGHT) for p in frozen if id(p) in quantised)
     grown = sum(p.numel() * (4 - p.element_size()) for p in frozen if id(p) not in quantised)
@@ -383,7 +408,7 @@ def peak_tflops(device) -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", choices=["cpu", "gpu", "estimate"], default="cpu")
     parser.add_argument("--steps", type=int, default=None)
@@ -399,7 +424,11 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=None,
                         help="run only these cases by name, e.g. 1024px+ckpt 1024px+ckpt+nf4 (default: all)")
     parser.add_argument("--out", help="append the results as Markdown to this file")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()  # casting whole random models to bf16 is intended here
@@ -452,15 +481,17 @@ def header(args, device_name: str, details: str) -> list[str]:
 def timing_table(rows: list[dict], args, device) -> str:
     peak = peak_tflops(device)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    lines = header(args, device_name, f", {args.steps} timed steps after {args.warmup} warm-up") + [
+    lines = header(args, device_name, f", n = {args.steps} timed steps after {args.warmup} warm-up, "
+                   "s/step as mean ± sample std; MFU: counted FLOPs / s / the GPU's dense bf16 peak") + [
         "| case | speed-up (ours/baseline) | ours s/step | baseline s/step | ours img/s | "
         "ours GFLOP/step | ours peak GiB | baseline peak GiB | ours MFU |",
         "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         ours, base = row["ours"], row["baseline"]
         mfu = f"{ours['gflop_per_step'] / 1e3 / ours['s_per_step'] / peak:.0%}" if peak else "n/a"
-        lines.append(f"| {row['case']} | {base['s_per_step'] / ours['s_per_step']:.2f}x | {ours['s_per_step']:.4f} | "
-                     f"{base['s_per_step']:.4f} | {ours['images_per_s']:.2f} | {ours['gflop_per_step']:.2f} | "
+        lines.append(f"| {row['case']} | {base['s_per_step'] / ours['s_per_step']:.2f}x | "
+                     f"{ours['s_per_step']:.4f} ± {ours['s_std']:.4f} | {base['s_per_step']:.4f} ± {base['s_std']:.4f} | "
+                     f"{ours['images_per_s']:.2f} | {ours['gflop_per_step']:.2f} | "
                      f"{gib(ours['peak_gib'])} | {gib(base['peak_gib'])} | {mfu} |")
     return "\n".join(lines) + "\n"
 

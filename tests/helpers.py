@@ -170,3 +170,15 @@ def train_tiny_lora(root: Path, params: dict, cache: Path, *, lora: dict | None 
               metrics_path=root / "train.json", loss_plot=root / "loss.png", live_dir=root / "live",
               log_dir=root / "logs")
     return root / "lora"
+
+
+def cpu_recipe_params(max_steps: int = 2) -> dict:
+    """The committed params.yaml (the real recipe: bf16 weights and autocast, gradient checkpointing,
+    validation images, EMA, all-linear LoRA) with only what a CPU test needs changed: the tiny
+    model on the CPU, a few steps, a single process reading in-process, tiny validation images."""
+    params = yaml.safe_load(committed_params_text())
+    params["model"].update(pretrained="builtin:tiny-flux", device="cpu")
+    params["train"].update(max_steps=max_steps, checkpoint_every=1, log_every=1, dataloader_workers=0,
+                           gradient_accumulation_steps=1)
+    params["train"]["validation"].update(every=1, steps=1, resolution=32)
+    return params

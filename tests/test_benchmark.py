@@ -13,14 +13,15 @@ REPO = Path(__file__).resolve().parents[1]
 def test_cpu_profile_prints_a_row_per_case(tmp_path):
     out = tmp_path / "results.md"
     result = subprocess.run([sys.executable, str(REPO / "benchmarks/bench_train_step.py"), "--profile", "cpu",
-                             "--steps", "1", "--warmup", "0", "--out", str(out)],
+                             "--steps", "2", "--warmup", "0", "--out", str(out)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line for line in out.read_text().splitlines() if re.match(r"\| \d+px", line)]
     assert [row.split("|")[1].strip() for row in rows] == ["64px", "64px+ckpt", "128px", "128px+ckpt"]
     for row in rows:
         speedup, ours, baseline = (cell.strip() for cell in row.split("|")[2:5])
-        assert float(ours) > 0 and float(baseline) > 0
+        (ours, ours_std), (baseline, _) = ours.split(" ± "), baseline.split(" ± ")  # n = 2 steps: a spread
+        assert float(ours) > 0 and float(baseline) > 0 and float(ours_std) >= 0
         # the printed times are rounded to 4 decimals: allow that much disagreement
         ratio = float(baseline) / float(ours)
         assert abs(float(speedup.rstrip("x")) - ratio) / ratio < 0.05
@@ -93,19 +94,21 @@ def test_fake_tensor_estimate_matches_a_real_step():
     assert estimate["baseline"]["gflop_per_step"] > estimate["ours"]["gflop_per_step"]
 
 
-def test_nf4_memory_change_shrinks_block_linears_and_widens_the_rest():
+def test_nf4_memory_change_shrinks_the_4bit_linears_and_widens_the_rest():
+    """The estimate's NF4 saving covers the Linears the trainer's load quantises (diffusers
+    decides: the blocks' and the output projection) and widens every other frozen weight to fp32."""
     import torch
 
     bench = load_bench()
-    model = torch.nn.Module()
-    model.transformer_blocks = torch.nn.ModuleList([torch.nn.Linear(64, 32, bias=False)])
-    model.proj_out = torch.nn.Linear(32, 8, bias=False)
-    model.to(torch.bfloat16).requires_grad_(False)
-    change, transient = bench.nf4_memory_change(model)
-    saved = 64 * 32 * (2 - bench.NF4_BYTES_PER_WEIGHT)  # 16-bit -> NF4 with fp32 absmax per 64
-    grown = 32 * 8 * 2                                  # 16-bit -> fp32
-    assert change == int(grown - saved)
-    assert transient == 64 * 32 * 2
+    transformer = bench.build_models("cpu", torch.device("cpu"), torch.bfloat16).transformer
+    names = bench.nf4_quantized_names(transformer)
+    assert "proj_out" in names and "context_embedder" not in names and "norm_out.linear" not in names
+    weights = {name: m.weight for name, m in transformer.named_modules() if type(m) is torch.nn.Linear}
+    quantised = sum(weights[n].numel() for n in names)
+    other = sum(p.numel() for p in transformer.parameters()) - quantised
+    change, transient = bench.nf4_memory_change(transformer)
+    assert change == int(other * (4 - 2) - quantised * (2 - bench.NF4_BYTES_PER_WEIGHT))
+    assert transient == max(weights[n].numel() for n in names) * 2
 
 
 def test_nf4_base_is_as_small_as_the_estimate_assumes_and_trains_a_lora():
@@ -120,8 +123,8 @@ def test_nf4_base_is_as_small_as_the_estimate_assumes_and_trains_a_lora():
     args = argparse.Namespace(rank=4, batch_size=2, max_sequence_length=16)
     case = bench.Case("64px+ckpt+nf4", 64, True, nf4=True)
     models = bench.build_models("cpu", torch.device("cpu"), torch.bfloat16)
-    weights = sum(m.weight.numel() for name, m in models.transformer.named_modules()
-                  if "transformer_blocks" in name and type(m) is torch.nn.Linear)
+    names = bench.nf4_quantized_names(models.transformer)
+    weights = sum(m.weight.numel() for name, m in models.transformer.named_modules() if name in names)
     bench.add_fresh_lora(models.transformer, case, args)  # the swap must see through an earlier LoRA
     bench.quantize_nf4(models.transformer, torch.bfloat16)
 
@@ -223,7 +226,71 @@ def test_inference_cpu_profile_prints_the_table_with_n_and_spread(tmp_path):
         assert float(mean) > 0 and float(spread) >= 0
     assert reference[6] == "identical" and reference[5].startswith("1.0000")
     assert fewer[6] != "identical"  # 4 steps draw another picture than 2
+    # counted FLOPs of one image: more steps, more FLOPs; the fused LoRA does the reference's maths
+    assert float(fewer[9]) > float(reference[9]) > 0 and fused[9] == reference[9]
+    assert float(reference[8]) == pytest.approx(float(reference[1].split(" ± ")[0]) / 2, abs=1e-3)  # s/step
+    assert reference[10] == "n/a"  # no bf16 peak to compare a CPU with
     if not torch.cuda.is_available():
         assert rows["nf4 transformer"][1] == "refused: setting.quantization=nf4 needs a CUDA GPU (bitsandbytes " \
                                              "kernels); use none on the CPU"
 
+
+
+def load_inference_bench():
+    import importlib.util
+
+    load_bench()  # puts benchmarks/ on sys.path and registers bench_train_step
+    spec = importlib.util.spec_from_file_location("bench_inference", REPO / "benchmarks/bench_inference.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_inference_rows_free_their_pipeline_and_score_off_the_device(tiny_flux_dir, tmp_path, monkeypatch):
+    """Each row's pipeline is gone when the next row starts, even when it sits in a reference cycle
+    (as a compiled one does) and the garbage collector has not run by itself; the CLIP scorer is
+    on the device only while it scores."""
+    import argparse
+    import gc
+    import weakref
+
+    import torch
+
+    bench = load_inference_bench()
+    built, scored_on = [], []
+    real_build = bench.build_pipeline
+
+    def cyclic_build(*args, **kwargs):
+        pipe = real_build(*args, **kwargs)
+        pipe.transformer.cycle = pipe  # pipeline -> transformer -> pipeline
+        built.append(weakref.ref(pipe.transformer))
+        return pipe
+
+    monkeypatch.setattr(bench, "build_pipeline", cyclic_build)
+    scorer = bench.clip_scorer("builtin:tiny-clip", "builtin", torch.device("cpu"))
+    real_features = type(scorer).image_features
+    monkeypatch.setattr(type(scorer), "image_features",
+                        lambda self, images: scored_on.append(self.device) or real_features(self, images))
+    args = argparse.Namespace(steps=1, images=1, resolution=32, max_sequence_length=16)
+    lora = str(bench.random_lora(tiny_flux_dir, tmp_path / "lora", rank=2))
+    gc.disable()
+    try:
+        row = bench.run_case(bench.CASES[0], args, tiny_flux_dir, lora, torch.device("cpu"), torch.float32,
+                             scorer, None)
+        assert built and built[0]() is None
+    finally:
+        gc.enable()
+    assert row["n"] == 1 and scored_on == [torch.device("cpu")] and scorer.device == torch.device("cpu")
+
+
+def test_stored_bytes_counts_nf4_weights_with_their_block_scales():
+    import bitsandbytes as bnb
+    import torch
+
+    bench = load_inference_bench()
+    weight = bnb.nn.Params4bit(torch.randn(128, 64, dtype=torch.bfloat16), requires_grad=False, quant_type="nf4",
+                               compress_statistics=False).to("cpu")
+    # 4 bits a weight + one fp32 absmax per block of 64 (diffusers' inference config: no double quantisation)
+    assert bench.stored_bytes(weight) == 128 * 64 // 2 + (128 * 64 // 64) * 4
+    assert 128 * 64 * bench.NF4_BYTES_PER_WEIGHT == bench.stored_bytes(weight)

@@ -79,7 +79,7 @@ def test_what_the_cpu_cannot_run_is_refused(settings, message):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: the refusals are for machines without one")
     with pytest.raises(UserError, match=message):
-        inference.check(InferenceSettings(**settings), CPU, "sample")
+        inference.check(InferenceSettings(**settings), CPU, "sample", torch.bfloat16)
 
 
 @pytest.mark.parametrize("key, value, message", [

@@ -19,7 +19,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from helpers import killed_and_uninterrupted
+from helpers import cpu_recipe_params, killed_and_uninterrupted
 
 from impressionist import checkpoints, train
 from impressionist.batch_order import BucketBatches
@@ -275,6 +275,8 @@ def test_resume_unpickles_nothing(demo_params, encoded_cache, tmp_path, monkeypa
     ({"train": {"base_quantization": "nf4"}}, "nf4 needs a CUDA GPU"),
     ({"train": {"base_quantization": "fp8"}}, "fp8 needs a CUDA GPU"),
     ({"train": {"base_quantization": "int3"}}, "train.base_quantization"),
+    ({"train": {"base_quantization": "nf4", "compile": True, "gradient_checkpointing": True}},
+     "train.compile cannot be combined with train.base_quantization=nf4 and train.gradient_checkpointing"),
     ({"train": {"resume_from": "no/such/checkpoint"}}, "not a checkpoint written by the train stage"),
     ({"train": {"attention_backend": "_native_cudnn"}}, "_native_cudnn needs a CUDA GPU"),
     ({"train": {"attention_backend": "flashy"}}, "train.attention_backend"),
@@ -547,3 +549,40 @@ def test_bf16_recipe_trains_on_the_cpu(demo_params, encoded_cache, tmp_path, mon
     b16, b32 = (torch.cat([lora[k].flatten() for k in sorted(lora) if "lora_B" in k]) for lora in (bf16, fp32))
     assert not torch.equal(b16, b32)  # bf16 arithmetic really ran
     assert torch.nn.functional.cosine_similarity(b16, b32, dim=0) > 0.99  # and learned the same thing
+
+
+def test_the_recipe_draws_validation_images_in_bf16(encoded_cache, tmp_path):
+    """params.yaml as committed (bf16 weights, bf16 autocast, checkpointing, EMA, validation on)
+    with only the CPU's changes, run as the stage runs: the validation images of a bf16 run are
+    drawn (they crashed, a 16-bit VAE fed fp32 latents), after each step's checkpoint."""
+    params = cpu_recipe_params(max_steps=2)
+    assert (params["model"]["dtype"], params["train"]["mixed_precision"]) == ("bfloat16", "bf16")
+    shutil.copytree(encoded_cache, tmp_path / "data/cache")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = subprocess.run([sys.executable, "-m", "impressionist.train"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = [line for line in result.stdout.splitlines() if line.startswith(("train: checkpoint", "train: validation"))]
+    assert [line.split()[1] for line in log] == ["checkpoint", "validation"] * 2
+    with Image.open(tmp_path / "dvclive/plots/images/validation_1.png") as image:
+        assert image.size == (32, 32) and len(image.convert("RGB").getcolors(1 << 16) or []) > 1
+    assert (tmp_path / "models/lora" / LORA_FILE).is_file()
+
+
+def test_a_failing_validation_image_keeps_the_steps_checkpoint(demo_params, encoded_cache, tmp_path, monkeypatch):
+    """The step's checkpoint is written before its validation images are drawn: a crash while
+    drawing loses no training, and the rerun resumes at that step."""
+    from impressionist.validation_images import ValidationSampler
+
+    def broken(self, transformer):
+        raise RuntimeError("drawing failed")
+
+    monkeypatch.setattr(ValidationSampler, "images", broken)
+    monkeypatch.chdir(tmp_path)
+    params = small_run(demo_params, 4, every=2)
+    params["train"]["validation"].update(every=2, resolution=32)
+    out = outputs(tmp_path)
+    with pytest.raises(RuntimeError, match="drawing failed"):
+        train.run(params, encoded_cache, **out)
+    (run_folder,) = out["checkpoint_dir"].iterdir()
+    assert sorted(p.name for p in run_folder.iterdir()) == ["step-00000002"]

@@ -214,7 +214,7 @@ class Generator:
         self.settings = settings
         if settings.dtype not in DTYPES:
             raise UserError(f"dtype {settings.dtype!r} is not one of {', '.join(DTYPES)}")
-        check(settings.inference, torch.device(settings.device), "app")
+        check(settings.inference, torch.device(settings.device), "app", DTYPES[settings.dtype])
         if baked(settings.inference):
             raise UserError(f"app.lora_mode=fused with app.quantization={settings.inference.quantization}: a LoRA "
                             "merged into quantized weights cannot be switched off for the base image; use "

@@ -4,8 +4,9 @@
   image, the base model is one ``disable_lora`` away); ``fused`` merges it into the base weights
   while an image is drawn (``fuse_lora`` / ``unfuse_lora``): no LoRA matmuls in the denoising loop.
 * ``quantization`` of the transformer's block weights: ``none`` (``model.dtype``, bf16 on a GPU),
-  ``fp8`` (torchao float8 weights and dynamic float8 activations, compute capability 8.9+) or ``nf4``
-  (bitsandbytes 4-bit, loaded through diffusers' ``BitsAndBytesConfig``). The LoRA factors stay in
+  ``fp8`` (torchao float8 weights and dynamic float8 activations, compute capability 8.9+, the model
+  in bfloat16: torchao's per-row scales) or ``nf4`` (bitsandbytes 4-bit through diffusers, with the
+  trainer's ``models.nf4_config``: embedders and ``norm_out`` stay 16-bit). The LoRA factors stay in
   16 bit. A fused LoRA cannot be unfused from quantized weights, so with a quantized transformer a
   fused LoRA is merged once, at one scale, before quantizing (``baked``).
 * ``offload``: ``model`` (each model on the GPU while it runs) or ``sequential`` (layer by layer).
@@ -134,25 +135,32 @@ class SampleParams(ParamsSection, InferenceSettings):
         super().__post_init__()  # lora_mode, quantization, offload, compile
 
 
-def check(settings: InferenceSettings, device: torch.device, section: str) -> None:
-    """Refuse what this machine cannot run, with one line, before any model is loaded."""
+def check(settings: InferenceSettings, device: torch.device, section: str, dtype: torch.dtype) -> None:
+    """Refuse what this machine cannot run in ``dtype``, with one line, before any model is loaded."""
+    from . import models
+
     if settings.compile and settings.offload == "sequential":  # on any machine
         raise UserError(f"{section}.compile cannot compile layers that sequential offload moves one by "
                         "one; use offload none or model")
+    capability = models.cuda_capability(device)
     q, name = settings.quantization, f"{section}.quantization={settings.quantization}"
     if q != "none":
         package = {"nf4": "bitsandbytes", "fp8": "torchao"}[q]
-        if device.type != "cuda":
+        if capability is None:
             raise UserError(f"{name} needs a CUDA GPU ({package} kernels); use none on the CPU")
-        if q == "fp8" and torch.cuda.get_device_capability(device) < (8, 9):
+        if q == "fp8" and capability < models.FP8_MIN_CAPABILITY:
             raise UserError(f"{name} needs FP8 tensor cores (compute capability 8.9+: L4, RTX 4090, H100); "
                             "use nf4 on older GPUs")
+        if q == "fp8" and dtype != torch.bfloat16:
+            # torchao's per-row fp8 scaling (what _quantize_fp8 uses) computes in bfloat16 only
+            raise UserError(f"{name} needs the model in bfloat16 (torchao's per-row fp8 scales), not "
+                            f"{str(dtype).removeprefix('torch.')}; use bfloat16 or quantization nf4")
         if importlib.util.find_spec(package) is None:
             raise UserError(f"{name} needs {package}: pip install {package}")
         if settings.offload == "sequential":
             raise UserError(f"{section}.offload=sequential cannot stream quantized weights; use model "
                             f"offload with {name}")
-    if settings.offload != "none" and device.type != "cuda":
+    if settings.offload != "none" and capability is None:
         raise UserError(f"{section}.offload={settings.offload} moves weights between a GPU and the CPU; it "
                         "needs CUDA (use none on the CPU)")
     if settings.compile:
@@ -168,22 +176,14 @@ def baked(settings: InferenceSettings) -> bool:
     return settings.lora_mode == "fused" and settings.quantization != "none"
 
 
-def _nf4_config(dtype: torch.dtype):
-    from diffusers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-
-
 def _quantize_fp8(transformer: torch.nn.Module) -> None:
+    """torchao float8 weights with dynamic float8 activations, one scale per row, on the blocks'
+    base weights (as train's fp8 recipe: LoRA factors, embedders and the output head stay 16-bit)."""
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
-    def block_weights(module: torch.nn.Module, name: str) -> bool:
-        # The blocks' base weights only: LoRA factors stay 16-bit, and fp8 GEMMs need sides
-        # divisible by 16 (embedders and the output head stay bf16, as train's fp8 recipe).
-        return (isinstance(module, torch.nn.Linear) and "transformer_blocks" in name and "lora_" not in name
-                and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+    from .models import fp8_block_linear
 
-    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=block_weights)
+    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=fp8_block_linear)
 
 
 def build_pipeline(folder: str, dtype: torch.dtype, device: torch.device, settings: InferenceSettings,
@@ -193,14 +193,11 @@ def build_pipeline(folder: str, dtype: torch.dtype, device: torch.device, settin
     A baked LoRA (fused + quantized, :func:`baked`) is merged at ``baked_scale`` and its layers removed.
     Raises what ``load_lora_weights`` raises for a LoRA that does not fit (callers word it).
     """
-    from diffusers import FluxTransformer2DModel
-
-    from .models import load_pipeline
+    from .models import load_nf4_transformer, load_pipeline
 
     components = {}
     if settings.quantization == "nf4" and not baked(settings):
-        components["transformer"] = FluxTransformer2DModel.from_pretrained(
-            folder, subfolder="transformer", dtype=dtype, quantization_config=_nf4_config(dtype))
+        components["transformer"] = load_nf4_transformer(folder, dtype, device, double_quant=False)
     pipe = load_pipeline(folder, dtype, **components)
     if lora is not None:
         pipe.load_lora_weights(lora, weight_name=weight_name, adapter_name=ADAPTER)
@@ -214,8 +211,7 @@ def build_pipeline(folder: str, dtype: torch.dtype, device: torch.device, settin
         with tempfile.TemporaryDirectory(prefix="impressionist-fused-") as tmp:
             pipe.transformer.save_pretrained(tmp)
             pipe.transformer = None
-            pipe.transformer = FluxTransformer2DModel.from_pretrained(tmp, dtype=dtype,
-                                                                      quantization_config=_nf4_config(dtype))
+            pipe.transformer = load_nf4_transformer(tmp, dtype, device, double_quant=False, subfolder=None)
     if settings.quantization == "fp8":
         _quantize_fp8(pipe.transformer)
     if settings.offload == "model":

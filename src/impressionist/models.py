@@ -317,14 +317,26 @@ def require_package(package: str, setting: str) -> None:
         raise UserError(f"{setting} needs {package}, which fails to import here: {first_line(err)}") from err
 
 
+def cuda_capability(device: torch.device) -> tuple[int, int] | None:
+    """The compute capability of ``device`` when it is a CUDA GPU, else None: the one question the
+    GPU-only checks (here, in train and in inference) ask of the machine."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
+FP8_MIN_CAPABILITY = (8, 9)  # FP8 tensor cores: L4, RTX 4090, H100
+
+
 def check_quantization(quantization: str, device: torch.device) -> str:
-    """NF4 (bitsandbytes) and fp8 (torchao) run on CUDA kernels only: refuse them elsewhere early."""
+    """NF4 (bitsandbytes) and fp8 (torchao) are for CUDA kernels: refuse them elsewhere early."""
     require_choice(quantization, BASE_QUANTIZATIONS, "train.base_quantization")
-    if quantization != "none" and device.type != "cuda":
+    capability = cuda_capability(device) if quantization != "none" else None
+    if quantization != "none" and capability is None:
         raise UserError(f"train.base_quantization={quantization} needs a CUDA GPU "
                         f"({'bitsandbytes' if quantization == 'nf4' else 'torchao float8'} kernels); "
                         "use none on CPU")
-    if quantization == "fp8" and torch.cuda.get_device_capability(device) < (8, 9):
+    if quantization == "fp8" and capability < FP8_MIN_CAPABILITY:
         raise UserError("train.base_quantization=fp8 needs FP8 tensor cores (compute capability 8.9+: "
                         "L4, RTX 4090, H100); use nf4 on older GPUs")
     package = {"nf4": "bitsandbytes", "fp8": "torchao"}.get(quantization)
@@ -358,34 +370,68 @@ def use_attention_backend(model: torch.nn.Module, name: str) -> None:
         model.set_attention_backend(name)
 
 
-def load_transformer(folder: str, dtype: torch.dtype, quantization: str = "none"):
-    """The Flux transformer; ``nf4`` loads its Linear weights 4-bit through diffusers' bitsandbytes
-    integration (QLoRA), ``fp8`` swaps them for torchao Float8Linear for fp8 matmuls."""
+# NF4 makes the transformer blocks' Linears 4-bit and keeps the input embedders (image, T5 and
+# timestep/guidance/pooled-CLIP) and the final AdaLN modulation in 16 bit: they are 0.5% of
+# FLUX.1-dev's weights (64M of 11.9B: 0.1 GiB more than 4-bit), but every token and every block's
+# modulation passes through them, so their rounding error reaches the whole model (QLoRA keeps its
+# output head 16-bit for the same reason). The blocks are what fp8 converts too. diffusers'
+# BitsAndBytesConfig would quantise every Linear; its skip list matches a module by its own name
+# as well as its path, so the 64-wide output projection `proj_out` (0.2M weights) stays 4-bit: a
+# skip entry for it would also keep every single block's `proj_out` 16-bit.
+NF4_KEPT_16BIT = ("x_embedder", "context_embedder", "time_text_embed", "norm_out")
+
+
+def nf4_config(dtype: torch.dtype, double_quant: bool):
+    """diffusers' bitsandbytes NF4 config, the one place training and inference set it:
+    ``double_quant`` (QLoRA's 8-bit absmax) for training, where it saves about 0.5 GiB."""
+    from diffusers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                              bnb_4bit_use_double_quant=double_quant,
+                              llm_int8_skip_modules=list(NF4_KEPT_16BIT))  # a copy: diffusers extends it
+
+
+def load_nf4_transformer(folder: str, dtype: torch.dtype, device: torch.device, double_quant: bool,
+                         subfolder: str | None = "transformer"):
+    """The Flux transformer with NF4 block weights, quantised straight onto ``device`` (without
+    a device map diffusers picks the current CUDA device itself)."""
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel.from_pretrained(folder, subfolder=subfolder, dtype=dtype,
+                                                  quantization_config=nf4_config(dtype, double_quant),
+                                                  device_map={"": torch.device(device)})
+
+
+def prepare_nf4_for_training(transformer: torch.nn.Module) -> torch.nn.Module:
+    """peft's QLoRA preparation: freezes the base and casts every parameter that is not 4-bit
+    (the embedders, norm_out, norms, biases) from 16-bit to fp32; checkpointing is the trainer's
+    choice."""
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(transformer, use_gradient_checkpointing=False)
+
+
+def load_transformer(folder: str, dtype: torch.dtype, quantization: str = "none",
+                     device: torch.device | str = "cpu"):
+    """The Flux transformer; ``nf4`` loads its block weights 4-bit onto ``device`` through
+    diffusers' bitsandbytes integration (QLoRA), ``fp8`` swaps them for torchao Float8Linear for
+    fp8 matmuls. The caller moves an unquantized (or fp8) model to its device."""
     from diffusers import FluxTransformer2DModel
 
     if quantization == "nf4":
-        from diffusers import BitsAndBytesConfig
-        from peft import prepare_model_for_kbit_training
-
-        # QLoRA's double quantisation stores the per-block absmax in 8 bits: about 0.5 GiB less for
-        # FLUX.1-dev (benchmarks/RESULTS.md, estimate profile).
-        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                    bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True)
-        transformer = FluxTransformer2DModel.from_pretrained(
-            folder, subfolder="transformer", dtype=dtype, quantization_config=config)
-        # Freezes the base, casts every parameter that is not 4-bit (embedders, norms, biases,
-        # the output head) from 16-bit to fp32 and enables input grads; checkpointing is the
-        # trainer's choice.
-        return prepare_model_for_kbit_training(transformer, use_gradient_checkpointing=False)
+        return prepare_nf4_for_training(load_nf4_transformer(folder, dtype, device, double_quant=True))
     transformer = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer", dtype=dtype)
     if quantization == "fp8":
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
-        def in_blocks(module: torch.nn.Module, name: str) -> bool:
-            # fp8 GEMMs need dimensions divisible by 16; embedders and the output head stay bf16.
-            return (isinstance(module, torch.nn.Linear) and "transformer_blocks" in name
-                    and module.in_features % 16 == 0 and module.out_features % 16 == 0)
-
-        convert_to_float8_training(transformer, module_filter_fn=in_blocks,
+        convert_to_float8_training(transformer, module_filter_fn=fp8_block_linear,
                                    config=Float8LinearConfig(pad_inner_dim=True))
     return transformer
+
+
+def fp8_block_linear(module: torch.nn.Module, name: str) -> bool:
+    """The Linears fp8 converts (training and inference alike): the blocks' base weights whose
+    sides are multiples of 16 (fp8 GEMMs need them); embedders, the output head and LoRA factors
+    stay 16-bit."""
+    return (isinstance(module, torch.nn.Linear) and "transformer_blocks" in name and "lora_" not in name
+            and module.in_features % 16 == 0 and module.out_features % 16 == 0)

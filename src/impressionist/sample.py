@@ -112,7 +112,7 @@ def prompt_set(cfg: SampleParams, trigger: str, captions_path: Path | str = CAPT
 def sampling_device(model: ModelParams, cfg: SampleParams) -> torch.device:
     """The device to sample on, once this machine is known to run the inference settings."""
     device = resolve_device(model)
-    check(cfg, device, "sample")
+    check(cfg, device, "sample", resolve_dtype(model))
     return device
 
 

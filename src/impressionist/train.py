@@ -40,7 +40,8 @@ from .latent_cache import EMPTY_CAPTION_KEY, CacheReader
 from .layout import CACHE_DIR, LORA_DIR, LOSS_PLOT, TRAIN_METRICS, TRAINING_CONFIG
 from .lora import LoraParams, lora_config
 from .models import (ModelParams, base_model_of_cache, check_attention_backend, check_quantization,
-                     load_transformer, require_package, resolve_device, resolve_dtype, use_attention_backend)
+                     cuda_capability, load_transformer, require_package, resolve_device, resolve_dtype,
+                     use_attention_backend)
 from .params import ParamsSection, fingerprint, load_params, require_choice, require_int, require_positive
 from .plotting import new_figure, save_figure
 from .validation_images import ValidationParams, ValidationSampler
@@ -137,6 +138,14 @@ class TrainParams(ParamsSection):
             raise UserError(f"params.yaml: train.caption_dropout={dropout!r} must be in [0, 1]")
         if self.num_processes != launcher.AUTO:
             launcher.check_split(self.num_processes, self.gradient_accumulation_steps)
+        if self.base_quantization == "nf4" and self.compile and self.gradient_checkpointing:
+            # Seen with torch 2.14, bitsandbytes 0.50.2 and peft 0.21 (dynamic or static shapes alike):
+            # dynamo breaks the graph inside Linear4bit.forward and recompiles it per weight shape, and
+            # the recomputation then runs another graph than the forward did.
+            raise UserError("train.compile cannot be combined with train.base_quantization=nf4 and "
+                            "train.gradient_checkpointing: torch.compile recompiles inside bitsandbytes' 4-bit "
+                            "layers and checkpointing's recomputation then saves other tensors than the forward "
+                            "(torch CheckpointError); set train.compile: false")
         if self.optimizer == "prodigy" and self.learning_rate < PRODIGY_MIN_LR:
             # Prodigy multiplies its own step-size estimate by lr: 1e-4 would barely train at all.
             raise UserError(f"train.optimizer=prodigy expects train.learning_rate around 1.0 (it "
@@ -148,7 +157,7 @@ def check_machine(train: TrainParams, device: torch.device) -> None:
     """The train settings this machine must support: CUDA-only kernels and optional packages."""
     check_quantization(train.base_quantization, device)
     check_attention_backend(train.attention_backend, device)
-    if device.type != "cuda":
+    if cuda_capability(device) is None:
         if train.optimizer == "adamw8bit":
             raise UserError("train.optimizer=adamw8bit (bitsandbytes) needs a CUDA GPU; "
                             "use adamw or prodigy on CPU")
@@ -466,7 +475,7 @@ def build_transformer(model_folder: str, model: ModelParams, lora: LoraParams, t
     LoRA adapter training in fp32, on ``device``."""
     from accelerate.utils import set_seed
 
-    transformer = load_transformer(model_folder, resolve_dtype(model), train.base_quantization)
+    transformer = load_transformer(model_folder, resolve_dtype(model), train.base_quantization, device)
     transformer.requires_grad_(False)
     use_attention_backend(transformer, train.attention_backend)
     config = lora_config(lora, transformer)  # checks explicit target names against this model
@@ -609,11 +618,13 @@ def train_loop(accelerator, learner: Learner, scheduler, batches: Iterator[dict[
                                                      or step == train.max_steps)
         if validate_now or checkpoint_now:
             clock.pause()  # not training time
+            # The checkpoint first: a failure while drawing must not lose the step (a resume
+            # would otherwise repeat every step since the last checkpoint, and fail there again).
+            if checkpoint_now:
+                save_checkpoint(step, progress.history)
             if validate_now and sampler is not None:
                 with ema.applied() if ema is not None else contextlib.nullcontext():
                     _log_validation_images(accelerator, sampler, transformer, step)
-            if checkpoint_now:
-                save_checkpoint(step, progress.history)
             clock.resume()
 
 
@@ -714,7 +725,12 @@ def lora_fingerprint(lora: LoraParams) -> str:
 
 
 def _log_validation_images(accelerator, sampler, transformer, step: int) -> None:
-    images = sampler.images(accelerator.unwrap_model(transformer))
+    # The unwrapped model keeps accelerate's mixed-precision forward (autocast inside, fp32
+    # outputs), so under bf16/fp16 the pipeline's latents come out fp32 while the VAE is 16-bit:
+    # the whole drawing runs under the training's autocast. (unwrap_model(keep_fp32_wrapper=False)
+    # would instead strip autocast from the model being trained, in place.)
+    with accelerator.autocast():
+        images = sampler.images(accelerator.unwrap_model(transformer))
     for tracker in accelerator.trackers:
         for i, image in enumerate(images):
             if tracker.name == "dvclive":  # latest images only: they live in git with the metrics
