@@ -96,6 +96,11 @@ def plan(work: Path) -> list[Step]:
              "at the recipe's 512², 20 steps", 80, "bench_gpu_stages.py",
              ("sample", "--work", str(stages), "--model", model, "--lora", lora, "--subjects", "8", *out("sample")),
              table="sample"),
+        Step("sample-data-parallel", "the sample_base stage's own command on every visible GPU "
+             "(compute.num_processes) vs 1: s/image of a 16-subject evaluation set, images byte-identical", 120,
+             "bench_gpu_stages.py", ("sample-dp", "--work", str(stages), "--model", model, "--subjects", "16",
+                                     "--processes", "auto", *out("sample-data-parallel")),
+             table="sample-data-parallel"),
         Step("evaluate-features", "the evaluation's feature extraction (Inception, CLIP ViT-L-14, CMMD's ViT-L-14-336) "
              "over the drawn evaluation set", 20, "bench_gpu_stages.py",
              ("features", "--work", str(stages), "--features", features, *out("evaluate-features")),

@@ -29,14 +29,15 @@ def test_process_count_auto_explicit_and_refusals(monkeypatch):
     assert processes_for(compute("auto"), False, [5, 18], "sample", logged.append) == 1  # CPU: one
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert processes_for(compute("auto"), True, [5, 18], "sample", logged.append) == 4
-    # auto never leaves a GPU without work: the smallest list decides, and says so
-    assert processes_for(compute("auto"), True, [3, 18, 0], "sample", logged.append) == 3
-    assert logged == ["sample: 3 of 4 GPUs: its smallest work list has 3 item(s)"]
+    # auto never leaves a GPU without any work: the largest list decides, and says so
+    assert processes_for(compute("auto"), True, [3, 2, 0], "sample", logged.append) == 3
+    assert logged == ["sample: 3 of 4 GPUs: its largest work list has 3 item(s)"]
     assert processes_for(compute(2), False, [3, 0], "sample") == 2  # uneven (2 + 1) is fine
+    assert processes_for(compute(2), False, [1, 18], "sample") == 2  # a rank idles in the 1-image list
     with pytest.raises(UserError, match="compute.num_processes=5 but 4 GPU"):
         processes_for(compute(5), True, [100], "sample")
     with pytest.raises(UserError, match="only 2 work item"):
-        processes_for(compute(3), False, [2, 40], "evaluate")
+        processes_for(compute(3), False, [2, 1], "evaluate")
     for bad in (0, -1, "all", True, 1.5):
         with pytest.raises(UserError, match="compute.num_processes"):
             compute(bad)
@@ -60,14 +61,14 @@ def test_one_process_maps_in_place():
 def test_a_count_beyond_the_work_is_one_line_before_any_model(demo_params, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     params = small(demo_params)
-    params["compute"] = {"num_processes": 4}  # the show set has 3 images
+    params["compute"] = {"num_processes": 19}  # the eval set has 18 images, the show set 3
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.setattr(sample, "load", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(SystemExit) as exit_:
         sample.main(["--base", "--params", str(tmp_path / "params.yaml")])
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: compute.num_processes=4 but sample_base has only 3 work item(s)")
+    assert err.startswith("error: compute.num_processes=19 but sample_base has only 18 work item(s)")
     assert "\n" not in err and not (tmp_path / "samples").exists()
 
 

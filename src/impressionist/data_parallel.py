@@ -18,8 +18,8 @@ does (:func:`launcher.relaunch`), so ``dvc repro`` stays the only command:
 The outs are byte-identical whatever the process count, because nothing an item computes depends on
 its rank: each image's generator is seeded by the item's own seed, feature batches are the same
 batches (the work items are whole batches), and the order is the items' order. A count that would
-leave a rank without work is refused (explicit count) or lowered (``auto``) before anything loads;
-uneven shares (7 items on 2 ranks) are fine.
+leave a rank without any work is refused (explicit count) or lowered (``auto``) before anything
+loads; uneven shares (7 items on 2 ranks, or 1 show image on 2 ranks) are fine.
 
 A stage adopts it in a few lines (see docs/gpus.md): ``if data_parallel.launch(stage, module, argv,
 params, cuda, [n_items, ...]): return`` in ``main``, ``local_device`` for its device, and
@@ -62,17 +62,19 @@ class ComputeParams(ParamsSection):
 def processes_for(cfg: ComputeParams, cuda: bool, items: Sequence[int], stage: str,
                   log: Callable[[str], None] = print) -> int:
     """How many processes ``stage`` runs as here, for work lists of ``items`` items each (the lists
-    it will split, e.g. one per image set). Empty lists split into nothing and do not count.
+    it will split, e.g. one per image set).
 
-    ``auto`` uses every visible GPU, but no more processes than the smallest list has items (and
-    says so); an explicit count beyond the visible GPUs or the work is one line.
+    ``auto`` uses every visible GPU, but no more processes than the largest list has items (and
+    says so); an explicit count beyond the visible GPUs, or one that would leave a process without
+    any work at all, is one line. A smaller list may leave some ranks idle while it runs (a show set
+    of 2 images on 8 GPUs): that costs nothing and changes no output.
     """
     visible = torch.cuda.device_count() if cuda else 0
-    work = min((n for n in items if n > 0), default=0)
+    work = max(items, default=0)
     if cfg.num_processes == AUTO:
         wanted = max(visible, 1)
         if 0 < work < wanted:
-            log(f"{stage}: {work} of {wanted} GPUs: its smallest work list has {work} item(s)")
+            log(f"{stage}: {work} of {wanted} GPUs: its largest work list has {work} item(s)")
             return work
         return wanted
     wanted = int(cfg.num_processes)
