@@ -13,7 +13,8 @@ GPU (a failed run's tables too, marked so). Steps reuse the benchmark scripts' o
 1024²: s/step, peak ``torch.cuda.max_memory_allocated``, MFU against the bf16 peak),
 ``bench_inference.py --profile gpu`` (bf16, fp8, NF4: s/image, s/step, peak memory, utilisation
 against the bf16 FLOP count), ``bench_gpu_stages.py`` (encode, the sample stages' evaluation set,
-the evaluation's feature extraction, through the stages' own code).
+the evaluation's feature extraction, through the stages' own code; ``sample-dp``: the sample_base
+command on every visible GPU vs one, byte-identical images).
 
 Adding a step (e.g. a data-parallel stage): append a :class:`Step` to :func:`plan`. A step that
 runs a benchmark script names it and its arguments; the dry run checks those arguments against
