@@ -319,16 +319,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--params", default="params.yaml", help="params file (reads its `evaluate` section)")
     args = parser.parse_args(argv)
     params = load_params(args.params)
-    EvaluateParams.check(params)
+    cfg = EvaluateParams.check(params)  # the cheap checks, before any process is launched
     sets = evaluation_sets(SAMPLES_DIR)
-    load_reference(REFERENCE_DIR, EvaluateParams.check(params))
+    load_reference(REFERENCE_DIR, cfg)
     if data_parallel.launch("evaluate", "impressionist.evaluate", sys.argv[1:] if argv is None else argv,
                             params, torch.cuda.is_available(), [batch_count(len(t)) for t in sets.values()]):
         return
     metrics = run(params)
     if metrics is None:
         return
-    print("\n".join(summary_lines(metrics, EvaluateParams.check(params).confidence)))
+    print("\n".join(summary_lines(metrics, cfg.confidence)))
     if metrics["base"]["fid_n"] < FID_RELIABLE:
         print(f"note: FID from {metrics['base']['fid_n']} images per set is biased upwards (it wants "
               f"thousands); read KID and CMMD, which are unbiased / stable at this size, with their CIs",
