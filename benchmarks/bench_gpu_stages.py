@@ -5,10 +5,16 @@ on random_flux.py's full-size random weights).
     python benchmarks/bench_gpu_stages.py encode   --work W --model M [--images 16]
     python benchmarks/bench_gpu_stages.py sample   --work W --model M --lora L [--subjects 8]
     python benchmarks/bench_gpu_stages.py features --work W --features F   # the images `sample` drew
+    python benchmarks/bench_gpu_stages.py sample-dp --work W --model M [--processes auto] [--subjects 16]
 
 Each prints a Markdown table (``--out`` appends it to a results file) with its n, the spread where
 there are several measurements, and the device's peak memory (``torch.cuda.max_memory_allocated``;
 on the CPU: none). ``--device cpu --model <tiny folder>`` runs the plumbing anywhere.
+
+``sample-dp`` runs the ``sample_base`` stage's own command (``python -m impressionist.sample --base``)
+with ``compute.num_processes: 1`` and then N (``auto``: every visible GPU), and reports each run's
+wall time per evaluation-set image (launch and model loading included) and whether the two runs
+wrote the same bytes; it exits non-zero when they differ.
 """
 
 from __future__ import annotations
@@ -16,7 +22,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -163,9 +172,47 @@ def run_features(args) -> list[str]:
             f"features {tuple(out['clip'].shape)}) | {gib(measured['peak_gib'])} |"]
 
 
+def run_sample_dp(args) -> list[str]:
+    """sample_base's own command on 1 process, then on ``--processes``: wall s per evaluation image
+    and whether the images are byte-identical."""
+    params = recipe(args.model, args.device, args.dtype)
+    params["sample"].update(prompts=["a harbor at sunset"], val_captions=0, seeds=[0], lora_scales=[1.0])
+    params["sample"]["eval_set"].update(num_subjects=args.subjects, seeds=[0])
+    if args.small:
+        params["sample"].update(resolution=32, steps=2, max_sequence_length=16)
+        params["sample"]["eval_set"].update(resolution=32, steps=2)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])))
+    processes = args.processes if args.processes != "auto" else str(max(torch.cuda.device_count(), 1))
+    runs = {}
+    for count in ("1", processes):
+        root = args.work / f"sample-dp-{count}"
+        root.mkdir(parents=True, exist_ok=True)
+        params["compute"] = {"num_processes": int(count)}
+        (root / "params.yaml").write_text(yaml.safe_dump(params))
+        start = time.perf_counter()
+        result = subprocess.run([sys.executable, "-m", "impressionist.sample", "--base"], cwd=root, env=env,
+                                capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        if result.returncode:
+            raise SystemExit(f"error: sample_base on {count} process(es) failed:\n{result.stderr[-3000:]}")
+        files = {str(p.relative_to(root)): p.read_bytes() for p in sorted((root / "samples").rglob("*")) if p.is_file()}
+        runs[count] = (seconds, files)
+    (one_s, one), (many_s, many) = runs["1"], runs[processes]
+    images = sum(1 for name in one if "/eval/" in name)
+    identical = one == many
+    if not identical:
+        differ = sorted(n for n in set(one) | set(many) if one.get(n) != many.get(n))
+        raise SystemExit(f"error: sample_base on {processes} processes wrote other bytes than on 1: {differ[:5]}")
+    ev = params["sample"]["eval_set"]
+    return [f"| sample_base data-parallel | eval set {ev['resolution']}², {ev['steps']} steps, {images} images "
+            f"| n = 1 run each | 1 process {one_s:.1f} s ({one_s / images:.3f} s/image); {processes} processes "
+            f"{many_s:.1f} s ({many_s / images:.3f} s/image), ×{one_s / many_s:.2f} (launch and loading included); "
+            f"images byte-identical: {'yes' if identical else 'NO'} | n/a |"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("stage", choices=["encode", "sample", "features"])
+    parser.add_argument("stage", choices=["encode", "sample", "features", "sample-dp"])
     parser.add_argument("--work", type=Path, required=True, help="working folder (the stages' outputs)")
     parser.add_argument("--model", help="a diffusers Flux folder (random_flux.py's model/)")
     parser.add_argument("--lora", help="a diffusers LoRA folder (random_flux.py's lora/)")
@@ -178,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoint <name>.pt in --features) or builtin:tiny-clip")
     parser.add_argument("--cmmd-clip-model", default="ViT-L-14-336")
     parser.add_argument("--subjects", type=int, default=8, help="sample: evaluation-set subjects (1 seed each)")
+    parser.add_argument("--processes", default="auto", help="sample-dp: processes of the second run "
+                        "(auto: every visible GPU)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--out", help="append the table as Markdown to this file")
@@ -190,7 +239,8 @@ def main() -> None:
 
     diffusers_logging.set_verbosity_error()
     args.work.mkdir(parents=True, exist_ok=True)
-    rows = {"encode": run_encode, "sample": run_sample, "features": run_features}[args.stage](args)
+    rows = {"encode": run_encode, "sample": run_sample, "features": run_features,
+            "sample-dp": run_sample_dp}[args.stage](args)
     device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     text = "\n".join([f"### {args.stage} stage — {device}, {dt.date.today()}",
                       f"`{command_line(__file__)}` (torch {torch.__version__}; random weights; "

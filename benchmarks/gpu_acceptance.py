@@ -13,7 +13,8 @@ GPU (a failed run's tables too, marked so). Steps reuse the benchmark scripts' o
 1024²: s/step, peak ``torch.cuda.max_memory_allocated``, MFU against the bf16 peak),
 ``bench_inference.py --profile gpu`` (bf16, fp8, NF4: s/image, s/step, peak memory, utilisation
 against the bf16 FLOP count), ``bench_gpu_stages.py`` (encode, the sample stages' evaluation set,
-the evaluation's feature extraction, through the stages' own code).
+the evaluation's feature extraction, through the stages' own code; ``sample-dp``: the sample_base
+command on every visible GPU vs one, byte-identical images).
 
 Adding a step (e.g. a data-parallel stage): append a :class:`Step` to :func:`plan`. A step that
 runs a benchmark script names it and its arguments; the dry run checks those arguments against
@@ -96,6 +97,11 @@ def plan(work: Path) -> list[Step]:
              "at the recipe's 512², 20 steps", 80, "bench_gpu_stages.py",
              ("sample", "--work", str(stages), "--model", model, "--lora", lora, "--subjects", "8", *out("sample")),
              table="sample"),
+        Step("sample-data-parallel", "the sample_base stage's own command on every visible GPU "
+             "(compute.num_processes) vs 1: s/image of a 16-subject evaluation set, images byte-identical", 120,
+             "bench_gpu_stages.py", ("sample-dp", "--work", str(stages), "--model", model, "--subjects", "16",
+                                     "--processes", "auto", *out("sample-data-parallel")),
+             table="sample-data-parallel"),
         Step("evaluate-features", "the evaluation's feature extraction (Inception, CLIP ViT-L-14, CMMD's ViT-L-14-336) "
              "over the drawn evaluation set", 20, "bench_gpu_stages.py",
              ("features", "--work", str(stages), "--features", features, *out("evaluate-features")),

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = ["gpu", "random-weights", "train-step", "inference", "encode", "sample", "evaluate-features"]
+STEPS = ["gpu", "random-weights", "train-step", "inference", "encode", "sample", "sample-data-parallel",
+         "evaluate-features"]
 
 
 def test_the_dry_run_lists_every_step_with_its_command_and_time(tmp_path):
@@ -86,3 +87,20 @@ def test_the_stage_steps_run_on_the_cpu_at_toy_sizes(tmp_path, tiny_flux_dir, mo
     assert cells[0][2] == "n = 1 run, 2 latents"
     assert cells[1][2] == cells[2][2] == "n = 2 eval images" and " ± " in cells[1][3]
     assert cells[3][2] == "n = 1 batches" and "4 images" in cells[3][1]  # base + LoRA evaluation sets
+
+
+def test_the_data_parallel_step_runs_two_gloo_processes_on_the_cpu(tmp_path, tiny_flux_dir, monkeypatch):
+    """bench_gpu_stages.py sample-dp at toy sizes: the stage's own command on 1 and on 2 (gloo)
+    processes, a row with both times per image and the byte-identity verdict."""
+    if str(REPO / "benchmarks") not in sys.path:
+        monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import bench_gpu_stages
+
+    args = bench_gpu_stages.build_parser().parse_args(
+        ["sample-dp", "--work", str(tmp_path), "--model", str(tiny_flux_dir), "--small", "--subjects", "3",
+         "--processes", "2", "--device", "cpu", "--dtype", "float32"])
+    [row] = bench_gpu_stages.run_sample_dp(args)
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[0] == "sample_base data-parallel" and "3 images" in cells[1]
+    assert "1 process" in cells[3] and "2 processes" in cells[3] and "byte-identical: yes" in cells[3]
+    assert (tmp_path / "sample-dp-2/samples/base/eval.csv").is_file()

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Hand-picked mutations of flux_math.py, sample.py, caption.py and the evaluation (stats.py,
-evaluate.py, report.py): does some test notice each one?
+"""Hand-picked mutations of flux_math.py, sample.py, caption.py, data_parallel.py and the evaluation
+(stats.py, evaluate.py, report.py): does some test notice each one?
 
 For every mutation the working tree (tracked and untracked, non-ignored files) is copied to a
 temporary folder, one textual replacement is applied to one source file there, and the mutation's
@@ -35,6 +35,7 @@ FLUX_MATH, SAMPLE, CAPTION = ("src/impressionist/flux_math.py", "src/impressioni
 INFERENCE = "src/impressionist/inference.py"
 FLUX_MATH_TESTS, SAMPLE_TESTS, CAPTION_TESTS = ("tests/test_flux_math.py",), ("tests/test_sample.py",), \
     ("tests/test_caption.py",)
+DATA_PARALLEL, DATA_PARALLEL_TESTS = "src/impressionist/data_parallel.py", ("tests/test_data_parallel.py",)
 STATS, EVALUATE, REPORT = "src/impressionist/stats.py", "src/impressionist/evaluate.py", "src/impressionist/report.py"
 STATS_TESTS, EVALUATE_TESTS, REPORT_TESTS, EVAL_SET_TESTS = (
     ("tests/test_stats.py",), ("tests/test_evaluate.py",), ("tests/test_report.py",), ("tests/test_eval_set.py",))
@@ -88,6 +89,12 @@ MUTATIONS = [
              "[]", SAMPLE_TESTS, "sample.val_captions adds nothing to the prompt set"),
     Mutation("val_captions_unsorted", SAMPLE, '.sort_values("id", kind="stable")', "",
              SAMPLE_TESTS, "validation captions taken in file order, not by image id"),
+    # --- data_parallel.py: the stages' work split over processes
+    Mutation("order_not_restored", DATA_PARALLEL, "ordered = sorted(pairs, key=lambda pair: pair[0])",
+             "ordered = pairs", DATA_PARALLEL_TESTS, "rank 0 writes the ranks' results in arrival order"),
+    Mutation("seed_per_rank", SAMPLE, "manual_seed(int(seed))",
+             "manual_seed(int(seed) + data_parallel.is_main() - 1)", DATA_PARALLEL_TESTS,
+             "an image's noise depends on the rank that draws it"),
     # --- the evaluation set (sample.py), its statistics (stats.py), the stage and the PR report
     Mutation("eval_set_one_seed", SAMPLE, "draw(pipe, ev, prompt, seed)", "draw(pipe, ev, prompt, 0)",
              EVAL_SET_TESTS, "every evaluation image drawn with seed 0"),

@@ -47,8 +47,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import data_parallel
 from .errors import UserError, atomic_write_text, stage_main
-from .image_features import EvaluateParams, Extractors, load_reference, uses_random_nets
+from .image_features import EvaluateParams, Extractors, batch_count, load_reference, uses_random_nets
 from .layout import EVAL_IMAGES, EVAL_METRICS, EVAL_SET_TABLE, PLOTS_DIR, REFERENCE_DIR, SAMPLES_DIR
 from .params import load_params
 from .stats import (CMMD, CONFIDENCE, KID, Estimate, Resampling, mean_estimate, paired_difference,
@@ -148,7 +149,8 @@ def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
     """torchmetrics' FrechetInceptionDistance of two feature sets."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    metric = FrechetInceptionDistance(feature=_Extracted(int(real.shape[1])))
+    # rank 0 holds every feature: no gathering across the processes of a data-parallel run
+    metric = FrechetInceptionDistance(feature=_Extracted(int(real.shape[1])), sync_on_compute=False)
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)
     return float(metric.compute())
@@ -249,8 +251,9 @@ def plot_table(results: Mapping[float, Mapping[str, Any]]) -> pd.DataFrame:
 
 def run(params: Mapping[str, Any], samples_dir: Path | str = SAMPLES_DIR,
         reference_dir: Path | str = REFERENCE_DIR, metrics_path: Path | str = EVAL_METRICS,
-        images_path: Path | str = EVAL_IMAGES, plots_dir: Path | str = PLOTS_DIR) -> dict[str, Any]:
-    """Score the evaluation set; write the metrics, the per-image table and the plots; return the metrics."""
+        images_path: Path | str = EVAL_IMAGES, plots_dir: Path | str = PLOTS_DIR) -> dict[str, Any] | None:
+    """Score the evaluation set; write the metrics, the per-image table and the plots; return the
+    metrics (``None`` on the ranks other than 0 of a data-parallel run: they extract features only)."""
     from .plotting import plot_deltas, plot_metrics_vs_scale
 
     # Everything that can be checked cheaply is checked before any model is loaded.
@@ -263,11 +266,15 @@ def run(params: Mapping[str, Any], samples_dir: Path | str = SAMPLES_DIR,
     fakes, per_image = {}, {}
     for scale, table in sets.items():
         features = extractors.features(list(table["path"]))
+        if features is None:  # another rank's share is extracted; rank 0 scores
+            continue
         fakes[scale] = features
         per_image[scale] = {
             "clip_score": extractors.clip.clip_scores(features["clip"], list(table["subject"])).numpy(),
             "style_score": extractors.clip.style_scores(features["clip"]).numpy(),
         }
+    if not data_parallel.is_main():
+        return None
     resamples, seed, confidence = cfg.bootstrap_resamples, cfg.seed, cfg.confidence
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
@@ -312,8 +319,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--params", default="params.yaml", help="params file (reads its `evaluate` section)")
     args = parser.parse_args(argv)
     params = load_params(args.params)
+    cfg = EvaluateParams.check(params)  # the cheap checks, before any process is launched
+    sets = evaluation_sets(SAMPLES_DIR)
+    load_reference(REFERENCE_DIR, cfg)
+    if data_parallel.launch("evaluate", "impressionist.evaluate", sys.argv[1:] if argv is None else argv,
+                            params, torch.cuda.is_available(), [batch_count(len(t)) for t in sets.values()]):
+        return
     metrics = run(params)
-    print("\n".join(summary_lines(metrics, EvaluateParams.check(params).confidence)))
+    if metrics is None:
+        return
+    print("\n".join(summary_lines(metrics, cfg.confidence)))
     if metrics["base"]["fid_n"] < FID_RELIABLE:
         print(f"note: FID from {metrics['base']['fid_n']} images per set is biased upwards (it wants "
               f"thousands); read KID and CMMD, which are unbiased / stable at this size, with their CIs",

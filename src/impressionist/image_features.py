@@ -13,6 +13,10 @@ so both go through :class:`Extractors`:
 
 :func:`feature_config` is what identifies the features: the reference stage records it, and the
 evaluate stage refuses reference features computed with another one.
+
+:meth:`Extractors.features` is data-parallel (:mod:`data_parallel`): its work items are whole
+batches of :data:`BATCH_SIZE` images, the same batches on any number of processes, so the features
+are the same bytes whatever ``compute.num_processes`` is.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from . import data_parallel
 from .errors import UserError, first_line
 from .feature_nets import (FID_FEATURE_CHOICES, INCEPTION, INCEPTION_WEIGHTS_FILE, check_clip_params,
                            fid_feature_extractor, load_clip)
@@ -244,7 +249,7 @@ class Extractors:
 
     @classmethod
     def load(cls, cfg: EvaluateParams) -> "Extractors":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = data_parallel.local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         fid_net = fid_feature_extractor(cfg.fid_features, cfg.inception_weights).to(device).eval()
 
         def scorer(keys: tuple[str, str]) -> ClipScorer:
@@ -256,18 +261,28 @@ class Extractors:
         return cls(fid_net, clip, None if same else scorer(CMMD_KEYS), cfg.image_size, device)
 
     @torch.no_grad()
-    def features(self, paths: Sequence[Path]) -> dict[str, torch.Tensor]:
-        """``{"fid", "clip", "cmmd"}`` feature matrices (N, d) of the images at ``paths``, in order."""
-        fid, clip, cmmd = [], [], []
-        for chunk in batches(list(paths), BATCH_SIZE):
-            images = [load_rgb(p) for p in chunk]
-            fid.append(self.fid_net(prepare_images(images, self.image_size).to(self.device)).float().cpu())
-            clip.append(self.clip.image_features(images))
-            if self.cmmd_clip is not None:
-                cmmd.append(self.cmmd_clip.image_features(images))
+    def batch_features(self, chunk: Sequence[Path]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """FID, CLIP and CMMD features (``None``: the CLIP ones) of one batch of image files, on CPU."""
+        images = [load_rgb(p) for p in chunk]
+        fid = self.fid_net(prepare_images(images, self.image_size).to(self.device)).float().cpu()
+        cmmd = None if self.cmmd_clip is None else self.cmmd_clip.image_features(images)
+        return fid, self.clip.image_features(images), cmmd
+
+    def features(self, paths: Sequence[Path]) -> dict[str, torch.Tensor] | None:
+        """``{"fid", "clip", "cmmd"}`` feature matrices (N, d) of the images at ``paths``, in order;
+        the batches split over the processes (``None`` on ranks other than 0)."""
+        parts = data_parallel.map_in_order(list(batches(list(paths), BATCH_SIZE)), self.batch_features)
+        if parts is None:
+            return None
+        fid, clip, cmmd = zip(*parts)
         out = {"fid": torch.cat(fid), "clip": torch.cat(clip)}
-        out["cmmd"] = torch.cat(cmmd) if cmmd else out["clip"]
+        out["cmmd"] = out["clip"] if self.cmmd_clip is None else torch.cat(cmmd)
         return out
+
+
+def batch_count(images: int) -> int:
+    """How many work items :meth:`Extractors.features` splits ``images`` images into."""
+    return -(-images // BATCH_SIZE)
 
 
 # --------------------------------------------------------------------------------------------

@@ -73,8 +73,10 @@ def check_split(processes: int, accumulation: int) -> None:
                         "counts micro-batches over all processes)")
 
 
-def relaunch(module: str, argv: list[str], processes: int, mixed_precision: str, cpu: bool) -> None:
-    """Run ``module`` as ``processes`` ranks through accelerate's launcher and wait for them."""
+def relaunch(module: str, argv: list[str], processes: int, mixed_precision: str, cpu: bool,
+             stage: str = "train") -> None:
+    """Run ``module`` as ``processes`` ranks through accelerate's launcher and wait for them (also
+    the data-parallel inference stages' launch, :mod:`data_parallel`)."""
     from accelerate.commands.launch import launch_command, launch_command_parser
 
     if cpu:
@@ -84,8 +86,8 @@ def relaunch(module: str, argv: list[str], processes: int, mixed_precision: str,
          "--mixed_precision", mixed_precision, "--dynamo_backend", "no",
          "--main_process_port", "0",  # a free port: two runs on one machine do not collide
          "-m", module, *argv])
-    print(f"train: launching {processes} processes ({'CPU, gloo' if cpu else 'GPU'})", flush=True)
+    print(f"{stage}: launching {processes} processes ({'CPU, gloo' if cpu else 'GPU'})", flush=True)
     try:
         launch_command(args)
     except Exception as err:  # torch.distributed.elastic's ChildFailedError: a rank failed
-        raise UserError(f"a training process failed ({type(err).__name__}); its own error is above") from err
+        raise UserError(f"a {stage} process failed ({type(err).__name__}); its own error is above") from err

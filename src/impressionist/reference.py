@@ -10,11 +10,15 @@ evaluate stage reads it and refuses features computed with other networks.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import torch
+
+from . import data_parallel
 from .errors import UserError, atomic_dir, stage_main
-from .image_features import EvaluateParams, Extractors, save_reference
+from .image_features import EvaluateParams, Extractors, batch_count, save_reference
 from .layout import FILTERED_DIR, REFERENCE_DIR
 from .params import load_params
 from .tables import METADATA_FILE, read_table
@@ -41,11 +45,14 @@ def validation_paintings(filtered_dir: Path | str) -> tuple[list[str], list[Path
 
 
 def run(params: Mapping[str, Any], filtered_dir: Path | str = FILTERED_DIR,
-        out_dir: Path | str = REFERENCE_DIR) -> int:
-    """Extract and save the validation paintings' features; return how many paintings."""
+        out_dir: Path | str = REFERENCE_DIR) -> int | None:
+    """Extract and save the validation paintings' features; return how many paintings (``None`` on
+    the ranks other than 0 of a data-parallel run, which only extract their share)."""
     cfg = EvaluateParams.check(params)  # cheap checks before any network loads
     ids, paths = validation_paintings(filtered_dir)
     features = Extractors.load(cfg).features(paths)
+    if features is None:
+        return None
     with atomic_dir(out_dir) as tmp:
         save_reference(tmp, features, ids, cfg)
     return len(ids)
@@ -56,8 +63,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m impressionist.reference", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml", help="params file (reads its `evaluate` section)")
     args = parser.parse_args(argv)
-    n = run(load_params(args.params))
-    print(f"reference: features of {n} validation paintings -> {REFERENCE_DIR}")
+    params = load_params(args.params)
+    EvaluateParams.check(params)
+    _, paths = validation_paintings(FILTERED_DIR)
+    if data_parallel.launch("reference", "impressionist.reference", sys.argv[1:] if argv is None else argv,
+                            params, torch.cuda.is_available(), [batch_count(len(paths))]):
+        return
+    n = run(params)
+    if n is not None:
+        print(f"reference: features of {n} validation paintings -> {REFERENCE_DIR}")
 
 
 if __name__ == "__main__":

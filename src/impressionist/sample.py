@@ -10,8 +10,10 @@ The prompt set (:func:`prompt_set`) is fixed by params and data, never by chance
 
 The base-model images depend only on the base model, the prompt set and the sampler params, so
 they are a stage of their own and are not regenerated when only the LoRA changes. The LoRA images
-use the same prompts and seeds at each ``sample.lora_scales`` value, and a grid puts them side by
-side.
+use the same prompts and seeds at each ``sample.lora_scales`` value, and a grid puts them side by side.
+
+Both stages are data-parallel (:mod:`data_parallel`, ``compute.num_processes``): each image is one
+work item, drawn from its own seed, so the images are the same bytes on any number of GPUs.
 
 Beside that small "show" set, both stages draw the **evaluation set** (``sample.eval_set``), the one
 the evaluate stage measures: ``num_subjects`` subjects from the ``subjects`` file (no style words, no
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -35,7 +38,8 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from .errors import UserError, atomic_dir, first_line, stage_main
+from . import data_parallel
+from .errors import UserError, first_line, stage_main
 from .grid import save_sample_grid
 from .inference import EvalSetParams, SampleParams, baked, build_pipeline, check, lora_applied
 from .layout import CAPTIONS, EVAL_SET_TABLE, LORA_DIR, LORA_WEIGHTS, SAMPLE_GRID, SAMPLES_DIR
@@ -139,17 +143,23 @@ def draw(pipe, sampler: Sampler, prompt: str, seed: int):
 
 
 def generate(pipe, cfg: SampleParams, prompt_list: list[tuple[str, str]], lora_scale: float,
-             out_dir: Path) -> list[dict[str, Any]]:
-    rows = []
+             out_dir: Path) -> list[dict[str, Any]] | None:
+    """The show set at one LoRA scale into ``out_dir``, split over the processes; its table rows
+    (``None`` on ranks other than 0)."""
     show = show_sampler(cfg)
     jobs = [(i, p, src, s) for i, (p, src) in enumerate(prompt_list) for s in cfg.seeds]
-    for index, prompt, source, seed in tqdm(
-            jobs, desc=f"sample (lora x{lora_scale:g})" if lora_scale else "sample (base)"):
+    progress = tqdm(total=len(jobs), desc=f"sample (lora x{lora_scale:g})" if lora_scale else "sample (base)")
+
+    def work(job) -> dict[str, Any]:
+        index, prompt, source, seed = job
         name = f"p{index:02d}_seed{seed}_scale{lora_scale:g}.png"
         draw(pipe, show, prompt, seed).save(out_dir / name)
-        rows.append({"file": name, "prompt": prompt, "seed": int(seed), "lora_scale": float(lora_scale),
-                     "prompt_source": source})
-    return rows
+        progress.update()
+        return {"file": name, "prompt": prompt, "seed": int(seed), "lora_scale": float(lora_scale),
+                "prompt_source": source}
+
+    with progress:
+        return data_parallel.map_in_order(jobs, work)
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,23 +194,28 @@ def eval_set_fingerprint(cfg: SampleParams, trigger: str, subjects: list[str]) -
 
 
 def generate_eval_set(pipe, cfg: SampleParams, trigger: str, lora_scale: float,
-                      out_dir: Path) -> list[dict[str, Any]]:
-    """The evaluation set at one LoRA scale (0 = base model) into ``out_dir/eval``; its table rows."""
+                      out_dir: Path) -> list[dict[str, Any]] | None:
+    """The evaluation set at one LoRA scale (0 = base model) into ``out_dir/eval``, split over the
+    processes; its table rows (``None`` on ranks other than 0)."""
     subjects = evaluation_subjects(cfg.eval_set)
     eval_set = eval_set_fingerprint(cfg, trigger, subjects)
     ev = eval_sampler(cfg)
     folder = out_dir / EVAL_SUBDIR
     folder.mkdir(parents=True, exist_ok=True)
     jobs = [(i, subject, seed) for i, subject in enumerate(subjects) for seed in cfg.eval_set.seeds]
-    rows = []
-    for index, subject, seed in tqdm(jobs, desc=f"eval set (lora x{lora_scale:g})" if lora_scale
-                                     else "eval set (base)"):
+    progress = tqdm(total=len(jobs), desc=f"eval set (lora x{lora_scale:g})" if lora_scale else "eval set (base)")
+
+    def work(job) -> dict[str, Any]:
+        index, subject, seed = job
         prompt = with_trigger(trigger, subject)
         name = f"{EVAL_SUBDIR}/s{index:03d}_seed{seed}_scale{lora_scale:g}.png"
         draw(pipe, ev, prompt, seed).save(out_dir / name)
-        rows.append({"file": name, "subject": subject, "prompt": prompt, "prompt_id": prompt_id(subject),
-                     "seed": int(seed), "lora_scale": float(lora_scale), "eval_set": eval_set})
-    return rows
+        progress.update()
+        return {"file": name, "subject": subject, "prompt": prompt, "prompt_id": prompt_id(subject),
+                "seed": int(seed), "lora_scale": float(lora_scale), "eval_set": eval_set}
+
+    with progress:
+        return data_parallel.map_in_order(jobs, work)
 
 
 def check_base_eval_set(base_dir: Path, cfg: SampleParams, trigger: str) -> None:
@@ -213,18 +228,25 @@ def check_base_eval_set(base_dir: Path, cfg: SampleParams, trigger: str) -> None
                         "run `dvc repro sample_base` first")
 
 
+def work_lists(cfg: SampleParams, prompt_list: list[tuple[str, str]]) -> list[int]:
+    """The sizes of the image lists a stage splits over its processes: the show set, the eval set."""
+    return [len(prompt_list) * len(cfg.seeds), cfg.eval_set.num_subjects * len(cfg.eval_set.seeds)]
+
+
 def run_base(params: Mapping[str, Any], out_dir: Path = BASE_DIR, captions_path: Path = CAPTIONS) -> None:
     model, cfg = ModelParams.check(params), SampleParams.check(params)
     trigger = CaptionParams.check(params).trigger
     prompt_list = prompt_set(cfg, trigger, captions_path)
     evaluation_subjects(cfg.eval_set)
-    pipe = load(model, cfg, sampling_device(model, cfg))
-    with atomic_dir(out_dir) as tmp:
-        pd.DataFrame(generate(pipe, cfg, prompt_list, 0.0, tmp)).to_csv(tmp / "samples.csv", index=False)
+    pipe = load(model, cfg, data_parallel.local_device(sampling_device(model, cfg)))
+    with data_parallel.shared_atomic_dir(out_dir) as tmp:
+        rows = generate(pipe, cfg, prompt_list, 0.0, tmp)
         eval_rows = generate_eval_set(pipe, cfg, trigger, 0.0, tmp)
+        if not data_parallel.is_main():
+            return
+        pd.DataFrame(rows).to_csv(tmp / "samples.csv", index=False)
         pd.DataFrame(eval_rows).to_csv(tmp / EVAL_SET_TABLE, index=False)
-    print(f"sample_base: {len(prompt_list) * len(cfg.seeds)} show images and {len(eval_rows)} "
-          f"evaluation-set images -> {out_dir}")
+    print(f"sample_base: {len(rows)} show images and {len(eval_rows)} evaluation-set images -> {out_dir}")
 
 
 def check_base_samples(base_dir: Path, prompt_list: list[tuple[str, str]], seeds: list[Any]) -> None:
@@ -240,9 +262,9 @@ def check_base_samples(base_dir: Path, prompt_list: list[tuple[str, str]], seeds
                         "run `dvc repro sample_base` first")
 
 
-def run_lora(params: Mapping[str, Any], lora_dir: Path = LORA_DIR, base_dir: Path = BASE_DIR,
-             out_dir: Path = LORA_SAMPLES_DIR, grid_path: Path = SAMPLE_GRID,
-             captions_path: Path = CAPTIONS) -> None:
+def check_lora_inputs(params: Mapping[str, Any], lora_dir: Path = LORA_DIR, base_dir: Path = BASE_DIR,
+                      captions_path: Path = CAPTIONS) -> tuple[torch.device, list[tuple[str, str]]]:
+    """The ``sample`` stage's checks, before any model loads: its device and prompt set."""
     model, cfg = ModelParams.check(params), SampleParams.check(params)
     trigger = CaptionParams.check(params).trigger
     prompt_list = prompt_set(cfg, trigger, captions_path)
@@ -252,17 +274,29 @@ def run_lora(params: Mapping[str, Any], lora_dir: Path = LORA_DIR, base_dir: Pat
                         "(`dvc repro train`)")
     check_base_samples(Path(base_dir), prompt_list, cfg.seeds)
     check_base_eval_set(Path(base_dir), cfg, trigger)
+    return device, prompt_list
+
+
+def run_lora(params: Mapping[str, Any], lora_dir: Path = LORA_DIR, base_dir: Path = BASE_DIR,
+             out_dir: Path = LORA_SAMPLES_DIR, grid_path: Path = SAMPLE_GRID,
+             captions_path: Path = CAPTIONS) -> None:
+    model, cfg = ModelParams.check(params), SampleParams.check(params)
+    trigger = CaptionParams.check(params).trigger
+    device, prompt_list = check_lora_inputs(params, lora_dir, base_dir, captions_path)
+    device = data_parallel.local_device(device)
     with without_third_party_noise():
         pipe = None if baked(cfg) else load(model, cfg, device, lora_dir)
-    with atomic_dir(out_dir) as tmp:
+    with data_parallel.shared_atomic_dir(out_dir) as tmp:
         rows, eval_rows = [], []
         for scale in cfg.lora_scales:
             if baked(cfg):  # merged into quantized weights: one pipeline per scale
                 with without_third_party_noise():
                     pipe = load(model, cfg, device, lora_dir, baked_scale=float(scale))
             with lora_applied(pipe, cfg, float(scale)):
-                rows += generate(pipe, cfg, prompt_list, float(scale), tmp)
-                eval_rows += generate_eval_set(pipe, cfg, trigger, float(scale), tmp)
+                rows += generate(pipe, cfg, prompt_list, float(scale), tmp) or []
+                eval_rows += generate_eval_set(pipe, cfg, trigger, float(scale), tmp) or []
+        if not data_parallel.is_main():
+            return
         pd.DataFrame(rows).to_csv(tmp / "samples.csv", index=False)
         pd.DataFrame(eval_rows).to_csv(tmp / EVAL_SET_TABLE, index=False)
         # Drawn from the finished temporary folder: a failed grid leaves no samples/lora behind.
@@ -278,6 +312,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base", action="store_true", help="sample the base model only (no LoRA)")
     args = parser.parse_args(argv)
     params = load_params(args.params)
+    # Every check runs here, before any process is launched or any model loads.
+    model, cfg = ModelParams.check(params), SampleParams.check(params)
+    if args.base:
+        prompt_list = prompt_set(cfg, CaptionParams.check(params).trigger)
+        evaluation_subjects(cfg.eval_set)
+        device = sampling_device(model, cfg)
+    else:
+        device, prompt_list = check_lora_inputs(params)
+    if data_parallel.launch("sample_base" if args.base else "sample", "impressionist.sample",
+                            sys.argv[1:] if argv is None else argv, params, device.type == "cuda",
+                            work_lists(cfg, prompt_list)):
+        return
     run_base(params) if args.base else run_lora(params)
 
 
