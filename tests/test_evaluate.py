@@ -259,11 +259,14 @@ def test_run_writes_flat_metrics_with_cis_table_and_plots(tmp_path, monkeypatch)
     assert written == metrics
 
     # the top scale is `lora`; no duplicate `lora_scale_1.0` section
-    assert set(written) == {"n_real", "real", "base", "lora", "delta", "lora_scale_0.5"}
+    # one LoRA (no samples/replicates): no recipe sections, R = 1, every interval about these weights
+    assert set(written) == {"n_real", "real", "base", "lora", "delta", "lora_scale_0.5", "replicates"}
+    assert written["replicates"] == {"count": 1}
     assert set(written["real"]) == {"style_score", "style_score_ci_low", "style_score_ci_high", "style_score_n"}
-    assert set(written["base"]) == set(written["lora_scale_0.5"]) == SECTION_KEYS
-    assert set(written["lora"]) == SECTION_KEYS | {"lora_scale"}
-    assert set(written["delta"]) == METRIC_KEYS
+    assert set(written["base"]) == set(written["lora_scale_0.5"]) == SECTION_KEYS | {"_covers"}
+    assert set(written["lora"]) == SECTION_KEYS | {"lora_scale", "_covers"}
+    assert set(written["delta"]) == METRIC_KEYS | {"_covers"}
+    assert {written[s]["_covers"] for s in ("base", "lora", "delta", "lora_scale_0.5")} == {"images, subjects"}
     assert written["n_real"] == written["real"]["style_score_n"] == 8  # validation rows only
     for section in ("base", "lora_scale_0.5", "lora", "delta"):
         for name in ("clip_score", "style_score", "kid", "cmmd"):
@@ -272,9 +275,10 @@ def test_run_writes_flat_metrics_with_cis_table_and_plots(tmp_path, monkeypatch)
             assert low <= high
             if name in ("clip_score", "style_score"):  # a mean is inside its percentile interval
                 assert low <= value <= high
-    # flat numbers only under each key: what `dvc metrics diff` / `dvc exp show` compare
+    # flat numbers only under each key (what `dvc metrics diff` / `dvc exp show` compare), but the
+    # `_covers` line saying what the section's intervals cover
     for value in written.values():
-        leaves = value.values() if isinstance(value, dict) else [value]
+        leaves = [x for k, x in value.items() if k != "_covers"] if isinstance(value, dict) else [value]
         assert all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in leaves)
     assert written["lora"]["lora_scale"] == 1.0
     for name in ("clip_score", "style_score", "kid", "cmmd"):
