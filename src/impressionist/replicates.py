@@ -170,8 +170,8 @@ REPLICATE_COLUMNS = ["replicate", "lora_scale", "prompt_id", "seed", "subject", 
 def delta_table(images, base):
     """``images`` (one LoRA scale, a ``replicate`` column) with each per-image score minus the base
     model's at the same (prompt_id, seed)."""
-    keyed = base.set_index(["prompt_id", "seed"])[list(PER_IMAGE)]
-    merged = images.join(keyed, on=["prompt_id", "seed"], rsuffix="_base")
+    keyed = base[["prompt_id", "seed", *PER_IMAGE]].drop_duplicates(["prompt_id", "seed"])
+    merged = images.merge(keyed, on=["prompt_id", "seed"], how="left", suffixes=("", "_base"))
     if merged[[f"{m}_base" for m in PER_IMAGE]].isna().any().any():
         raise ValueError("delta_table: an image has no base-model image at its (prompt_id, seed)")
     out = merged.copy()
