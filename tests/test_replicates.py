@@ -190,3 +190,27 @@ def test_a_planted_improvement_is_better_with_its_size_inside_the_ci_at_the_demo
         assert all(verdict[f"base.{m}"].word == report.NO_CHANGE for m in SCALE)
     assert detected / runs >= 0.9, detected / runs
     assert "training replicates, paired over 8 subjects" in verdict["recipe.style_score"].test
+
+
+def test_one_replicate_costs_nothing_in_the_replicate_stages(tmp_path, monkeypatch):
+    """R = 1 (the real recipe's default): train --replicates and sample --replicates write their
+    manifests and load no model, on a machine without the recipe's GPU."""
+    import yaml
+    from helpers import committed_params_text
+
+    from impressionist import sample, train
+
+    params = yaml.safe_load(committed_params_text())
+    assert params["replicates"]["count"] == 1
+    monkeypatch.setattr(train, "run", lambda *a, **k: pytest.fail("R = 1 trained a model"))
+    monkeypatch.setattr(sample, "load", lambda *a, **k: pytest.fail("R = 1 loaded a pipeline"))
+    models = tmp_path / "models" / "replicates"
+    assert train.run_replicates(params, out_dir=models) == {"count": 1, "seeds": [42]}
+    sample.run_replicates(params, replicates_dir=models, base_dir=tmp_path / "none",
+                          out_dir=tmp_path / "samples" / "replicates")
+    assert sorted(p.name for p in (tmp_path / "samples" / "replicates").iterdir()) == ["replicates.json"]
+    params["replicates"]["count"] = 2  # the models folder holds one LoRA only: one line, nothing written
+    with pytest.raises(UserError, match="no replicates for replicates.count=2"):
+        sample.run_replicates(params, replicates_dir=models, base_dir=tmp_path / "none",
+                              out_dir=tmp_path / "other")
+    assert not (tmp_path / "other").exists()

@@ -287,9 +287,10 @@ def run_replicates(params: Mapping[str, Any], replicates_dir: Path = REPLICATES_
     if made.get("count") != len(ks) + 1:
         raise UserError(f"{replicates_dir} holds no replicates for replicates.count={len(ks) + 1}; run "
                         "`dvc repro train_replicates` first")
-    if ks:
+    device = None
+    if ks:  # R = 1 loads nothing and needs no GPU
         check_base_eval_set(Path(base_dir), cfg, trigger)
-    device = sampling_device(model, cfg)
+        device = sampling_device(model, cfg)
     with atomic_dir(out_dir) as tmp:
         for k in ks:
             lora_dir = Path(replicates_dir) / str(k)

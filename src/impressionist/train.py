@@ -782,8 +782,9 @@ def run_replicates(params: Mapping[str, Any], out_dir: Path = REPLICATES_DIR, ca
     same :func:`run` with ``train.seed`` replaced by :func:`replicates.replicate_seed`, each LoRA in
     ``out_dir/<k>/``, its metrics, loss plot and logs in ``out_dir/logs/<k>/``; ``out_dir`` holds
     ``replicates.json`` (count and seeds). R = 1 writes the manifest alone and loads nothing."""
-    checked_sections(params)
     ks = extra_replicates(params)
+    if ks:  # R = 1 checks and loads nothing: no GPU, no time
+        checked_sections(params)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for k in ks:
@@ -805,6 +806,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="train replicates 1..R-1 of the recipe (replicates.count) into models/replicates")
     args = parser.parse_args(argv)
     params = load_params(args.params)
+    if args.replicates and not extra_replicates(params):
+        run_replicates(params)  # R = 1: the manifest alone, no processes launched
+        return
     if not launcher.under_launcher():  # a rank of a launch trains; the stage's own command may launch
         model, _, train = checked_sections(params)  # bad params stop here, before any process is launched
         device = resolve_device(model)
