@@ -29,6 +29,13 @@ at the top scale minus base) is **paired**: the same resampled subjects and seed
 (each other scale), ``delta``; ``fid`` / ``fid_n`` in each generated set's section; ``n_real`` and
 ``real`` (style score of the paintings). ``dvc metrics diff`` and ``dvc exp show`` read them directly.
 
+Those intervals cover images and subjects: they are about *these* weights (each section's
+``_covers``). With ``replicates.count`` = R >= 2 (``samples/replicates/<k>``, the other training
+seeds' evaluation sets) the sections ``recipe`` (the top scale over the R LoRAs) and ``recipe_delta``
+(recipe - base) also cover training seeds (:mod:`impressionist.replicates`: a t interval on replicate
+and subject means); ``metrics/eval_replicates.csv`` holds every replicate's per-image LoRA scores and
+``replicates.count`` is R.
+
 With ``builtin:*`` feature networks (the demo) everything is random: the numbers only show the
 pipeline works.
 """

@@ -16,6 +16,13 @@
     revisions' own intervals (the errors added in quadrature: conservative, since both share the
     real paintings); the report says when the evaluation sets differ;
 
+  the weight-level sections (``lora``, ``delta``, ``lora_scale_<s>``: one trained LoRA per revision,
+  training noise left out) are **not judged** unless ``--weight-level``; with R >= 2 training
+  replicates in both revisions (``replicates.count``) the recipe sections ``recipe`` and
+  ``recipe_delta`` are judged instead (:class:`impressionist.replicates.RecipePairing`: paired by
+  subject over ``metrics/eval_replicates.csv``, t intervals including the replicates' variance), and
+  with R = 1 the report says the numbers are about these weights and training noise is unmeasured;
+
   ``fid`` is shown but never judged (biased at these sizes, no CI); intervals, counts, the LoRA
   scale and ``real.*`` are informational;
 * the sample grid ``plots/samples_grid.png``, as a relative image link, or as ``--image-url``.
