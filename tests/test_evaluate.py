@@ -460,7 +460,8 @@ def test_summary_gives_n_ci_and_flags_fid(tmp_path):
     assert lines[0].startswith("evaluate: 12 images per model, 8 validation paintings")
     kid_line = next(line for line in lines if line.strip().startswith("kid:"))
     assert "(n=12)" in kid_line and kid_line.endswith("— significant")
-    assert "biased: n=12 < 2000" in lines[-1]
+    assert "biased: n=12 < 2000" in lines[-2]
+    assert "training noise unmeasured" in lines[-1]
 
 
 def test_replicates_add_recipe_sections_covering_training_seeds(tmp_path):
@@ -488,6 +489,9 @@ def test_replicates_add_recipe_sections_covering_training_seeds(tmp_path):
     # the recipe's KID is the mean of the three LoRAs' and its interval is wider than one LoRA's
     assert metrics["recipe"]["kid_ci_high"] - metrics["recipe"]["kid_ci_low"] > \
         metrics["lora"]["kid_ci_high"] - metrics["lora"]["kid_ci_low"]
+    summary = evaluate.summary_lines(metrics)
+    assert any(line.startswith("recipe over 3 training seeds − base") and "images, subjects, training seeds" in line
+               for line in summary)
     table = pd.read_csv(root / "metrics" / "eval_replicates.csv")
     assert sorted(set(table["replicate"])) == [0, 1, 2] and len(table) == 3 * 2 * 12
     top = table[table["lora_scale"] == 1.0]

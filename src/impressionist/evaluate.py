@@ -381,6 +381,17 @@ def summary_lines(metrics: Mapping[str, Any], confidence: float = CONFIDENCE) ->
         lines.append(f"  {name}: {base[name]:.4g} -> {lora[name]:.4g}, delta {est.show()} — {word}")
     flag = f" (biased: n={base['fid_n']} < {FID_RELIABLE}; no CI, not judged)" if base["fid_n"] < FID_RELIABLE else ""
     lines.append(f"  fid: {base['fid']:.4g} -> {lora['fid']:.4g}{flag}")
+    recipe = metrics.get("recipe_delta")
+    if recipe is None:
+        lines.append("  (these weights only: one training seed, training noise unmeasured; replicates.count >= 2 "
+                     "measures it)")
+        return lines
+    lines.append(f"recipe over {recipe['replicates']} training seeds − base ({confidence:.0%} t intervals, "
+                 f"covering {recipe['_covers']}):")
+    for name in METRICS:
+        est = Estimate(recipe[name], recipe[f"{name}_ci_low"], recipe[f"{name}_ci_high"], recipe[f"{name}_n"])
+        word = "significant" if est.excludes_zero() else "no significant change"
+        lines.append(f"  {name}: delta {est.show()} — {word}")
     return lines
 
 
