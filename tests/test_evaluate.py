@@ -259,11 +259,14 @@ def test_run_writes_flat_metrics_with_cis_table_and_plots(tmp_path, monkeypatch)
     assert written == metrics
 
     # the top scale is `lora`; no duplicate `lora_scale_1.0` section
-    assert set(written) == {"n_real", "real", "base", "lora", "delta", "lora_scale_0.5"}
+    # one LoRA (no samples/replicates): no recipe sections, R = 1, every interval about these weights
+    assert set(written) == {"n_real", "real", "base", "lora", "delta", "lora_scale_0.5", "replicates"}
+    assert written["replicates"] == {"count": 1}
     assert set(written["real"]) == {"style_score", "style_score_ci_low", "style_score_ci_high", "style_score_n"}
-    assert set(written["base"]) == set(written["lora_scale_0.5"]) == SECTION_KEYS
-    assert set(written["lora"]) == SECTION_KEYS | {"lora_scale"}
-    assert set(written["delta"]) == METRIC_KEYS
+    assert set(written["base"]) == set(written["lora_scale_0.5"]) == SECTION_KEYS | {"_covers"}
+    assert set(written["lora"]) == SECTION_KEYS | {"lora_scale", "_covers"}
+    assert set(written["delta"]) == METRIC_KEYS | {"_covers"}
+    assert {written[s]["_covers"] for s in ("base", "lora", "delta", "lora_scale_0.5")} == {"images, subjects"}
     assert written["n_real"] == written["real"]["style_score_n"] == 8  # validation rows only
     for section in ("base", "lora_scale_0.5", "lora", "delta"):
         for name in ("clip_score", "style_score", "kid", "cmmd"):
@@ -272,9 +275,10 @@ def test_run_writes_flat_metrics_with_cis_table_and_plots(tmp_path, monkeypatch)
             assert low <= high
             if name in ("clip_score", "style_score"):  # a mean is inside its percentile interval
                 assert low <= value <= high
-    # flat numbers only under each key: what `dvc metrics diff` / `dvc exp show` compare
+    # flat numbers only under each key (what `dvc metrics diff` / `dvc exp show` compare), but the
+    # `_covers` line saying what the section's intervals cover
     for value in written.values():
-        leaves = value.values() if isinstance(value, dict) else [value]
+        leaves = [x for k, x in value.items() if k != "_covers"] if isinstance(value, dict) else [value]
         assert all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in leaves)
     assert written["lora"]["lora_scale"] == 1.0
     for name in ("clip_score", "style_score", "kid", "cmmd"):
@@ -456,4 +460,44 @@ def test_summary_gives_n_ci_and_flags_fid(tmp_path):
     assert lines[0].startswith("evaluate: 12 images per model, 8 validation paintings")
     kid_line = next(line for line in lines if line.strip().startswith("kid:"))
     assert "(n=12)" in kid_line and kid_line.endswith("— significant")
-    assert "biased: n=12 < 2000" in lines[-1]
+    assert "biased: n=12 < 2000" in lines[-2]
+    assert "training noise unmeasured" in lines[-1]
+
+
+def test_replicates_add_recipe_sections_covering_training_seeds(tmp_path):
+    """samples/replicates/<k> (what sample --replicates writes) gives recipe and recipe_delta sections
+    whose intervals include the replicates' spread, and one per-image table of every replicate."""
+    root = make_project(tmp_path / "p", shift=60)
+    lora = pd.read_csv(root / "samples" / "lora" / "eval.csv")
+    folder = root / "samples" / "replicates"
+    for k, shift in ((1, 120), (2, 90)):  # other training seeds: other brightening
+        (folder / str(k) / "eval").mkdir(parents=True)
+        for _, row in lora.iterrows():
+            with Image.open(root / "samples" / "base" / row["file"].replace(f"scale{row['lora_scale']:g}", "scale0")) \
+                    as base_image:
+                brighten(base_image.convert("RGB"), int(shift * row["lora_scale"])).save(folder / str(k) / row["file"])
+        lora.to_csv(folder / str(k) / "eval.csv", index=False)
+    (folder / "replicates.json").write_text(json.dumps({"count": 3, "seeds": [42, 1, 2]}))
+    metrics = run_in(root)
+    assert metrics["replicates"] == {"count": 3}
+    for section in ("recipe", "recipe_delta"):
+        assert metrics[section]["replicates"] == 3
+        assert metrics[section]["_covers"] == "images, subjects, training seeds"
+        for name in ("clip_score", "style_score", "kid", "cmmd"):
+            low, value, high = (metrics[section][f"{name}{s}"] for s in ("_ci_low", "", "_ci_high"))
+            assert low < value < high and metrics[section][f"{name}_se"] > 0 and metrics[section][f"{name}_df"] >= 1
+    # the recipe's KID is the mean of the three LoRAs' and its interval is wider than one LoRA's
+    assert metrics["recipe"]["kid_ci_high"] - metrics["recipe"]["kid_ci_low"] > \
+        metrics["lora"]["kid_ci_high"] - metrics["lora"]["kid_ci_low"]
+    summary = evaluate.summary_lines(metrics)
+    assert any(line.startswith("recipe over 3 training seeds − base") and "images, subjects, training seeds" in line
+               for line in summary)
+    table = pd.read_csv(root / "metrics" / "eval_replicates.csv")
+    assert sorted(set(table["replicate"])) == [0, 1, 2] and len(table) == 3 * 2 * 12
+    top = table[table["lora_scale"] == 1.0]
+    assert metrics["recipe"]["style_score"] == pytest.approx(top["style_score"].mean(), abs=1e-5)
+    # a replicate folder of another evaluation set stops with one line
+    broken = lora.assign(eval_set="set-2")
+    broken.to_csv(folder / "2" / "eval.csv", index=False)
+    with pytest.raises(UserError, match="another evaluation set"):
+        run_in(root)

@@ -1,4 +1,4 @@
-"""The whole DVC graph on the demo profile, in a throw-away git repository.
+"""The whole DVC graph on the demo profile (with its two training replicates), in a throw-away git repository.
 
 Slow (about two minutes): it runs every stage for real, then checks what DVC re-runs after a
 change, that metrics diff, and that push / clone / pull restores the outputs.
@@ -21,8 +21,8 @@ from helpers import committed_params_text
 from impressionist.cli import apply_overrides, demo_overrides
 
 REPO = Path(__file__).resolve().parents[1]
-ALL_STAGES = ["download", "filter", "caption", "encode", "train", "export", "sample_base", "sample", "reference",
-              "evaluate"]
+ALL_STAGES = ["download", "filter", "caption", "encode", "train", "train_replicates", "export", "sample_base",
+              "sample", "sample_replicates", "reference", "evaluate"]
 pytestmark = pytest.mark.slow
 
 
@@ -85,6 +85,17 @@ def test_demo_graph_reruns_only_what_changed_and_round_trips_through_the_remote(
     points = spec["data"]["values"]
     assert {p["metric"] for p in points} == {"clip_score", "style_score", "kid", "cmmd"}
     assert all(float(p["ci_low"]) <= float(p["ci_high"]) for p in points)
+    # replicates.count: 2 (the demo): a second LoRA from a derived seed, its evaluation set, and
+    # recipe sections whose intervals cover the training seeds
+    assert (repo / "models/replicates/1/pytorch_lora_weights.safetensors").is_file()
+    assert json.loads((repo / "models/replicates/replicates.json").read_text())["count"] == 2
+    assert (repo / "samples/replicates/1/eval.csv").is_file()
+    metrics = json.loads((repo / "metrics/eval.json").read_text())
+    assert metrics["replicates"]["count"] == 2 and metrics["recipe"]["replicates"] == 2
+    assert metrics["recipe"]["_covers"] == "images, subjects, training seeds"
+    assert metrics["lora"]["_covers"] == "images, subjects"
+    replicates = (repo / "metrics/eval_replicates.csv").read_text().splitlines()
+    assert {line.split(",")[0] for line in replicates[1:]} == {"0", "1"}
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "demo run")
 
@@ -95,10 +106,12 @@ def test_demo_graph_reruns_only_what_changed_and_round_trips_through_the_remote(
     set_param(repo, "lora.rank", 8)
     rerun = sh(repo, "dvc", "repro")
     # neither the real paintings' features nor the base-model samples are recomputed
-    assert ran_stages(rerun.stdout) == ["train", "export", "sample", "evaluate"]
+    assert ran_stages(rerun.stdout) == ["train", "train_replicates", "export", "sample", "sample_replicates",
+                                        "evaluate"]
 
     diff = sh(repo, "dvc", "metrics", "diff", "--md").stdout
-    for row in ("lora.kid", "lora.cmmd", "lora.clip_score", "lora.clip_score_ci_low", "delta.style_score"):
+    for row in ("lora.kid", "lora.cmmd", "lora.clip_score", "lora.clip_score_ci_low", "delta.style_score",
+                "recipe.style_score", "recipe_delta.kid"):
         assert re.search(rf"\|\s*metrics/eval.json\s*\|\s*{re.escape(row)}\s*\|", diff), (row, diff)
     assert "base.fid" not in diff and "base.kid" not in diff  # the base-model samples were not regenerated
     assert "real.style_score" not in diff  # nor the real paintings' features

@@ -284,3 +284,20 @@ def test_hub_offline_reads_the_variable_as_huggingface_hub_does(value, monkeypat
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # set when huggingface_hub was imported
     assert hub_offline()
+
+
+def test_card_says_what_each_interval_covers_and_shows_the_recipe_rows():
+    from impressionist.model_card import evaluation_note, metrics_table
+
+    one = evaluation_note(EVAL, 0.95)
+    assert "cover images and subjects, not training noise" in one and "`replicates.count` ≥ 2" in one
+    assert "recipe" not in metrics_table(EVAL)
+    recipe = {**_section(30.0, 0.45, 0.04, 1.1, 0.0), "lora_scale": 1.0, "replicates": 3,
+              "_covers": "images, subjects, training seeds"}
+    with_replicates = {**EVAL, "replicates": {"count": 3}, "recipe": recipe,
+                       "recipe_delta": {**_section(1.5, 0.3, -0.02, -0.4, 0.0), "replicates": 3}}
+    table = metrics_table(with_replicates)
+    assert "| recipe: LoRA × 1, mean of 3 training seeds | 30 [15, 45] |" in table
+    assert "| recipe change (recipe − base) | 1.5 [" in table
+    note = evaluation_note(with_replicates, 0.95)
+    assert "about this LoRA's weights" in note and "average 3 LoRAs" in note and "also cover training seeds" in note

@@ -153,7 +153,7 @@ JUDGED = [f"{section}.{name}" for section in ("lora", "delta", "base")
 def test_noise_alone_is_no_significant_change_for_every_metric(two_commits, monkeypatch, capsys):
     monkeypatch.chdir(two_commits)
     sh(two_commits, "git", "checkout", "-q", "noise")
-    report.main(["--base-rev", "base", "--out", "report.md"])
+    report.main(["--base-rev", "base", "--out", "report.md", "--weight-level"])
     assert "report.md" in capsys.readouterr().out
     text = (two_commits / "report.md").read_text()
 
@@ -183,7 +183,7 @@ def test_noise_alone_is_no_significant_change_for_every_metric(two_commits, monk
 def test_a_planted_improvement_is_better_with_its_ci(two_commits, monkeypatch):
     monkeypatch.chdir(two_commits)
     sh(two_commits, "git", "checkout", "-q", "better")
-    text = report.build_report("base")
+    text = report.build_report("base", weight_level_verdicts=True)
     for metric in ("lora.clip_score", "lora.style_score", "delta.clip_score", "delta.style_score",
                    "lora.kid", "lora.cmmd", "delta.kid", "delta.cmmd"):
         assert verdict_of(text, metric) == "better", verdict_line(text, metric)
@@ -194,10 +194,35 @@ def test_a_planted_improvement_is_better_with_its_ci(two_commits, monkeypatch):
         assert verdict_of(text, metric) == "no significant change"
 
 
+def test_one_replicate_gives_no_recipe_verdict_unless_weight_level_is_asked(two_commits, monkeypatch):
+    monkeypatch.chdir(two_commits)
+    sh(two_commits, "git", "checkout", "-q", "better")
+    text = report.build_report("base")  # R = 1 on both sides: a planted +2 is not a recipe verdict
+    for metric in JUDGED:
+        section = metric.partition(".")[0]
+        if section == "base":  # the base model has no training noise: judged as before
+            assert verdict_of(text, metric) == "no significant change", verdict_line(text, metric)
+        else:
+            assert verdict_of(text, metric) == "not judged", verdict_line(text, metric)
+            assert "training noise is unmeasured" in verdict_line(text, metric)
+    assert "**These verdicts are about these weights, not the recipe:** training noise is unmeasured" in text
+    assert "better" not in summary_line(text) and "worse" not in summary_line(text)
+    assert "all 4 verdicts together" in text  # Bonferroni over what is judged
+    flagged = report.build_report("base", weight_level_verdicts=True)
+    assert verdict_of(flagged, "lora.clip_score") == "better"
+    assert "Weight-level verdicts were asked for (`--weight-level`)" in flagged
+
+
+def summary_line(text: str) -> str:
+    """The verdict count line under the Verdicts heading."""
+    lines = text.split("### Verdicts", 1)[1].splitlines()
+    return next(line for line in lines if "no significant change" in line and line.endswith("."))
+
+
 def test_other_evaluation_sets_are_not_paired_and_say_so(two_commits, monkeypatch):
     monkeypatch.chdir(two_commits)
     sh(two_commits, "git", "checkout", "-q", "other-set")
-    text = report.build_report("base")
+    text = report.build_report("base", weight_level_verdicts=True)
     line = verdict_line(text, "lora.clip_score")
     assert "unpaired" in line and "not paired: the evaluation sets differ" in line
     assert "per-image scores not paired: the evaluation sets differ" in text
@@ -228,7 +253,7 @@ def test_report_links_grid_relative_to_the_report_or_by_url(two_commits, monkeyp
 def test_report_against_itself_says_nothing_changed(two_commits, monkeypatch):
     monkeypatch.chdir(two_commits)
     sh(two_commits, "git", "checkout", "-q", "noise")
-    text = report.build_report("HEAD")
+    text = report.build_report("HEAD", weight_level_verdicts=True)
     assert "_No metric changed._" in text and "_No param changed._" in text
     assert verdict_of(text, "lora.clip_score") == "no significant change"
     assert "change +0, CI [+0, +0]" in verdict_line(text, "lora.clip_score")

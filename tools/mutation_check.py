@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Hand-picked mutations of flux_math.py, sample.py, caption.py, data_parallel.py and the evaluation
-(stats.py, evaluate.py, report.py): does some test notice each one?
+(stats.py, evaluate.py, report.py, replicates.py, replicate_seeds.py): does some test notice each one?
 
 For every mutation the working tree (tracked and untracked, non-ignored files) is copied to a
 temporary folder, one textual replacement is applied to one source file there, and the mutation's
@@ -37,6 +37,8 @@ FLUX_MATH_TESTS, SAMPLE_TESTS, CAPTION_TESTS = ("tests/test_flux_math.py",), ("t
     ("tests/test_caption.py",)
 DATA_PARALLEL, DATA_PARALLEL_TESTS = "src/impressionist/data_parallel.py", ("tests/test_data_parallel.py",)
 STATS, EVALUATE, REPORT = "src/impressionist/stats.py", "src/impressionist/evaluate.py", "src/impressionist/report.py"
+REPLICATES, REPLICATE_SEEDS = "src/impressionist/replicates.py", "src/impressionist/replicate_seeds.py"
+REPLICATES_TESTS = ("tests/test_replicates.py",)
 STATS_TESTS, EVALUATE_TESTS, REPORT_TESTS, EVAL_SET_TESTS = (
     ("tests/test_stats.py",), ("tests/test_evaluate.py",), ("tests/test_report.py",), ("tests/test_eval_set.py",))
 
@@ -114,7 +116,8 @@ MUTATIONS = [
              "delta is base - LoRA"),
     Mutation("clip_against_prompt", EVALUATE, 'list(table["subject"])', 'list(table["prompt"])', EVALUATE_TESTS,
              "the CLIP score rewards the trigger word, not the subject"),
-    Mutation("no_bonferroni", REPORT, "level = bonferroni(confidence, len(judged))", "level = confidence",
+    Mutation("no_bonferroni", REPORT, "level = bonferroni(confidence, sum(judged_here(n) for n in entries))",
+             "level = confidence",
              REPORT_TESTS, "a dozen verdicts at 95% each: noise reads as a change"),
     Mutation("never_paired", REPORT, "        if not self.possible:\n            return None, self.reason",
              "        if True:\n            return None, self.reason", REPORT_TESTS,
@@ -122,6 +125,18 @@ MUTATIONS = [
     Mutation("direction_flipped", REPORT, "BETTER if (change.value < 0) == (way == LOWER) else WORSE",
              "WORSE if (change.value < 0) == (way == LOWER) else BETTER", REPORT_TESTS,
              "a lower KID reads as worse"),
+    # --- training-seed replicates (replicate_seeds.py, replicates.py) and the report's recipe verdicts
+    Mutation("replicate_variance_dropped", REPLICATES,
+             "[(v_subjects, subjects - 1), (v_replicates, replicates - 1)]", "[(v_subjects, subjects - 1)]",
+             REPLICATES_TESTS, "the recipe interval leaves training noise out: two seeds read as a change"),
+    Mutation("recipe_change_without_training_noise", REPLICATES, "    for side in (old, new):",
+             "    for side in ():", REPLICATES_TESTS,
+             "a recipe change's interval counts only the subjects, not the two sides' training seeds"),
+    Mutation("weight_level_always_judged", REPORT, "and (weight_level_verdicts or not weight_level(name)))",
+             ")", REPLICATES_TESTS + REPORT_TESTS,
+             "R = 1 verdicts called better/worse for the recipe without --weight-level"),
+    Mutation("replicate_seed_is_train_seed", REPLICATE_SEEDS, "    if k == 0:\n", "    if True:\n",
+             REPLICATES_TESTS, "every replicate trained from train.seed: R copies of one weight draw"),
     # --- caption.py: what the captions say
     Mutation("sidecar_ignored", CAPTION, "if sidecar is not None:", "if False:",
              CAPTION_TESTS, "kohya sidecar captions never override the template"),

@@ -29,6 +29,13 @@ at the top scale minus base) is **paired**: the same resampled subjects and seed
 (each other scale), ``delta``; ``fid`` / ``fid_n`` in each generated set's section; ``n_real`` and
 ``real`` (style score of the paintings). ``dvc metrics diff`` and ``dvc exp show`` read them directly.
 
+Those intervals cover images and subjects: they are about *these* weights (each section's
+``_covers``). With ``replicates.count`` = R >= 2 (``samples/replicates/<k>``, the other training
+seeds' evaluation sets) the sections ``recipe`` (the top scale over the R LoRAs) and ``recipe_delta``
+(recipe - base) also cover training seeds (:mod:`impressionist.replicates`: a t interval on replicate
+and subject means); ``metrics/eval_replicates.csv`` holds every replicate's per-image LoRA scores and
+``replicates.count`` is R.
+
 With ``builtin:*`` feature networks (the demo) everything is random: the numbers only show the
 pipeline works.
 """
@@ -50,10 +57,12 @@ import torch
 from . import data_parallel
 from .errors import UserError, atomic_write_text, stage_main
 from .image_features import EvaluateParams, Extractors, batch_count, load_reference, uses_random_nets
-from .layout import EVAL_IMAGES, EVAL_METRICS, EVAL_SET_TABLE, PLOTS_DIR, REFERENCE_DIR, SAMPLES_DIR
+from .layout import (EVAL_IMAGES, EVAL_METRICS, EVAL_REPLICATES, EVAL_SET_TABLE, PLOTS_DIR, REFERENCE_DIR,
+                     REPLICATES_MANIFEST, SAMPLES_DIR)
 from .params import load_params
-from .stats import (CMMD, CONFIDENCE, KID, Estimate, Resampling, mean_estimate, paired_difference,
+from .stats import (CMMD, CONFIDENCE, KID, Estimate, KernelSets, Resampling, mean_estimate, paired_difference,
                     replicate_difference, set_distance_estimates)
+from .replicates import COVERS_WEIGHTS, REPLICATE_COLUMNS, recipe_sections
 from .tables import read_table
 
 PER_IMAGE = ("clip_score", "style_score")
@@ -122,6 +131,31 @@ def evaluation_sets(samples_dir: Path | str) -> dict[float, pd.DataFrame]:
         raise UserError(f"the evaluation set has {len(base)} image(s) per model; KID and CMMD need at least "
                         f"{MIN_IMAGES} — raise sample.eval_set.num_subjects or add sample.eval_set.seeds")
     return sets
+
+
+def replicate_sets(samples_dir: Path | str, base: pd.DataFrame) -> dict[int, dict[float, pd.DataFrame]]:
+    """``{k: {lora_scale: table}}`` of the training replicates k >= 1 (``samples/replicates/<k>``), each
+    table in the base table's (subject, seed) order; {} when there are none (R = 1, or no folder)."""
+    folder = Path(samples_dir) / "replicates"
+    manifest = folder / REPLICATES_MANIFEST
+    if not manifest.is_file():
+        return {}
+    count = int(json.loads(manifest.read_text())["count"])
+    order = list(zip(base["prompt_id"], base["seed"]))
+    found: dict[int, dict[float, pd.DataFrame]] = {}
+    for k in range(1, count):
+        table = read_eval_table(folder / str(k))
+        if set(table["eval_set"]) != set(base["eval_set"]):
+            raise UserError(f"{folder}/{k} holds another evaluation set than {samples_dir}/base; run "
+                            "`dvc repro sample_replicates`")
+        found[k] = {}
+        for scale, group in sorted(table.groupby("lora_scale"), key=lambda kv: kv[0]):
+            keyed = group.set_index(["prompt_id", "seed"])
+            if len(group) != len(order) or set(keyed.index) != set(order):
+                raise UserError(f"{folder}/{k} at lora_scale {scale:g} has other subjects or seeds than "
+                                f"{samples_dir}/base; run `dvc repro sample_replicates`")
+            found[k][float(scale)] = keyed.loc[order].reset_index()
+    return found
 
 
 def scale_key(scale: float) -> str:
@@ -216,6 +250,8 @@ def metrics_json(results: Mapping[float, Mapping[str, Any]], deltas: Mapping[str
     metrics["delta"] = {}
     for name in METRICS:
         metrics["delta"].update(deltas[name].as_keys(name))
+    for section in ("base", "lora", "delta", *(scale_key(s) for s in scales[1:-1])):
+        metrics[section]["_covers"] = COVERS_WEIGHTS  # what its intervals cover: not training noise
     bad = [f"{k}.{m}" for k, v in metrics.items() if isinstance(v, dict) for m, x in v.items()
            if isinstance(x, float) and not math.isfinite(x)]
     if bad:
@@ -273,6 +309,11 @@ def run(params: Mapping[str, Any], samples_dir: Path | str = SAMPLES_DIR,
             "clip_score": extractors.clip.clip_scores(features["clip"], list(table["subject"])).numpy(),
             "style_score": extractors.clip.style_scores(features["clip"]).numpy(),
         }
+    # Every rank takes part in each extraction (the shares are gathered), so the replicates' features
+    # are extracted here too, before the ranks other than 0 leave.
+    rep_sets = replicate_sets(samples_dir, sets[0.0])
+    rep_features = {k: {scale: extractors.features(list(table["path"])) for scale, table in tables.items()}
+                    for k, tables in rep_sets.items()}
     if not data_parallel.is_main():
         return None
     resamples, seed, confidence = cfg.bootstrap_resamples, cfg.seed, cfg.confidence
@@ -283,6 +324,9 @@ def run(params: Mapping[str, Any], samples_dir: Path | str = SAMPLES_DIR,
     real_style = mean_estimate(extractors.clip.style_scores(real["clip"]).numpy(), resamples=resamples,
                                seed=seed, confidence=confidence)
     metrics = metrics_json(results, deltas, real_style, n_real)
+    replicates = replicate_scores(sets, per_image, rep_sets, rep_features, real, extractors, results, deltas,
+                                  confidence)
+    metrics.update(replicates.pop("sections"))
 
     plots_dir = Path(plots_dir)
     note = " (random demo feature nets: numbers not meaningful)" if uses_random_nets(cfg) else ""
@@ -295,8 +339,46 @@ def run(params: Mapping[str, Any], samples_dir: Path | str = SAMPLES_DIR,
                 title=f"LoRA ×{max(results):g} − base, paired, {level} (n={n})" + note)
     atomic_write_text(plots_dir / PLOT_DATA, plot_table(results).to_csv(index=False))
     atomic_write_text(images_path, per_image_table(sets, per_image).to_csv(index=False))
+    atomic_write_text(Path(metrics_path).parent / EVAL_REPLICATES.name, replicates["table"].to_csv(index=False))
     atomic_write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def replicate_scores(sets, per_image, rep_sets, rep_features, real, extractors, results, deltas,
+                     confidence: float) -> dict[str, Any]:
+    """The replicates' per-image table (``table``: every replicate's LoRA images, 0 = models/lora) and
+    eval.json's ``replicates`` section, plus ``recipe`` / ``recipe_delta`` when R >= 2 (``sections``)."""
+    scales = sorted(sets)
+    top = scales[-1]
+
+    def rows(k: int, tables, scores) -> pd.DataFrame:
+        frames = [per_image_table({s: tables[s]}, {s: scores[s]}).assign(replicate=k) for s in scales[1:]]
+        return pd.concat(frames, ignore_index=True)
+
+    frames = [rows(0, sets, per_image)]
+    set_values = {name: [results[top][name].value] for name in SET_LEVEL}
+    for k, tables in rep_sets.items():
+        scores, fakes = {}, rep_features[k]
+        for scale, table in tables.items():
+            features = fakes[scale]
+            scores[scale] = {"clip_score": extractors.clip.clip_scores(features["clip"], list(table["subject"])).numpy(),
+                             "style_score": extractors.clip.style_scores(features["clip"]).numpy()}
+        frames.append(rows(k, tables, scores))
+        for name in SET_LEVEL:
+            feature = "fid" if name == "kid" else "cmmd"
+            set_values[name].append(DISTANCES[name].value(KernelSets.of(DISTANCES[name].kernel, real[feature],
+                                                                        fakes[top][feature])))
+    table = pd.concat(frames, ignore_index=True)[REPLICATE_COLUMNS]
+    sections: dict[str, Any] = {"replicates": {"count": 1 + len(rep_sets)}}
+    if rep_sets:
+        images = table[table["lora_scale"] == float(top)]
+        base = per_image_table({0.0: sets[0.0]}, {0.0: per_image[0.0]})
+        set_deltas = {name: [v - results[0.0][name].value for v in set_values[name]] for name in SET_LEVEL}
+        found = recipe_sections(images, base, set_values, set_deltas, {n: results[top][n] for n in SET_LEVEL},
+                                {n: deltas[n] for n in SET_LEVEL}, confidence)
+        found["recipe"]["lora_scale"] = float(top)
+        sections.update(found)
+    return {"table": table, "sections": sections}
 
 
 def summary_lines(metrics: Mapping[str, Any], confidence: float = CONFIDENCE) -> list[str]:
@@ -310,6 +392,17 @@ def summary_lines(metrics: Mapping[str, Any], confidence: float = CONFIDENCE) ->
         lines.append(f"  {name}: {base[name]:.4g} -> {lora[name]:.4g}, delta {est.show()} — {word}")
     flag = f" (biased: n={base['fid_n']} < {FID_RELIABLE}; no CI, not judged)" if base["fid_n"] < FID_RELIABLE else ""
     lines.append(f"  fid: {base['fid']:.4g} -> {lora['fid']:.4g}{flag}")
+    recipe = metrics.get("recipe_delta")
+    if recipe is None:
+        lines.append("  (these weights only: one training seed, training noise unmeasured; replicates.count >= 2 "
+                     "measures it)")
+        return lines
+    lines.append(f"recipe over {recipe['replicates']} training seeds − base ({confidence:.0%} t intervals, "
+                 f"covering {recipe['_covers']}):")
+    for name in METRICS:
+        est = Estimate(recipe[name], recipe[f"{name}_ci_low"], recipe[f"{name}_ci_high"], recipe[f"{name}_n"])
+        word = "significant" if est.excludes_zero() else "no significant change"
+        lines.append(f"  {name}: delta {est.show()} — {word}")
     return lines
 
 

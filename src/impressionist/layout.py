@@ -13,14 +13,18 @@ CAPTIONS = CAPTIONS_DIR / "captions.parquet"
 CACHE_DIR = Path("data/cache")
 REFERENCE_DIR = Path("data/reference")  # the real paintings' evaluation features
 LORA_DIR = Path("models/lora")
+REPLICATES_DIR = Path("models/replicates")  # <k>/: replicate k >= 1 of the recipe (replicates.count)
+REPLICATES_MANIFEST = "replicates.json"     # in REPLICATES_DIR and SAMPLES_REPLICATES_DIR: count and seeds
 # The file name FluxPipeline.save_lora_weights writes and load_lora_weights looks for.
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 SAMPLES_DIR = Path("samples")
+SAMPLES_REPLICATES_DIR = SAMPLES_DIR / "replicates"  # <k>/: replicate k's evaluation set
 EVAL_SET_TABLE = "eval.csv"  # in samples/base and samples/lora: the evaluation set (sample writes, evaluate reads)
 PLOTS_DIR = Path("plots")
 SAMPLE_GRID = PLOTS_DIR / "samples_grid.png"
 EVAL_METRICS = Path("metrics/eval.json")
 EVAL_IMAGES = Path("metrics/eval_images.csv")  # per-image scores: pairs commits in the PR report
+EVAL_REPLICATES = Path("metrics/eval_replicates.csv")  # every training replicate's LoRA per-image scores
 EXPORT_DIR = Path("models/export")
 EXPORT_MANIFEST = "export.json"              # in EXPORT_DIR: names the exported files and their sizes
 TRAINING_CONFIG = "training_config.json"     # in LORA_DIR: the params and base-model commit of the run

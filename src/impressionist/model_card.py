@@ -51,6 +51,12 @@ def metrics_table(metrics: dict[str, Any]) -> str:
     rows += [(f"LoRA × {scale:g}", values) for scale, values in sorted(scales, key=lambda kv: kv[0])]
     if "delta" in metrics:
         rows.append(("change (LoRA − base, paired)", metrics["delta"]))
+    if "recipe" in metrics:  # replicates.count >= 2: the recipe over its training replicates
+        count = metrics["recipe"].get("replicates", "?")
+        rows.append((f"recipe: LoRA × {metrics['recipe'].get('lora_scale', 1.0):g}, mean of {count} training seeds",
+                     metrics["recipe"]))
+    if "recipe_delta" in metrics:
+        rows.append(("recipe change (recipe − base)", metrics["recipe_delta"]))
     columns = METRIC_COLUMNS + [("fid", "FID (biased, see below)"), ("clip_score_n", "images")]
     header = "| | " + " | ".join(title for _, title in columns) + " |"
     lines = [header, "|---" * (len(columns) + 1) + "|"]
@@ -75,7 +81,20 @@ def evaluation_note(metrics: dict[str, Any], confidence: float) -> str:
            f"given for familiarity only, without an interval." if isinstance(fid_n, int) and fid_n < FID_RELIABLE
            else "")
     return (f"{n} generated images per row (subjects × seeds, the same for every row) against {n_real} "
-            f"held-out paintings; brackets are {confidence:.0%} bootstrap confidence intervals. {verdict}{fid}")
+            f"held-out paintings; brackets are {confidence:.0%} bootstrap confidence intervals. {verdict}{fid} "
+            f"{coverage_note(metrics)}")
+
+
+def coverage_note(metrics: dict[str, Any]) -> str:
+    """What the intervals cover: images and subjects, and training seeds only in the recipe rows."""
+    count = (metrics.get("replicates") or {}).get("count", 1)
+    if "recipe" in metrics:
+        return (f"The base-model, LoRA and change rows are about this LoRA's weights: their intervals cover "
+                f"images and subjects. The recipe rows average {count} LoRAs trained with different seeds "
+                f"(`replicates.count`); their t intervals also cover training seeds.")
+    return ("The intervals cover images and subjects, not training noise: this is one LoRA from one training "
+            "seed, and another seed of the same recipe would score differently by an unmeasured amount "
+            "(`replicates.count` ≥ 2 measures it).")
 
 
 def training_table(training: dict[str, Any], resolution: Any) -> str:

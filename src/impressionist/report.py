@@ -16,6 +16,13 @@
     revisions' own intervals (the errors added in quadrature: conservative, since both share the
     real paintings); the report says when the evaluation sets differ;
 
+  the weight-level sections (``lora``, ``delta``, ``lora_scale_<s>``: one trained LoRA per revision,
+  training noise left out) are **not judged** unless ``--weight-level``; with R >= 2 training
+  replicates in both revisions (``replicates.count``) the recipe sections ``recipe`` and
+  ``recipe_delta`` are judged instead (:class:`impressionist.replicates.RecipePairing`: paired by
+  subject over ``metrics/eval_replicates.csv``, t intervals including the replicates' variance), and
+  with R = 1 the report says the numbers are about these weights and training noise is unmeasured;
+
   ``fid`` is shown but never judged (biased at these sizes, no CI); intervals, counts, the LoRA
   scale and ``real.*`` are informational;
 * the sample grid ``plots/samples_grid.png``, as a relative image link, or as ``--image-url``.
@@ -40,7 +47,8 @@ import yaml
 
 from .dvc_cli import run_dvc
 from .errors import UserError, atomic_write_text, stage_main
-from .layout import EVAL_IMAGES, EVAL_METRICS as EVAL_METRICS_PATH, SAMPLE_GRID as GRID
+from .layout import EVAL_IMAGES, EVAL_METRICS as EVAL_METRICS_PATH, EVAL_REPLICATES, SAMPLE_GRID as GRID
+from .replicates import RECIPE, RECIPE_DELTA, RecipePairing, read_replicate_table
 from .stats import CONFIDENCE, Estimate, bonferroni, difference_of_independent, mean_estimate
 
 EVAL_METRICS = EVAL_METRICS_PATH.as_posix()
@@ -49,8 +57,9 @@ DIRECTIONS = {"kid": LOWER, "cmmd": LOWER, "clip_score": HIGHER, "style_score": 
 PER_IMAGE = ("clip_score", "style_score")  # the columns of metrics/eval_images.csv
 CI_SUFFIXES = ("_ci_low", "_ci_high", "_n")
 # Sections of eval.json in reading order: the headline first, the reference never judged.
-SECTION_ORDER = ("lora", "delta", "base")
-HEADLINE_SECTIONS = ("lora", "delta")  # shown first; base and lora_scale_<s> are folded
+SECTION_ORDER = (RECIPE, RECIPE_DELTA, "lora", "delta", "base")
+HEADLINE_SECTIONS = (RECIPE, RECIPE_DELTA, "lora", "delta")  # shown first; base and lora_scale_<s> are folded
+RECIPE_SECTIONS = (RECIPE, RECIPE_DELTA)  # over R >= 2 training replicates: training noise measured
 INFORMATIONAL_SECTIONS = ("real",)
 BETTER, WORSE, NO_CHANGE, NEW, REMOVED, NOT_JUDGED = (
     "better", "worse", "no significant change", "new", "removed", "not judged")
@@ -60,6 +69,18 @@ WORDS = (BETTER, WORSE, NO_CHANGE, NEW, REMOVED, NOT_JUDGED)
 # --------------------------------------------------------------------------------------------
 # Verdicts
 # --------------------------------------------------------------------------------------------
+
+
+def weight_level(metric: str) -> bool:
+    """A section about one trained LoRA's weights (``lora``, ``delta``, ``lora_scale_<s>``): its
+    intervals leave out training noise, so a change there is not a recipe's."""
+    section = metric.rpartition(".")[0]
+    return section in ("lora", "delta") or section.startswith("lora_scale_")
+
+
+WEIGHTS_ONLY = ("about these weights: training noise is unmeasured (replicates.count = 1); "
+                "pass --weight-level for a weight-level verdict")
+WEIGHTS_WITH_RECIPE = "one weight draw per revision; the recipe_* verdicts judge the recipe (--weight-level to judge it)"
 
 
 def direction(metric: str) -> str | None:
@@ -192,16 +213,29 @@ def _estimate(values: Mapping[str, Any], metric: str) -> Estimate | None:
 
 
 def verdicts(diff: Mapping[str, Any], pairing: Pairing | None = None, path: str = EVAL_METRICS,
-             confidence: float = CONFIDENCE) -> list[Verdict]:
-    """One verdict per judged metric of ``path`` in ``dvc metrics diff --json --all`` output."""
+             confidence: float = CONFIDENCE, recipes: RecipePairing | None = None,
+             weight_level_verdicts: bool = False) -> list[Verdict]:
+    """One verdict per judged metric of ``path`` in ``dvc metrics diff --json --all`` output.
+
+    ``recipe`` / ``recipe_delta`` (both revisions with R >= 2 training replicates) are judged as
+    recipes (``recipes``, else each revision's stored ``_se`` / ``_df``); the weight-level sections
+    (:func:`weight_level`) are "not judged" unless ``weight_level_verdicts``: their intervals leave
+    training noise out, so better/worse there would be about two weight draws, not the change."""
     entries = diff.get(path) or {}
     old = {name: e.get("old") for name, e in entries.items()}
     new = {name: e.get("new") for name, e in entries.items()}
     pairing = pairing or Pairing(None, None, old, new, confidence)
+    recipes = recipes or RecipePairing(None, None, None, None, old, new)
+    has_recipes = any(n.startswith(RECIPE + ".") and old.get(n) is not None and new.get(n) is not None
+                      for n in entries)
+
+    def judged_here(name: str) -> bool:
+        return (direction(name) is not None and old.get(name) is not None and new.get(name) is not None
+                and (weight_level_verdicts or not weight_level(name)))
+
     # Many verdicts at once: each interval is widened (Bonferroni) so that the chance of calling any
     # of them better or worse by noise alone stays at 1 - confidence.
-    judged = [n for n in entries if direction(n) is not None and old.get(n) is not None and new.get(n) is not None]
-    level = bonferroni(confidence, len(judged))
+    level = bonferroni(confidence, sum(judged_here(n) for n in entries))
     pairing.confidence = level
     found = []
     for name in entries:
@@ -212,6 +246,17 @@ def verdicts(diff: Mapping[str, Any], pairing: Pairing | None = None, path: str 
             found.append(Verdict(name, before, after, NEW if before is None else REMOVED))
             continue
         section, _, leaf = name.rpartition(".")
+        if not judged_here(name):
+            found.append(Verdict(name, before, after, NOT_JUDGED,
+                                 test=WEIGHTS_WITH_RECIPE if has_recipes else WEIGHTS_ONLY))
+            continue
+        if section in RECIPE_SECTIONS:
+            change, why = recipes.change(section, leaf, level)
+            if change is None:
+                found.append(Verdict(name, before, after, NOT_JUDGED, test=why))
+            else:
+                found.append(Verdict(name, before, after, word_for(name, change), change, why))
+            continue
         change, why = pairing.change(section, leaf) if leaf in PER_IMAGE else (None, "")
         test = why
         if change is None:
@@ -314,8 +359,25 @@ def grid_section(root: Path, grid: Path, out_path: Path, image_url: str | None) 
     return f"![sample grid: rows = prompts (seed), columns = base model | LoRA scales]({link})"
 
 
+def replicates_note(found: Sequence[Verdict], old: Mapping[str, Any], new: Mapping[str, Any],
+                    weight_level_verdicts: bool) -> str:
+    """What the verdicts are about: recipes (training noise measured) or these weights only."""
+    counts = [int(m.get("replicates.count") or 1) for m in (old, new)]
+    if any(v.metric.startswith(RECIPE + ".") and v.change is not None for v in found):
+        text = (f"Recipes compared: {counts[0]} → {counts[1]} training replicates (`replicates.count`); the "
+                f"`recipe*` intervals cover images, subjects and training seeds.")
+    else:
+        text = (f"**These verdicts are about these weights, not the recipe:** training noise is unmeasured "
+                f"(`replicates.count` = {min(counts)} in one revision), and two seeds of one recipe differ. "
+                f"No recipe verdict is given; set `replicates.count` ≥ 2 in both revisions to compare recipes.")
+    if weight_level_verdicts:
+        text += (" Weight-level verdicts were asked for (`--weight-level`): `lora`, `delta` and "
+                 "`lora_scale_*` compare one trained LoRA per revision (intervals: images, subjects).")
+    return f"> {text}"
+
+
 def build_report(base_rev: str, *, root: Path | str = ".", out_path: Path | str = "report.md",
-                 grid: Path = GRID, image_url: str | None = None) -> str:
+                 grid: Path = GRID, image_url: str | None = None, weight_level_verdicts: bool = False) -> str:
     """The report's Markdown text (nothing written)."""
     root = find_dvc_root(root)
     base_sha = resolve_rev(root, base_rev)
@@ -335,7 +397,14 @@ def build_report(base_rev: str, *, root: Path | str = ".", out_path: Path | str 
                       read_images_table(new_images),
                       {k: e.get("old") for k, e in entries.items()}, {k: e.get("new") for k, e in entries.items()},
                       confidence)
-    found = verdicts(metrics_all, pairing, confidence=confidence)
+    new_reps = (root / EVAL_REPLICATES).read_text() if (root / EVAL_REPLICATES).is_file() else None
+    old_reps = _git(root, "show", f"{base_sha}:{EVAL_REPLICATES.as_posix()}")
+    old_metrics = {k: e.get("old") for k, e in entries.items()}
+    new_metrics = {k: e.get("new") for k, e in entries.items()}
+    recipes = RecipePairing(read_replicate_table(old_reps.stdout if old_reps.returncode == 0 else None),
+                            read_replicate_table(new_reps), pairing.old, pairing.new, old_metrics, new_metrics)
+    found = verdicts(metrics_all, pairing, confidence=confidence, recipes=recipes,
+                     weight_level_verdicts=weight_level_verdicts)
     lines = [f"## Impressionist LoRA: this change vs `{base_rev}`", "",
              f"Compared: `{base_rev}` (`{base_sha[:7]}`) → {head_label}.", ""]
     note = random_nets_note(root)
@@ -343,6 +412,7 @@ def build_report(base_rev: str, *, root: Path | str = ".", out_path: Path | str 
         lines += [note, ""]
     lines += [f"### Verdicts ({EVAL_METRICS})", ""]
     if found:
+        lines += [replicates_note(found, old_metrics, new_metrics, weight_level_verdicts), ""]
         headline = [v for v in found if v.metric.rpartition(".")[0] in HEADLINE_SECTIONS]
         rest = [v for v in found if v not in headline]
         lines += [f"{summary(found)}.", ""] + [v.line() for v in headline]
@@ -373,6 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base-rev", required=True, help="git revision to compare with, e.g. origin/main")
     parser.add_argument("--out", default="report.md", help="Markdown file to write ('-' for stdout)")
     parser.add_argument("--grid", default=str(GRID), help="sample grid PNG, relative to the repository root")
+    parser.add_argument("--weight-level", action="store_true",
+                        help="also judge lora, delta and lora_scale_* (one trained LoRA per revision: "
+                             "about these weights, training noise left out)")
     parser.add_argument("--image-url", help="URL of the grid to link instead of a relative path (CI: the "
                                             "copy committed at the pull request's head)")
     return parser
@@ -383,7 +456,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
     text = build_report(args.base_rev, out_path=Path("report.md") if args.out == "-" else out,
-                        grid=Path(args.grid), image_url=args.image_url)
+                        grid=Path(args.grid), image_url=args.image_url,
+                        weight_level_verdicts=args.weight_level)
     if args.out == "-":
         sys.stdout.write(text)
     else:

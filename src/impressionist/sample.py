@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,10 +43,12 @@ from . import data_parallel
 from .errors import UserError, first_line, stage_main
 from .grid import save_sample_grid
 from .inference import EvalSetParams, SampleParams, baked, build_pipeline, check, lora_applied
-from .layout import CAPTIONS, EVAL_SET_TABLE, LORA_DIR, LORA_WEIGHTS, SAMPLE_GRID, SAMPLES_DIR
+from .layout import (CAPTIONS, EVAL_SET_TABLE, LORA_DIR, LORA_WEIGHTS, REPLICATES_DIR, REPLICATES_MANIFEST,
+                     SAMPLE_GRID, SAMPLES_DIR, SAMPLES_REPLICATES_DIR)
 from .models import ModelParams, resolve_device, resolve_dtype, resolve_pretrained, without_third_party_noise
 from .params import fingerprint, load_params
 from .prompts import CaptionParams, with_trigger
+from .replicate_seeds import extra_replicates
 
 BASE_DIR = SAMPLES_DIR / "base"
 LORA_SAMPLES_DIR = SAMPLES_DIR / "lora"
@@ -305,13 +308,54 @@ def run_lora(params: Mapping[str, Any], lora_dir: Path = LORA_DIR, base_dir: Pat
           f"grid -> {grid_path}")
 
 
+def run_replicates(params: Mapping[str, Any], replicates_dir: Path = REPLICATES_DIR, base_dir: Path = BASE_DIR,
+                   out_dir: Path = SAMPLES_REPLICATES_DIR) -> None:
+    """The evaluation set of each training replicate k >= 1 (``models/replicates/<k>``) at every LoRA
+    scale, as :func:`run_lora` draws it for models/lora: ``out_dir/<k>/eval/`` and ``<k>/eval.csv``.
+    No show grid. R = 1 writes only the manifest."""
+    model, cfg = ModelParams.check(params), SampleParams.check(params)
+    trigger = CaptionParams.check(params).trigger
+    ks = extra_replicates(params)
+    manifest = Path(replicates_dir) / REPLICATES_MANIFEST
+    made = json.loads(manifest.read_text()) if manifest.is_file() else {}
+    if made.get("count") != len(ks) + 1:
+        raise UserError(f"{replicates_dir} holds no replicates for replicates.count={len(ks) + 1}; run "
+                        "`dvc repro train_replicates` first")
+    device = None
+    if ks:  # R = 1 loads nothing and needs no GPU
+        check_base_eval_set(Path(base_dir), cfg, trigger)
+        device = sampling_device(model, cfg)
+    with atomic_dir(out_dir) as tmp:
+        for k in ks:
+            lora_dir = Path(replicates_dir) / str(k)
+            with without_third_party_noise():
+                pipe = None if baked(cfg) else load(model, cfg, device, lora_dir)
+            rows = []
+            for scale in cfg.lora_scales:
+                if baked(cfg):
+                    with without_third_party_noise():
+                        pipe = load(model, cfg, device, lora_dir, baked_scale=float(scale))
+                with lora_applied(pipe, cfg, float(scale)):
+                    rows += generate_eval_set(pipe, cfg, trigger, float(scale), tmp / str(k))
+            pd.DataFrame(rows).to_csv(tmp / str(k) / EVAL_SET_TABLE, index=False)
+        (tmp / REPLICATES_MANIFEST).write_text(json.dumps(made, indent=1) + "\n")
+    print(f"sample_replicates: the evaluation sets of {len(ks)} replicate(s) -> {out_dir}")
+
+
 @stage_main
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--base", action="store_true", help="sample the base model only (no LoRA)")
+    parser.add_argument("--replicates", action="store_true",
+                        help="the evaluation sets of the training replicates (models/replicates)")
     args = parser.parse_args(argv)
     params = load_params(args.params)
+    if args.replicates:
+        # The replicates' evaluation sets are drawn in this one process (compute.num_processes does not
+        # split them yet).
+        run_replicates(params)
+        return
     # Every check runs here, before any process is launched or any model loads.
     model, cfg = ModelParams.check(params), SampleParams.check(params)
     if args.base:

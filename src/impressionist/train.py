@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import functools
 import json
+import os
 import resource
 import sys
 import time
@@ -37,13 +38,14 @@ from .errors import UserError, atomic_dir, atomic_write_text, stage_main
 from .flux_math import (LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS, TimestepSampling, flow_matching_loss,
                         sample_sigmas)
 from .latent_cache import EMPTY_CAPTION_KEY, CacheReader
-from .layout import CACHE_DIR, LORA_DIR, LOSS_PLOT, TRAIN_METRICS, TRAINING_CONFIG
+from .layout import CACHE_DIR, LORA_DIR, LOSS_PLOT, REPLICATES_DIR, REPLICATES_MANIFEST, TRAIN_METRICS, TRAINING_CONFIG
 from .lora import LoraParams, lora_config
 from .models import (ModelParams, base_model_of_cache, check_attention_backend, check_quantization,
                      cuda_capability, load_transformer, require_package, resolve_device, resolve_dtype,
                      use_attention_backend)
 from .params import ParamsSection, fingerprint, load_params, require_choice, require_int, require_positive
 from .plotting import new_figure, save_figure
+from .replicate_seeds import extra_replicates, replicate_params, replicate_seed
 from .validation_images import ValidationParams, ValidationSampler
 
 LIVE_DIR = Path("dvclive")
@@ -774,12 +776,39 @@ def _flat(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def run_replicates(params: Mapping[str, Any], out_dir: Path = REPLICATES_DIR, cache_dir: Path = CACHE_DIR,
+                   checkpoint_dir: Path | None = None) -> dict[str, Any]:
+    """Replicates 1 .. R-1 of the recipe (``replicates.count``; replicate 0 is ``models/lora``): the
+    same :func:`run` with ``train.seed`` replaced by :func:`replicates.replicate_seed`, each LoRA in
+    ``out_dir/<k>/``, its metrics, loss plot and logs in ``out_dir/logs/<k>/``; ``out_dir`` holds
+    ``replicates.json`` (count and seeds). R = 1 writes the manifest alone and loads nothing."""
+    ks = extra_replicates(params)
+    if ks:  # R = 1 checks and loads nothing: no GPU, no time
+        checked_sections(params)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for k in ks:
+        logs = out_dir / "logs" / str(k)
+        run(replicate_params(params, k), cache_dir, out_dir / str(k), checkpoint_dir,
+            logs / "train.json", logs / "loss.png", logs / "dvclive", logs / "tensorboard")
+    manifest = {"count": len(ks) + 1, "seeds": [replicate_seed(params["train"]["seed"], k) for k in [0, *ks]]}
+    if int(os.environ.get("RANK", "0")) == 0:  # one writer under a multi-process launch
+        atomic_write_text(out_dir / REPLICATES_MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    print(f"train_replicates: {len(ks)} replicate(s) beyond models/lora -> {out_dir}")
+    return manifest
+
+
 @stage_main
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--replicates", action="store_true",
+                        help="train replicates 1..R-1 of the recipe (replicates.count) into models/replicates")
     args = parser.parse_args(argv)
     params = load_params(args.params)
+    if args.replicates and not extra_replicates(params):
+        run_replicates(params)  # R = 1: the manifest alone, no processes launched
+        return
     if not launcher.under_launcher():  # a rank of a launch trains; the stage's own command may launch
         model, _, train = checked_sections(params)  # bad params stop here, before any process is launched
         device = resolve_device(model)
@@ -788,7 +817,7 @@ def main(argv: list[str] | None = None) -> None:
             launcher.relaunch("impressionist.train", sys.argv[1:] if argv is None else argv, processes,
                               MIXED_PRECISION[train.mixed_precision], cpu=device.type != "cuda")
             return
-    run(params)
+    run_replicates(params) if args.replicates else run(params)
 
 
 if __name__ == "__main__":
