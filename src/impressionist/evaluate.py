@@ -2,7 +2,8 @@
 
 Reads the evaluation set the sample stages drew (``samples/base/eval.csv``, ``samples/lora/eval.csv``:
 the same subjects and seeds for the base model and at every LoRA scale) and the real paintings'
-features (``data/reference``, the reference stage). Writes ``metrics/eval.json``, the per-image scores
+features (``data/reference``, the reference stage), checked to be those of the current validation
+split of ``data/filtered`` (its table only; the images themselves are not read). Writes ``metrics/eval.json``, the per-image scores
 ``metrics/eval_images.csv``, the data plot ``plots/eval_vs_scale.csv`` and the pictures
 ``plots/eval_vs_scale.png`` and ``plots/eval_delta.png``.
 
@@ -49,11 +50,12 @@ import torch
 
 from .errors import UserError, atomic_write_text, stage_main
 from .image_features import EvaluateParams, Extractors, load_reference, uses_random_nets
-from .layout import EVAL_IMAGES, EVAL_METRICS, EVAL_SET_TABLE, PLOTS_DIR, REFERENCE_DIR, SAMPLES_DIR
+from .layout import (EVAL_IMAGES, EVAL_METRICS, EVAL_SET_TABLE, FILTERED_DIR, PLOTS_DIR, REFERENCE_DIR,
+                     SAMPLES_DIR)
 from .params import load_params
 from .stats import (CMMD, CONFIDENCE, KID, Estimate, Resampling, mean_estimate, paired_difference,
                     replicate_difference, set_distance_estimates)
-from .tables import read_table
+from .tables import read_table, validation_split
 
 PER_IMAGE = ("clip_score", "style_score")
 SET_LEVEL = ("kid", "cmmd")
@@ -249,14 +251,15 @@ def plot_table(results: Mapping[float, Mapping[str, Any]]) -> pd.DataFrame:
 
 def run(params: Mapping[str, Any], samples_dir: Path | str = SAMPLES_DIR,
         reference_dir: Path | str = REFERENCE_DIR, metrics_path: Path | str = EVAL_METRICS,
-        images_path: Path | str = EVAL_IMAGES, plots_dir: Path | str = PLOTS_DIR) -> dict[str, Any]:
+        images_path: Path | str = EVAL_IMAGES, plots_dir: Path | str = PLOTS_DIR,
+        filtered_dir: Path | str = FILTERED_DIR) -> dict[str, Any]:
     """Score the evaluation set; write the metrics, the per-image table and the plots; return the metrics."""
     from .plotting import plot_deltas, plot_metrics_vs_scale
 
     # Everything that can be checked cheaply is checked before any model is loaded.
     cfg = EvaluateParams.check(params)
     sets = evaluation_sets(samples_dir)
-    real, n_real = load_reference(reference_dir, cfg)
+    real, n_real = load_reference(reference_dir, cfg, list(validation_split(filtered_dir)["id"]))
 
     extractors = Extractors.load(cfg)
     clusters = list(sets[0.0]["prompt_id"])
