@@ -176,6 +176,11 @@ MUTATIONS = [
     Mutation("delta_reversed", EVALUATE, "paired_difference(per_image[0.0][name], per_image[top][name]",
              "paired_difference(per_image[top][name], per_image[0.0][name]", EVALUATE_TESTS,
              "delta is base - LoRA"),
+    Mutation("unpaired_score_delta", EVALUATE,
+             "deltas[name] = paired_difference(per_image[0.0][name], per_image[top][name], clusters, **kwargs)",
+             'deltas[name] = __import__("impressionist.stats", fromlist=["stats"]).difference_of_independent('
+             "results[0.0][name], results[top][name], confidence)", EVALUATE_TESTS,
+             "per-image score deltas not paired: base and LoRA intervals combined as if independent"),
     Mutation("clip_against_prompt", EVALUATE, 'list(table["subject"])', 'list(table["prompt"])', EVALUATE_TESTS,
              "the CLIP score rewards the trigger word, not the subject"),
     Mutation("no_bonferroni", REPORT, "level = bonferroni(confidence, len(judged))", "level = confidence",
