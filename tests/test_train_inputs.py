@@ -149,3 +149,14 @@ def test_the_loss_weighting_weights_the_logged_loss(demo_params, encoded_cache, 
     ratio = runs[weighting][1]["final_loss"] / runs["none"][1]["final_loss"]
     assert ratio == pytest.approx(weight(sigma), rel=1e-4)
     assert abs(ratio - 1) > 1e-3  # the weight is not one at this sigma
+
+
+def test_a_buckets_images_are_batched_together_differently_every_epoch():
+    """Each epoch reshuffles a bucket's images before cutting it into batches, so one image is not
+    always trained beside the same others (a shuffle of whole batches alone would keep them)."""
+    from impressionist.batch_order import BucketBatches
+
+    samples = [{"bucket": [64, 64]}] * 6
+    order = BucketBatches(samples, batch_size=2, seed=3)
+    compositions = {frozenset(map(frozenset, order.epoch(e))) for e in range(6)}
+    assert len(compositions) >= 3, compositions
