@@ -1,11 +1,12 @@
-"""dvc.yaml's code deps match the imports: a stage re-runs whenever code it runs changes.
+"""dvc.yaml's deps match the code: a stage re-runs whenever code it runs, or data it reads, changes.
 
 Each stage's import closure inside the package is derived from the source alone (AST, nothing is
 imported or run): the stage module is the ``python -m impressionist.X`` of its cmd, and every
 ``import impressionist.x``, ``from impressionist import x``, ``from impressionist.x import y`` and
 relative ``from .x import y`` / ``from . import x`` is followed, including imports inside
 functions (the late ones that keep heavy libraries out of start-up). dvc.yaml must list exactly
-those ``src/impressionist/*.py`` files as the stage's deps, no fewer and no more.
+those ``src/impressionist/*.py`` files as the stage's deps, no fewer and no more. Its data deps are
+checked against the ``layout.py`` paths the same closure imports (see READS below).
 """
 
 from __future__ import annotations
@@ -146,3 +147,116 @@ def test_closure_follows_every_import_form(tmp_path, monkeypatch):
         "ALLOWED_UNLISTED in tests/test_dvc_deps.py)",
         f"stage s: remove `- src/{PACKAGE}/unused.py` from its deps in dvc.yaml ({PACKAGE}.stage never imports it)",
     ]
+
+
+# --------------------------------------------------------------------------------------------
+# Data deps: each stage's non-code deps cover the data its code reads
+# --------------------------------------------------------------------------------------------
+#
+# What a stage's code can touch is derived from its import closure: every ``layout.py`` path
+# constant (``from .layout import X``) of the files it imports. Whether it reads or writes that path
+# is not in the source's syntax, so READS says which ones each stage reads, and the test checks the
+# table against the code both ways: a constant the code uses must be read (then a dep of the stage
+# in dvc.yaml must cover it), written (an out, metric or plot of the stage covers it) or explained in
+# UNUSED_BY_STAGE; a READS entry the code never uses is stale. A data dep no READS entry accounts for
+# is reported too (a stage that re-runs for nothing).
+
+READS = {
+    "download": set(),
+    "filter": {"RAW_DIR"},
+    "caption": {"RAW_DIR", "FILTERED_DIR"},
+    "encode": {"FILTERED_DIR", "CAPTIONS"},
+    "train": {"CACHE_DIR"},
+    "export": {"LORA_DIR"},
+    "sample_base": {"CAPTIONS"},
+    "sample": {"CAPTIONS", "LORA_DIR", "SAMPLES_DIR"},  # samples/base: the base images of the grid
+    "reference": {"FILTERED_DIR"},
+    "evaluate": {"SAMPLES_DIR", "REFERENCE_DIR", "FILTERED_DIR"},  # the val split's ids
+}
+# Constants a stage's closure imports that the stage itself neither reads nor writes, and why.
+UNUSED_BY_STAGE = {
+    ("train", "CHECKPOINT_ROOT"): "git- and DVC-ignored resumable state, outside the pipeline by design",
+    ("sample_base", "LORA_DIR"): "`sample --base` draws without the LoRA",
+    ("sample_base", "SAMPLE_GRID"): "only `sample` draws the grid",
+}
+# Non-code deps that are files of the repository, not stage data.
+REPO_FILES = {"configs/eval_subjects.txt"}
+
+
+def layout_constants(path: Path) -> set[str]:
+    """Names ``path`` imports from the layout module (``from .layout import A, B as C``)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[-1] == "layout":
+            names |= {alias.name for alias in node.names}
+    return names
+
+
+def layout_paths() -> dict[str, str]:
+    """layout.py's path constants (Path values; bare file names such as LORA_WEIGHTS are left out)."""
+    found = {}
+    for node in ast.parse((SRC / "layout.py").read_text()).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            found[node.targets[0].id] = node.value
+    paths: dict[str, str] = {}
+    for name, value in found.items():  # Path("a/b") or OTHER / "c"
+        if isinstance(value, ast.Call) and getattr(value.func, "id", "") == "Path":
+            paths[name] = value.args[0].value
+        elif isinstance(value, ast.BinOp) and isinstance(value.left, ast.Name) and value.left.id in paths:
+            paths[name] = f"{paths[value.left.id]}/{value.right.value}"
+    return paths
+
+
+def _covers(a: str, b: str) -> bool:
+    """One path is the other or lies inside it."""
+    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
+
+
+def _paths(entries) -> list[str]:
+    return [next(iter(d)) if isinstance(d, dict) else d for d in entries or []]
+
+
+def data_dep_problems(dvc_yaml: dict, reads: dict[str, set[str]] = READS) -> list[str]:
+    paths = layout_paths()
+    problems = []
+    for name, stage in dvc_yaml["stages"].items():
+        closure = import_chains(stage_module(stage["cmd"]))
+        used = {c for f in closure for c in layout_constants(SRC / f) if c in paths}
+        deps = [d for d in _paths(stage.get("deps")) if not d.startswith("src/") and d not in REPO_FILES]
+        outs = [o for key in ("outs", "metrics", "plots") for o in _paths(stage.get(key))]
+        read = reads.get(name, set())
+        for const in sorted(read - used):
+            problems.append(f"stage {name}: READS lists {const} but its code never imports it "
+                            "(update READS in tests/test_dvc_deps.py)")
+        for const in sorted(used):
+            path = paths[const]
+            if const in read:
+                if not any(_covers(path, d) for d in deps):
+                    problems.append(f"stage {name}: its code reads {const} ({path}): add `- {path}` to its "
+                                    "deps in dvc.yaml")
+            elif not any(_covers(path, o) for o in outs) and (name, const) not in UNUSED_BY_STAGE:
+                problems.append(f"stage {name}: its code uses {const} ({path}), neither a dep nor an out of "
+                                "the stage: add it to READS and its deps, or to its outs")
+        for dep in deps:
+            if not any(_covers(paths[c], dep) for c in read):
+                problems.append(f"stage {name}: dep `- {dep}` is read by none of its code (READS)")
+    return problems
+
+
+def test_every_stage_depends_on_the_data_its_code_reads():
+    problems = data_dep_problems(yaml.safe_load((REPO / "dvc.yaml").read_text()))
+    assert not problems, "dvc.yaml data deps do not match the code:\n" + "\n".join(problems)
+
+
+def test_a_data_dep_removed_or_a_read_unlisted_is_reported():
+    dvc_yaml = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    reference = dvc_yaml["stages"]["reference"]
+    reference["deps"] = [d for d in reference["deps"] if d != "data/filtered"]
+    assert data_dep_problems(dvc_yaml) == [
+        "stage reference: its code reads FILTERED_DIR (data/filtered): add `- data/filtered` to its deps in dvc.yaml"]
+    dvc_yaml = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    reads = {**READS, "evaluate": READS["evaluate"] - {"FILTERED_DIR"}}
+    assert data_dep_problems(dvc_yaml, reads) == [
+        "stage evaluate: its code uses FILTERED_DIR (data/filtered), neither a dep nor an out of the stage: "
+        "add it to READS and its deps, or to its outs",
+        "stage evaluate: dep `- data/filtered` is read by none of its code (READS)"]

@@ -99,7 +99,8 @@ def make_project(root: Path, *, n_val: int = 8, n_train: int = 3, n_subjects: in
 
 def run_in(root: Path, cfg: dict | None = None) -> dict:
     return evaluate.run({"evaluate": cfg or DEMO_CFG}, root / "samples", root / "data" / "reference",
-                        root / "metrics" / "eval.json", root / "metrics" / "eval_images.csv", root / "plots")
+                        root / "metrics" / "eval.json", root / "metrics" / "eval_images.csv", root / "plots",
+                        filtered_dir=root / "data" / "filtered")
 
 
 # ---------------------------------------------------------------- shared preprocessing
@@ -364,8 +365,8 @@ def test_reference_features_are_reused_and_checked(tmp_path, monkeypatch):
     ref = root / "data" / "reference"
     info = json.loads((ref / "reference.json").read_text())
     assert info["n"] == 8 and info["ids"] == sorted(info["ids"])
-    # evaluate reads the stored real features: the real images may be gone
-    shutil.rmtree(root / "data" / "filtered")
+    # evaluate reads the stored real features (and the split's ids): the real images may be gone
+    shutil.rmtree(root / "data" / "filtered" / "images")
     seen = []
     original = evaluate.Extractors.features
     monkeypatch.setattr(evaluate.Extractors, "features", lambda self, paths: seen.append(len(paths)) or original(self, paths))
@@ -374,6 +375,27 @@ def test_reference_features_are_reused_and_checked(tmp_path, monkeypatch):
     # features from other networks are refused, before any model loads
     with pytest.raises(UserError, match="other feature networks.*dvc repro reference"):
         run_in(root, {**DEMO_CFG, "image_size": 48})
+
+
+@pytest.mark.parametrize("change", ["one_val_image_moved_to_train", "one_id_renamed"])
+def test_reference_features_of_other_paintings_are_refused(tmp_path, monkeypatch, change):
+    """New data (another filter.* param, a new download) must not be scored against stale features."""
+    root = make_project(tmp_path / "p")
+    meta = root / "data" / "filtered" / "metadata.parquet"
+    table = pd.read_parquet(meta)
+    first_val = table.index[table["split"] == "val"][0]
+    if change == "one_val_image_moved_to_train":
+        table.loc[first_val, "split"] = "train"
+    else:
+        table.loc[first_val, "id"] = "f" * 16
+    table.to_parquet(meta)
+    monkeypatch.setattr(evaluate.Extractors, "load", lambda cfg: pytest.fail("a model loaded before the check"))
+    with pytest.raises(UserError) as err:
+        run_in(root)
+    message = str(err.value)
+    assert "other paintings than the validation split" in message and "dvc repro reference" in message
+    assert "\n" not in message
+    assert not (root / "metrics").exists() and not (root / "plots").exists()
 
 
 def _remove_lora(root):

@@ -108,17 +108,32 @@ def test_difference_of_independent_adds_errors_in_quadrature():
 # ---------------------------------------------------------------- calibration by simulation
 
 
+def unpaired_mean_difference(before: np.ndarray, after: np.ndarray, clusters, resamples: int, seed: int) -> Estimate:
+    """What a resampler that forgets the pairing computes: each side's mean bootstrapped on its own
+    draws (independent subjects for base and LoRA), and the CI of the replicates' differences."""
+    rng_before, rng_after = np.random.default_rng([seed, 1]), np.random.default_rng([seed, 2])
+    reps = []
+    for x, rng in ((before, rng_before), (after, rng_after)):
+        counts = stats.bootstrap_counts(len(x), resamples, rng, clusters)
+        reps.append(counts @ x / counts.sum(axis=1))
+    return stats.replicate_difference(float(np.mean(after - before)), reps[0], reps[1], len(x))
+
+
 def simulated_evaluation(seed: int, shift: float = 0.0, n_subjects: int = 30, seeds: int = 2, n_real: int = 40,
-                         dim: int = 8, resamples: int = 400) -> dict[str, Estimate]:
+                         dim: int = 8, resamples: int = 400, subject_sd: float = 1.0,
+                         paired: bool = True) -> dict[str, Estimate]:
     """Base and LoRA generators that are the same distribution (``shift`` 0) or differ by ``shift``.
 
-    Like the real evaluation set: each image comes from a subject (a shared component) and a seed
-    (its own noise); base and LoRA images of one (subject, seed) share the subject and the seed's noise,
-    plus generator-specific noise. Per-image scores and features are drawn the same way.
-    Returns the paired deltas (LoRA − base) of a per-image score, KID and CMMD with their CIs.
+    Like the real evaluation set: each image comes from a subject (a shared component, of standard
+    deviation ``subject_sd``) and a seed (its own noise); base and LoRA images of one (subject, seed)
+    share the subject and the seed's noise, plus generator-specific noise (sd 0.5). Per-image scores
+    and features are drawn the same way; the real paintings follow the base images' distribution.
+    Returns the deltas (LoRA − base) of a per-image score, KID and CMMD with their CIs: paired as
+    the evaluation computes them, or (``paired=False``) resampled with base and LoRA drawn apart;
+    and, under ``base_<name>``, the base set's own estimates.
     """
     rng = np.random.default_rng(seed)
-    subject = np.repeat(rng.normal(size=(n_subjects, dim)), seeds, axis=0)
+    subject = np.repeat(rng.normal(size=(n_subjects, dim)) * subject_sd, seeds, axis=0)
     noise = rng.normal(size=subject.shape)
     clusters = np.repeat(np.arange(n_subjects), seeds)
 
@@ -126,14 +141,21 @@ def simulated_evaluation(seed: int, shift: float = 0.0, n_subjects: int = 30, se
         return subject + noise + 0.5 * rng.normal(size=subject.shape) + offset
 
     base, lora = generator(0.0), generator(shift)
-    real = rng.normal(size=(n_real, dim)) * np.sqrt(2.25) + 0.0
+    real = rng.normal(size=(n_real, dim)) * np.sqrt(subject_sd ** 2 + 1.25)
     score_base, score_lora = base[:, 0], lora[:, 0]  # a per-image score: one coordinate of the image
-    out = {"score": stats.paired_difference(score_base, score_lora, clusters, resamples=resamples, seed=seed)}
-    resampling = Resampling.draw(n_real, clusters, resamples, seed)
-    real_t, fakes = torch.tensor(real), [torch.tensor(base), torch.tensor(lora)]
+    if paired:
+        out = {"score": stats.paired_difference(score_base, score_lora, clusters, resamples=resamples, seed=seed)}
+        resamplings = [Resampling.draw(n_real, clusters, resamples, seed)] * 2
+    else:
+        out = {"score": unpaired_mean_difference(score_base, score_lora, clusters, resamples, seed)}
+        resamplings = [Resampling.draw(n_real, clusters, resamples, seed * 2 + k) for k in (1, 2)]
+    out["base_score"] = stats.mean_estimate(score_base, clusters, resamples=resamples, seed=seed)
+    real_t = torch.tensor(real)
     for name, distance in (("kid", stats.KID), ("cmmd", stats.CMMD)):
-        (b, l), (rb, rl) = stats.set_distance_estimates(distance, real_t, fakes, resampling)
-        out[name] = stats.replicate_difference(l.value - b.value, rb, rl, l.n)
+        (b, rb), (l, rl) = [(e[0], r[0]) for e, r in (
+            stats.set_distance_estimates(distance, real_t, [torch.tensor(fake)], resampling)
+            for fake, resampling in ((base, resamplings[0]), (lora, resamplings[1])))]
+        out[name], out[f"base_{name}"] = stats.replicate_difference(l.value - b.value, rb, rl, l.n), b
     return out
 
 
@@ -149,3 +171,32 @@ def test_a_planted_shift_is_detected():
     for name in ("score", "kid", "cmmd"):
         detected = sum(run[name].ci_low > 0 for run in runs)
         assert detected >= 9, f"{name}: a shift of 1.0 (2/3 of the images' sd) was detected in only {detected} of 10 simulations"
+
+
+def width(estimate: Estimate) -> float:
+    return estimate.ci_high - estimate.ci_low
+
+
+def pairing_checks(paired: bool) -> dict[str, int]:
+    """Per statistic, in how many of 10 simulations pairing visibly did its work. Every image of a
+    subject shares a strong subject effect (sd 3) that base and LoRA images of one (subject, seed)
+    also share: a paired delta cancels it, so with identical generators its CI is far narrower than
+    the base set's own CI (here: under half; independent resampling makes it ~1.4 times wider), and
+    a shift of 0.5 (a sixth of the subject sd) is detected by the per-image score."""
+    same = [simulated_evaluation(seed, subject_sd=3.0, paired=paired) for seed in range(10)]
+    shifted = [simulated_evaluation(seed, shift=0.5, subject_sd=3.0, paired=paired) for seed in range(10)]
+    checks = {name: sum(width(run[name]) < 0.5 * width(run[f"base_{name}"]) for run in same)
+              for name in ("score", "kid", "cmmd")}
+    checks["score_shift"] = sum(run["score"].ci_low > 0 for run in shifted)
+    return checks
+
+
+def test_paired_deltas_cancel_the_effect_base_and_lora_share():
+    checks = pairing_checks(paired=True)
+    assert all(count >= 9 for count in checks.values()), checks
+
+
+def test_the_pairing_test_fails_when_deltas_are_resampled_unpaired():
+    """The check above tests pairing: base and LoRA resampled apart (the bug) fail every part of it."""
+    checks = pairing_checks(paired=False)
+    assert all(count <= 2 for count in checks.values()), checks

@@ -1,17 +1,30 @@
 #!/usr/bin/env python3
-"""Hand-picked mutations of flux_math.py, sample.py, caption.py, data_parallel.py and the evaluation
-(stats.py, evaluate.py, report.py, replicates.py, replicate_seeds.py): does some test notice each one?
+"""Hand-picked mutations of the trainer's inputs (train.py, flux_math.py, batch_order.py, ema.py,
+encode.py), the sampling (sample.py, caption.py, data_parallel.py), the evaluation (stats.py,
+image_features.py, evaluate.py, report.py, replicates.py, replicate_seeds.py) and the pipeline's data
+deps (dvc.yaml): does some test notice each one, and does that test run the mutated code at all?
 
 For every mutation the working tree (tracked and untracked, non-ignored files) is copied to a
-temporary folder, one textual replacement is applied to one source file there, and the mutation's
-test files run against that copy (``pytest -x``). A mutation is *killed* when a test fails, and
+temporary folder, one textual replacement is applied to one file there, and the mutation's test
+files run against that copy (``pytest -x``). A mutation is *killed* when a test fails, and
 *survives* when they all pass. The unmutated copy is run first (the baseline): it must pass, or no
 kill would mean anything. A mutation whose text is no longer in its file is reported *stale*
 (exit status 2): update it together with the code.
 
-    python tools/mutation_check.py                 # everything (~15 min on 2 cores)
+Each mutation is also checked to be *reached*: in the same run, a probe goes into the mutated copy
+that touches a marker file when the mutated code runs. In a Python file the probe is a statement
+inserted just before the innermost statement holding each replacement (so it runs whenever that
+statement does, in any process the tests start); in any other file (dvc.yaml) it is an audit hook
+of the pytest process that sees the file opened. A kill without a reach means the tests failed for
+another reason than the planted bug; a survivor without one means its tests never run that code.
+
+    python tools/mutation_check.py                 # everything (~30 min on 2 cores)
     python tools/mutation_check.py --list
-    python tools/mutation_check.py --only seed --only sigma_sqrt --no-baseline
+    python tools/mutation_check.py --only caption_dropout_ignored --only train_guidance_ignored --no-baseline
+
+``--only NAME`` takes an exact mutation name (repeatable); a name that is no mutation's selects
+every mutation whose name contains it. Exit status: 0 when every chosen mutation is killed and
+reached, 1 when one survives or is not reached, 2 when one is stale.
 
 Each mutation is a plausible bug, not a random edit; the list says what a kill protects.
 """
@@ -33,6 +46,12 @@ REPO = Path(__file__).resolve().parents[1]
 FLUX_MATH, SAMPLE, CAPTION = ("src/impressionist/flux_math.py", "src/impressionist/sample.py",
                               "src/impressionist/caption.py")
 INFERENCE = "src/impressionist/inference.py"
+TRAIN, ENCODE, EMA, BATCH_ORDER = ("src/impressionist/train.py", "src/impressionist/encode.py",
+                                   "src/impressionist/ema.py", "src/impressionist/batch_order.py")
+IMAGE_FEATURES, DVC_YAML = "src/impressionist/image_features.py", "dvc.yaml"
+TRAIN_INPUT_TESTS, EMA_TESTS, ENCODE_TESTS, MULTIRES_TESTS, DVC_DEPS_TESTS = (
+    ("tests/test_train_inputs.py",), ("tests/test_ema.py",), ("tests/test_encode.py",),
+    ("tests/test_multiresolution.py",), ("tests/test_dvc_deps.py",))
 FLUX_MATH_TESTS, SAMPLE_TESTS, CAPTION_TESTS = ("tests/test_flux_math.py",), ("tests/test_sample.py",), \
     ("tests/test_caption.py",)
 DATA_PARALLEL, DATA_PARALLEL_TESTS = "src/impressionist/data_parallel.py", ("tests/test_data_parallel.py",)
@@ -56,9 +75,11 @@ class Mutation:
 MUTATIONS = [
     # --- flux_math.py: timestep samplers, loss weighting, the objective
     Mutation("samplers_are_uniform", FLUX_MATH,
-             "    return compute_density_for_timestep_sampling(",
-             "    return torch.rand(batch_size, generator=generator)\n    return compute_density_for_timestep_sampling(",
-             FLUX_MATH_TESTS, "every sampler except flux_shift draws torch.rand"),
+             '    if sampling.method == "style":\n        return style_sigmas(batch_size, generator)',
+             '    if sampling.method != "flux_shift":\n        return torch.rand(batch_size, generator=generator)\n'
+             '    if sampling.method == "style":\n        return style_sigmas(batch_size, generator)',
+             FLUX_MATH_TESTS + ("tests/test_style_timesteps.py",),
+             "every sampler except flux_shift (style included) draws torch.rand"),
     Mutation("loss_weights_one", FLUX_MATH, "    per_sample = ",
              "    weights = torch.ones_like(weights)\n    per_sample = ",
              FLUX_MATH_TESTS, "loss weights forced to 1 (sigma_sqrt and cosmap ignored)"),
@@ -76,6 +97,43 @@ MUTATIONS = [
              "target = pack_latents(latents - noise)", FLUX_MATH_TESTS, "velocity target x - noise"),
     Mutation("guidance_ignored", FLUX_MATH, "torch.full((b,), float(guidance_scale)", "torch.full((b,), 1.0",
              FLUX_MATH_TESTS, "train.guidance_scale never reaches the transformer"),
+    # --- train.py: what the trainer feeds the transformer and the loss
+    Mutation("caption_dropout_ignored", TRAIN, "torch.rand(len(samples), generator=generator) < caption_dropout",
+             "torch.rand(len(samples), generator=generator) < 0.0", TRAIN_INPUT_TESTS,
+             "train.caption_dropout never drops a caption"),
+    Mutation("train_guidance_ignored", TRAIN, "flow_matching_loss(transformer, guidance_scale=train.guidance_scale,",
+             "flow_matching_loss(transformer, guidance_scale=1.0,", TRAIN_INPUT_TESTS,
+             "the trainer passes guidance 1.0 whatever train.guidance_scale says"),
+    Mutation("train_sampler_params_dropped", TRAIN,
+             "TimestepSampling(train.timestep_sampling, train.logit_mean, train.logit_std, train.mode_scale)",
+             "TimestepSampling(train.timestep_sampling)", TRAIN_INPUT_TESTS,
+             "train.logit_mean, logit_std and mode_scale never reach the sampler"),
+    Mutation("train_sampler_ignored", TRAIN, "TimestepSampling(train.timestep_sampling, ",
+             'TimestepSampling("logit_normal", ', TRAIN_INPUT_TESTS,
+             "the trainer samples logit_normal whatever train.timestep_sampling says"),
+    Mutation("train_loss_weighting_ignored", TRAIN, "weighting=train.loss_weighting, **batch)",
+             'weighting="none", **batch)', TRAIN_INPUT_TESTS, "train.loss_weighting never weights the loss"),
+    # --- batch_order.py, ema.py, encode.py: what the trainer trains on and what it saves
+    Mutation("resolution_mix_ignored", BATCH_ORDER,
+             "weights = {r: Fraction(self.streams[r].batches_per_epoch) if not mix else mix[r] for r in used}",
+             "weights = {r: Fraction(self.streams[r].batches_per_epoch) for r in used}", MULTIRES_TESTS,
+             "train.resolution_mix's weights ignored (each resolution by its batch count)"),
+    Mutation("bucket_order_unshuffled", BATCH_ORDER,
+             "order = [members[i] for i in torch.randperm(len(members), generator=generator)]",
+             "order = list(members)",
+             ("tests/test_train_inputs.py::test_a_buckets_images_are_batched_together_differently_every_epoch",),
+             "a bucket's images batched in cache order, the same batches every epoch"),
+    Mutation("ema_decay_inverted", EMA, "get_ema_multi_avg_fn(self.decay)", "get_ema_multi_avg_fn(1.0 - self.decay)",
+             EMA_TESTS, "the EMA keeps 1 - decay of the average: it follows the last steps"),
+    Mutation("ema_not_restored", EMA, "                    param.copy_(saved)", "                    pass",
+             EMA_TESTS, "after applied() the model trains on from the averaged weights"),
+    Mutation("encode_samples_the_posterior", ENCODE, "latent_dist.mode()", "latent_dist.sample()",
+             ENCODE_TESTS, "the cache holds a random VAE sample, not the posterior mean"),
+    Mutation("encode_unshifted", ENCODE, "(vae.encode(pixels).latent_dist.mode() - shift) * scale",
+             "vae.encode(pixels).latent_dist.mode() * scale", ENCODE_TESTS,
+             "latents cached without FLUX's VAE shift factor"),
+    Mutation("encode_flip_not_flipped", ENCODE, "im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for im in images",
+             "im for im in images", ENCODE_TESTS, "encode.flip caches unflipped copies"),
     # --- sample.py: which image is drawn from what
     Mutation("all_seed_0", SAMPLE, "manual_seed(int(seed))", "manual_seed(0)",
              SAMPLE_TESTS, "every image drawn with seed 0"),
@@ -111,9 +169,27 @@ MUTATIONS = [
              "CMMD's RBF bandwidth is not the paper's"),
     Mutation("ci_too_narrow", STATS, "tail = (1.0 - confidence) / 2.0", "tail = 0.25", STATS_TESTS,
              "a 50% interval reported as 95%"),
+    Mutation("reference_ids_unchecked", IMAGE_FEATURES, "    if recorded != current:", "    if False:",
+             EVALUATE_TESTS, "reference features of other paintings scored against new data without a word"),
+    Mutation("reference_config_unchecked", IMAGE_FEATURES, 'if info.get("features") != feature_config(cfg):',
+             "if False:", EVALUATE_TESTS, "reference features of other feature networks used as they are"),
+    Mutation("top_left_crop", IMAGE_FEATURES, "top, left = (new_h - size) // 2, (new_w - size) // 2",
+             "top, left = 0, 0", EVALUATE_TESTS, "feature preprocessing crops the top-left, not the centre"),
+    Mutation("reference_data_dep_removed", DVC_YAML,
+             "      - data/filtered\n    params:\n      - evaluate.fid_features",
+             "    params:\n      - evaluate.fid_features", DVC_DEPS_TESTS,
+             "the reference stage does not re-run when data/filtered changes"),
+    Mutation("evaluate_data_dep_removed", DVC_YAML, "      - data/reference\n      - data/filtered\n",
+             "      - data/reference\n", DVC_DEPS_TESTS,
+             "evaluate does not re-run (and re-check the reference's ids) when data/filtered changes"),
     Mutation("delta_reversed", EVALUATE, "paired_difference(per_image[0.0][name], per_image[top][name]",
              "paired_difference(per_image[top][name], per_image[0.0][name]", EVALUATE_TESTS,
              "delta is base - LoRA"),
+    Mutation("unpaired_score_delta", EVALUATE,
+             "deltas[name] = paired_difference(per_image[0.0][name], per_image[top][name], clusters, **kwargs)",
+             'deltas[name] = __import__("impressionist.stats", fromlist=["stats"]).difference_of_independent('
+             "results[0.0][name], results[top][name], confidence)", EVALUATE_TESTS,
+             "per-image score deltas not paired: base and LoRA intervals combined as if independent"),
     Mutation("clip_against_prompt", EVALUATE, 'list(table["subject"])', 'list(table["prompt"])', EVALUATE_TESTS,
              "the CLIP score rewards the trigger word, not the subject"),
     Mutation("no_bonferroni", REPORT, "level = bonferroni(confidence, sum(judged_here(n) for n in entries))",
@@ -167,13 +243,40 @@ def copy_tree(repo: Path, dest: Path) -> Path:
     return dest
 
 
-def run_tests(copy: Path, tests: tuple[str, ...], timeout: float) -> tuple[bool, str, float]:
+PROBE_PLUGIN = "mutation_reach_probe"  # a pytest plugin written next to each copy (non-Python files)
+PROBE_PLUGIN_TEXT = """\
+import os
+import sys
+
+_watched = os.path.realpath(os.environ["MUTATION_WATCHED_FILE"])
+_marker = os.environ["MUTATION_REACHED_MARKER"]
+
+
+def _hook(event, args):
+    if event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
+        try:
+            if os.path.realpath(os.fsdecode(args[0])) == _watched and not os.path.exists(_marker):
+                with open(_marker, "w"):
+                    pass
+        except (OSError, TypeError, ValueError):
+            pass
+
+
+sys.addaudithook(_hook)
+"""
+
+
+def run_tests(copy: Path, tests: tuple[str, ...], timeout: float,
+              extra_env: dict[str, str] | None = None, plugin: bool = False) -> tuple[bool, str, float]:
     """(passed, the first failing test or the error, seconds) of ``pytest -x tests`` in ``copy``."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(copy / "src"), os.environ.get("PYTHONPATH")])),
-               DVC_NO_ANALYTICS="1")
+    path = [str(copy / "src"), os.environ.get("PYTHONPATH")]
+    if plugin:
+        path.insert(0, str(copy.parent / "probe"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, path)), DVC_NO_ANALYTICS="1", **(extra_env or {}))
     started = time.perf_counter()
     try:
         result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-rf", "-p", "no:cacheprovider",
+                                 *(["-p", PROBE_PLUGIN] if plugin else []),
                                  "--basetemp", str(copy.parent / "pytest-tmp"), *tests],
                                 cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -188,30 +291,101 @@ def run_tests(copy: Path, tests: tuple[str, ...], timeout: float) -> tuple[bool,
     return False, f"pytest exit {result.returncode}: {tail[0]}", seconds
 
 
-def check(mutation: Mutation, timeout: float) -> tuple[str, str, float]:
+def replace_all(text: str, old: str, new: str) -> tuple[str, list[int]]:
+    """``text`` with every ``old`` replaced by ``new``, and each replacement's offset in the result."""
+    pieces, offsets, position, out_length = [], [], 0, 0
+    while (found := text.find(old, position)) >= 0:
+        pieces.append(text[position:found])
+        out_length += found - position
+        offsets.append(out_length)
+        pieces.append(new)
+        out_length += len(new)
+        position = found + len(old)
+    pieces.append(text[position:])
+    return "".join(pieces), offsets
+
+
+def innermost_statement_lines(source: str, lines: list[int]) -> list[int]:
+    """For each 1-based line, the first line of the innermost statement that holds it (its first
+    decorator for a decorated definition), where a probe statement can go just before."""
+    import ast
+
+    statements = [node for node in ast.walk(ast.parse(source)) if isinstance(node, ast.stmt)]
+    starts = []
+    for line in lines:
+        holding = [n for n in statements if n.lineno <= line <= n.end_lineno]
+        if not holding:
+            raise ValueError(f"line {line} lies in no statement")
+        node = min(holding, key=lambda n: (n.end_lineno - n.lineno, -n.lineno))
+        first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+        text = source.splitlines()[first - 1].lstrip()
+        if text.startswith(("elif", "else", "except", "finally")):
+            raise ValueError(f"line {line}: a probe cannot go before `{text.split()[0]}`; target another text")
+        starts.append(first)
+    return starts
+
+
+def with_python_probes(source: str, offsets: list[int], marker: Path) -> str:
+    """``source`` with a statement touching ``marker`` before the statement of each offset."""
+    line_of = [source.count("\n", 0, offset) + 1 for offset in offsets]
+    lines = source.splitlines(keepends=True)
+    for start in sorted(set(innermost_statement_lines(source, line_of)), reverse=True):
+        indent = re.match(r"[ \t]*", lines[start - 1]).group(0)
+        lines.insert(start - 1, f"{indent}__import__('pathlib').Path({str(marker)!r}).touch()  # mutation reach probe\n")
+    return "".join(lines)
+
+
+def check(mutation: Mutation, timeout: float) -> tuple[str, bool, str, float]:
+    """(killed | survived | stale, reached, the first failure, seconds)."""
     with tempfile.TemporaryDirectory(prefix=f"mutant-{mutation.name}-") as tmp:
         copy = copy_tree(REPO, Path(tmp) / "repo")
         path = copy / mutation.file
         text = path.read_text()
         if mutation.old not in text:
-            return "stale", f"text not found in {mutation.file}", 0.0
-        path.write_text(text.replace(mutation.old, mutation.new))
-        passed, detail, seconds = run_tests(copy, mutation.tests, timeout)
-    return ("survived", "", seconds) if passed else ("killed", detail, seconds)
+            return "stale", False, f"text not found in {mutation.file}", 0.0
+        mutated, offsets = replace_all(text, mutation.old, mutation.new)
+        marker = Path(tmp) / "reached"
+        extra_env, plugin = {}, False
+        if path.suffix == ".py":
+            mutated = with_python_probes(mutated, offsets, marker)
+        else:
+            probe = Path(tmp) / "probe"
+            probe.mkdir()
+            (probe / f"{PROBE_PLUGIN}.py").write_text(PROBE_PLUGIN_TEXT)
+            extra_env = {"MUTATION_WATCHED_FILE": str(path), "MUTATION_REACHED_MARKER": str(marker)}
+            plugin = True
+        path.write_text(mutated)
+        passed, detail, seconds = run_tests(copy, mutation.tests, timeout, extra_env, plugin)
+        reached = marker.exists()
+    return ("survived" if passed else "killed"), reached, detail, seconds
+
+
+def choose(names: list[str]) -> list[Mutation]:
+    """Mutations by exact name; a name that is none selects those whose name contains it."""
+    if not names:
+        return list(MUTATIONS)
+    by_name = {m.name for m in MUTATIONS}
+    return [m for m in MUTATIONS if any(m.name == n if n in by_name else n in m.name for n in names)]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", action="append", default=[], help="run mutations whose name contains this")
+    parser.add_argument("--only", action="append", default=[],
+                        help="run this mutation (exact name; otherwise every name containing it); repeatable")
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
     parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated run")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per pytest run")
     args = parser.parse_args(argv)
 
-    chosen = [m for m in MUTATIONS if not args.only or any(o in m.name for o in args.only)]
+    names = [m.name for m in MUTATIONS]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        print(f"error: mutation names used twice: {', '.join(twice)}", file=sys.stderr)
+        return 1
+    chosen = choose(args.only)
     if args.list or not chosen:
         for m in MUTATIONS:
-            print(f"{m.name:24} {m.file:34} {m.what}")
+            print(f"{m.name:30} {m.file:36} {m.what}")
         return 0 if args.list else 1
 
     if not args.no_baseline:
@@ -225,15 +399,19 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     for mutation in chosen:
-        status, detail, seconds = check(mutation, args.timeout)
-        results.append(status)
-        print(f"{status.upper():9} {mutation.name:24} {seconds:5.0f} s  {mutation.what}"
-              + (f"  <- {detail}" if detail else ""), flush=True)
-    scored = [r for r in results if r != "stale"]
-    killed = results.count("killed")
-    print(f"\nkill rate: {killed}/{len(scored)} = {killed / max(len(scored), 1):.0%}"
-          + (f" ({results.count('stale')} stale)" if "stale" in results else ""))
-    return 2 if "stale" in results else 0
+        status, reached, detail, seconds = check(mutation, args.timeout)
+        results.append((status, reached))
+        print(f"{status.upper():9} reached {'yes' if reached else 'NO ':3} {mutation.name:30} {seconds:5.0f} s  "
+              f"{mutation.file}: {mutation.what}" + (f"  <- {detail}" if detail else ""), flush=True)
+    scored = [(s, r) for s, r in results if s != "stale"]
+    killed = sum(s == "killed" for s, _ in scored)
+    reached = sum(r for _, r in scored)
+    stale = len(results) - len(scored)
+    print(f"\nkill rate: {killed}/{len(scored)} = {killed / max(len(scored), 1):.0%}; "
+          f"reached: {reached}/{len(scored)}" + (f" ({stale} stale)" if stale else ""))
+    if stale:
+        return 2
+    return 0 if killed == reached == len(scored) else 1
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Reads the evaluation set the sample stages drew (``samples/base/eval.csv``, ``samples/lora/eval.csv``:
 the same subjects and seeds for the base model and at every LoRA scale) and the real paintings'
-features (``data/reference``, the reference stage). Writes ``metrics/eval.json``, the per-image scores
+features (``data/reference``, the reference stage), checked to be those of the current validation
+split of ``data/filtered`` (its table only; the images themselves are not read). Writes ``metrics/eval.json``, the per-image scores
 ``metrics/eval_images.csv``, the data plot ``plots/eval_vs_scale.csv`` and the pictures
 ``plots/eval_vs_scale.png`` and ``plots/eval_delta.png``.
 
@@ -57,13 +58,13 @@ import torch
 from . import data_parallel
 from .errors import UserError, atomic_write_text, stage_main
 from .image_features import EvaluateParams, Extractors, batch_count, load_reference, uses_random_nets
-from .layout import (EVAL_IMAGES, EVAL_METRICS, EVAL_REPLICATES, EVAL_SET_TABLE, PLOTS_DIR, REFERENCE_DIR,
-                     REPLICATES_MANIFEST, SAMPLES_DIR)
+from .layout import (EVAL_IMAGES, EVAL_METRICS, EVAL_REPLICATES, EVAL_SET_TABLE, FILTERED_DIR, PLOTS_DIR,
+                     REFERENCE_DIR, REPLICATES_MANIFEST, SAMPLES_DIR)
 from .params import load_params
 from .stats import (CMMD, CONFIDENCE, KID, Estimate, KernelSets, Resampling, mean_estimate, paired_difference,
                     replicate_difference, set_distance_estimates)
 from .replicates import COVERS_WEIGHTS, REPLICATE_COLUMNS, recipe_sections
-from .tables import read_table
+from .tables import read_table, validation_split
 
 PER_IMAGE = ("clip_score", "style_score")
 SET_LEVEL = ("kid", "cmmd")
@@ -287,7 +288,8 @@ def plot_table(results: Mapping[float, Mapping[str, Any]]) -> pd.DataFrame:
 
 def run(params: Mapping[str, Any], samples_dir: Path | str = SAMPLES_DIR,
         reference_dir: Path | str = REFERENCE_DIR, metrics_path: Path | str = EVAL_METRICS,
-        images_path: Path | str = EVAL_IMAGES, plots_dir: Path | str = PLOTS_DIR) -> dict[str, Any] | None:
+        images_path: Path | str = EVAL_IMAGES, plots_dir: Path | str = PLOTS_DIR,
+        filtered_dir: Path | str = FILTERED_DIR) -> dict[str, Any] | None:
     """Score the evaluation set; write the metrics, the per-image table and the plots; return the
     metrics (``None`` on the ranks other than 0 of a data-parallel run: they extract features only)."""
     from .plotting import plot_deltas, plot_metrics_vs_scale
@@ -295,7 +297,7 @@ def run(params: Mapping[str, Any], samples_dir: Path | str = SAMPLES_DIR,
     # Everything that can be checked cheaply is checked before any model is loaded.
     cfg = EvaluateParams.check(params)
     sets = evaluation_sets(samples_dir)
-    real, n_real = load_reference(reference_dir, cfg)
+    real, n_real = load_reference(reference_dir, cfg, list(validation_split(filtered_dir)["id"]))
 
     extractors = Extractors.load(cfg)
     clusters = list(sets[0.0]["prompt_id"])
@@ -414,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     params = load_params(args.params)
     cfg = EvaluateParams.check(params)  # the cheap checks, before any process is launched
     sets = evaluation_sets(SAMPLES_DIR)
-    load_reference(REFERENCE_DIR, cfg)
+    load_reference(REFERENCE_DIR, cfg, list(validation_split(FILTERED_DIR)["id"]))
     if data_parallel.launch("evaluate", "impressionist.evaluate", sys.argv[1:] if argv is None else argv,
                             params, torch.cuda.is_available(), [batch_count(len(t)) for t in sets.values()]):
         return

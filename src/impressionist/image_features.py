@@ -308,8 +308,10 @@ def save_reference(folder: Path, features: Mapping[str, torch.Tensor], ids: Sequ
     (folder / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 
-def load_reference(folder: Path | str, cfg: EvaluateParams) -> tuple[dict[str, torch.Tensor], int]:
-    """The real set's features, checked to come from the feature config ``cfg``; and their count."""
+def load_reference(folder: Path | str, cfg: EvaluateParams,
+                   ids: Sequence[str]) -> tuple[dict[str, torch.Tensor], int]:
+    """The real set's features, checked to come from the feature config ``cfg`` and to be those of
+    the paintings ``ids`` (the current validation split); and their count."""
     import json
 
     from safetensors.torch import load_file
@@ -326,5 +328,10 @@ def load_reference(folder: Path | str, cfg: EvaluateParams) -> tuple[dict[str, t
     if info.get("features") != feature_config(cfg):
         raise UserError(f"{folder} was computed with other feature networks than params.yaml's evaluate "
                         f"section; {rerun}")
+    recorded, current = list(info.get("ids", [])), [str(i) for i in ids]
+    if recorded != current:
+        differ = len(set(recorded) ^ set(current))
+        raise UserError(f"{folder} holds the features of other paintings than the validation split of data/filtered "
+                        f"({len(recorded)} recorded, {len(current)} now, {differ} id(s) in one only); {rerun}")
     tensors.setdefault("cmmd", tensors["clip"])
     return tensors, int(info["n"])

@@ -4,7 +4,8 @@ Reads the validation split of ``data/filtered`` and the feature-network params o
 section; writes ``data/reference/`` (``features.safetensors``: FID/KID, CLIP and CMMD features of
 every validation painting; ``reference.json``: their ids and the feature config). It depends on
 neither the LoRA nor the samples, so a ``lora.*`` or ``sample.*`` change does not recompute it; the
-evaluate stage reads it and refuses features computed with other networks.
+evaluate stage reads it and refuses features computed with other networks or of other paintings
+than the current validation split.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .errors import UserError, atomic_dir, stage_main
 from .image_features import EvaluateParams, Extractors, batch_count, save_reference
 from .layout import FILTERED_DIR, REFERENCE_DIR
 from .params import load_params
-from .tables import METADATA_FILE, read_table
+from .tables import METADATA_FILE, validation_split
 
 # FID needs a covariance and KID's unbiased MMD divides by m(m-1): neither exists for one image.
 MIN_REAL = 2
@@ -31,8 +32,7 @@ def validation_paintings(filtered_dir: Path | str) -> tuple[list[str], list[Path
     """Ids and paths of the validation split of ``data/filtered`` (``split == "val"``), sorted by id."""
     filtered_dir = Path(filtered_dir)
     meta = filtered_dir / METADATA_FILE
-    table = read_table(meta, ("id", "file", "split"), "filter")
-    val = table[table["split"] == "val"].sort_values("id", kind="stable")
+    val = validation_split(filtered_dir)
     if len(val) < MIN_REAL:
         raise UserError(f"{meta} has {len(val)} validation image(s); FID, KID and CMMD need at least {MIN_REAL} "
                         f"real images — raise filter.val_fraction (or download.max_images)")

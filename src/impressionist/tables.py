@@ -46,3 +46,10 @@ def read_table(path: Path | str, columns: Iterable[str], stage: str) -> pd.DataF
     if table.empty:
         raise UserError(f"{path} lists no images; {rerun}")
     return table
+
+
+def validation_split(filtered_dir: Path | str) -> pd.DataFrame:
+    """The validation rows (``split == "val"``) of ``data/filtered``'s table, sorted by id: the real
+    paintings the reference stage extracts and evaluate must score against."""
+    table = read_table(Path(filtered_dir) / METADATA_FILE, ("id", "file", "split"), "filter")
+    return table[table["split"] == "val"].sort_values("id", kind="stable")
