@@ -167,9 +167,11 @@ READS = {
     "caption": {"RAW_DIR", "FILTERED_DIR"},
     "encode": {"FILTERED_DIR", "CAPTIONS"},
     "train": {"CACHE_DIR"},
+    "train_replicates": {"CACHE_DIR"},
     "export": {"LORA_DIR"},
     "sample_base": {"CAPTIONS"},
     "sample": {"CAPTIONS", "LORA_DIR", "SAMPLES_DIR"},  # samples/base: the base images of the grid
+    "sample_replicates": {"CAPTIONS", "REPLICATES_DIR", "SAMPLES_DIR"},  # samples/base: its eval set's fingerprint
     "reference": {"FILTERED_DIR"},
     "evaluate": {"SAMPLES_DIR", "REFERENCE_DIR", "FILTERED_DIR"},  # the val split's ids
 }
@@ -178,6 +180,17 @@ UNUSED_BY_STAGE = {
     ("train", "CHECKPOINT_ROOT"): "git- and DVC-ignored resumable state, outside the pipeline by design",
     ("sample_base", "LORA_DIR"): "`sample --base` draws without the LoRA",
     ("sample_base", "SAMPLE_GRID"): "only `sample` draws the grid",
+    ("train", "REPLICATES_DIR"): "written by `train --replicates` (the train_replicates stage)",
+    ("train_replicates", "CHECKPOINT_ROOT"): "git- and DVC-ignored resumable state, outside the pipeline by design",
+    ("train_replicates", "LORA_DIR"): "replicate 0 is the train stage's out",
+    ("train_replicates", "LOSS_PLOT"): "the train stage's plot",
+    ("train_replicates", "TRAIN_METRICS"): "the train stage's metrics",
+    ("sample_base", "REPLICATES_DIR"): "read by `sample --replicates` only",
+    ("sample_base", "SAMPLES_REPLICATES_DIR"): "written by `sample --replicates` only",
+    ("sample", "REPLICATES_DIR"): "read by `sample --replicates` only",
+    ("sample", "SAMPLES_REPLICATES_DIR"): "written by `sample --replicates` only",
+    ("sample_replicates", "LORA_DIR"): "replicate 0 (models/lora) is sampled by the sample stage",
+    ("sample_replicates", "SAMPLE_GRID"): "only `sample` draws the grid",
 }
 # Non-code deps that are files of the repository, not stage data.
 REPO_FILES = {"configs/eval_subjects.txt"}
