@@ -71,10 +71,13 @@ def direction(metric: str) -> str | None:
 
 
 def word_for(metric: str, change: Estimate) -> str:
-    """better / worse when the change's CI excludes zero (in the metric's direction), else no change."""
+    """better / worse when the change's CI excludes zero (in the metric's direction), else no change;
+    not judged when the change or its interval is not finite."""
     way = direction(metric)
     if way is None:
         raise ValueError(f"{metric} has no better/worse direction")
+    if not change.finite():  # a NaN interval neither covers nor excludes 0
+        return NOT_JUDGED
     if not change.excludes_zero():
         return NO_CHANGE
     return BETTER if (change.value < 0) == (way == LOWER) else WORSE
