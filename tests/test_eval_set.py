@@ -52,7 +52,9 @@ def test_base_and_lora_eval_sets_pair_by_subject_and_seed(demo_params, trained_l
     cfg = SampleParams.check(params)
     pipe = sample.load(ModelParams.check(params), cfg, torch.device("cpu"))
     row = base.iloc[3]
-    direct = np.asarray(sample.draw(pipe, sample.eval_sampler(cfg), row["prompt"], int(row["seed"]))).astype(np.int16)
+    assert row["noise_seed"] == sample.noise_seed(row["prompt_id"], row["seed"])
+    direct = np.asarray(sample.draw(pipe, sample.eval_sampler(cfg), row["prompt"], int(row["noise_seed"]))
+                        ).astype(np.int16)
     assert np.array_equal(pixels(tmp_path / "base" / row["file"]), direct)
     assert pixels(tmp_path / "base" / row["file"]).shape == (32, 32, 3)
     # different seeds of one subject give different images
@@ -72,7 +74,7 @@ def test_base_and_lora_eval_sets_pair_by_subject_and_seed(demo_params, trained_l
     assert len(pd.read_csv(tmp_path / "lora" / "samples.csv")) == 2
 
 
-def test_fingerprint_follows_what_shapes_the_images_not_the_model(demo_params, tmp_path):
+def test_fingerprint_follows_what_shapes_the_images_not_the_model(demo_params, tmp_path, monkeypatch):
     params = eval_params(demo_params, tmp_path)
 
     def fingerprint(p):
@@ -88,6 +90,49 @@ def test_fingerprint_follows_what_shapes_the_images_not_the_model(demo_params, t
         changed["sample"]["eval_set"][key] = value
         assert fingerprint(changed) != first, key
     assert sample.prompt_id("a harbor at sunset") == sample.prompt_id("a harbor at sunset") != sample.prompt_id("a field")
+    # the way starting noise is derived is part of it: sets drawn under another rule never pair
+    monkeypatch.setattr(sample, "NOISE_VERSION", sample.NOISE_VERSION + 1)
+    assert fingerprint(params) != first
+
+
+class _NoisePipe:
+    """A stand-in pipeline: records each image's generator seed and starting noise, draws nothing."""
+
+    def __init__(self) -> None:
+        self.calls = []
+
+    def __call__(self, prompt, *, generator, height, width, **_):
+        self.calls.append((prompt, generator.initial_seed(), torch.randn(4, 8, 8, generator=generator)))
+
+        class Out:
+            images = [Image.new("RGB", (width, height))]
+        return Out()
+
+
+def test_subjects_at_one_seed_start_from_independent_noise_and_base_and_lora_from_the_same(
+        demo_params, tmp_path):
+    params = eval_params(demo_params, tmp_path)
+    cfg = SampleParams.check(params)
+    pipe = _NoisePipe()
+    rows = []
+    for scale in (0.0, 0.5, 1.0):  # base and two LoRA scales, as the two stages draw them
+        rows += sample.generate_eval_set(pipe, cfg, "trig", scale, tmp_path / f"out{scale}")
+    noise = {(r["prompt_id"], r["seed"], r["lora_scale"]): latents
+             for r, (_, _, latents) in zip(rows, pipe.calls, strict=True)}
+    seeds = {(r["prompt_id"], r["seed"], r["lora_scale"]): r["noise_seed"] for r in rows}
+    assert [seed for _, seed, _ in pipe.calls] == [r["noise_seed"] for r in rows]
+    a, b = sorted({r["prompt_id"] for r in rows})
+    for seed in (3, 7):
+        # two subjects at the same seed: different starting noise
+        assert seeds[a, seed, 0.0] != seeds[b, seed, 0.0]
+        assert not torch.allclose(noise[a, seed, 0.0], noise[b, seed, 0.0])
+        # base and every LoRA scale of one (subject, seed): the same starting noise
+        for key in (a, b):
+            for scale in (0.5, 1.0):
+                assert torch.equal(noise[key, seed, scale], noise[key, seed, 0.0])
+    assert not torch.allclose(noise[a, 3, 0.0], noise[a, 7, 0.0])
+    # stable across runs and machines: a hash, not Python's salted hash()
+    assert sample.noise_seed("abc", 3) == 5708972147600778899
 
 
 def test_shipped_subjects_have_no_style_words_and_enough_for_the_recipe():

@@ -261,8 +261,11 @@ def test_run_writes_flat_metrics_with_cis_table_and_plots(tmp_path, monkeypatch)
 
     # the top scale is `lora`; no duplicate `lora_scale_1.0` section
     # one LoRA (no samples/replicates): no recipe sections, R = 1, every interval about these weights
-    assert set(written) == {"n_real", "real", "base", "lora", "delta", "lora_scale_0.5", "replicates"}
+    assert set(written) == {"n_real", "bootstrap_redrawn", "real", "base", "lora", "delta", "lora_scale_0.5",
+                            "replicates"}
     assert written["replicates"] == {"count": 1}
+    assert written["bootstrap_redrawn"] == evaluate.Resampling.draw(
+        8, [f"s{i}" for i in range(6) for _ in (0, 1)], DEMO_CFG["bootstrap_resamples"], DEMO_CFG["seed"]).redrawn
     assert set(written["real"]) == {"style_score", "style_score_ci_low", "style_score_ci_high", "style_score_n"}
     assert set(written["base"]) == set(written["lora_scale_0.5"]) == SECTION_KEYS | {"_covers"}
     assert set(written["lora"]) == SECTION_KEYS | {"lora_scale", "_covers"}
@@ -459,10 +462,23 @@ def test_bad_input_is_one_line_before_heavy_work(tmp_path, monkeypatch, breakage
 
 
 def test_reference_bad_input_is_one_line_and_writes_nothing(tmp_path):
-    root = make_project(tmp_path / "p", n_val=1, with_reference=False)
-    with pytest.raises(UserError, match="1 validation image.*at least 2"):
+    root = make_project(tmp_path / "p", n_val=reference.MIN_REAL - 1, with_reference=False)
+    with pytest.raises(UserError, match=f"{reference.MIN_REAL - 1} validation image.*at least {reference.MIN_REAL}"):
         reference.run({"evaluate": DEMO_CFG}, root / "data" / "filtered", root / "data" / "reference")
     assert not (root / "data" / "reference").exists()
+    assert reference.MIN_REAL == 5  # the number stats.py's docstring argues for
+
+
+def test_evaluate_refuses_too_few_paintings_before_any_network(tmp_path, monkeypatch):
+    """A reference of another config (or an older, smaller one) is refused by evaluate too."""
+    root = make_project(tmp_path / "p", n_val=8)
+    real = {k: v[: reference.MIN_REAL - 1] for k, v in evaluate.load_reference(
+        root / "data" / "reference", evaluate.EvaluateParams.check({"evaluate": DEMO_CFG}))[0].items()}
+    monkeypatch.setattr(evaluate, "load_reference", lambda *a: (real, reference.MIN_REAL - 1))
+    monkeypatch.setattr(evaluate.Extractors, "load", lambda *a: pytest.fail("a network was loaded"))
+    with pytest.raises(UserError, match=f"{reference.MIN_REAL - 1} validation painting.*at least {reference.MIN_REAL}"):
+        run_in(root, DEMO_CFG)
+    assert not (root / "metrics").exists()
 
 
 def test_main_reports_bad_input_as_one_line(tmp_path, monkeypatch, capsys):

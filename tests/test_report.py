@@ -175,7 +175,8 @@ def test_noise_alone_is_no_significant_change_for_every_metric(two_commits, monk
     for metric in ("lora.kid_ci_low", "lora.clip_score_n", "n_real", "real.style_score", "lora.lora_scale"):
         assert verdict_of(text, metric) is None, metric
     assert "confidence interval of the change excludes zero. The intervals are at 99.58% each" in text
-    assert "all 12 verdicts together call noise a change with at most 5% chance (Bonferroni)" in text
+    assert "all 12 verdicts together aim to call noise a change with at most 5% chance (Bonferroni;" in text
+    assert "not training noise: a verdict is about these weights" in text
     assert "per-image scores paired image by image" in text
     assert "](plots/samples_grid.png)" in text
 

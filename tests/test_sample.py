@@ -169,16 +169,28 @@ def test_base_then_lora_samples_and_grid(demo_params, trained_lora, tmp_path, mo
     lora_noise = drawn[len(base_noise):]
     base_eval, lora_eval = pd.read_csv(tmp_path / "base/eval.csv"), pd.read_csv(tmp_path / "lora/eval.csv")
 
-    def order(show, evaluation, scales):
+    def order(show, evaluation, scales):  # (prompt, generator seed) of every row, in drawing order
         return [key for scale in scales for table in (show, evaluation)
-                for key in zip(table.prompt[table.lora_scale == scale], table.seed[table.lora_scale == scale])]
+                for key in zip(table.prompt[table.lora_scale == scale],
+                               table.noise_seed[table.lora_scale == scale])]
+
+    # the generator seed of a show image is noise_seed(prompt, seed), of an evaluation image
+    # noise_seed(prompt_id, seed): recorded as drawn
+    assert list(base.noise_seed) == [sample.noise_seed(p, s) for p, s in zip(base.prompt, base.seed)]
+    assert list(base_eval.noise_seed) == [sample.noise_seed(k, s) for k, s in zip(base_eval.prompt_id, base_eval.seed)]
 
     assert [(p, s) for p, s, _ in base_noise] == order(base, base_eval, [0.0])
     assert [(p, s) for p, s, _ in lora_noise] == order(lora, lora_eval, [0.5, 1.0])
     base_by_key = {(p, s): latents for p, s, latents in base_noise}
     for prompt, seed, latents in lora_noise:
         assert torch.equal(latents, base_by_key[prompt, seed]), (prompt, seed)
-    assert not torch.equal(base_by_key[base.prompt[0], 0], base_by_key[base.prompt[0], 1])
+    first = base[base.prompt == base.prompt[0]]
+    assert not torch.equal(base_by_key[base.prompt[0], first.noise_seed.iloc[0]],
+                           base_by_key[base.prompt[0], first.noise_seed.iloc[1]])
+    # two prompts at one seed start from different noise (not one latent shared by every prompt)
+    at_0 = base[base.seed == 0]
+    assert not torch.equal(base_by_key[at_0.prompt.iloc[0], at_0.noise_seed.iloc[0]],
+                           base_by_key[at_0.prompt.iloc[1], at_0.noise_seed.iloc[1]])
 
 
 def test_each_image_is_the_pipelines_output_for_its_recorded_prompt_and_seed(demo_params, tiny_flux_dir,
@@ -200,11 +212,12 @@ def test_each_image_is_the_pipelines_output_for_its_recorded_prompt_and_seed(dem
     pipe = load_pipeline(tiny_flux_dir, resolve_dtype(ModelParams.check(params)))
     pipe.set_progress_bar_config(disable=True)
     for row in (table.iloc[-1], table[(table.prompt == table.prompt[0]) & (table.seed == 1)].iloc[0]):
-        assert row.seed == 1
+        assert row.seed == 1 and row.noise_seed == sample.noise_seed(row.prompt, 1)
         expected = pipe(row.prompt, height=cfg["resolution"], width=cfg["resolution"],
                         num_inference_steps=cfg["steps"], guidance_scale=cfg["guidance_scale"],
                         max_sequence_length=cfg["max_sequence_length"],
-                        generator=torch.Generator("cpu").manual_seed(int(row.seed))).images[0]
+                        generator=torch.Generator("cpu").manual_seed(
+                            sample.noise_seed(row.prompt, row.seed))).images[0]
         assert np.array_equal(images[row.file], np.asarray(expected.convert("RGB"))), row.file
 
 

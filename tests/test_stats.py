@@ -200,3 +200,70 @@ def test_the_pairing_test_fails_when_deltas_are_resampled_unpaired():
     """The check above tests pairing: base and LoRA resampled apart (the bug) fail every part of it."""
     checks = pairing_checks(paired=False)
     assert all(count <= 2 for count in checks.values()), checks
+
+
+# ---------------------------------------------------------------- degenerate replicates, no NaN
+
+
+def test_degenerate_replicates_are_redrawn_and_counted():
+    # Two paintings: half of all replicates draw one painting twice (2**(1-2) = 50%).
+    counts, redrawn = stats.nondegenerate_counts(2, 1000, np.random.default_rng(0))
+    assert ((counts > 0).sum(axis=1) == 2).all() and (counts.sum(axis=1) == 2).all()
+    assert 400 < redrawn < 1600  # about 1000 = 500 + 250 + 125 + ...
+    again, redrawn_again = stats.nondegenerate_counts(2, 1000, np.random.default_rng(0))
+    assert np.array_equal(counts, again) and redrawn == redrawn_again  # seeded
+    # clusters: a replicate of one subject with two seeds holds two images, so it stands
+    _, none = stats.nondegenerate_counts(4, 500, np.random.default_rng(1), clusters=["a", "a", "b", "b"])
+    assert none == 0
+    with pytest.raises(ValueError, match="1 item"):
+        stats.nondegenerate_counts(1, 10, np.random.default_rng(0))
+
+
+def test_a_replicate_of_one_item_is_an_error_not_nan():
+    rng = np.random.default_rng(3)
+    real, fake = torch.tensor(rng.normal(size=(3, 4))), torch.tensor(rng.normal(size=(4, 4)))
+    sets = stats.KernelSets.of(stats.KID.kernel, real, fake)
+    with pytest.raises(ValueError, match="single item"):
+        stats.weighted_mmd2(sets, np.array([[3.0, 0, 0]]), np.ones((1, 4)), unbiased=True)
+    # CMMD (the V-statistic) has no such division
+    assert np.isfinite(stats.weighted_mmd2(sets, np.array([[3.0, 0, 0]]), np.ones((1, 4)), unbiased=False)).all()
+
+
+def test_a_nan_interval_never_covers_zero():
+    nan = Estimate(float("nan"), float("nan"), float("nan"), 16)
+    assert not nan.finite() and Estimate(0.0, -1.0, 1.0, 16).finite()
+    with pytest.raises(ValueError, match="not judged"):
+        nan.excludes_zero()
+    from impressionist.report import NOT_JUDGED, word_for
+    assert word_for("lora.kid", nan) == NOT_JUDGED
+    assert word_for("lora.kid", Estimate(0.1, float("nan"), 0.2, 16)) == NOT_JUDGED
+
+
+def test_every_evaluate_seed_0_to_59_gives_finite_intervals_at_the_demo_size():
+    """The demo's size: 8 subjects x 2 seeds per model, MIN_REAL paintings; every bootstrap seed of
+    0-59 (``evaluate.seed``) must give finite KID and CMMD intervals, redrawing where it must."""
+    rng = np.random.default_rng(0)
+    real = torch.tensor(rng.normal(size=(stats.MIN_REAL, 6)))
+    fakes = [torch.tensor(rng.normal(size=(16, 6)) + shift) for shift in (0.0, 0.3)]
+    clusters = np.repeat(np.arange(8), 2)
+    redrawn = []
+    for seed in range(60):
+        resampling = Resampling.draw(stats.MIN_REAL, clusters, stats.RESAMPLES, seed)
+        redrawn.append(resampling.redrawn)
+        for distance in (stats.KID, stats.CMMD):
+            estimates, (rb, rl) = stats.set_distance_estimates(distance, real, fakes, resampling)
+            delta = stats.replicate_difference(estimates[1].value - estimates[0].value, rb, rl, 16)
+            assert all(e.finite() for e in (*estimates, delta)), (seed, distance.name)
+            delta.excludes_zero()
+    # at 5 paintings about 2000 * 5**-4 = 3.2 replicates per run are degenerate: the path is exercised
+    assert 0 < np.mean(redrawn) < 10 and min(redrawn) >= 0
+
+
+def test_min_real_keeps_redraws_below_a_tenth_of_each_tail():
+    """Why MIN_REAL = 5: the share of degenerate real replicates, n**(1-n), measured by drawing."""
+    share = {n: stats.nondegenerate_counts(n, 20000, np.random.default_rng(n))[1] / 20000 for n in (3, 4, 5)}
+    tail = (1 - stats.CONFIDENCE) / 2
+    assert share[5] < tail / 10 < share[4]
+    p = {n: n ** (1.0 - n) for n in share}  # redraws of redraws too: p + p² + ... = p / (1 - p)
+    assert share[3] == pytest.approx(p[3] / (1 - p[3]), rel=0.1)
+    assert share[5] == pytest.approx(p[5] / (1 - p[5]), rel=0.5)

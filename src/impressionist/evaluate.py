@@ -28,7 +28,8 @@ at the top scale minus base) is **paired**: the same resampled subjects and seed
 ``eval.json`` holds flat, stable keys: per metric ``<m>``, ``<m>_ci_low``, ``<m>_ci_high``, ``<m>_n``
 (images), in sections ``base``, ``lora`` (the largest scale, plus ``lora_scale``), ``lora_scale_<s>``
 (each other scale), ``delta``; ``fid`` / ``fid_n`` in each generated set's section; ``n_real`` and
-``real`` (style score of the paintings). ``dvc metrics diff`` and ``dvc exp show`` read them directly.
+``real`` (style score of the paintings); ``bootstrap_redrawn``, how many KID/CMMD bootstrap
+replicates were drawn again because one side held a single image (:mod:`impressionist.stats`). ``dvc metrics diff`` and ``dvc exp show`` read them directly.
 
 Those intervals cover images and subjects: they are about *these* weights (each section's
 ``_covers``). With ``replicates.count`` = R >= 2 (``samples/replicates/<k>``, the other training
@@ -61,8 +62,8 @@ from .image_features import EvaluateParams, Extractors, batch_count, load_refere
 from .layout import (EVAL_IMAGES, EVAL_METRICS, EVAL_REPLICATES, EVAL_SET_TABLE, FILTERED_DIR, PLOTS_DIR,
                      REFERENCE_DIR, REPLICATES_MANIFEST, SAMPLES_DIR)
 from .params import load_params
-from .stats import (CMMD, CONFIDENCE, KID, Estimate, KernelSets, Resampling, mean_estimate, paired_difference,
-                    replicate_difference, set_distance_estimates)
+from .stats import (CMMD, CONFIDENCE, KID, MIN_REAL, Estimate, KernelSets, Resampling, mean_estimate,
+                    paired_difference, replicate_difference, set_distance_estimates)
 from .replicates import COVERS_WEIGHTS, REPLICATE_COLUMNS, recipe_sections
 from .tables import read_table, validation_split
 
@@ -198,18 +199,19 @@ def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
 
 def score(real: Mapping[str, torch.Tensor], fakes: Mapping[float, Mapping[str, torch.Tensor]],
           per_image: Mapping[float, Mapping[str, np.ndarray]], clusters: Sequence[object], *,
-          resamples: int = 2000, seed: int = 0, confidence: float = CONFIDENCE
-          ) -> tuple[dict[float, dict[str, Estimate | float]], dict[str, Estimate]]:
+          resamples: int = 2000, seed: int = 0, confidence: float = CONFIDENCE,
+          resampling: Resampling | None = None) -> tuple[dict[float, dict[str, Estimate | float]], dict[str, Estimate]]:
     """Every metric of every generated set, and the paired deltas of the top scale against the base.
 
     ``real``/``fakes[scale]``: feature matrices ``fid`` and ``cmmd``; ``per_image[scale]``: the
     per-image scores; ``clusters``: each generated image's subject, in the same order for every set.
+    ``resampling``: the KID/CMMD bootstrap counts (default: drawn here from ``resamples``, ``seed``).
     Returns ``({scale: {metric: Estimate, "fid": float}}, {metric: delta Estimate})``.
     """
     scales = sorted(fakes)
     top = scales[-1]
     kwargs = dict(resamples=resamples, seed=seed, confidence=confidence)
-    resampling = Resampling.draw(int(real["fid"].shape[0]), clusters, resamples, seed)
+    resampling = resampling or Resampling.draw(int(real["fid"].shape[0]), clusters, resamples, seed)
     results: dict[float, dict[str, Any]] = {s: {} for s in scales}
     deltas: dict[str, Estimate] = {}
     for name in PER_IMAGE:
@@ -231,7 +233,7 @@ def score(real: Mapping[str, torch.Tensor], fakes: Mapping[float, Mapping[str, t
 
 
 def metrics_json(results: Mapping[float, Mapping[str, Any]], deltas: Mapping[str, Estimate],
-                 real_style: Estimate, n_real: int) -> dict[str, Any]:
+                 real_style: Estimate, n_real: int, bootstrap_redrawn: int = 0) -> dict[str, Any]:
     """eval.json: flat numeric keys per section (see the module docstring)."""
 
     def section_of(values: Mapping[str, Any]) -> dict[str, float | int]:
@@ -243,7 +245,8 @@ def metrics_json(results: Mapping[float, Mapping[str, Any]], deltas: Mapping[str
 
     scales = sorted(results)
     top = scales[-1]
-    metrics: dict[str, Any] = {"n_real": n_real, "real": real_style.as_keys("style_score"),
+    metrics: dict[str, Any] = {"n_real": n_real, "bootstrap_redrawn": int(bootstrap_redrawn),
+                               "real": real_style.as_keys("style_score"),
                                "base": section_of(results[0.0])}
     for s in scales[1:-1]:
         metrics[scale_key(s)] = section_of(results[s])
@@ -298,6 +301,9 @@ def run(params: Mapping[str, Any], samples_dir: Path | str = SAMPLES_DIR,
     cfg = EvaluateParams.check(params)
     sets = evaluation_sets(samples_dir)
     real, n_real = load_reference(reference_dir, cfg, list(validation_split(filtered_dir)["id"]))
+    if n_real < MIN_REAL:
+        raise UserError(f"{reference_dir} holds {n_real} validation painting(s); KID and CMMD intervals need at "
+                        f"least {MIN_REAL} — raise filter.val_fraction (or download.max_images) and re-run")
 
     extractors = Extractors.load(cfg)
     clusters = list(sets[0.0]["prompt_id"])
@@ -319,13 +325,14 @@ def run(params: Mapping[str, Any], samples_dir: Path | str = SAMPLES_DIR,
     if not data_parallel.is_main():
         return None
     resamples, seed, confidence = cfg.bootstrap_resamples, cfg.seed, cfg.confidence
+    resampling = Resampling.draw(n_real, clusters, resamples, seed)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
         results, deltas = score(real, fakes, per_image, clusters, resamples=resamples, seed=seed,
-                                confidence=confidence)
+                                confidence=confidence, resampling=resampling)
     real_style = mean_estimate(extractors.clip.style_scores(real["clip"]).numpy(), resamples=resamples,
                                seed=seed, confidence=confidence)
-    metrics = metrics_json(results, deltas, real_style, n_real)
+    metrics = metrics_json(results, deltas, real_style, n_real, resampling.redrawn)
     replicates = replicate_scores(sets, per_image, rep_sets, rep_features, real, extractors, results, deltas,
                                   confidence)
     metrics.update(replicates.pop("sections"))

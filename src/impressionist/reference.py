@@ -22,10 +22,8 @@ from .errors import UserError, atomic_dir, stage_main
 from .image_features import EvaluateParams, Extractors, batch_count, save_reference
 from .layout import FILTERED_DIR, REFERENCE_DIR
 from .params import load_params
+from .stats import MIN_REAL  # the fewest paintings KID / CMMD intervals are computed from (why: stats.py)
 from .tables import METADATA_FILE, validation_split
-
-# FID needs a covariance and KID's unbiased MMD divides by m(m-1): neither exists for one image.
-MIN_REAL = 2
 
 
 def validation_paintings(filtered_dir: Path | str) -> tuple[list[str], list[Path]]:
@@ -34,8 +32,8 @@ def validation_paintings(filtered_dir: Path | str) -> tuple[list[str], list[Path
     meta = filtered_dir / METADATA_FILE
     val = validation_split(filtered_dir)
     if len(val) < MIN_REAL:
-        raise UserError(f"{meta} has {len(val)} validation image(s); FID, KID and CMMD need at least {MIN_REAL} "
-                        f"real images — raise filter.val_fraction (or download.max_images)")
+        raise UserError(f"{meta} has {len(val)} validation image(s); KID and CMMD intervals need at least "
+                        f"{MIN_REAL} real images — raise filter.val_fraction (or download.max_images)")
     paths = [filtered_dir / str(f) for f in val["file"]]
     absent = [p for p in paths if not p.is_file()]
     if absent:

@@ -92,10 +92,13 @@ def direction(metric: str) -> str | None:
 
 
 def word_for(metric: str, change: Estimate) -> str:
-    """better / worse when the change's CI excludes zero (in the metric's direction), else no change."""
+    """better / worse when the change's CI excludes zero (in the metric's direction), else no change;
+    not judged when the change or its interval is not finite."""
     way = direction(metric)
     if way is None:
         raise ValueError(f"{metric} has no better/worse direction")
+    if not change.finite():  # a NaN interval neither covers nor excludes 0
+        return NOT_JUDGED
     if not change.excludes_zero():
         return NO_CHANGE
     return BETTER if (change.value < 0) == (way == LOWER) else WORSE
@@ -424,8 +427,10 @@ def build_report(base_rev: str, *, root: Path | str = ".", out_path: Path | str 
         level = bonferroni(confidence, sum(v.change is not None for v in found))
         lines += ["", f"_A verdict is **better** or **worse** only when the confidence interval of the change "
                       f"excludes zero. The intervals are at {level:.2%} each, so that all "
-                      f"{sum(v.change is not None for v in found)} verdicts together call noise a change "
-                      f"with at most {1 - confidence:.0%} chance (Bonferroni) ({paired}; KID and CMMD compare the two "
+                      f"{sum(v.change is not None for v in found)} verdicts together aim to call noise a change "
+                      f"with at most {1 - confidence:.0%} chance (Bonferroni; intervals cover subjects, paintings and "
+                      f"per-image starting noise, not training noise: a verdict is about these weights) "
+                      f"({paired}; KID and CMMD compare the two "
                       f"revisions' own intervals, conservatively). `fid` is biased at these sizes and not "
                       f"judged; intervals, counts and `real.*` (the validation paintings) are informational. "
                       f"See docs/evaluation.md._"]

@@ -15,14 +15,23 @@ use the same prompts and seeds at each ``sample.lora_scales`` value, and a grid 
 Both stages are data-parallel (:mod:`data_parallel`, ``compute.num_processes``): each image is one
 work item, drawn from its own seed, so the images are the same bytes on any number of GPUs.
 
+**Starting noise.** Each image's generator seed is :func:`noise_seed` of (its prompt key, its seed):
+a stable hash, so subjects at the same ``seed`` start from *independent* noise, while the base model
+and every LoRA scale draw a given (prompt, seed) from the *same* noise (the pairing the evaluation
+stands on). Seeding with the seed alone would give every subject at seed *s* one shared starting
+latent: what the images share through it is a seed effect that an interval resampling subjects does
+not see (docs/evaluation.md). Both tables record the generator seed in ``noise_seed``.
+
 Beside that small "show" set, both stages draw the **evaluation set** (``sample.eval_set``), the one
 the evaluate stage measures: ``num_subjects`` subjects from the ``subjects`` file (no style words, no
 trigger) times ``seeds``, each drawn with the prompt ``"<trigger>, <subject>"`` at the set's own
 resolution and step count, for the base model and at every LoRA scale with the same prompt and seed,
 so base and LoRA images pair up by (subject, seed). It goes to ``<out>/eval/`` with ``eval.csv``:
 ``file``, ``subject`` (what the CLIP score is measured against), ``prompt``, ``prompt_id`` (a hash
-of the subject), ``seed``, ``lora_scale``, ``eval_set`` (a fingerprint of everything that shapes the
-set: subjects, seeds and sampler settings; equal fingerprints mean comparable sets across commits).
+of the subject), ``seed``, ``noise_seed`` (the generator seed, from ``prompt_id`` and ``seed``),
+``lora_scale``, ``eval_set`` (a fingerprint of everything that shapes the set: subjects, seeds,
+sampler settings and :data:`NOISE_VERSION`, how starting noise is derived; equal fingerprints mean
+comparable sets across commits).
 """
 
 from __future__ import annotations
@@ -54,6 +63,9 @@ BASE_DIR = SAMPLES_DIR / "base"
 LORA_SAMPLES_DIR = SAMPLES_DIR / "lora"
 SUBJECT, VAL_CAPTION = "subject", "val_caption"  # the `prompt_source` column of samples.csv
 EVAL_SUBDIR = "eval"          # the evaluation set's images, under samples/base and samples/lora
+# How an image's starting noise follows from its (prompt, seed); part of the eval-set fingerprint.
+# 1 (unnamed): the seed alone, shared by every subject. 2: noise_seed(prompt key, seed).
+NOISE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -133,15 +145,27 @@ def load(model: ModelParams, cfg: SampleParams, device: torch.device, lora_dir: 
     return pipe
 
 
+def noise_seed(key: str, seed: int) -> int:
+    """The generator seed of the image of prompt ``key`` (a prompt id, or the show prompt) at ``seed``.
+
+    A stable hash (SHA-256, 63 bits): the same on every machine and run, different for two keys at
+    one seed, and independent of the model, so base and LoRA images of one (key, seed) share it.
+    """
+    digest = hashlib.sha256(f"{key}\0{int(seed)}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") & (2 ** 63 - 1)
+
+
 @without_third_party_noise()
 @torch.no_grad()
-def draw(pipe, sampler: Sampler, prompt: str, seed: int):
+def draw(pipe, sampler: Sampler, prompt: str, noise: int):
+    """One image of ``prompt``, its starting noise drawn from generator seed ``noise``
+    (:func:`noise_seed`)."""
     return pipe(
         prompt, height=sampler.resolution, width=sampler.resolution,
         num_inference_steps=sampler.steps, guidance_scale=sampler.guidance_scale,
         max_sequence_length=sampler.max_sequence_length,
         # A CPU generator gives the same starting noise on every device.
-        generator=torch.Generator("cpu").manual_seed(int(seed)),
+        generator=torch.Generator("cpu").manual_seed(int(noise)),
     ).images[0]
 
 
@@ -156,10 +180,11 @@ def generate(pipe, cfg: SampleParams, prompt_list: list[tuple[str, str]], lora_s
     def work(job) -> dict[str, Any]:
         index, prompt, source, seed = job
         name = f"p{index:02d}_seed{seed}_scale{lora_scale:g}.png"
-        draw(pipe, show, prompt, seed).save(out_dir / name)
+        noise = noise_seed(prompt, seed)
+        draw(pipe, show, prompt, noise).save(out_dir / name)
         progress.update()
-        return {"file": name, "prompt": prompt, "seed": int(seed), "lora_scale": float(lora_scale),
-                "prompt_source": source}
+        return {"file": name, "prompt": prompt, "seed": int(seed), "noise_seed": noise,
+                "lora_scale": float(lora_scale), "prompt_source": source}
 
     with progress:
         return data_parallel.map_in_order(jobs, work)
@@ -191,8 +216,9 @@ def prompt_id(subject: str) -> str:
 
 def eval_set_fingerprint(cfg: SampleParams, trigger: str, subjects: list[str]) -> str:
     """What makes two evaluation sets comparable image for image: the subjects and seeds, the trigger
-    and the sampler settings (the model is not part of it: comparing models is the point)."""
-    settings = {"seeds": cfg.eval_set.seeds, **asdict(eval_sampler(cfg))}
+    and the sampler settings, and how starting noise is derived (:data:`NOISE_VERSION`); the model
+    is not part of it: comparing models is the point."""
+    settings = {"seeds": cfg.eval_set.seeds, **asdict(eval_sampler(cfg)), "noise_version": NOISE_VERSION}
     return fingerprint(subjects, settings, trigger)
 
 
@@ -212,10 +238,12 @@ def generate_eval_set(pipe, cfg: SampleParams, trigger: str, lora_scale: float,
         index, subject, seed = job
         prompt = with_trigger(trigger, subject)
         name = f"{EVAL_SUBDIR}/s{index:03d}_seed{seed}_scale{lora_scale:g}.png"
-        draw(pipe, ev, prompt, seed).save(out_dir / name)
+        key = prompt_id(subject)
+        noise = noise_seed(key, seed)  # independent across subjects, shared across scales
+        draw(pipe, ev, prompt, noise).save(out_dir / name)
         progress.update()
-        return {"file": name, "subject": subject, "prompt": prompt, "prompt_id": prompt_id(subject),
-                "seed": int(seed), "lora_scale": float(lora_scale), "eval_set": eval_set}
+        return {"file": name, "subject": subject, "prompt": prompt, "prompt_id": key,
+                "seed": int(seed), "noise_seed": noise, "lora_scale": float(lora_scale), "eval_set": eval_set}
 
     with progress:
         return data_parallel.map_in_order(jobs, work)

@@ -12,12 +12,23 @@ and the number of images it rests on. Two kinds of statistic are resampled:
   so each replicate costs a few matrix products instead of a feature pass. The generated images are
   resampled by prompt cluster, the real paintings one by one, independently.
 
+  A replicate that draws a single item for every slot of one side (the same real painting n times)
+  has no pair of two different items, so the unbiased within-set mean divides 0 by 0. Such a
+  replicate is **redrawn** (:func:`nondegenerate_counts`), and :class:`Resampling` counts the
+  redraws (``bootstrap_redrawn`` in ``metrics/eval.json``). A real set draws a degenerate replicate
+  with chance ``n**(1 - n)``: 50% at n = 2, 1.6% at 4, 0.16% at 5. From :data:`MIN_REAL` = 5 on, the
+  redrawn share stays below a tenth of each 2.5% tail of the interval, so conditioning on
+  non-degenerate replicates cannot move the interval's ends by more than that; below it the
+  evaluation refuses to run.
+
 A paired comparison (base vs LoRA, or a pull request vs main on the same evaluation set) reuses the
 same resampled indices on both sides, so what the two sides share (the subject, the starting noise,
 the real set) cancels out of the difference.
 
 The percentile interval is used throughout; :func:`percentile_ci` is the one place that turns
-replicates into an interval. Everything is seeded: the same inputs give the same interval.
+replicates into an interval. Everything is seeded: the same inputs give the same interval. A
+non-finite interval is never read as "covers 0": :meth:`Estimate.excludes_zero` refuses it, and
+the PR report calls such a metric "not judged".
 
 Kernels, as their papers define them:
 
@@ -46,6 +57,11 @@ CONFIDENCE = 0.95
 RESAMPLES = 2000
 CMMD_SIGMA = 10.0
 CMMD_SCALE = 1000.0
+# The fewest real paintings an interval of KID / CMMD is computed from (see the module docstring:
+# at 5 a bootstrap replicate is degenerate with chance 5**-4 = 0.16%, at 4 with 1.6%).
+MIN_REAL = 5
+# A weighted unbiased within-set mean needs two different items in the replicate.
+MIN_DISTINCT = 2
 
 
 @dataclass(frozen=True)
@@ -57,7 +73,13 @@ class Estimate:
     ci_high: float
     n: int
 
+    def finite(self) -> bool:
+        return all(math.isfinite(x) for x in (self.value, self.ci_low, self.ci_high))
+
     def excludes_zero(self) -> bool:
+        """The interval lies wholly above or below 0; a non-finite one is an error, never "covers 0"."""
+        if not self.finite():
+            raise ValueError(f"non-finite estimate {self.value} [{self.ci_low}, {self.ci_high}]: not judged")
         return self.ci_low > 0.0 or self.ci_high < 0.0
 
     def as_keys(self, name: str) -> dict[str, float | int]:
@@ -98,6 +120,24 @@ def bootstrap_counts(n_items: int, resamples: int, rng: np.random.Generator,
     drawn = rng.integers(0, n_clusters, size=(resamples, n_clusters))
     per_cluster = np.stack([np.bincount(row, minlength=n_clusters) for row in drawn])
     return per_cluster[:, ids].astype(np.float64)
+
+
+def nondegenerate_counts(n_items: int, resamples: int, rng: np.random.Generator,
+                         clusters: Sequence[object] | None = None, min_distinct: int = MIN_DISTINCT,
+                         max_rounds: int = 1000) -> tuple[np.ndarray, int]:
+    """:func:`bootstrap_counts` whose every replicate holds at least ``min_distinct`` different items,
+    and how many replicates had to be redrawn for it (redrawn again until they do, from ``rng``)."""
+    if n_items < min_distinct:
+        raise ValueError(f"{n_items} item(s): a replicate needs {min_distinct} different ones")
+    counts = bootstrap_counts(n_items, resamples, rng, clusters)
+    redrawn = 0
+    for _ in range(max_rounds):
+        bad = np.flatnonzero((counts > 0).sum(axis=1) < min_distinct)
+        if not len(bad):
+            return counts, redrawn
+        redrawn += len(bad)
+        counts[bad] = bootstrap_counts(n_items, len(bad), rng, clusters)
+    raise ValueError(f"bootstrap replicates still degenerate after {max_rounds} redraws")
 
 
 def mean_estimate(values: Sequence[float], clusters: Sequence[object] | None = None, *,
@@ -185,7 +225,10 @@ def _weighted_within(k: np.ndarray, w: np.ndarray, unbiased: bool) -> np.ndarray
     if not unbiased:
         return quad / total ** 2
     self_pairs = (w * w) @ np.diag(k)
-    return (quad - self_pairs) / (total ** 2 - (w * w).sum(axis=1))
+    pairs = total ** 2 - (w * w).sum(axis=1)
+    if (pairs <= 0).any():  # a replicate of a single item: redraw it (nondegenerate_counts)
+        raise ValueError(f"{int((pairs <= 0).sum())} replicate(s) hold a single item: no pair to average")
+    return (quad - self_pairs) / pairs
 
 
 def weighted_mmd2(sets: KernelSets, w_real: np.ndarray, w_fake: np.ndarray, unbiased: bool) -> np.ndarray:
@@ -235,14 +278,15 @@ class Resampling:
 
     real: np.ndarray  # (resamples, n_real)
     fake: np.ndarray  # (resamples, n_fake): by prompt cluster, the same for base and every LoRA set
+    redrawn: int = 0  # degenerate replicates (one item on a side) drawn again, both sides together
 
     @classmethod
     def draw(cls, n_real: int, fake_clusters: Sequence[object], resamples: int = RESAMPLES,
              seed: int = 0) -> "Resampling":
         rng = np.random.default_rng(seed)
-        real = bootstrap_counts(n_real, resamples, rng)
-        fake = bootstrap_counts(len(fake_clusters), resamples, rng, fake_clusters)
-        return cls(real, fake)
+        real, redrawn_real = nondegenerate_counts(n_real, resamples, rng)
+        fake, redrawn_fake = nondegenerate_counts(len(fake_clusters), resamples, rng, fake_clusters)
+        return cls(real, fake, redrawn_real + redrawn_fake)
 
 
 def set_distance_estimates(distance: SetDistance, real: torch.Tensor, fakes: Sequence[torch.Tensor],
@@ -258,6 +302,8 @@ def set_distance_estimates(distance: SetDistance, real: torch.Tensor, fakes: Seq
     for fake in fakes:
         sets = KernelSets(rr, distance.kernel(fake, fake).numpy(), distance.kernel(real, fake).numpy())
         reps = distance.scale * weighted_mmd2(sets, resampling.real, resampling.fake, distance.unbiased)
+        if not np.isfinite(reps).all():
+            raise ValueError(f"{distance.name}: {int((~np.isfinite(reps)).sum())} non-finite bootstrap replicate(s)")
         low, high = percentile_ci(reps, confidence)
         estimates.append(Estimate(distance.value(sets), low, high, int(fake.shape[0])))
         replicates.append(reps)
