@@ -21,7 +21,7 @@ from helpers import committed_params_text
 from impressionist.cli import apply_overrides, demo_overrides
 
 REPO = Path(__file__).resolve().parents[1]
-ALL_STAGES = ["download", "filter", "caption", "encode", "train", "export", "sample_base", "sample", "reference",
+ALL_STAGES = ["download", "filter", "caption", "encode_latents", "encode_text", "train", "export", "sample_base", "sample", "reference",
               "evaluate"]
 pytestmark = pytest.mark.slow
 
@@ -138,9 +138,9 @@ def test_real_recipe_without_network_stops_at_download_with_one_line(tmp_path):
 def test_gpu_recipe_without_gpu_stops_at_encode_with_one_line(tmp_path):
     overrides = {k: v for k, v in demo_overrides(REPO / "configs/demo.yaml").items() if k != "model.device"}
     repo = copy_project(tmp_path / "repo", overrides)
-    result = sh(repo, "dvc", "repro", "encode", check=False)
+    result = sh(repo, "dvc", "repro", "encode_latents", check=False)
     assert result.returncode != 0
-    assert ran_stages(result.stdout) == ["download", "filter", "caption", "encode"]
+    assert ran_stages(result.stdout) == ["download", "filter", "encode_latents"]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "no CUDA GPU" in errors[0], result.stderr
     assert not (repo / "data/cache").exists()

@@ -10,7 +10,9 @@ RAW_DIR = Path("data/raw")
 FILTERED_DIR = Path("data/filtered")
 CAPTIONS_DIR = Path("data/captions")
 CAPTIONS = CAPTIONS_DIR / "captions.parquet"
-CACHE_DIR = Path("data/cache")
+CACHE_DIR = Path("data/cache")                # encode's two outs, each its own DVC stage:
+LATENT_CACHE_DIR = CACHE_DIR / "latents"      # encode_latents: VAE latents (data/filtered, encode.*)
+TEXT_CACHE_DIR = CACHE_DIR / "text"           # encode_text: text embeddings (data/captions)
 REFERENCE_DIR = Path("data/reference")  # the real paintings' evaluation features
 LORA_DIR = Path("models/lora")
 # The file name FluxPipeline.save_lora_weights writes and load_lora_weights looks for.
