@@ -122,7 +122,7 @@ MUTATIONS = [
              CAPTION_TESTS, "a caption of exactly max_sequence_length tokens flagged as truncated"),
     Mutation("particles_capitalised", CAPTION, "if index > 0 and word in NAME_PARTICLES:", "if False:",
              CAPTION_TESTS, "'Vincent Van Gogh'"),
-    Mutation("no_end_of_sequence", CAPTION, "add_special_tokens=True", "add_special_tokens=False",
+    Mutation("no_end_of_sequence", "src/impressionist/tokens.py", "add_special_tokens=True", "add_special_tokens=False",
              CAPTION_TESTS, "T5 token counts without </s>"),
     Mutation("mojibake_kept", CAPTION, 'return candidate.encode("latin-1").decode("utf-8")', "return text",
              CAPTION_TESTS, "WikiArt's mis-decoded names stay garbled"),
