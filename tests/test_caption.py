@@ -102,7 +102,8 @@ def test_captions_from_template_and_sidecar(dirs, capsys):
     result = caption.run(params(), filtered, raw, out, tokenizer=TOKENIZER)
     written = pd.read_parquet(out / "captions.parquet")
     pd.testing.assert_frame_equal(written, result)
-    assert list(written.columns) == ["id", "split", "caption", "caption_source", "t5_tokens", "truncated"]
+    assert list(written.columns) == ["id", "split", "caption", "caption_source", "t5_tokens", "truncated",
+                                     "clip_tokens", "clip_truncated"]
     expected = {row[0]: text for row, text in ROWS}
     expected[SIDECAR_ID] = SIDECAR_CAPTION
     assert dict(zip(written["id"], written["caption"])) == expected

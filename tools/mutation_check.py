@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Hand-picked mutations of flux_math.py, sample.py, caption.py and the evaluation (stats.py,
+"""Hand-picked mutations of flux_math.py, sample.py, caption.py, describe.py and the evaluation (stats.py,
 evaluate.py, report.py): does some test notice each one?
 
 For every mutation the working tree (tracked and untracked, non-ignored files) is copied to a
@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 FLUX_MATH, SAMPLE, CAPTION = ("src/impressionist/flux_math.py", "src/impressionist/sample.py",
                               "src/impressionist/caption.py")
 INFERENCE = "src/impressionist/inference.py"
+DESCRIBE, DESCRIBE_TESTS = "src/impressionist/describe.py", ("tests/test_describe.py",)
 FLUX_MATH_TESTS, SAMPLE_TESTS, CAPTION_TESTS = ("tests/test_flux_math.py",), ("tests/test_sample.py",), \
     ("tests/test_caption.py",)
 STATS, EVALUATE, REPORT = "src/impressionist/stats.py", "src/impressionist/evaluate.py", "src/impressionist/report.py"
@@ -128,6 +129,15 @@ MUTATIONS = [
              CAPTION_TESTS, "WikiArt's mis-decoded names stay garbled"),
     Mutation("raw_artist_slug", CAPTION, "artist=readable_artist(artist)", "artist=artist",
              CAPTION_TESTS, "captions say 'claude-monet'"),
+    # --- describe.py: the scrub and the resume
+    Mutation("scrub_off", DESCRIBE, '    cleaned = re.sub(pattern, " ", text, flags=re.IGNORECASE)',
+             "    cleaned = text", DESCRIBE_TESTS, "style words and artist names stay in the descriptions"),
+    Mutation("resume_redoes_everything", DESCRIBE, "if not all(item.id in done for item in batch)", "if True",
+             DESCRIBE_TESTS, "a rerun after a kill describes every image again"),
+    Mutation("resume_forgets_rows", DESCRIBE, 'rows[row["id"]] = row["raw"]', "pass",
+             DESCRIBE_TESTS, "the finished batches of a killed run are thrown away"),
+    Mutation("sidecar_loses_to_description", CAPTION, "if sidecar is not None:", "if sidecar is not None and not described:",
+             DESCRIBE_TESTS, "a hand-written sidecar is ignored where the VLM described the image"),
 ]
 
 
