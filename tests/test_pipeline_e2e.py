@@ -114,6 +114,20 @@ def test_demo_graph_reruns_only_what_changed_and_round_trips_through_the_remote(
     assert (clone / "models/lora/pytorch_lora_weights.safetensors").read_bytes() == \
         (repo / "models/lora/pytorch_lora_weights.safetensors").read_bytes()
 
+    # A caption-template edit re-encodes only the text: no describe, no VAE.
+    set_param(repo, "caption.template", "{trigger}: {description}, painted by {artist}")
+    ran = ran_stages(sh(repo, "dvc", "repro").stdout)
+    assert set(ran) == {"caption", "encode_text", "train", "export", "sample_base", "sample", "evaluate"}, ran
+    # The demo's descriptions give more distinct captions than the template alone on the same images.
+    stats = json.loads((repo / "metrics/captions.json").read_text())
+    assert stats["distinct_captions"] > stats["distinct_template_only"], stats
+    assert json.loads((repo / "metrics/describe.json").read_text())["synthetic_model"] is True
+    # Another captioner (the same tiny VLM named by its folder) re-runs describe; the captions it
+    # gives are the same, so nothing after caption runs.
+    set_param(repo, "describe.model", str(Path(os.environ["IMPRESSIONIST_CACHE"]) / "tiny-vlm-v1"))
+    ran = ran_stages(sh(repo, "dvc", "repro").stdout)
+    assert ran[:2] == ["describe", "caption"] and "encode_latents" not in ran, ran
+
 
 def test_demo_refuses_unknown_options(capsys):
     from impressionist import cli
