@@ -34,7 +34,7 @@ from impressionist.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "train_colab.ipynb"
-DATA_STAGES = ["download", "filter", "caption", "encode_latents", "encode_text"]
+DATA_STAGES = ["download", "filter", "describe", "caption", "encode_latents", "encode_text"]
 
 
 # --------------------------------------------------------------------------- recipe per GPU

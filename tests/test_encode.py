@@ -157,7 +157,8 @@ def test_a_caption_change_keeps_the_latents_and_changes_only_the_text(demo_param
     from helpers import write_filtered_dataset
 
     filtered, captions = write_filtered_dataset(tmp_path, n_images=4)
-    first = encode.run(copy.deepcopy(demo_params), filtered, captions, tmp_path / "a")
+    encode.run(copy.deepcopy(demo_params), filtered, captions, tmp_path / "a")
+    first = CacheReader(tmp_path / "a")
     table = pd.read_parquet(captions)
     table["caption"] = table["caption"] + ", with a boat"
     table.to_parquet(captions, index=False)

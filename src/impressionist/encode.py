@@ -316,15 +316,16 @@ def run_text(params: Mapping[str, Any], captions_path: Path = CAPTIONS,
 
 
 def run(params: Mapping[str, Any], filtered_dir: Path = FILTERED_DIR, captions_path: Path = CAPTIONS,
-        out_dir: Path = CACHE_DIR) -> CacheReader:
-    """Both halves into ``out_dir/latents`` and ``out_dir/text`` (``impressionist encode``, tests);
-    the inputs are checked before either starts, and a failure leaves no ``out_dir``."""
+        out_dir: Path = CACHE_DIR) -> dict[str, Any]:
+    """Both halves into ``out_dir/latents`` and ``out_dir/text`` (``impressionist encode``, tests,
+    benchmarks); the inputs are checked before either starts, and a failure leaves no ``out_dir``.
+    Returns the joined index, as train reads it."""
     _checked(params)
     _latent_rows(Path(filtered_dir)), _text_rows(Path(captions_path))
     with atomic_dir(out_dir) as tmp:
         run_latents(params, filtered_dir, tmp / LATENT_CACHE_DIR.name)
         run_text(params, captions_path, tmp / TEXT_CACHE_DIR.name)
-    return CacheReader(out_dir)
+    return CacheReader(out_dir).index
 
 
 def cache_summary(samples: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
