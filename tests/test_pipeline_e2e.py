@@ -21,7 +21,7 @@ from helpers import committed_params_text
 from impressionist.cli import apply_overrides, demo_overrides
 
 REPO = Path(__file__).resolve().parents[1]
-ALL_STAGES = ["download", "filter", "caption", "encode_latents", "encode_text", "train", "export", "sample_base", "sample", "reference",
+ALL_STAGES = ["download", "filter", "describe", "caption", "encode_latents", "encode_text", "train", "export", "sample_base", "sample", "reference",
               "evaluate"]
 pytestmark = pytest.mark.slow
 
