@@ -143,13 +143,14 @@ def read_filtered_metadata(filtered_dir: Path) -> pd.DataFrame:
 
 
 def read_descriptions(path: Path, template: str) -> dict[str, str]:
-    """id -> cleaned description, when the template uses ``{description}`` ({} otherwise)."""
+    """id -> cleaned description, when the template uses ``{description}``; {} otherwise, and when
+    describe is disabled (its table is empty): ``{description}`` then gets the genre phrase."""
     if "description" not in template_fields(template):
         return {}
     if path.is_file() and pd.read_parquet(path, columns=["id"]).empty:
-        raise UserError("caption.template uses {description} but the describe stage wrote no descriptions "
-                        "(describe.enabled is false?); set describe.enabled: true or drop {description} "
-                        "from caption.template")
+        print("caption: describe.enabled is false: {description} gets each image's genre phrase (the template "
+              "alone, as without the describe stage)")
+        return {}
     table = read_table(path, ("id", "description"), "describe")
     return dict(zip(table["id"], table["description"].fillna("")))
 
