@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from helpers import write_filtered_dataset
-from impressionist import caption, describe
+from impressionist import caption, describe, tiny_vlm
 from impressionist.errors import UserError
 
 
@@ -41,7 +41,7 @@ def test_every_filtered_image_gets_a_labelled_description(demo_params, filtered,
     assert table.equals(pd.read_parquet(tmp_path / "descriptions/descriptions.parquet"))
     assert (table["raw"].str.len() > 0).all()
     assert table["synthetic_model"].all() and set(table["model"]) == {"builtin:tiny-vlm"}
-    assert set(table["revision"]) == {"builtin:tiny-vlm-v1"}
+    assert set(table["revision"]) == {f"builtin:tiny-vlm-v{tiny_vlm.BUILDER_VERSION}"}
     assert table["prompt_fingerprint"].nunique() == 1 and (table["t5_tokens"] > 0).all()
     assert (table["clip_truncated"] == (table["clip_tokens"] > 77)).all()
     metrics = json.loads((tmp_path / "describe.json").read_text())

@@ -19,6 +19,7 @@ import yaml
 from helpers import committed_params_text
 
 from impressionist.cli import apply_overrides, demo_overrides
+from impressionist.tiny_vlm import BUILDER_VERSION
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_STAGES = ["download", "filter", "describe", "caption", "encode_latents", "encode_text", "train", "export", "sample_base", "sample", "reference",
@@ -124,7 +125,7 @@ def test_demo_graph_reruns_only_what_changed_and_round_trips_through_the_remote(
     assert json.loads((repo / "metrics/describe.json").read_text())["synthetic_model"] is True
     # Another captioner (the same tiny VLM named by its folder) re-runs describe; the captions it
     # gives are the same, so nothing after caption runs.
-    set_param(repo, "describe.model", str(Path(os.environ["IMPRESSIONIST_CACHE"]) / "tiny-vlm-v1"))
+    set_param(repo, "describe.model", str(Path(os.environ["IMPRESSIONIST_CACHE"]) / f"tiny-vlm-v{BUILDER_VERSION}"))
     ran = ran_stages(sh(repo, "dvc", "repro").stdout)
     assert ran[:2] == ["describe", "caption"] and "encode_latents" not in ran, ran
 

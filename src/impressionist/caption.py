@@ -199,7 +199,7 @@ def run(params: Mapping[str, Any], filtered_dir: Path | str = FILTERED_DIR, raw_
 
     with atomic_dir(captions_dir) as out:
         result.to_parquet(out / CAPTIONS.name, index=False)
-    stats = caption_statistics(result, template_only, trigger)
+    stats = caption_statistics(result, template_only, trigger, template)
     atomic_write_text(Path(metrics_path), json.dumps(stats, indent=1) + "\n")
     save_figure(plot_lengths(result, max_tokens), plot_path)
 
@@ -231,12 +231,16 @@ these those as into over under near his her their there here which who whom whil
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
 
 
-def caption_statistics(result: pd.DataFrame, template_only: list[str], trigger: str, top: int = 20) -> dict[str, Any]:
+def caption_statistics(result: pd.DataFrame, template_only: list[str], trigger: str, template: str = "",
+                       top: int = 20) -> dict[str, Any]:
     """What metrics/captions.json holds: counts over all ``n`` images, token-length quantiles, the
-    share cut by each encoder, and the ``top`` most frequent content words (trigger excluded)."""
+    share cut by each encoder, and the ``top`` most frequent content words (the trigger and the
+    template's own words excluded)."""
     n = len(result)
-    words = Counter(w for caption in result["caption"] for w in re.findall(r"[a-z][a-z'-]+", caption.lower())
-                    if w not in STOPWORDS and w != trigger.lower())
+    fixed = set(re.findall(r"[a-z0-9][a-z0-9'-]+", re.sub(r"\{[^}]*\}", " ", template.lower())))
+    fixed |= STOPWORDS | {trigger.lower()}
+    words = Counter(w for caption in result["caption"] for w in re.findall(r"[a-z0-9][a-z0-9'-]+", caption.lower())
+                    if w not in fixed)
     stats: dict[str, Any] = {
         "images": n,
         "distinct_captions": int(result["caption"].nunique()),

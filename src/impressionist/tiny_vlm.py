@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 SEED = 0
 IMAGE_SIZE = 32
 PATCH = 8
@@ -71,10 +71,13 @@ def build_tiny_vlm():
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         model = LlavaForConditionalGeneration(config).eval()
-        # Random weights would end most answers at once on </s> or stutter one word; spread the
-        # output layer so the gibberish runs on for a few words (still random, still gibberish).
+        # Random weights would end most answers at once on </s> or stutter one word, the same for
+        # every image; spread the output layer so the gibberish runs on for a few words, and the
+        # projector so that it depends on the image (still random, still gibberish).
         with torch.no_grad():
             model.lm_head.weight.normal_(0.0, 2.0)
+            for weight in (p for p in model.model.multi_modal_projector.parameters() if p.dim() == 2):
+                weight.normal_(0.0, 4.0)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return processor, model
