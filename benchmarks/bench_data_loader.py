@@ -25,6 +25,7 @@ import torch
 
 from impressionist.flux_math import TimestepSampling
 from impressionist.latent_cache import EMPTY_CAPTION_KEY, INDEX, CacheReader, ShardWriter
+from impressionist.layout import LATENT_CACHE_DIR, TEXT_CACHE_DIR
 from impressionist.params import load_params
 from impressionist.train import MicroBatches, TrainParams, micro_batch_loader
 from results_file import command_line, publish
@@ -33,21 +34,27 @@ from results_file import command_line, publish
 def write_cache(folder: Path, images: int, captions: int, side: int, shard_size: int) -> None:
     latent = side // 8
     generator = torch.Generator().manual_seed(0)
-    latents = ShardWriter(folder, "latents", shard_size)
+    latent_dir, text_dir = folder / LATENT_CACHE_DIR.name, folder / TEXT_CACHE_DIR.name
+    latent_dir.mkdir(parents=True)
+    text_dir.mkdir(parents=True)
+    latents = ShardWriter(latent_dir, "latents", shard_size)
     samples = []
     for i in range(images):
         key = f"{i:016x}"
         latents.add(key, {"latent": torch.randn(16, latent, latent, generator=generator).bfloat16()})
         samples.append({"key": key, "id": key, "bucket": [side, side], "flip": False,
-                        "caption_key": f"caption{i % captions}", "shard": latents.location[key]})
+                        "shard": latents.location[key]})
     latents.flush()
-    texts = ShardWriter(folder, "text", shard_size)
+    texts = ShardWriter(text_dir, "text", shard_size)
     for key in [EMPTY_CAPTION_KEY] + [f"caption{c}" for c in range(captions)]:
         texts.add(key, {"prompt_embeds": torch.randn(512, 4096, generator=generator).bfloat16(),
                         "pooled": torch.randn(768, generator=generator).bfloat16()})
     texts.flush()
-    (folder / INDEX).write_text(json.dumps({"samples": samples, "text": texts.location,
-                                            "fingerprint": "benchmark", "base_model": "benchmark"}))
+    common = {"fingerprint": "benchmark", "base_model": "benchmark", "base_model_commit": "benchmark"}
+    (latent_dir / INDEX).write_text(json.dumps({**common, "samples": samples}))
+    (text_dir / INDEX).write_text(json.dumps({**common, "text": texts.location, "max_sequence_length": 512,
+                                              "captions": {s["id"]: f"caption{i % captions}"
+                                                           for i, s in enumerate(samples)}}))
 
 
 def time_loader(cache: CacheReader, workers: int, batch_size: int, batches: int) -> float:

@@ -41,7 +41,7 @@ def write_dataset(root: Path, images: int, side: int) -> tuple[Path, Path]:
         rows.append({"id": f"{i:016x}", "file": name, "height": side, "width": side, "split": "train"})
     pd.DataFrame(rows).to_parquet(filtered / "metadata.parquet")
     captions = root / "captions.parquet"
-    pd.DataFrame({"id": [r["id"] for r in rows],
+    pd.DataFrame({"id": [r["id"] for r in rows], "split": "train",
                   "caption": [f"impr3ssionism, a painting number {i % 8}" for i in range(images)]}).to_parquet(captions)
     return filtered, captions
 

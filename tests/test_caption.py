@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from transformers import T5TokenizerFast
 
-from impressionist import caption
+from impressionist import caption, tokens
 from impressionist.errors import UserError
 from impressionist.models import ModelParams
 from impressionist.wikiart import ARTISTS, GENRES, STYLES
@@ -102,7 +102,8 @@ def test_captions_from_template_and_sidecar(dirs, capsys):
     result = caption.run(params(), filtered, raw, out, tokenizer=TOKENIZER)
     written = pd.read_parquet(out / "captions.parquet")
     pd.testing.assert_frame_equal(written, result)
-    assert list(written.columns) == ["id", "split", "caption", "caption_source", "t5_tokens", "truncated"]
+    assert list(written.columns) == ["id", "split", "caption", "caption_source", "t5_tokens", "truncated",
+                                     "clip_tokens", "clip_truncated"]
     expected = {row[0]: text for row, text in ROWS}
     expected[SIDECAR_ID] = SIDECAR_CAPTION
     assert dict(zip(written["id"], written["caption"])) == expected
@@ -146,7 +147,7 @@ def test_tokenizer_comes_from_the_models_tokenizer_2(tmp_path, monkeypatch):
 
     # builtin: models go through impressionist.models.resolve_pretrained (stubbed: no diffusers here).
     asked = []
-    monkeypatch.setattr(caption, "resolve_pretrained",
+    monkeypatch.setattr(tokens, "resolve_pretrained",
                         lambda name, revision=None: asked.append(name) or str(model))
     loaded = caption.load_t5_tokenizer(ModelParams(pretrained="builtin:tiny-flux"))
     assert asked == ["builtin:tiny-flux"]

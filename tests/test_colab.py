@@ -34,7 +34,7 @@ from impressionist.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "train_colab.ipynb"
-DATA_STAGES = ["download", "filter", "caption", "encode"]
+DATA_STAGES = ["download", "filter", "describe", "caption", "encode_latents", "encode_text"]
 
 
 # --------------------------------------------------------------------------- recipe per GPU
@@ -581,7 +581,7 @@ def test_notebook_resumes_after_a_disconnect_and_skips_finished_stages(tmp_path)
     assert isinstance(failure[0], (CellExecutionError, DeadKernelError)), failure
     assert [s for s in DATA_STAGES if f"Running stage '{s}'" in log] == DATA_STAGES
     assert list((drive / "impressionist" / "checkpoints").glob("*/step-*"))
-    assert "encode:" in (drive / "impressionist" / "state" / "dvc.lock").read_text()
+    assert "encode_text:" in (drive / "impressionist" / "state" / "dvc.lock").read_text()
 
     # 2. Rerun in a fresh clone (Colab's wiped disk): resume training, skip the data stages.
     second = fresh_clone(first, tmp_path / "second")

@@ -65,7 +65,7 @@ def test_flip_copies_and_shards(flip_cache):
     assert plain.keys() == flipped.keys() and len(plain) == 7  # 8 images, one in the val split
     some = next(iter(plain))
     assert not torch.equal(cache.latent(plain[some]), cache.latent(flipped[some]))
-    assert len(list((root / "cache").glob("latents-*.safetensors"))) == -(-14 // 3)  # 14 latents, 3 per shard
+    assert len(list((root / "cache/latents").glob("latents-*.safetensors"))) == -(-14 // 3)  # 14 latents, 3 per shard
 
 
 def test_each_distinct_caption_is_encoded_once_plus_the_empty_one(flip_cache, tiny_flux_dir):
@@ -123,12 +123,12 @@ def test_data_loader_workers_do_not_change_the_cache(demo_params, tmp_path):
     for workers in (0, 2):
         demo_params["encode"]["dataloader_workers"] = workers
         encode.run(copy.deepcopy(demo_params), filtered, captions, tmp_path / f"cache{workers}")
-    files = sorted(p.name for p in (tmp_path / "cache0").iterdir())
-    assert files == sorted(p.name for p in (tmp_path / "cache2").iterdir())
+    files = sorted(p.relative_to(tmp_path / "cache0").as_posix() for p in (tmp_path / "cache0").rglob("*.*"))
+    assert files == sorted(p.relative_to(tmp_path / "cache2").as_posix() for p in (tmp_path / "cache2").rglob("*.*"))
     latents = len(CacheReader(tmp_path / "cache2").samples)
     n_train = int((pd.read_parquet(filtered / "metadata.parquet")["split"] == "train").sum())
     assert latents == 2 * n_train == 12  # each of the 6 training images and its flipped copy
-    assert len([f for f in files if f.startswith("latents-")]) == -(-latents // 3)  # 3 a shard
+    assert len([f for f in files if f.startswith("latents/latents-")]) == -(-latents // 3)  # 3 a shard
     for name in files:  # the fingerprint too: a worker-count change keeps the cache valid for train
         assert (tmp_path / "cache0" / name).read_bytes() == (tmp_path / "cache2" / name).read_bytes(), name
 
@@ -138,8 +138,49 @@ def test_the_dvc_stage_depends_on_every_encode_param_that_shapes_the_cache():
 
     from helpers import REPO
 
-    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["encode"]
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    stage, text = stages["encode_latents"], stages["encode_text"]
     declared = {p.split(".", 1)[1] for p in stage["params"] if isinstance(p, str) and p.startswith("encode.")}
     keys = set(yaml.safe_load((REPO / "params.yaml").read_text())["encode"])
     assert declared == keys - encode.NOT_CACHED
     assert "encode" not in stage["params"]  # the whole section would re-encode on a worker-count change
+    # the text half reads only encode.TEXT_KEYS and the captions, never data/filtered or the resolution
+    assert {p.split(".", 1)[1] for p in text["params"] if p.startswith("encode.")} == set(encode.TEXT_KEYS)
+    assert "caption.max_sequence_length" in text["params"] and "caption.max_sequence_length" not in stage["params"]
+    assert "data/captions" in text["deps"] and "data/filtered" not in text["deps"]
+    assert "data/filtered" in stage["deps"] and "data/captions" not in stage["deps"]
+
+
+def test_a_caption_change_keeps_the_latents_and_changes_only_the_text(demo_params, tmp_path):
+    """The two halves are keyed apart: new captions re-encode the text, the latents stay byte for
+    byte, and the joined fingerprint (the training run hash's input) still changes."""
+    from helpers import write_filtered_dataset
+
+    filtered, captions = write_filtered_dataset(tmp_path, n_images=4)
+    encode.run(copy.deepcopy(demo_params), filtered, captions, tmp_path / "a")
+    first = CacheReader(tmp_path / "a")
+    table = pd.read_parquet(captions)
+    table["caption"] = table["caption"] + ", with a boat"
+    table.to_parquet(captions, index=False)
+    encode.run_text(copy.deepcopy(demo_params), captions, tmp_path / "a/text")
+    second = CacheReader(tmp_path / "a")
+    assert second.index["fingerprint"] != first.index["fingerprint"]
+    assert {s["caption_key"] for s in second.samples}.isdisjoint({s["caption_key"] for s in first.samples})
+    assert [s["key"] for s in second.samples] == [s["key"] for s in first.samples]  # the latents as they were
+    for sample in first.samples:
+        assert torch.equal(first.latent(sample), second.latent(sample))
+
+
+def test_a_cache_whose_halves_disagree_is_refused(demo_params, tmp_path):
+    from helpers import write_filtered_dataset
+
+    filtered, captions = write_filtered_dataset(tmp_path, n_images=4)
+    encode.run(copy.deepcopy(demo_params), filtered, captions, tmp_path / "cache")
+    table = pd.read_parquet(captions)
+    table[table["split"] == "train"].iloc[:1].to_parquet(captions, index=False)  # one caption of three
+    encode.run_text(copy.deepcopy(demo_params), captions, tmp_path / "cache/text")
+    with pytest.raises(UserError, match="has latents but no caption embedding.*encode_text"):
+        CacheReader(tmp_path / "cache")
+    __import__("shutil").rmtree(tmp_path / "cache/text")
+    with pytest.raises(UserError, match="run the encode_text stage first"):
+        CacheReader(tmp_path / "cache")

@@ -19,10 +19,11 @@ import yaml
 from helpers import committed_params_text
 
 from impressionist.cli import apply_overrides, demo_overrides
+from impressionist.tiny_vlm import BUILDER_VERSION
 
 REPO = Path(__file__).resolve().parents[1]
-ALL_STAGES = ["download", "filter", "caption", "encode", "train", "train_replicates", "export", "sample_base",
-              "sample", "sample_replicates", "reference", "evaluate"]
+ALL_STAGES = ["download", "filter", "describe", "caption", "encode_latents", "encode_text", "train",
+              "train_replicates", "export", "sample_base", "sample", "sample_replicates", "reference", "evaluate"]
 pytestmark = pytest.mark.slow
 
 
@@ -127,6 +128,20 @@ def test_demo_graph_reruns_only_what_changed_and_round_trips_through_the_remote(
     assert (clone / "models/lora/pytorch_lora_weights.safetensors").read_bytes() == \
         (repo / "models/lora/pytorch_lora_weights.safetensors").read_bytes()
 
+    # A caption-template edit re-encodes only the text: no describe, no VAE.
+    set_param(repo, "caption.template", "{trigger}: {description}, painted by {artist}")
+    ran = ran_stages(sh(repo, "dvc", "repro").stdout)
+    assert set(ran) == {"caption", "encode_text", "train", "export", "sample_base", "sample", "evaluate"}, ran
+    # The demo's descriptions give more distinct captions than the template alone on the same images.
+    stats = json.loads((repo / "metrics/captions.json").read_text())
+    assert stats["distinct_captions"] > stats["distinct_template_only"], stats
+    assert json.loads((repo / "metrics/describe.json").read_text())["synthetic_model"] is True
+    # Another captioner (the same tiny VLM named by its folder) re-runs describe; the captions it
+    # gives are the same, so nothing after caption runs.
+    set_param(repo, "describe.model", str(Path(os.environ["IMPRESSIONIST_CACHE"]) / f"tiny-vlm-v{BUILDER_VERSION}"))
+    ran = ran_stages(sh(repo, "dvc", "repro").stdout)
+    assert ran[:2] == ["describe", "caption"] and "encode_latents" not in ran, ran
+
 
 def test_demo_refuses_unknown_options(capsys):
     from impressionist import cli
@@ -151,9 +166,9 @@ def test_real_recipe_without_network_stops_at_download_with_one_line(tmp_path):
 def test_gpu_recipe_without_gpu_stops_at_encode_with_one_line(tmp_path):
     overrides = {k: v for k, v in demo_overrides(REPO / "configs/demo.yaml").items() if k != "model.device"}
     repo = copy_project(tmp_path / "repo", overrides)
-    result = sh(repo, "dvc", "repro", "encode", check=False)
+    result = sh(repo, "dvc", "repro", "encode_latents", check=False)
     assert result.returncode != 0
-    assert ran_stages(result.stdout) == ["download", "filter", "caption", "encode"]
+    assert ran_stages(result.stdout) == ["download", "filter", "encode_latents"]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "no CUDA GPU" in errors[0], result.stderr
     assert not (repo / "data/cache").exists()

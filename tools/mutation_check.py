@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Hand-picked mutations of the trainer's inputs (train.py, flux_math.py, batch_order.py, ema.py,
-encode.py), the sampling (sample.py, caption.py, data_parallel.py), the evaluation (stats.py,
+encode.py), the captions (describe.py, caption.py), the sampling (sample.py, data_parallel.py), the evaluation (stats.py,
 image_features.py, evaluate.py, report.py, replicates.py, replicate_seeds.py) and the pipeline's data
 deps (dvc.yaml): does some test notice each one, and does that test run the mutated code at all?
 
@@ -52,6 +52,7 @@ IMAGE_FEATURES, DVC_YAML = "src/impressionist/image_features.py", "dvc.yaml"
 TRAIN_INPUT_TESTS, EMA_TESTS, ENCODE_TESTS, MULTIRES_TESTS, DVC_DEPS_TESTS = (
     ("tests/test_train_inputs.py",), ("tests/test_ema.py",), ("tests/test_encode.py",),
     ("tests/test_multiresolution.py",), ("tests/test_dvc_deps.py",))
+DESCRIBE, DESCRIBE_TESTS = "src/impressionist/describe.py", ("tests/test_describe.py",)
 FLUX_MATH_TESTS, SAMPLE_TESTS, CAPTION_TESTS = ("tests/test_flux_math.py",), ("tests/test_sample.py",), \
     ("tests/test_caption.py",)
 DATA_PARALLEL, DATA_PARALLEL_TESTS = "src/impressionist/data_parallel.py", ("tests/test_data_parallel.py",)
@@ -227,12 +228,21 @@ MUTATIONS = [
              CAPTION_TESTS, "a caption of exactly max_sequence_length tokens flagged as truncated"),
     Mutation("particles_capitalised", CAPTION, "if index > 0 and word in NAME_PARTICLES:", "if False:",
              CAPTION_TESTS, "'Vincent Van Gogh'"),
-    Mutation("no_end_of_sequence", CAPTION, "add_special_tokens=True", "add_special_tokens=False",
+    Mutation("no_end_of_sequence", "src/impressionist/tokens.py", "add_special_tokens=True", "add_special_tokens=False",
              CAPTION_TESTS, "T5 token counts without </s>"),
     Mutation("mojibake_kept", CAPTION, 'return candidate.encode("latin-1").decode("utf-8")', "return text",
              CAPTION_TESTS, "WikiArt's mis-decoded names stay garbled"),
     Mutation("raw_artist_slug", CAPTION, "artist=readable_artist(artist)", "artist=artist",
              CAPTION_TESTS, "captions say 'claude-monet'"),
+    # --- describe.py: the scrub and the resume
+    Mutation("scrub_off", DESCRIBE, '    cleaned = re.sub(pattern, " ", text, flags=re.IGNORECASE)',
+             "    cleaned = text", DESCRIBE_TESTS, "style words and artist names stay in the descriptions"),
+    Mutation("resume_redoes_everything", DESCRIBE, "if not all(item.id in done for item in batch)", "if True",
+             DESCRIBE_TESTS, "a rerun after a kill describes every image again"),
+    Mutation("resume_forgets_rows", DESCRIBE, 'rows[row["id"]] = row["raw"]', "pass",
+             DESCRIBE_TESTS, "the finished batches of a killed run are thrown away"),
+    Mutation("sidecar_loses_to_description", CAPTION, "if sidecar is not None:", "if sidecar is not None and not described:",
+             DESCRIBE_TESTS, "a hand-written sidecar is ignored where the VLM described the image"),
 ]
 
 

@@ -1,32 +1,43 @@
 """Stage `caption`: one training caption per filtered image.
 
 A caption comes from ``caption.template`` (fields ``{trigger}``, ``{artist}``, ``{genre}``,
-``{style}``), filled with names made readable so that the default template reads as English:
-"impr3ssionism, an impressionist painting of a landscape by Claude Monet". A sidecar file
-``data/raw/images/<id>.txt`` (the kohya convention: same stem as the image) overrides the
-template for that image, verbatim.
+``{style}``, ``{description}``), filled with names made readable so that it reads as English, and
+``{description}`` with the describe stage's cleaned content description of that image:
+"impr3ssionism, a painting by Claude Monet: haystacks in a field under a pink sky". An image whose
+description is empty gets its genre phrase there instead ("a landscape"), counted as a fallback.
+A sidecar file ``data/raw/images/<id>.txt`` (the kohya convention: same stem as the image)
+overrides the template for that image, verbatim: the way to edit a description by hand.
 
 Captions are counted in T5 tokens (FLUX's second text encoder, ``tokenizer_2`` of the base model)
 against ``caption.max_sequence_length``; longer ones would be truncated when encoded, which the
-stage reports as a warning and records in the ``truncated`` column.
+stage reports as a warning and records in the ``truncated`` column. CLIP (``tokenizer``) keeps only
+77 tokens: ``clip_tokens`` and ``clip_truncated`` record that too. ``metrics/captions.json`` holds
+the captions' statistics (distinct captions, token-length quantiles, the most frequent content
+words) and ``plots/caption_lengths.png`` their length distribution.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
+from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import pandas as pd
 
-from .errors import DEMO_HINT, UserError, atomic_dir, first_line, stage_main
-from .layout import CAPTIONS, CAPTIONS_DIR, FILTERED_DIR, RAW_DIR
-from .models import ModelParams, resolve_pretrained
+from .errors import UserError, atomic_dir, atomic_write_text, stage_main
+from .layout import (CAPTION_LENGTHS_PLOT, CAPTION_METRICS, CAPTIONS, CAPTIONS_DIR, DESCRIPTIONS, FILTERED_DIR,
+                     RAW_DIR)
+from .models import ModelParams
 from .params import load_params
-from .prompts import CaptionParams
+from .plotting import new_figure, save_figure
+from .prompts import CaptionParams, template_fields
 from .tables import METADATA_FILE, read_table
+from .tokens import count_tokens as count_t5_tokens
+from .tokens import CLIP_MAX_TOKENS, load_clip_tokenizer, load_t5_tokenizer
 from .wikiart import UNKNOWN_ARTIST
 
 FILTERED_COLUMNS = ("id", "split", "artist", "genre", "style")  # what captions are made from
@@ -110,10 +121,12 @@ def readable_style(name: str) -> str:
     return STYLE_DISPLAY_NAMES.get(name, name.replace("_", " "))
 
 
-def template_caption(template: str, trigger: str, artist: str, genre: str, style: str) -> str:
-    """Fill the template with readable names (class names as stored in the metadata)."""
+def template_caption(template: str, trigger: str, artist: str, genre: str, style: str,
+                     description: str = "") -> str:
+    """Fill the template with readable names (class names as stored in the metadata); an empty
+    ``description`` is replaced by the genre phrase."""
     return template.format(trigger=trigger, artist=readable_artist(artist), genre=readable_genre(genre),
-                           style=readable_style(style))
+                           style=readable_style(style), description=description or readable_genre(genre))
 
 
 def read_sidecar(raw_images_dir: Path, image_id: str) -> str | None:
@@ -125,82 +138,137 @@ def read_sidecar(raw_images_dir: Path, image_id: str) -> str | None:
     return text or None
 
 
-def count_t5_tokens(captions: Iterable[str], tokenizer) -> list[int]:
-    """Token count of each caption as FLUX's T5 encoder sees it (special tokens, i.e. </s>, included)."""
-    captions = list(captions)
-    if not captions:
-        return []
-    encoded = tokenizer(captions, add_special_tokens=True, truncation=False)["input_ids"]
-    return [len(ids) for ids in encoded]
-
-
-def load_t5_tokenizer(model: ModelParams):
-    """The T5 tokenizer of the base model (``tokenizer_2``); "builtin:" models resolve locally."""
-    from transformers import AutoTokenizer
-
-    pretrained, revision = model.pretrained, model.revision or None
-    if pretrained.startswith("builtin:"):
-        location, revision = resolve_pretrained(pretrained), None
-    else:
-        location = pretrained
-    try:
-        return AutoTokenizer.from_pretrained(str(location), subfolder="tokenizer_2", revision=revision)
-    except Exception as err:
-        raise UserError(f"cannot load the T5 tokenizer (tokenizer_2) of model.pretrained={pretrained} "
-                        f"({first_line(err, 160)}); "
-                        f"check the network and your Hugging Face token (the FLUX.1-dev licence must be accepted), "
-                        f"or point model.pretrained at a local copy; {DEMO_HINT}") from err
-
-
 def read_filtered_metadata(filtered_dir: Path) -> pd.DataFrame:
     return read_table(filtered_dir / METADATA_FILE, FILTERED_COLUMNS, "filter")
 
 
+def read_descriptions(path: Path, template: str) -> dict[str, str]:
+    """id -> cleaned description, when the template uses ``{description}``; {} otherwise, and when
+    describe is disabled (its table is empty): ``{description}`` then gets the genre phrase."""
+    if "description" not in template_fields(template):
+        return {}
+    if path.is_file() and pd.read_parquet(path, columns=["id"]).empty:
+        print("caption: describe.enabled is false: {description} gets each image's genre phrase (the template "
+              "alone, as without the describe stage)")
+        return {}
+    table = read_table(path, ("id", "description"), "describe")
+    return dict(zip(table["id"], table["description"].fillna("")))
+
+
 def run(params: Mapping[str, Any], filtered_dir: Path | str = FILTERED_DIR, raw_dir: Path | str = RAW_DIR,
-        captions_dir: Path | str = CAPTIONS_DIR, *, tokenizer=None) -> pd.DataFrame:
+        captions_dir: Path | str = CAPTIONS_DIR, *, descriptions_path: Path | str = DESCRIPTIONS,
+        metrics_path: Path | str = CAPTION_METRICS, plot_path: Path | str = CAPTION_LENGTHS_PLOT,
+        tokenizer=None, clip_tokenizer=None) -> pd.DataFrame:
     """Write ``captions_dir/captions.parquet`` for the images in ``filtered_dir``; returns the table.
 
-    ``tokenizer`` defaults to the base model's T5 tokenizer (see `load_t5_tokenizer`).
+    ``tokenizer`` / ``clip_tokenizer`` default to the base model's T5 and CLIP tokenizers.
     """
     cfg, model = CaptionParams.check(params), ModelParams.check(params)
     trigger, template, max_tokens = cfg.trigger, cfg.template, cfg.max_sequence_length
     filtered_dir, raw_dir = Path(filtered_dir), Path(raw_dir)
     table = read_filtered_metadata(filtered_dir)
+    descriptions = read_descriptions(Path(descriptions_path), template)
+    if descriptions:
+        missing = [i for i in table["id"] if i not in descriptions]
+        if missing:
+            raise UserError(f"image {missing[0]} has no description ({len(missing)} such); re-run the describe "
+                            "stage (`dvc repro describe`)")
     if tokenizer is None:
         tokenizer = load_t5_tokenizer(model)
+    if clip_tokenizer is None:
+        clip_tokenizer = load_clip_tokenizer(model)
 
-    captions, sources = [], []
+    captions, sources, template_only = [], [], []
     for row in table.itertuples():
+        described = descriptions.get(row.id, "")
+        template_only.append(template_caption(template, trigger, row.artist, row.genre, row.style))
         sidecar = read_sidecar(raw_dir / "images", row.id)
         if sidecar is not None:
             captions.append(sidecar)
             sources.append("sidecar")
         else:
-            captions.append(template_caption(template, trigger, row.artist, row.genre, row.style))
-            sources.append("template")
+            captions.append(template_caption(template, trigger, row.artist, row.genre, row.style, described))
+            sources.append("template" if not descriptions else "description" if described else "genre_fallback")
     tokens = count_t5_tokens(captions, tokenizer)
+    clip_tokens = count_t5_tokens(captions, clip_tokenizer)
     result = pd.DataFrame({
         "id": table["id"], "split": table["split"], "caption": captions, "caption_source": sources,
         "t5_tokens": tokens, "truncated": [n > max_tokens for n in tokens],
+        "clip_tokens": clip_tokens, "clip_truncated": [n > CLIP_MAX_TOKENS for n in clip_tokens],
     })
 
     with atomic_dir(captions_dir) as out:
         result.to_parquet(out / CAPTIONS.name, index=False)
+    stats = caption_statistics(result, template_only, trigger, template)
+    atomic_write_text(Path(metrics_path), json.dumps(stats, indent=1) + "\n")
+    save_figure(plot_lengths(result, max_tokens), plot_path)
 
-    n_sidecar = sources.count("sidecar")
+    n_sidecar, n_fallback = sources.count("sidecar"), sources.count("genre_fallback")
     print(f"caption: {len(result)} captions ({len(result) - n_sidecar} from the template, {n_sidecar} from sidecar "
-          f"files); T5 tokens min {min(tokens)}, max {max(tokens)} of max_sequence_length {max_tokens}")
+          f"files, {n_fallback} with an empty description replaced by the genre); {stats['distinct_captions']} "
+          f"distinct ({stats['distinct_template_only']} from the template without descriptions); T5 tokens min "
+          f"{min(tokens)}, max {max(tokens)} of max_sequence_length {max_tokens}")
     n_truncated = int(result["truncated"].sum())
     if n_truncated:
         print(f"warning: {n_truncated} caption(s) exceed caption.max_sequence_length={max_tokens} T5 tokens "
               f"(longest {max(tokens)}) and will be truncated when encoded; shorten them or raise the limit",
               file=sys.stderr)
+    n_clip = int(result["clip_truncated"].sum())
+    if n_clip:
+        print(f"caption: {n_clip} caption(s) are longer than CLIP's {CLIP_MAX_TOKENS} tokens: CLIP (the pooled "
+              "embedding) sees their start only, T5 the whole caption", file=sys.stderr)
     if trigger:
         missing_trigger = sum(1 for c, s in zip(captions, sources) if s == "sidecar" and trigger not in c)
         if missing_trigger:
             print(f"warning: {missing_trigger} sidecar caption(s) do not contain the trigger {trigger!r}; the LoRA "
                   "learns the trigger only from captions that have it", file=sys.stderr)
     return result
+
+
+# Words left out of the content-word counts: function words, and the template's own.
+STOPWORDS = set("""a an the of and or in on at by to with from for is are was were be been it its this that
+these those as into over under near his her their there here which who whom while one two some""".split())
+QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
+
+
+def caption_statistics(result: pd.DataFrame, template_only: list[str], trigger: str, template: str = "",
+                       top: int = 20) -> dict[str, Any]:
+    """What metrics/captions.json holds: counts over all ``n`` images, token-length quantiles, the
+    share cut by each encoder, and the ``top`` most frequent content words (the trigger and the
+    template's own words excluded)."""
+    n = len(result)
+    fixed = set(re.findall(r"[a-z0-9][a-z0-9'-]+", re.sub(r"\{[^}]*\}", " ", template.lower())))
+    fixed |= STOPWORDS | {trigger.lower()}
+    words = Counter(w for caption in result["caption"] for w in re.findall(r"[a-z0-9][a-z0-9'-]+", caption.lower())
+                    if w not in fixed)
+    stats: dict[str, Any] = {
+        "images": n,
+        "distinct_captions": int(result["caption"].nunique()),
+        "distinct_template_only": len(set(template_only)),
+        "sources": {k: int(v) for k, v in result["caption_source"].value_counts().sort_index().items()},
+    }
+    for column, label in (("t5_tokens", "t5"), ("clip_tokens", "clip")):
+        stats[f"{label}_tokens"] = {f"p{round(q * 100)}": float(result[column].quantile(q)) for q in QUANTILES}
+        stats[f"{label}_tokens"]["mean"] = round(float(result[column].mean()), 2)
+        stats[f"{label}_tokens"]["n"] = n
+    stats["share_truncated_t5"] = round(float(result["truncated"].mean()), 4)
+    stats["share_truncated_clip"] = round(float(result["clip_truncated"].mean()), 4)
+    stats["top_words"] = [[w, c] for w, c in sorted(words.items(), key=lambda wc: (-wc[1], wc[0]))[:top]]
+    return stats
+
+
+def plot_lengths(result: pd.DataFrame, max_tokens: int):
+    """Histograms of the captions' T5 and CLIP lengths, each encoder's limit marked."""
+    fig = new_figure(8, 3)
+    for i, (column, limit, name) in enumerate((("t5_tokens", max_tokens, "T5"), ("clip_tokens", CLIP_MAX_TOKENS, "CLIP"))):
+        ax = fig.add_subplot(1, 2, i + 1)
+        ax.hist(result[column], bins=min(30, max(5, result[column].nunique())), color="#1f77b4")
+        ax.axvline(limit, color="black", linestyle="--", linewidth=1, label=f"limit {limit}")
+        ax.set_title(f"{name} tokens per caption (n = {len(result)})", fontsize=9)
+        ax.set_xlabel("tokens")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 
 
 @stage_main

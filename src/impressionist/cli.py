@@ -1,8 +1,8 @@
 """``impressionist <stage>`` runs one stage; ``impressionist demo`` runs the whole graph offline.
 
 The demo is a DVC experiment of the unchanged ``dvc.yaml`` with the overrides in
-``configs/demo.yaml`` (a tiny random-weight Flux-architecture model built locally and a SYNTHETIC
-WikiArt-schema source), so ``dvc exp show`` lists it beside real runs.
+``configs/demo.yaml`` (a tiny random-weight Flux-architecture model built locally, a SYNTHETIC
+WikiArt-schema source and a tiny random-weight VLM for the descriptions), so ``dvc exp show`` lists it beside real runs.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from .layout import CHECKPOINT_ROOT
 # Every module a dvc.yaml stage runs (sample_base is `sample --base`), in graph order.
 STAGES = {
     "download": "impressionist.download", "filter": "impressionist.filter",
-    "caption": "impressionist.caption", "encode": "impressionist.encode",
+    "describe": "impressionist.describe", "caption": "impressionist.caption", "encode": "impressionist.encode",
     "train": "impressionist.train", "export": "impressionist.export",
     "sample": "impressionist.sample", "reference": "impressionist.reference", "evaluate": "impressionist.evaluate",
 }
@@ -73,6 +73,9 @@ def run_demo(name: str | None, dry_run: bool) -> int:
     overrides = demo_overrides()
     command = demo_command(overrides, name)
     print("demo: " + " ".join(command))
+    print("demo: SYNTHETIC throughout: a random-weight tiny Flux, procedurally painted images, and descriptions "
+          "from builtin:tiny-vlm, a random-weight VLM whose text is gibberish (synthetic_model in "
+          "data/descriptions); the numbers only show that the pipeline runs")
     if dry_run:
         return 0
     if subprocess.run(["git", "rev-parse", "--verify", "HEAD"], capture_output=True).returncode:

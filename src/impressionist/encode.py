@@ -1,19 +1,20 @@
-"""Stage ``encode``: cache VAE latents and text embeddings once, so training never runs the VAE or
-the text encoders.
+"""Stages ``encode_latents`` and ``encode_text``: cache VAE latents and text embeddings once, so
+training never runs the VAE or the text encoders.
 
-Depends only on the base model, ``encode.*``, ``caption.max_sequence_length`` and the captions, so a
-change of ``lora.*`` or ``train.*`` does not re-run it. Every image is cached at each resolution of
-``encode.resolution`` (one value or a list, e.g. ``[512, 768, 1024]``): at each, it is assigned to an
-aspect-ratio bucket of about resolution^2 pixels (sides multiples of 16) and centre-cropped to it. The VAE and
-the text encoders are loaded, used and freed in turn, and shards are flushed as they fill. Images are
-decoded and resized by ``encode.dataloader_workers`` processes a few batches ahead of the VAE, so
-memory stays bounded by the shard size and the prefetch depth, not the number of images.
+Two halves, two DVC stages, two folders (``data/cache/latents``, ``data/cache/text``), each keyed on
+what it reads: the latents on the base model, ``encode.*`` and data/filtered; the text embeddings on
+the base model, ``caption.max_sequence_length`` and data/captions. A caption or template change so
+re-encodes only the text, a resolution change only the latents, and ``lora.*`` / ``train.*`` neither.
+Every image is cached at each resolution of ``encode.resolution`` (one value or a list, e.g.
+``[512, 768, 1024]``): at each, it is assigned to an aspect-ratio bucket of about resolution^2 pixels
+(sides multiples of 16) and centre-cropped to it. Shards are flushed as they fill. Images are decoded
+and resized by ``encode.dataloader_workers`` processes a few batches ahead of the VAE, so memory
+stays bounded by the shard size and the prefetch depth, not the number of images.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from collections import defaultdict
 from dataclasses import dataclass
@@ -28,8 +29,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from .errors import UserError, atomic_dir, first_line, stage_main
-from .latent_cache import EMPTY_CAPTION_KEY, INDEX, ShardWriter
-from .layout import CACHE_DIR, CAPTIONS, FILTERED_DIR
+from .latent_cache import EMPTY_CAPTION_KEY, INDEX, CacheReader, ShardWriter, caption_key
+from .layout import CACHE_DIR, CAPTIONS, FILTERED_DIR, LATENT_CACHE_DIR, TEXT_CACHE_DIR
 from .models import (ModelParams, encode_prompts, load_vae, resolve_base_model, resolve_device,
                      resolve_dtype)
 from .params import (ParamsSection, fingerprint, load_params, require_int, require_multiple,
@@ -77,14 +78,11 @@ def to_pixels(images: list[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
-def caption_key(caption: str) -> str:
-    """Identical captions (common with template captions) share one cached embedding."""
-    return hashlib.sha256(caption.encode()).hexdigest()[:16]
-
-
 # Keys of encode.* that do not change what is cached (left out of the cache fingerprint and of the
 # DVC stage's params).
 NOT_CACHED = {"dataloader_workers"}
+# The encode.* keys the text half reads (the rest shape only the latents).
+TEXT_KEYS = ("batch_size", "shard_size")
 
 
 @dataclass(frozen=True)
@@ -121,19 +119,32 @@ class EncodeParams(ParamsSection):
         return list(self.resolution) if isinstance(self.resolution, list) else [self.resolution]
 
 
-def _training_rows(filtered_dir: Path, captions_path: Path) -> pd.DataFrame:
+def _need(path: Path, stage: str) -> None:
+    if not path.is_file():
+        raise UserError(f"{path} not found; run the {stage} stage first (`dvc repro {stage}`)")
+
+
+def _latent_rows(filtered_dir: Path) -> pd.DataFrame:
+    """The training split of data/filtered, sorted by id: the images ``encode_latents`` caches."""
     meta_path = filtered_dir / "metadata.parquet"
-    for path, stage in ((meta_path, "filter"), (captions_path, "caption")):
-        if not path.is_file():
-            raise UserError(f"{path} not found; run the {stage} stage first (`dvc repro {stage}`)")
+    _need(meta_path, "filter")
     meta = pd.read_parquet(meta_path)
-    captions = pd.read_parquet(captions_path)[["id", "caption"]]
-    rows = meta[meta["split"] == "train"].merge(captions, on="id", how="left")
+    rows = meta[meta["split"] == "train"]
+    if rows.empty:
+        raise UserError("no training images after filtering; add images or relax filter params")
+    return rows.sort_values("id").reset_index(drop=True)
+
+
+def _text_rows(captions_path: Path) -> pd.DataFrame:
+    """The training split's captions, sorted by id: what ``encode_text`` embeds."""
+    _need(captions_path, "caption")
+    captions = pd.read_parquet(captions_path)
+    rows = captions[captions["split"] == "train"][["id", "caption"]]
     if rows["caption"].isna().any():
         missing = rows.loc[rows["caption"].isna(), "id"].iloc[0]
         raise UserError(f"image {missing} has no caption; re-run the caption stage")
     if rows.empty:
-        raise UserError("no training images after filtering; add images or relax filter params")
+        raise UserError("no training captions; check the filter and caption stages")
     return rows.sort_values("id").reset_index(drop=True)
 
 
@@ -209,13 +220,13 @@ def _encode_latents(rows: pd.DataFrame, filtered_dir: Path, cfg: EncodeParams, m
                 key = f"{row['id']}@{resolution}" + (":flip" if flip else "")
                 writer.add(key, {"latent": latent})
                 samples.append({"key": key, "id": row["id"], "resolution": resolution, "bucket": list(bucket),
-                                "flip": flip, "caption_key": caption_key(row["caption"]),
+                                "flip": flip,
                                 "shard": writer.location[key], "bytes": latent.numel() * latent.element_size()})
             progress.update(len(batch))
     progress.close()
     writer.flush()
     del vae
-    free_memory()  # the text encoders come next
+    free_memory()
     return samples
 
 
@@ -239,19 +250,22 @@ def _encode_texts(captions: list[str], cfg: EncodeParams, max_sequence_length: i
     return writer.location
 
 
-def run(params: Mapping[str, Any], filtered_dir: Path = FILTERED_DIR, captions_path: Path = CAPTIONS,
-        out_dir: Path = CACHE_DIR) -> dict[str, Any]:
+def _checked(params: Mapping[str, Any]):
     model, cfg = ModelParams.check(params), EncodeParams.check(params)
     max_sequence_length = CaptionParams.check(params).max_sequence_length
-    device, dtype = resolve_device(model), resolve_dtype(model)
-    rows = _training_rows(Path(filtered_dir), Path(captions_path))
-    base = resolve_base_model(model.pretrained, model.revision)
-    model_folder = base.folder
+    return model, cfg, max_sequence_length, resolve_device(model), resolve_dtype(model)
 
+
+def run_latents(params: Mapping[str, Any], filtered_dir: Path = FILTERED_DIR,
+                out_dir: Path = LATENT_CACHE_DIR) -> dict[str, Any]:
+    """Stage ``encode_latents``: every training image's VAE latents at each ``encode.resolution``.
+
+    Reads data/filtered only, so a caption change never re-runs the VAE."""
+    model, cfg, _, device, dtype = _checked(params)
+    rows = _latent_rows(Path(filtered_dir))
+    base = resolve_base_model(model.pretrained, model.revision)
     with atomic_dir(out_dir) as tmp:
-        samples = _encode_latents(rows, Path(filtered_dir), cfg, model_folder, dtype, device, tmp)
-        text = _encode_texts(rows["caption"].tolist(), cfg, max_sequence_length, model_folder,
-                             dtype, device, tmp)
+        samples = _encode_latents(rows, Path(filtered_dir), cfg, base.folder, dtype, device, tmp)
         index = {
             # The commit, not model.revision: a branch that moved is another model (and so, through
             # this fingerprint, another training run hash).
@@ -259,23 +273,59 @@ def run(params: Mapping[str, Any], filtered_dir: Path = FILTERED_DIR, captions_p
             # cache keeps its key across this code's versions.
             "fingerprint": fingerprint(model.pretrained, base.commit, str(dtype),
                                        {k: v for k, v in params["encode"].items() if k not in NOT_CACHED},
-                                       max_sequence_length,
-                                       rows[["id", "caption"]].values.tolist()),
+                                       rows["id"].tolist()),
             "base_model": model.pretrained,
             "base_model_commit": base.commit,
             "resolution": cfg.resolution,
             "resolutions": cache_summary(samples),
-            "max_sequence_length": max_sequence_length,
             "samples": samples,
-            "text": text,
         }
         (tmp / INDEX).write_text(json.dumps(index, indent=1))
     for resolution, summary in index["resolutions"].items():
         print(f"encode: {resolution} px: {summary['latents']} latents ({summary['mib']:.1f} MiB) in "
               f"{len(summary['buckets'])} buckets {[tuple(b) for b in summary['buckets']]}")
-    print(f"encode: {len(samples)} latents, {len(text) - 1} distinct captions -> {out_dir} "
+    print(f"encode: {len(samples)} latents -> {out_dir} ({model.pretrained} at {base.commit})")
+    return index
+
+
+def run_text(params: Mapping[str, Any], captions_path: Path = CAPTIONS,
+             out_dir: Path = TEXT_CACHE_DIR) -> dict[str, Any]:
+    """Stage ``encode_text``: the text embeddings of every distinct training caption (and of "").
+
+    Reads data/captions only, so a caption or template change never re-runs the VAE."""
+    model, cfg, max_sequence_length, device, dtype = _checked(params)
+    rows = _text_rows(Path(captions_path))
+    base = resolve_base_model(model.pretrained, model.revision)
+    with atomic_dir(out_dir) as tmp:
+        text = _encode_texts(rows["caption"].tolist(), cfg, max_sequence_length, base.folder,
+                             dtype, device, tmp)
+        index = {
+            "fingerprint": fingerprint(model.pretrained, base.commit, str(dtype),
+                                       {k: params["encode"][k] for k in TEXT_KEYS}, max_sequence_length,
+                                       rows[["id", "caption"]].values.tolist()),
+            "base_model": model.pretrained,
+            "base_model_commit": base.commit,
+            "max_sequence_length": max_sequence_length,
+            "captions": {row.id: caption_key(row.caption) for row in rows.itertuples()},
+            "text": text,
+        }
+        (tmp / INDEX).write_text(json.dumps(index, indent=1))
+    print(f"encode: {len(text) - 1} distinct captions of {len(rows)} training images -> {out_dir} "
           f"({model.pretrained} at {base.commit})")
     return index
+
+
+def run(params: Mapping[str, Any], filtered_dir: Path = FILTERED_DIR, captions_path: Path = CAPTIONS,
+        out_dir: Path = CACHE_DIR) -> dict[str, Any]:
+    """Both halves into ``out_dir/latents`` and ``out_dir/text`` (``impressionist encode``, tests,
+    benchmarks); the inputs are checked before either starts, and a failure leaves no ``out_dir``.
+    Returns the joined index, as train reads it."""
+    _checked(params)
+    _latent_rows(Path(filtered_dir)), _text_rows(Path(captions_path))
+    with atomic_dir(out_dir) as tmp:
+        run_latents(params, filtered_dir, tmp / LATENT_CACHE_DIR.name)
+        run_text(params, captions_path, tmp / TEXT_CACHE_DIR.name)
+    return CacheReader(out_dir).index
 
 
 def cache_summary(samples: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -297,8 +347,17 @@ def cache_summary(samples: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
+    half = parser.add_mutually_exclusive_group()
+    half.add_argument("--latents", action="store_true", help="only the VAE latents (stage encode_latents)")
+    half.add_argument("--text", action="store_true", help="only the text embeddings (stage encode_text)")
     args = parser.parse_args(argv)
-    run(load_params(args.params))
+    params = load_params(args.params)
+    if args.latents:
+        run_latents(params)
+    elif args.text:
+        run_text(params)
+    else:
+        run(params)
 
 
 if __name__ == "__main__":

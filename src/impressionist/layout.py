@@ -8,9 +8,14 @@ from pathlib import Path
 
 RAW_DIR = Path("data/raw")
 FILTERED_DIR = Path("data/filtered")
+DESCRIPTIONS_DIR = Path("data/descriptions")  # describe: one VLM description per filtered image
+DESCRIPTIONS = DESCRIPTIONS_DIR / "descriptions.parquet"
+DESCRIBE_METRICS = Path("metrics/describe.json")
 CAPTIONS_DIR = Path("data/captions")
 CAPTIONS = CAPTIONS_DIR / "captions.parquet"
-CACHE_DIR = Path("data/cache")
+CACHE_DIR = Path("data/cache")                # encode's two outs, each its own DVC stage:
+LATENT_CACHE_DIR = CACHE_DIR / "latents"      # encode_latents: VAE latents (data/filtered, encode.*)
+TEXT_CACHE_DIR = CACHE_DIR / "text"           # encode_text: text embeddings (data/captions)
 REFERENCE_DIR = Path("data/reference")  # the real paintings' evaluation features
 LORA_DIR = Path("models/lora")
 REPLICATES_DIR = Path("models/replicates")  # <k>/: replicate k >= 1 of the recipe (replicates.count)
@@ -34,3 +39,5 @@ DATA_METRICS = Path("metrics/data.json")
 DATA_ARTISTS_PLOT = PLOTS_DIR / "data_artists.png"
 TRAIN_METRICS = Path("metrics/train.json")
 LOSS_PLOT = PLOTS_DIR / "loss.png"
+CAPTION_METRICS = Path("metrics/captions.json")
+CAPTION_LENGTHS_PLOT = PLOTS_DIR / "caption_lengths.png"

@@ -116,7 +116,7 @@ def base_model_of_cache(name: str, revision: str | None, recorded: str | None) -
     base = resolve_base_model(name, recorded if is_hub_commit else revision)
     if base.commit != recorded:
         raise UserError(f"data/cache was encoded with {name} at {recorded}, but it is now {base.commit}; "
-                        "re-run encode (`dvc repro -f encode`)")
+                        "re-run encode (`dvc repro -f encode_latents encode_text`)")
     return base
 
 

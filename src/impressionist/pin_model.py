@@ -48,7 +48,7 @@ def pin(params_path: Path | str = DEFAULT_PARAMS, revision: str | None = None) -
     name = model.pretrained
     if not is_hub_id(name):
         print(f"pin-model: model.pretrained={name} is not a Hub model: nothing to pin (stages record its "
-              "content hash, or the builtin model's version, in data/cache/index.json)")
+              "content hash, or the builtin model's version, in data/cache/latents/index.json)")
         return None
     wanted = revision or model.revision or "main"
     commit = hub_commit(name, wanted)

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 from .errors import UserError, first_line
 from .params import ParamsSection, require_int
 
-TEMPLATE_FIELDS = ("trigger", "artist", "genre", "style")
+TEMPLATE_FIELDS = ("trigger", "artist", "genre", "style", "description")
 
 
 def template_fields(template: str) -> list[str]:
@@ -24,7 +24,7 @@ def template_fields(template: str) -> list[str]:
 def validate_template(template: Any) -> str:
     if not isinstance(template, str) or not template.strip():
         raise UserError("params.yaml: caption.template must be a non-empty string such as "
-                        "\"{trigger}, an impressionist painting of {genre} by {artist}\"")
+                        "\"{trigger}, a painting by {artist}: {description}\"")
     unknown = [name for name in template_fields(template) if name not in TEMPLATE_FIELDS]
     if unknown:
         raise UserError(f"params.yaml: caption.template uses unknown field(s) {', '.join('{' + u + '}' for u in unknown)}; "

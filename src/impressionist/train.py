@@ -444,7 +444,7 @@ def open_cache(cache_dir: Path, model: ModelParams) -> CacheReader:
     cache = CacheReader(cache_dir)
     if cache.index["base_model"] != model.pretrained:
         raise UserError(f"the encode cache was made with {cache.index['base_model']}, not "
-                        f"{model.pretrained}; re-run encode (`dvc repro encode`)")
+                        f"{model.pretrained}; re-run encode (`dvc repro encode_latents encode_text`)")
     return cache
 
 

@@ -24,7 +24,7 @@ project folder on Google Drive instead (:class:`DriveLayout`):
 The run writes the overrides into ``params.yaml`` exactly as ``dvc exp run -S`` would, then runs
 ``dvc repro --pull --allow-missing``: a finished stage whose outputs are only in the cache is skipped
 without copying them back (``--allow-missing``), and a stage that has to run gets its missing inputs
-checked out of the cache first (``--pull``; a resumed train needs only ``data/cache``).
+checked out of the cache first (``--pull``; a resumed train needs only ``data/cache`` (its latents and text halves)).
 
 Why ``dvc repro`` and not ``dvc exp run``: the run is one line of work per Drive project, not an
 experiment to compare, and ``--pull --allow-missing`` skips finished stages whose outputs are only
