@@ -164,10 +164,12 @@ def test_closure_follows_every_import_form(tmp_path, monkeypatch):
 READS = {
     "download": set(),
     "filter": {"RAW_DIR"},
-    "caption": {"RAW_DIR", "FILTERED_DIR"},
-    "encode": {"FILTERED_DIR", "CAPTIONS"},
-    "train": {"CACHE_DIR"},
-    "train_replicates": {"CACHE_DIR"},
+    "describe": {"FILTERED_DIR"},
+    "caption": {"RAW_DIR", "FILTERED_DIR", "DESCRIPTIONS"},
+    "encode_latents": {"FILTERED_DIR"},
+    "encode_text": {"CAPTIONS"},
+    "train": {"CACHE_DIR", "LATENT_CACHE_DIR", "TEXT_CACHE_DIR"},  # CACHE_DIR: the two caches' parent
+    "train_replicates": {"CACHE_DIR", "LATENT_CACHE_DIR", "TEXT_CACHE_DIR"},
     "export": {"LORA_DIR"},
     "sample_base": {"CAPTIONS"},
     "sample": {"CAPTIONS", "LORA_DIR", "SAMPLES_DIR"},  # samples/base: the base images of the grid
@@ -180,6 +182,10 @@ UNUSED_BY_STAGE = {
     ("train", "CHECKPOINT_ROOT"): "git- and DVC-ignored resumable state, outside the pipeline by design",
     ("sample_base", "LORA_DIR"): "`sample --base` draws without the LoRA",
     ("sample_base", "SAMPLE_GRID"): "only `sample` draws the grid",
+    ("encode_latents", "CAPTIONS"): "read by `encode --text` (the encode_text stage) only",
+    ("encode_latents", "TEXT_CACHE_DIR"): "written by `encode --text` only",
+    ("encode_text", "FILTERED_DIR"): "read by `encode --latents` (the encode_latents stage) only",
+    ("encode_text", "LATENT_CACHE_DIR"): "written by `encode --latents` only",
     ("train", "REPLICATES_DIR"): "written by `train --replicates` (the train_replicates stage)",
     ("train_replicates", "CHECKPOINT_ROOT"): "git- and DVC-ignored resumable state, outside the pipeline by design",
     ("train_replicates", "LORA_DIR"): "replicate 0 is the train stage's out",
