@@ -242,6 +242,8 @@ def test_final_layer_is_exported_with_a_warning(tmp_path, _demo_params_master, e
     err = capsys.readouterr().err
     assert "warning: diffusers' kohya loader drops lora_unet_final_layer_adaLN_modulation_1" in err
     assert manifest["diffusers_kohya_reader_skips"] == ["lora_unet_final_layer_adaLN_modulation_1"]
+    assert manifest["sd_scripts_skips"] == ["lora_unet_final_layer_adaLN_modulation_1"]
+    assert "warning: kohya sd-scripts builds no module for lora_unet_final_layer_adaLN_modulation_1" in err
     tensors = load_file(tmp_path / "export" / export.KOHYA_FILE)
     assert "lora_unet_final_layer_adaLN_modulation_1.lora_up.weight" in tensors  # in the file, for ComfyUI
     back = FluxPipeline.lora_state_dict(str(tmp_path / "export" / export.KOHYA_FILE))

@@ -25,10 +25,12 @@ are; the ``.alpha`` scalars stay fp32), and its ``ss_network_dim`` / ``ss_networ
 largest layer rank in the file and that layer's alpha (a fused q/k/v layer has rank 3R), with every
 layer rank counted in ``impressionist_layer_ranks``. ``export.json`` records the file sizes.
 
-The final layer (``proj_out``, ``norm_out.linear``, adapted by the ``all-linear`` preset) is
-exported, since ComfyUI reads it, but diffusers' kohya reader drops it (its keys come out without
-the ``transformer.`` prefix): the stage warns and ``export.json`` lists the layers affected;
-diffusers users load the diffusers-format file, which keeps them.
+The final layer (``proj_out``, ``norm_out.linear``, adapted by the ``all-linear`` preset, not by the
+default ``all-linear-blocks``) is exported, since ComfyUI reads it, but diffusers' kohya reader drops
+it (its keys come out without the ``transformer.`` prefix) and kohya sd-scripts builds no module for
+it (strict load refuses the file, merge/resume drop it): the stage warns and ``export.json`` lists
+the layers affected (``diffusers_kohya_reader_skips``, ``sd_scripts_skips``); diffusers users load
+the diffusers-format file, which keeps them.
 
 The fused export (``export.fused: true``) merges the LoRA into the transformer weights with
 diffusers' ``fuse_lora`` at ``export.lora_scale`` and saves the transformer as a diffusers model
@@ -268,7 +270,10 @@ def run(params: Mapping[str, Any], lora_dir: Path = LORA_DIR, out_dir: Path = EX
         "source": LORA_WEIGHTS, "base_model": model.pretrained, "kohya_file": KOHYA_FILE,
         "kohya_layers": sum(k.endswith(".alpha") for k in kohya), "rank": config.get("r"),
         "alpha": config.get("lora_alpha"), "dtype": cfg.dtype, "fused": None,
-        "diffusers_kohya_reader_skips": top_level}
+        "diffusers_kohya_reader_skips": top_level,
+        # sd-scripts' create_network_from_weights builds modules only inside the double/single blocks:
+        # its strict loader refuses these keys, its merge and resume drop them.
+        "sd_scripts_skips": top_level}
     with atomic_dir(out_dir) as tmp:
         save_file(kohya, str(tmp / KOHYA_FILE), metadata=kohya_metadata(config, model.pretrained, kohya))
         sizes = {"diffusers_lora": file_bytes(lora_dir / LORA_WEIGHTS), "kohya_lora": file_bytes(tmp / KOHYA_FILE)}
@@ -288,6 +293,9 @@ def run(params: Mapping[str, Any], lora_dir: Path = LORA_DIR, out_dir: Path = EX
         what = " (the final layer, e.g. lora.targets: all-linear's top-level proj_out)" if final_layer else ""
         print(f"export: warning: diffusers' kohya loader drops {', '.join(top_level)}{what}; ComfyUI reads "
               f"them, in diffusers load {LORA_WEIGHTS} (all layers)", file=sys.stderr)
+        print(f"export: warning: kohya sd-scripts builds no module for {', '.join(top_level)}: its strict "
+              "loader (flux_minimal_inference.py) refuses the file and its merge/resume drop these layers; "
+              "lora.targets: all-linear-blocks trains a LoRA every client loads whole", file=sys.stderr)
     return manifest
 
 
