@@ -90,7 +90,8 @@ def test_kohya_file_layout(exported, trained_lora):
     assert manifest["dtype"] == "bfloat16" and manifest["diffusers_kohya_reader_skips"] == []
     sizes = manifest["size_bytes"]
     assert sizes["kohya_lora"] == (exported / export.KOHYA_FILE).stat().st_size
-    assert sizes["diffusers_lora"] == (trained_lora / export.LORA_WEIGHTS).stat().st_size
+    assert sizes["diffusers_lora"] == (exported / export.LORA_WEIGHTS).stat().st_size
+    assert manifest["diffusers_file"] == export.LORA_WEIGHTS and manifest["diffusers_file_scale"] == 1.0
     assert sizes["fused_transformer"] == sum(p.stat().st_size for p in (exported / export.FUSED_DIR).rglob("*")
                                              if p.is_file())
 
