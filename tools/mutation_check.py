@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Hand-picked mutations of flux_math.py, sample.py, caption.py and the evaluation (stats.py,
+"""Hand-picked mutations of flux_math.py, sample.py, caption.py, export.py, lora.py and the evaluation (stats.py,
 evaluate.py, report.py): does some test notice each one?
 
 For every mutation the working tree (tracked and untracked, non-ignored files) is copied to a
@@ -35,6 +35,8 @@ FLUX_MATH, SAMPLE, CAPTION = ("src/impressionist/flux_math.py", "src/impressioni
 INFERENCE = "src/impressionist/inference.py"
 FLUX_MATH_TESTS, SAMPLE_TESTS, CAPTION_TESTS = ("tests/test_flux_math.py",), ("tests/test_sample.py",), \
     ("tests/test_caption.py",)
+EXPORT, LORA = "src/impressionist/export.py", "src/impressionist/lora.py"
+CLIENT_TESTS = ("tests/test_clients.py",)
 STATS, EVALUATE, REPORT = "src/impressionist/stats.py", "src/impressionist/evaluate.py", "src/impressionist/report.py"
 STATS_TESTS, EVALUATE_TESTS, REPORT_TESTS, EVAL_SET_TESTS = (
     ("tests/test_stats.py",), ("tests/test_evaluate.py",), ("tests/test_report.py",), ("tests/test_eval_set.py",))
@@ -128,6 +130,13 @@ MUTATIONS = [
              CAPTION_TESTS, "WikiArt's mis-decoded names stay garbled"),
     Mutation("raw_artist_slug", CAPTION, "artist=readable_artist(artist)", "artist=artist",
              CAPTION_TESTS, "captions say 'claude-monet'"),
+    # --- export.py / lora.py: every client loads the LoRA whole and at the trained strength
+    Mutation("strength_not_baked", EXPORT, 'layers[f"{module}.lora_B.weight"] = (up * scale).contiguous()',
+             'layers[f"{module}.lora_B.weight"] = up.contiguous()', CLIENT_TESTS,
+             "ComfyUI (scale 1, no metadata) applies the diffusers file at r/alpha times its strength"),
+    Mutation("blocks_preset_adds_final_layer", LORA, r'BLOCK_LINEAR_REGEX = (r"(transformer_blocks|single_transformer_blocks)\.\d+\.("',
+             r'BLOCK_LINEAR_REGEX = (r"((transformer_blocks|single_transformer_blocks)\.\d+\.)?("', CLIENT_TESTS,
+             "the default targets adapt the final layer: sd-scripts' strict loader refuses the export"),
 ]
 
 
