@@ -1,12 +1,15 @@
 """Bytes read and seconds of the download stage with and without the style filter pushed down.
 
-    python benchmarks/bench_download.py                       # 2000 rows, 16% Impressionism, 5 repeats
+    python benchmarks/bench_download.py                       # 2000 synthetic rows, 5 repeats
     python benchmarks/bench_download.py --rows 4000 --repeats 3 --out benchmarks/RESULTS.md
 
 Builds two local Parquet mirrors in the `huggan/wikiart` schema with
 `impressionist.synthetic.write_wikiart_mirror` (the tests' helper: SYNTHETIC noise JPEGs, 16% of the
 rows Impressionism, 100-row row groups as `datasets` writes image datasets): one with the rows
-grouped by style, as WikiArt's style folders lay them out, and one shuffled. It then runs the
+grouped by style, as WikiArt's style folders lay them out, and one shuffled. The real
+`huggan/wikiart` is the shuffled case, and worse: rows mixed across styles and one ~520 MB row group per
+shard, so pushdown saves nothing there (see the README for the one command that reads a shard's footer);
+the style-grouped mirror shows only what pushdown can do on a layout that allows it. It then runs the
 download stage on each, with and without pushdown, ``--repeats`` times, each into a fresh
 ``data/raw``, and reports per case the median and the min–max of:
 

@@ -90,7 +90,8 @@ def test_kohya_file_layout(exported, trained_lora):
     assert manifest["dtype"] == "bfloat16" and manifest["diffusers_kohya_reader_skips"] == []
     sizes = manifest["size_bytes"]
     assert sizes["kohya_lora"] == (exported / export.KOHYA_FILE).stat().st_size
-    assert sizes["diffusers_lora"] == (trained_lora / export.LORA_WEIGHTS).stat().st_size
+    assert sizes["diffusers_lora"] == (exported / export.LORA_WEIGHTS).stat().st_size
+    assert manifest["diffusers_file"] == export.LORA_WEIGHTS and manifest["diffusers_file_scale"] == 1.0
     assert sizes["fused_transformer"] == sum(p.stat().st_size for p in (exported / export.FUSED_DIR).rglob("*")
                                              if p.is_file())
 
@@ -242,6 +243,8 @@ def test_final_layer_is_exported_with_a_warning(tmp_path, _demo_params_master, e
     err = capsys.readouterr().err
     assert "warning: diffusers' kohya loader drops lora_unet_final_layer_adaLN_modulation_1" in err
     assert manifest["diffusers_kohya_reader_skips"] == ["lora_unet_final_layer_adaLN_modulation_1"]
+    assert manifest["sd_scripts_skips"] == ["lora_unet_final_layer_adaLN_modulation_1"]
+    assert "warning: kohya sd-scripts builds no module for lora_unet_final_layer_adaLN_modulation_1" in err
     tensors = load_file(tmp_path / "export" / export.KOHYA_FILE)
     assert "lora_unet_final_layer_adaLN_modulation_1.lora_up.weight" in tensors  # in the file, for ComfyUI
     back = FluxPipeline.lora_state_dict(str(tmp_path / "export" / export.KOHYA_FILE))

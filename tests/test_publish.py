@@ -127,7 +127,8 @@ def test_dry_run_writes_the_folder_and_card_offline(demo_params, artefacts, tmp_
                             "pytorch_lora_weights.safetensors"])
     written = folder_bytes(out)
     assert sorted(written) == files
-    assert written["pytorch_lora_weights.safetensors"] == (artefacts["lora_dir"] / "pytorch_lora_weights.safetensors").read_bytes()
+    # the export's scale-1 file (alpha/r baked in), not the trained one
+    assert written["pytorch_lora_weights.safetensors"] == (artefacts["export_dir"] / "pytorch_lora_weights.safetensors").read_bytes()
     assert written[export.KOHYA_FILE] == (artefacts["export_dir"] / export.KOHYA_FILE).read_bytes()
     assert not any(SECRET.encode() in blob for blob in written.values())
 

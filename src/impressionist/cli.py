@@ -30,7 +30,7 @@ STAGES = {
 }
 COMMANDS = {**STAGES, "publish": "impressionist.publish", "report": "impressionist.report",
             "pin-model": "impressionist.pin_model", "space": "impressionist.space",
-            "clean-checkpoints": "impressionist.checkpoints"}
+            "clean-checkpoints": "impressionist.checkpoints", "generate": "impressionist.generate"}
 DEMO_OVERRIDES = Path("configs/demo.yaml")
 
 
@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="write the Gradio app as a Hugging Face Space folder (--dry-run) or deploy it")
     commands.add_parser("report", add_help=False,
                         help="write the pull-request report (metrics/params diff, grid, verdicts)")
+    commands.add_parser("generate", add_help=False,
+                        help="draw one image with the LoRA (the sample stage's inference settings)")
     commands.add_parser("pin-model", add_help=False,
                         help="write the commit model.revision names now into params.yaml")
     commands.add_parser("clean-checkpoints", add_help=False,

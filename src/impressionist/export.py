@@ -25,10 +25,12 @@ are; the ``.alpha`` scalars stay fp32), and its ``ss_network_dim`` / ``ss_networ
 largest layer rank in the file and that layer's alpha (a fused q/k/v layer has rank 3R), with every
 layer rank counted in ``impressionist_layer_ranks``. ``export.json`` records the file sizes.
 
-The final layer (``proj_out``, ``norm_out.linear``, adapted by the ``all-linear`` preset) is
-exported, since ComfyUI reads it, but diffusers' kohya reader drops it (its keys come out without
-the ``transformer.`` prefix): the stage warns and ``export.json`` lists the layers affected;
-diffusers users load the diffusers-format file, which keeps them.
+The final layer (``proj_out``, ``norm_out.linear``, adapted by the ``all-linear`` preset, not by the
+default ``all-linear-blocks``) is exported, since ComfyUI reads it, but diffusers' kohya reader drops
+it (its keys come out without the ``transformer.`` prefix) and kohya sd-scripts builds no module for
+it (strict load refuses the file, merge/resume drop it): the stage warns and ``export.json`` lists
+the layers affected (``diffusers_kohya_reader_skips``, ``sd_scripts_skips``); diffusers users load
+the diffusers-format file, which keeps them.
 
 The fused export (``export.fused: true``) merges the LoRA into the transformer weights with
 diffusers' ``fuse_lora`` at ``export.lora_scale`` and saves the transformer as a diffusers model
@@ -216,6 +218,22 @@ def kohya_metadata(config: dict[str, Any], base_model: str, kohya: dict[str, tor
             "impressionist_converted_from": f"diffusers-format {LORA_WEIGHTS} (impressionist export)"}
 
 
+def scale_one_lora(modules: dict[str, tuple], config: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
+    """The diffusers-format LoRA with each module's scale (alpha / r) baked into ``lora_B`` and the
+    adapter config rewritten to scale 1 (alpha = r per module, no rsLoRA): the same update
+    ``scale * B @ A`` in readers that apply the metadata's alpha (diffusers, peft) and in those that
+    ignore ``lora_adapter_metadata`` and apply scale 1 (ComfyUI)."""
+    layers: dict[str, torch.Tensor] = {}
+    rank = config.get("r")
+    alpha_pattern = {}
+    for module, (down, up, scale) in sorted(modules.items()):
+        layers[f"{module}.lora_A.weight"] = down.contiguous()
+        layers[f"{module}.lora_B.weight"] = (up * scale).contiguous()
+        if down.shape[0] != rank:
+            alpha_pattern[module] = down.shape[0]
+    return layers, {**config, "lora_alpha": rank, "alpha_pattern": alpha_pattern, "use_rslora": False}
+
+
 def file_bytes(path: Path) -> int:
     path = Path(path)
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
@@ -259,19 +277,30 @@ def run(params: Mapping[str, Any], lora_dir: Path = LORA_DIR, out_dir: Path = EX
     lora_dir, out_dir = Path(lora_dir), Path(out_dir)
     state_dict, config = read_lora(lora_dir)
 
-    kohya = kohya_state_dict(module_scales(state_dict, config))
+    from diffusers import FluxPipeline
+
+    modules = module_scales(state_dict, config)
+    kohya = kohya_state_dict(modules)
     # The factors in export.dtype (computed in fp32 first); the alphas stay exact fp32 scalars.
     kohya = {k: t if k.endswith(".alpha") else t.to(DTYPES[cfg.dtype]) for k, t in kohya.items()}
     top_level = sorted({k.split(".")[0] for k in kohya} & {f"lora_unet_{n}" for n in TOP_LEVEL.values()})
     final_layer = [name for name in top_level if name.removeprefix("lora_unet_") in SCALE_IN_WEIGHTS]
     manifest: dict[str, Any] = {
         "source": LORA_WEIGHTS, "base_model": model.pretrained, "kohya_file": KOHYA_FILE,
+        # the diffusers-format file with alpha/r baked into lora_B (scale 1): what publish uploads
+        "diffusers_file": LORA_WEIGHTS, "diffusers_file_scale": 1.0,
         "kohya_layers": sum(k.endswith(".alpha") for k in kohya), "rank": config.get("r"),
         "alpha": config.get("lora_alpha"), "dtype": cfg.dtype, "fused": None,
-        "diffusers_kohya_reader_skips": top_level}
+        "diffusers_kohya_reader_skips": top_level,
+        # sd-scripts' create_network_from_weights builds modules only inside the double/single blocks:
+        # its strict loader refuses these keys, its merge and resume drop them.
+        "sd_scripts_skips": top_level}
     with atomic_dir(out_dir) as tmp:
         save_file(kohya, str(tmp / KOHYA_FILE), metadata=kohya_metadata(config, model.pretrained, kohya))
-        sizes = {"diffusers_lora": file_bytes(lora_dir / LORA_WEIGHTS), "kohya_lora": file_bytes(tmp / KOHYA_FILE)}
+        layers, scale_one = scale_one_lora(modules, config)
+        FluxPipeline.save_lora_weights(tmp, transformer_lora_layers=layers,
+                                       transformer_lora_adapter_metadata=scale_one)
+        sizes = {"diffusers_lora": file_bytes(tmp / LORA_WEIGHTS), "kohya_lora": file_bytes(tmp / KOHYA_FILE)}
         if cfg.fused:
             fuse_into_transformer(model, lora_dir, cfg.lora_scale, tmp / FUSED_DIR)
             manifest["fused"] = {"folder": FUSED_DIR, "lora_scale": float(cfg.lora_scale)}
@@ -288,6 +317,9 @@ def run(params: Mapping[str, Any], lora_dir: Path = LORA_DIR, out_dir: Path = EX
         what = " (the final layer, e.g. lora.targets: all-linear's top-level proj_out)" if final_layer else ""
         print(f"export: warning: diffusers' kohya loader drops {', '.join(top_level)}{what}; ComfyUI reads "
               f"them, in diffusers load {LORA_WEIGHTS} (all layers)", file=sys.stderr)
+        print(f"export: warning: kohya sd-scripts builds no module for {', '.join(top_level)}: its strict "
+              "loader (flux_minimal_inference.py) refuses the file and its merge/resume drop these layers; "
+              "lora.targets: all-linear-blocks trains a LoRA every client loads whole", file=sys.stderr)
     return manifest
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -18,7 +19,16 @@ DIFFUSERS_DEFAULT = ATTENTION + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.
                                  "ff_context.net.2"]
 ALL_LINEAR = DIFFUSERS_DEFAULT + ["proj_mlp", "proj_out", "norm1.linear", "norm1_context.linear",
                                   "norm.linear"]
-TARGET_PRESETS = {"attention": ATTENTION, "default": DIFFUSERS_DEFAULT, "all-linear": ALL_LINEAR}
+# all-linear-blocks: the same layers inside the double/single blocks only, without the top-level final
+# layer (proj_out, which all-linear's suffix "proj_out" also adapts): the set kohya sd-scripts builds for
+# FLUX (create_network_from_weights: DoubleStreamBlock/SingleStreamBlock Linears), so every client
+# (sd-scripts strict load and merge, ComfyUI, diffusers' kohya reader) loads the export whole.
+# A regex (peft full-matches a str target_modules against each module name).
+BLOCK_LINEAR_REGEX = (r"(transformer_blocks|single_transformer_blocks)\.\d+\.("
+                      + "|".join(re.escape(name) for name in ALL_LINEAR) + ")")
+TARGET_PRESETS = {"attention": ATTENTION, "default": DIFFUSERS_DEFAULT, "all-linear": ALL_LINEAR,
+                  "all-linear-blocks": BLOCK_LINEAR_REGEX}
+PRESET_NAMES = ", ".join(TARGET_PRESETS)
 INITS = {"gaussian": "gaussian", "default": True}  # lora.init -> peft's init_lora_weights
 
 
@@ -58,16 +68,17 @@ class LoraParams(ParamsSection):
         if isinstance(targets, str):
             require_choice(targets, TARGET_PRESETS, "lora.targets")
         elif not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
-            raise UserError("params.yaml: lora.targets must be a preset name (attention, default, all-linear) "
+            raise UserError(f"params.yaml: lora.targets must be a preset name ({PRESET_NAMES}) "
                             "or a non-empty list of module names")
 
 
-def resolve_targets(targets: Any, model: torch.nn.Module) -> list[str]:
-    """Expand a preset name or check an explicit list against the model's Linear layers."""
+def resolve_targets(targets: Any, model: torch.nn.Module) -> list[str] | str:
+    """Expand a preset name (a list of suffixes, or a regex for ``all-linear-blocks``) or check an
+    explicit list against the model's Linear layers."""
     if isinstance(targets, str):
         return TARGET_PRESETS[require_choice(targets, TARGET_PRESETS, "lora.targets")]
     if not isinstance(targets, list) or not targets:
-        raise UserError("params.yaml: lora.targets must be a preset name (attention, default, all-linear) "
+        raise UserError(f"params.yaml: lora.targets must be a preset name ({PRESET_NAMES}) "
                         "or a non-empty list of module names")
     valid = linear_module_names(model)
     unknown = [t for t in targets if not any(v == t or v.endswith("." + t) for v in valid)]

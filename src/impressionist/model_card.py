@@ -228,7 +228,13 @@ image = pipe("{full_prompt}", num_inference_steps={sample.steps},
 
 `{kohya_file}` holds the same LoRA in the kohya layout (`lora_unet_*` keys with Black Forest Labs
 module names, fused q/k/v, `.alpha` per layer). Put it in `ComfyUI/models/loras/` and load it with a
-*LoraLoader* node on FLUX.1-dev.
+*LoraLoader* node on FLUX.1-dev; sd-scripts loads it with `--lora_weights` (strict) or merges it.
+
+| client | `{lora_file}` | `{kohya_file}` |
+|---|---|---|
+| diffusers | every layer, trained strength | every block layer, trained strength (its kohya reader drops a final layer) |
+| ComfyUI | every layer, trained strength (alpha/r is baked into the weights: ComfyUI ignores the metadata) | every layer, trained strength |
+| kohya sd-scripts | not its format | every block layer (it builds none for a final layer) |
 
 ## Training
 

@@ -100,6 +100,11 @@ def build_folder(params: dict[str, Any], cfg: PublishParams, out: Path, lora_dir
     kohya = export_dir / str(manifest["kohya_file"])
     if not kohya.is_file():
         raise UserError(f"{kohya} not found; run `dvc repro export` again")
+    # The export's diffusers-format file: alpha/r baked into lora_B, so readers that ignore
+    # lora_adapter_metadata (ComfyUI: scale 1) apply the trained strength too.
+    diffusers_file = export_dir / LORA_WEIGHTS
+    if "diffusers_file" not in manifest or not diffusers_file.is_file():
+        raise UserError(f"{diffusers_file} (the scale-1 diffusers file) not found; run `dvc repro export` again")
     if not grid.is_file():
         raise UserError(f"no sample grid at {grid}; run `dvc repro sample` first")
     metrics = _read_json(Path(eval_metrics), "dvc repro evaluate")
@@ -108,7 +113,7 @@ def build_folder(params: dict[str, Any], cfg: PublishParams, out: Path, lora_dir
                       publish=cfg, lora_file=LORA_WEIGHTS, kohya_file=kohya.name,
                       grid_file=GRID_IN_REPO, data_metrics=data)
     with atomic_dir(out) as tmp:
-        shutil.copy2(lora_dir / LORA_WEIGHTS, tmp / LORA_WEIGHTS)
+        shutil.copy2(diffusers_file, tmp / LORA_WEIGHTS)
         shutil.copy2(kohya, tmp / kohya.name)
         (tmp / GRID_IN_REPO).parent.mkdir(parents=True)
         shutil.copy2(grid, tmp / GRID_IN_REPO)
