@@ -563,6 +563,13 @@ def test_process_counts_are_checked_before_any_launch(demo_params):
                                            "num_processes": 3}})
     assert launcher.largest_divisor_up_to(4, 8) == 4 and launcher.largest_divisor_up_to(12, 8) == 6
     assert launcher.under_launcher({"LOCAL_RANK": "0"}) and not launcher.under_launcher({})
+    # compute.machines: accelerate's multi-node arguments, the join timeout as the rendezvous timeout
+    two = launcher.MachinesParams.check({"compute": {"machines": {"num_machines": 2, "machine_rank": 1,
+                                                                  "join_timeout_s": 30}}})
+    assert two.several and "--machine_rank 1" in " ".join(two.launch_args())
+    assert "timeout=30" in two.launch_args() and not launcher.MachinesParams.check({}).several
+    with pytest.raises(UserError, match=r"machine_rank=2 must be 0 \.\. 1"):
+        launcher.MachinesParams.check({"compute": {"machines": {"num_machines": 2, "machine_rank": 2}}})
     params = copy.deepcopy(demo_params)
     params["train"]["num_processes"] = -1
     with pytest.raises(UserError, match="train.num_processes"):
