@@ -44,6 +44,22 @@ def test_process_count_auto_explicit_and_refusals(monkeypatch):
     assert ComputeParams.check({}).num_processes == "auto"  # an optional section
 
 
+def test_several_machines_launch_even_one_process_each(monkeypatch):
+    """compute.machines.num_machines > 1: the stage hands itself to accelerate's multi-node launch
+    even with one process per machine (one machine and one process launch nothing)."""
+    calls = []
+    monkeypatch.setattr(data_parallel.launcher, "relaunch", lambda *a, **k: calls.append(k["machines"]))
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert not data_parallel.launch("sample", "impressionist.sample", [], {"compute": {"num_processes": 1}},
+                                    False, [4])
+    machines = {"num_machines": 2, "machine_rank": 1, "main_process_ip": "10.0.0.1"}
+    assert data_parallel.launch("sample", "impressionist.sample", [],
+                                {"compute": {"num_processes": 1, "machines": machines}}, False, [4])
+    assert [(m.num_machines, m.machine_rank, m.main_process_ip) for m in calls] == [(2, 1, "10.0.0.1")]
+
+
 def test_assemble_restores_the_items_order_and_refuses_gaps():
     # shares as ranks could return them: rank 1 first, each out of order
     shares = [[(3, "d"), (1, "b")], [(0, "a"), (4, "e"), (2, "c")]]

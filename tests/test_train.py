@@ -491,6 +491,67 @@ def test_two_gloo_processes_train_identical_loras(demo_params, encoded_cache, tm
     assert all(torch.allclose(two_ranks[k], one_rank[k], rtol=1e-4, atol=1e-6) for k in one_rank)
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def machine(params: dict, root: Path, encoded_cache: Path, rank: int, port: int, timeout_s: int = 120):
+    """The stage's own command as machine ``rank`` of two on the loopback, in its own folder."""
+    params = copy.deepcopy(params)
+    params["compute"] = {"machines": dict(num_machines=2, machine_rank=rank, main_process_ip="127.0.0.1",
+                                          main_process_port=port, join_timeout_s=timeout_s)}
+    root.mkdir()
+    shutil.copytree(encoded_cache, root / "data/cache")
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return subprocess.Popen([sys.executable, "-m", "impressionist.train"], cwd=root, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_two_machines_on_the_loopback_train_the_lora_of_one_process(demo_params, encoded_cache, tmp_path,
+                                                                     monkeypatch):
+    """compute.machines: two launches of the stage's command (accelerate --num_machines 2, machine
+    ranks 0 and 1 on 127.0.0.1, one gloo process each) train the LoRA one process trains with the
+    same effective batch (gradient_accumulation_steps counts micro-batches over every process)."""
+    params = small_run(demo_params, 6, every=3)
+    params["train"].update(gradient_accumulation_steps=2, num_processes=1)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")  # gloo: the CPU stands in for each machine's GPU
+    port = free_port()
+    first = machine(params, tmp_path / "m0", encoded_cache, 0, port)
+    second = machine(params, tmp_path / "m1", encoded_cache, 1, port)
+    results = [proc.communicate(timeout=600) for proc in (first, second)]
+    assert first.returncode == 0 and second.returncode == 0, results[0][1][-3000:] + results[1][1][-3000:]
+    assert "on machine 0 of 2, 2 in all" in results[0][0] and "on machine 1 of 2" in results[1][0]
+    config = json.loads((tmp_path / "m0/models/lora/training_config.json").read_text())
+    assert len(config["rank_checksums"]) == 2 and config["rank_checksums"][0] == config["rank_checksums"][1]
+
+    monkeypatch.delenv("ACCELERATE_USE_CPU")
+    monkeypatch.chdir(tmp_path)
+    out = outputs(tmp_path / "single")
+    train.run(params, tmp_path / "m0/data/cache", **out)
+    two, one = load_file(tmp_path / "m0/models/lora" / LORA_FILE), load_file(out["lora_dir"] / LORA_FILE)
+    assert two.keys() == one.keys()
+    assert any(v.abs().max() > 0 for k, v in one.items() if "lora_B" in k)  # it trained
+    assert all(torch.allclose(two[k], one[k], rtol=1e-4, atol=1e-6) for k in one)
+
+
+def test_a_machine_that_never_joins_stops_with_one_line_within_the_timeout(demo_params, encoded_cache, tmp_path,
+                                                                         monkeypatch):
+    params = small_run(demo_params, 2)
+    params["train"].update(gradient_accumulation_steps=2, num_processes=1)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    first = machine(params, tmp_path / "m0", encoded_cache, 0, free_port(), timeout_s=5)
+    stdout, stderr = first.communicate(timeout=120)
+    assert first.returncode != 0
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert errors == [errors[-1]] and "did not all join" in errors[0] and "join_timeout_s=5 s" in errors[0], \
+        stderr[-3000:]
+    assert not (tmp_path / "m0/models/lora").exists()
+
+
 def test_process_counts_are_checked_before_any_launch(demo_params):
     from impressionist import launcher
 
@@ -502,6 +563,13 @@ def test_process_counts_are_checked_before_any_launch(demo_params):
                                            "num_processes": 3}})
     assert launcher.largest_divisor_up_to(4, 8) == 4 and launcher.largest_divisor_up_to(12, 8) == 6
     assert launcher.under_launcher({"LOCAL_RANK": "0"}) and not launcher.under_launcher({})
+    # compute.machines: accelerate's multi-node arguments, the join timeout as the rendezvous timeout
+    two = launcher.MachinesParams.check({"compute": {"machines": {"num_machines": 2, "machine_rank": 1,
+                                                                  "join_timeout_s": 30}}})
+    assert two.several and "--machine_rank 1" in " ".join(two.launch_args())
+    assert "timeout=30" in two.launch_args() and not launcher.MachinesParams.check({}).several
+    with pytest.raises(UserError, match=r"machine_rank=2 must be 0 \.\. 1"):
+        launcher.MachinesParams.check({"compute": {"machines": {"num_machines": 2, "machine_rank": 2}}})
     params = copy.deepcopy(demo_params)
     params["train"]["num_processes"] = -1
     with pytest.raises(UserError, match="train.num_processes"):

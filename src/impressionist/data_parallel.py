@@ -30,7 +30,7 @@ params, cuda, [n_items, ...]): return`` in ``main``, ``local_device`` for its de
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence, TypeVar
 
@@ -51,6 +51,7 @@ class ComputeParams(ParamsSection):
     SECTION: ClassVar[str] = "compute"
     OPTIONAL: ClassVar[bool] = True
     num_processes: int | str = AUTO  # auto: every visible GPU (1 on the CPU); or a count >= 1
+    machines: launcher.MachinesParams = field(default_factory=launcher.MachinesParams)
 
     def __post_init__(self) -> None:
         n = self.num_processes
@@ -94,10 +95,11 @@ def launch(stage: str, module: str, argv: Sequence[str], params: Mapping[str, An
     already a rank of a launch)."""
     if launcher.under_launcher():
         return False
-    processes = processes_for(ComputeParams.check(params), cuda, items, stage)
-    if processes == 1:
+    cfg = ComputeParams.check(params)
+    processes = processes_for(cfg, cuda, items, stage)
+    if processes == 1 and not cfg.machines.several:
         return False
-    launcher.relaunch(module, list(argv), processes, "no", cpu=not cuda, stage=stage)
+    launcher.relaunch(module, list(argv), processes, "no", cpu=not cuda, stage=stage, machines=cfg.machines)
     return True
 
 

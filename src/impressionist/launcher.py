@@ -12,23 +12,70 @@ divide it, and any number of processes trains the same LoRA (up to float roundin
 On the CPU (``model.device: cpu``) an explicit ``num_processes`` > 1 runs gloo ranks
 (``ACCELERATE_USE_CPU=1``), which is how the tests check this path.
 
-Under a launch started by hand (``accelerate launch --config_file ...``, e.g. several machines or
-FSDP) the stage trains as the launcher says and launches nothing.
+Several machines (``compute.machines``, :class:`MachinesParams`): with ``num_machines`` > 1 the
+stage is started on every machine with its own ``machine_rank``, and the launch becomes accelerate's
+multi-node launch (``--num_machines --machine_rank --main_process_ip --main_process_port``, torchrun's
+static rendezvous underneath), ``num_processes`` per machine. A machine that does not join within
+``join_timeout_s`` (the rendezvous ``timeout``) stops every machine with one ``error:`` line.
+
+Under a launch started by hand (``accelerate launch --config_file ...``, torchrun, SLURM's ``srun``)
+the stage runs as the launcher says and launches nothing.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Callable, Mapping
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Mapping
 
 import torch
 
 from .errors import UserError
+from .params import ParamsSection
 
 AUTO = 0
 # Set for every rank by torchrun / accelerate's launchers (accelerate's single-process launcher
 # sets only the last one).
 LAUNCHER_ENV = ("LOCAL_RANK", "WORLD_SIZE", "ACCELERATE_MIXED_PRECISION")
+
+
+@dataclass(frozen=True)
+class MachinesParams(ParamsSection):
+    """params.yaml ``compute.machines``: accelerate's multi-node settings for ``train`` and the
+    data-parallel stages. One machine (the default) launches as before."""
+
+    SECTION: ClassVar[str] = "compute.machines"
+    OPTIONAL: ClassVar[bool] = True
+    num_machines: int = 1
+    machine_rank: int = 0             # this machine: 0 (it hosts the rendezvous) .. num_machines - 1
+    main_process_ip: str = "127.0.0.1"  # the address of machine 0, reachable from every machine
+    main_process_port: int = 29500    # a free TCP port on machine 0 (the same on every machine)
+    join_timeout_s: int = 600         # how long machine 0 waits for the others (and they for it)
+
+    def __post_init__(self) -> None:
+        for name in ("num_machines", "main_process_port", "join_timeout_s"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UserError(f"params.yaml: compute.machines.{name}={value!r} must be a whole number >= 1")
+        rank = self.machine_rank
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < self.num_machines:
+            raise UserError(f"params.yaml: compute.machines.machine_rank={rank!r} must be 0 .. "
+                            f"{self.num_machines - 1} (compute.machines.num_machines={self.num_machines})")
+        if not isinstance(self.main_process_ip, str) or not self.main_process_ip:
+            raise UserError("params.yaml: compute.machines.main_process_ip must be the address of machine 0")
+
+    @property
+    def several(self) -> bool:
+        return self.num_machines > 1
+
+    def launch_args(self) -> list[str]:
+        """``accelerate launch`` arguments for these machines."""
+        if not self.several:
+            # a free port: two runs on one machine do not collide
+            return ["--num_machines", "1", "--main_process_port", "0"]
+        return ["--num_machines", str(self.num_machines), "--machine_rank", str(self.machine_rank),
+                "--main_process_ip", self.main_process_ip, "--main_process_port", str(self.main_process_port),
+                "--rdzv_backend", "static", "--rdzv_conf", f"timeout={self.join_timeout_s}"]
 
 
 def under_launcher(environ: Mapping[str, str] | None = None) -> bool:
@@ -74,20 +121,36 @@ def check_split(processes: int, accumulation: int) -> None:
 
 
 def relaunch(module: str, argv: list[str], processes: int, mixed_precision: str, cpu: bool,
-             stage: str = "train") -> None:
-    """Run ``module`` as ``processes`` ranks through accelerate's launcher and wait for them (also
-    the data-parallel inference stages' launch, :mod:`data_parallel`)."""
+             stage: str = "train", machines: MachinesParams | None = None) -> None:
+    """Run ``module`` as ``processes`` ranks on this machine (on each of ``machines``) through
+    accelerate's launcher and wait for them (also the data-parallel inference stages' launch,
+    :mod:`data_parallel`)."""
+    machines = machines or MachinesParams()
     from accelerate.commands.launch import launch_command, launch_command_parser
 
     if cpu:
         os.environ["ACCELERATE_USE_CPU"] = "1"  # gloo ranks on the CPU
     args = launch_command_parser().parse_args(
-        ["--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-         "--mixed_precision", mixed_precision, "--dynamo_backend", "no",
-         "--main_process_port", "0",  # a free port: two runs on one machine do not collide
-         "-m", module, *argv])
-    print(f"{stage}: launching {processes} processes ({'CPU, gloo' if cpu else 'GPU'})", flush=True)
+        ["--multi_gpu", "--num_processes", str(processes * machines.num_machines), *machines.launch_args(),
+         "--mixed_precision", mixed_precision, "--dynamo_backend", "no", "-m", module, *argv])
+    where = (f" on machine {machines.machine_rank} of {machines.num_machines}, "
+             f"{processes * machines.num_machines} in all" if machines.several else "")
+    print(f"{stage}: launching {processes} processes{where} ({'CPU, gloo' if cpu else 'GPU'})", flush=True)
     try:
         launch_command(args)
     except Exception as err:  # torch.distributed.elastic's ChildFailedError: a rank failed
+        if machines.several and _never_joined(err):
+            raise UserError(f"{stage}: the {machines.num_machines} machines did not all join at "
+                            f"{machines.main_process_ip}:{machines.main_process_port} within "
+                            f"compute.machines.join_timeout_s={machines.join_timeout_s} s") from err
         raise UserError(f"a {stage} process failed ({type(err).__name__}); its own error is above") from err
+
+
+def _never_joined(err: BaseException) -> bool:
+    """The rendezvous timed out (a machine never came), not a rank's own failure."""
+    while err is not None:
+        text = f"{type(err).__name__} {err}".lower()
+        if "timeout" in text or "timed out" in text or "rendezvous" in text:
+            return True
+        err = err.__cause__ or err.__context__
+    return False

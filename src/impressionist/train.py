@@ -813,9 +813,13 @@ def main(argv: list[str] | None = None) -> None:
         model, _, train = checked_sections(params)  # bad params stop here, before any process is launched
         device = resolve_device(model)
         processes = launcher.processes_to_launch(train.num_processes, train.gradient_accumulation_steps, device)
-        if processes > 1:
+        machines = launcher.MachinesParams.check(params)
+        if machines.several:
+            launcher.check_split(processes * machines.num_machines, train.gradient_accumulation_steps)
+        if processes > 1 or machines.several:
             launcher.relaunch("impressionist.train", sys.argv[1:] if argv is None else argv, processes,
-                              MIXED_PRECISION[train.mixed_precision], cpu=device.type != "cuda")
+                              MIXED_PRECISION[train.mixed_precision], cpu=device.type != "cuda",
+                              machines=machines)
             return
     run_replicates(params) if args.replicates else run(params)
 
