@@ -49,7 +49,7 @@ import torch
 from tqdm import tqdm
 
 from . import data_parallel
-from .errors import UserError, first_line, stage_main
+from .errors import UserError, atomic_dir, first_line, stage_main
 from .grid import save_sample_grid
 from .inference import EvalSetParams, SampleParams, baked, build_pipeline, check, lora_applied
 from .layout import (CAPTIONS, EVAL_SET_TABLE, LORA_DIR, LORA_WEIGHTS, REPLICATES_DIR, REPLICATES_MANIFEST,
