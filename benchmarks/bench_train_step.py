@@ -418,8 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-sequence-length", type=int, default=None)
     parser.add_argument("--resolutions", type=int, nargs="+", default=None,
                         help="image sides to run (default: 64 128 for cpu, 512 1024 otherwise)")
-    parser.add_argument("--targets", default="all-linear", choices=["attention", "default", "all-linear-blocks", "all-linear"],
-                        help="lora.targets preset (params.yaml's default: all-linear)")
+    parser.add_argument("--targets", default="all-linear-blocks", choices=["attention", "default", "all-linear-blocks", "all-linear"],
+                        help="lora.targets preset (params.yaml's default: all-linear-blocks)")
     parser.add_argument("--ema", action="store_true", help="count the EMA copy of the LoRA (train.ema_decay > 0)")
     parser.add_argument("--cases", nargs="+", default=None,
                         help="run only these cases by name, e.g. 1024px+ckpt 1024px+ckpt+nf4 (default: all)")

@@ -78,12 +78,12 @@ def plan(work: Path) -> list[Step]:
     return [
         Step("gpu", "a CUDA GPU is visible: its name, compute capability and memory", 10, code=GPU_PROBE),
         Step("random-weights", "FLUX.1-dev's four networks (11.9B transformer, T5-XXL, CLIP-L, VAE) with random bf16 "
-             "weights saved as a diffusers folder, a rank-16 all-linear LoRA, random Inception and ViT-L-14(-336) "
+             "weights saved as a diffusers folder, a rank-16 all-linear-blocks LoRA, random Inception and ViT-L-14(-336) "
              "checkpoints", 70, "random_flux.py", (str(weights),)),
         Step("train-step", "the trainer's LoRA step at full size: bf16 + gradient checkpointing at 512² and 1024², NF4 "
-             "at 1024² (the recipe's all-linear rank 16 + EMA): s/step, peak memory, MFU", 90, "bench_train_step.py",
+             "at 1024² (the recipe's all-linear-blocks rank 16 + EMA): s/step, peak memory, MFU", 90, "bench_train_step.py",
              ("--profile", "gpu", "--resolutions", "512", "1024", "--cases", "512px+ckpt", "1024px+ckpt",
-              "1024px+ckpt+nf4", "--targets", "all-linear", "--ema", "--steps", "5", "--warmup", "2", *out("train-step")),
+              "1024px+ckpt+nf4", "--targets", "all-linear-blocks", "--ema", "--steps", "5", "--warmup", "2", *out("train-step")),
              table="train-step"),
         Step("inference", "inference.build_pipeline at 1024², 20 steps, the LoRA as an adapter: bf16, fp8 (torchao) and "
              "NF4 (bitsandbytes): s/image, s/step, peak memory, utilisation", 150, "bench_inference.py",

@@ -7,7 +7,7 @@ writes into OUT:
 * ``model/``: a diffusers FluxPipeline folder with FLUX.1-dev's architectures (bench_train_step.py's
   published configs: 11.9B transformer, T5-XXL, CLIP-L, the 16-channel VAE) and random bf16
   weights; tokenizers are the tiny model's character-level ones (their ids fit both vocabularies);
-* ``lora/``: a rank-16 LoRA on every Linear of the blocks (``lora.targets: all-linear``) with
+* ``lora/``: a rank-16 LoRA on every Linear of the blocks (``lora.targets: all-linear-blocks``, the recipe's) with
   random non-zero factors, in diffusers format;
 * ``features/``: random-weight checkpoints of the evaluation's feature networks at their real
   sizes (torchmetrics' Inception, open_clip ViT-L-14 and ViT-L-14-336).
@@ -63,7 +63,7 @@ def save_random_flux(folder: Path, device: str, dtype: torch.dtype = torch.bfloa
 
 
 def save_random_lora(folder: Path, transformer_config: dict, rank: int = LORA_RANK) -> None:
-    """A LoRA as the recipe trains it (rank 16, all-linear), random factors, built on "meta"."""
+    """A LoRA as the recipe trains it (rank 16, all-linear-blocks), random factors, built on "meta"."""
     from diffusers import FluxPipeline, FluxTransformer2DModel
     from peft.utils import get_peft_model_state_dict
 
