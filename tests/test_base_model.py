@@ -114,7 +114,7 @@ def test_encode_records_the_commit_and_fingerprints_it(hub, demo_params, tmp_pat
     hub.set_ref(COMMIT_B)
     index_b = encode.run(copy.deepcopy(demo_params), filtered, captions, tmp_path / "cache_b")
     assert (index_a["base_model_commit"], index_b["base_model_commit"]) == (COMMIT_A, COMMIT_B)
-    assert json.loads((tmp_path / "cache_a" / "index.json").read_text())["base_model_commit"] == COMMIT_A
+    assert json.loads((tmp_path / "cache_a" / "latents" / "index.json").read_text())["base_model_commit"] == COMMIT_A
     assert index_a["fingerprint"] != index_b["fingerprint"]
     assert train.run_hash(demo_params, index_a["fingerprint"], 1) != train.run_hash(demo_params, index_b["fingerprint"], 1)
 

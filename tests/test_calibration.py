@@ -65,7 +65,8 @@ class World:
 def judge(old, new):
     (old_table, old_values), (new_table, new_values) = old, new
     diff = {PATH: {k: {"old": old_values[k], "new": new_values[k]} for k in old_values}}
-    return verdicts(diff, Pairing(old_table, new_table, old_values, new_values))
+    # weight-level verdicts: these simulations compare two evaluations of the same weights (R = 1)
+    return verdicts(diff, Pairing(old_table, new_table, old_values, new_values), weight_level_verdicts=True)
 
 
 def all_quiet_share(shared_noise: bool, pairs: int = 40) -> float:

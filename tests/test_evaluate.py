@@ -472,8 +472,9 @@ def test_reference_bad_input_is_one_line_and_writes_nothing(tmp_path):
 def test_evaluate_refuses_too_few_paintings_before_any_network(tmp_path, monkeypatch):
     """A reference of another config (or an older, smaller one) is refused by evaluate too."""
     root = make_project(tmp_path / "p", n_val=8)
+    ids = list(evaluate.validation_split(root / "data" / "filtered")["id"])
     real = {k: v[: reference.MIN_REAL - 1] for k, v in evaluate.load_reference(
-        root / "data" / "reference", evaluate.EvaluateParams.check({"evaluate": DEMO_CFG}))[0].items()}
+        root / "data" / "reference", evaluate.EvaluateParams.check({"evaluate": DEMO_CFG}), ids)[0].items()}
     monkeypatch.setattr(evaluate, "load_reference", lambda *a: (real, reference.MIN_REAL - 1))
     monkeypatch.setattr(evaluate.Extractors, "load", lambda *a: pytest.fail("a network was loaded"))
     with pytest.raises(UserError, match=f"{reference.MIN_REAL - 1} validation painting.*at least {reference.MIN_REAL}"):

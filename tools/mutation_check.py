@@ -155,8 +155,8 @@ MUTATIONS = [
     # --- data_parallel.py: the stages' work split over processes
     Mutation("order_not_restored", DATA_PARALLEL, "ordered = sorted(pairs, key=lambda pair: pair[0])",
              "ordered = pairs", DATA_PARALLEL_TESTS, "rank 0 writes the ranks' results in arrival order"),
-    Mutation("seed_per_rank", SAMPLE, "manual_seed(int(seed))",
-             "manual_seed(int(seed) + data_parallel.is_main() - 1)", DATA_PARALLEL_TESTS,
+    Mutation("seed_per_rank", SAMPLE, "manual_seed(int(noise))",
+             "manual_seed(int(noise) + data_parallel.is_main() - 1)", DATA_PARALLEL_TESTS,
              "an image's noise depends on the rank that draws it"),
     # --- the evaluation set (sample.py), its statistics (stats.py), the stage and the PR report
     Mutation("eval_set_one_seed", SAMPLE, "draw(pipe, ev, prompt, noise)", "draw(pipe, ev, prompt, 0)",

@@ -22,7 +22,7 @@ def run(params, prompt: str, lora_dir: Path | None, scale: float, seed: int, out
     # The sample stage's own loader, settings and draw function, so the image is the stage's image.
     from .inference import SampleParams, baked, lora_applied
     from .models import ModelParams, without_third_party_noise
-    from .sample import draw, load, sampling_device, show_sampler
+    from .sample import draw, load, noise_seed, sampling_device, show_sampler
 
     out = Path(out)
     if not prompt.strip():
@@ -43,9 +43,9 @@ def run(params, prompt: str, lora_dir: Path | None, scale: float, seed: int, out
                     baked_scale=float(scale) if use_lora and baked(cfg) else 1.0)
     if use_lora:
         with lora_applied(pipe, cfg, float(scale)):
-            image = draw(pipe, show_sampler(cfg), prompt, int(seed))
+            image = draw(pipe, show_sampler(cfg), prompt, noise_seed(prompt, int(seed)))
     else:
-        image = draw(pipe, show_sampler(cfg), prompt, int(seed))
+        image = draw(pipe, show_sampler(cfg), prompt, noise_seed(prompt, int(seed)))
     image.save(out)
     print(f"generate: {out} ({cfg.resolution}px, {cfg.steps} steps, LoRA x{scale:g}, seed {seed})")
     return out

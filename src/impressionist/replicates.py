@@ -68,6 +68,8 @@ class RecipeEstimate:
         """The Student t interval at ``confidence``."""
         from scipy.stats import t
 
+        if not (math.isfinite(self.value) and math.isfinite(self.se)):  # not judged, never a zero width
+            return Estimate(self.value, math.nan, math.nan, self.n)
         half = float(t.ppf(0.5 + confidence / 2.0, self.df)) * self.se if self.se > 0 else 0.0
         return Estimate(self.value, self.value - half, self.value + half, self.n)
 

@@ -425,11 +425,15 @@ def build_report(base_rev: str, *, root: Path | str = ".", out_path: Path | str 
         paired = ("per-image scores paired image by image across the two revisions"
                   if pairing.possible else f"per-image scores not paired: {pairing.reason}")
         level = bonferroni(confidence, sum(v.change is not None for v in found))
+        covered = ("the `recipe*` intervals cover training seeds too, the others subjects, paintings and "
+                   "per-image starting noise" if any(v.metric.startswith("recipe") and v.change is not None
+                                                     for v in found)
+                   else "intervals cover subjects, paintings and per-image starting noise, not training noise: "
+                        "a verdict is about these weights")
         lines += ["", f"_A verdict is **better** or **worse** only when the confidence interval of the change "
                       f"excludes zero. The intervals are at {level:.2%} each, so that all "
                       f"{sum(v.change is not None for v in found)} verdicts together aim to call noise a change "
-                      f"with at most {1 - confidence:.0%} chance (Bonferroni; intervals cover subjects, paintings and "
-                      f"per-image starting noise, not training noise: a verdict is about these weights) "
+                      f"with at most {1 - confidence:.0%} chance (Bonferroni; {covered}) "
                       f"({paired}; KID and CMMD compare the two "
                       f"revisions' own intervals, conservatively). `fid` is biased at these sizes and not "
                       f"judged; intervals, counts and `real.*` (the validation paintings) are informational. "
