@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from .errors import DEMO_HINT, UserError, atomic_dir, first_line
+from .errors import DEMO_HINT, UserError, first_line
 from .hub import BUILTIN_PREFIX, hub_offline
-from .models import cache_root, folder_digest, hub_commit
+from .models import built_once, cache_root, folder_digest, hub_commit
 
 BUILTIN_TINY_VLM = "builtin:tiny-vlm"
 # What a Hub captioner needs: the model, its processor, tokenizer and chat template (no other weights).
@@ -77,19 +77,9 @@ def _hub_snapshot(repo_id: str, commit: str) -> str:
 
 
 def _tiny_vlm_folder() -> Path:
-    from filelock import FileLock
-
     from .tiny_vlm import BUILDER_VERSION, save_tiny_vlm
 
-    folder = cache_root() / f"tiny-vlm-v{BUILDER_VERSION}"
-    if (folder / "config.json").is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder.parent / f".{folder.name}.lock")):
-        if not (folder / "config.json").is_file():
-            with atomic_dir(folder) as tmp:
-                save_tiny_vlm(tmp)
-    return folder
+    return built_once(cache_root() / f"tiny-vlm-v{BUILDER_VERSION}", "config.json", save_tiny_vlm)
 
 
 def check_takes_images(captioner: Captioner) -> str:

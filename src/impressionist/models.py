@@ -178,22 +178,27 @@ def folder_digest(folder: Path | str) -> str:
     return "sha256:" + whole.hexdigest()
 
 
-def _tiny_flux_folder() -> Path:
+def built_once(folder: Path, marker: str, build) -> Path:
+    """``folder`` (complete when it holds ``marker``), built by ``build(tmp)`` the first time.
+
+    Several processes may ask at once (DDP ranks, parallel test workers): one builds, the others
+    wait and reuse it (atomic_dir would otherwise remove a build in progress as a leftover)."""
     from filelock import FileLock
 
-    from .tiny_flux import BUILDER_VERSION, save_tiny_flux
-
-    folder = cache_root() / f"tiny-flux-v{BUILDER_VERSION}"
-    if (folder / "model_index.json").is_file():
+    if (folder / marker).is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    # Several processes may ask at once (DDP ranks, parallel test workers): one builds, the others
-    # wait and reuse it (atomic_dir would otherwise remove a build in progress as a leftover).
     with FileLock(str(folder.parent / f".{folder.name}.lock")):
-        if not (folder / "model_index.json").is_file():
+        if not (folder / marker).is_file():
             with atomic_dir(folder) as tmp:
-                save_tiny_flux(tmp)
+                build(tmp)
     return folder
+
+
+def _tiny_flux_folder() -> Path:
+    from .tiny_flux import BUILDER_VERSION, save_tiny_flux
+
+    return built_once(cache_root() / f"tiny-flux-v{BUILDER_VERSION}", "model_index.json", save_tiny_flux)
 
 
 def _hub_snapshot(repo_id: str, commit: str) -> str:
