@@ -294,11 +294,16 @@ def test_bad_params_stop_with_one_line(demo_params, encoded_cache, tmp_path, cha
 
 
 def test_empty_or_missing_cache_is_refused(demo_params, tmp_path):
-    with pytest.raises(UserError, match="run the encode stage first"):
+    with pytest.raises(UserError, match="run the encode_latents stage first"):
         train.run(demo_params, tmp_path / "nothing", **outputs(tmp_path))
     empty = tmp_path / "empty"
-    empty.mkdir()
-    (empty / "index.json").write_text(json.dumps({"base_model": "builtin:tiny-flux", "samples": [], "text": {}}))
+    for half in ("latents", "text"):
+        (empty / half).mkdir(parents=True)
+    (empty / "latents" / "index.json").write_text(json.dumps({"base_model": "builtin:tiny-flux", "samples": []}))
+    with pytest.raises(UserError, match="run the encode_text stage first"):
+        train.run(demo_params, empty, **outputs(tmp_path))
+    (empty / "text" / "index.json").write_text(json.dumps({"base_model": "builtin:tiny-flux", "text": {},
+                                                           "captions": {}}))
     with pytest.raises(UserError, match="is empty: no training images"):
         train.run(demo_params, empty, **outputs(tmp_path))
 
