@@ -131,7 +131,8 @@ def test_demo_graph_reruns_only_what_changed_and_round_trips_through_the_remote(
     # A caption-template edit re-encodes only the text: no describe, no VAE.
     set_param(repo, "caption.template", "{trigger}: {description}, painted by {artist}")
     ran = ran_stages(sh(repo, "dvc", "repro").stdout)
-    assert set(ran) == {"caption", "encode_text", "train", "export", "sample_base", "sample", "evaluate"}, ran
+    assert set(ran) == {"caption", "encode_text", "train", "train_replicates", "export", "sample_base", "sample",
+                        "sample_replicates", "evaluate"}, ran
     # The demo's descriptions give more distinct captions than the template alone on the same images.
     stats = json.loads((repo / "metrics/captions.json").read_text())
     assert stats["distinct_captions"] > stats["distinct_template_only"], stats
