@@ -12,6 +12,7 @@ base model's image is ``μ_base + a_i + e_is``, the same in both revisions.
 
 from __future__ import annotations
 
+import sys
 import numpy as np
 import pandas as pd
 import pytest
@@ -214,3 +215,22 @@ def test_one_replicate_costs_nothing_in_the_replicate_stages(tmp_path, monkeypat
         sample.run_replicates(params, replicates_dir=models, base_dir=tmp_path / "none",
                               out_dir=tmp_path / "other")
     assert not (tmp_path / "other").exists()
+
+
+def test_a_non_finite_replicate_score_is_not_judged_not_a_crash(monkeypatch):
+    """A NaN in one revision's per-image replicate table gives "not judged" for that recipe metric."""
+    rng = np.random.default_rng(5)
+    original = simulate_revision
+
+    def with_nan(*args, **kwargs):
+        metrics, images, reps = original(*args, **kwargs)
+        reps = reps.copy()
+        reps.loc[reps.index[0], "style_score"] = float("nan")
+        return metrics, images, reps
+
+    monkeypatch.setattr(sys.modules[__name__], "simulate_revision", with_nan)
+    found, _ = pair_of_revisions(rng, replicates=3)
+    verdict = {v.metric: v for v in found}
+    assert verdict["recipe.style_score"].word == report.NOT_JUDGED, verdict["recipe.style_score"].line()
+    assert "no recipe interval" in verdict["recipe.style_score"].test
+    assert verdict["recipe.clip_score"].word != report.NOT_JUDGED  # the other metric is still judged

@@ -152,7 +152,8 @@ def set_level_change(old: RecipeEstimate, new: RecipeEstimate) -> RecipeEstimate
 def cells(table, value: str, subjects: Sequence[str] | None = None) -> np.ndarray:
     """``(replicates, subjects)`` means of column ``value`` over each (replicate, prompt_id) cell of a
     long table (columns ``replicate``, ``prompt_id``, ``value``), subjects in ``subjects`` order."""
-    wide = table.groupby(["replicate", "prompt_id"])[value].mean().unstack("prompt_id")
+    # numpy's mean keeps a NaN score visible (pandas' would skip it): the cell check then refuses it
+    wide = table.groupby(["replicate", "prompt_id"])[value].agg(lambda s: s.to_numpy().mean()).unstack("prompt_id")
     if subjects is not None:
         wide = wide.reindex(columns=list(subjects))
     return wide.sort_index().to_numpy(dtype=np.float64)
@@ -252,12 +253,18 @@ class RecipePairing:
 
     def change(self, section: str, name: str, confidence: float) -> tuple[Estimate | None, str]:
         if name in PER_IMAGE and not self.reason:
-            old = self._table(self.old, self.old_base, self.old_metrics, section)
-            new = self._table(self.new, self.new_base, self.new_metrics, section)
+            try:
+                old = self._table(self.old, self.old_base, self.old_metrics, section)
+                new = self._table(self.new, self.new_base, self.new_metrics, section)
+            except ValueError as err:  # an image without its base image: no verdict, not a crash
+                return None, f"no recipe interval: {err}"
             subjects = sorted(set(old["prompt_id"]))
             if subjects == sorted(set(new["prompt_id"])) and old["replicate"].nunique() >= MIN_REPLICATES \
                     and new["replicate"].nunique() >= MIN_REPLICATES:
-                found = recipe_change(cells(old, name, subjects), cells(new, name, subjects))
+                try:
+                    found = recipe_change(cells(old, name, subjects), cells(new, name, subjects))
+                except ValueError as err:  # a missing or non-finite cell: no verdict, not a crash
+                    return None, f"no recipe interval: {err}"
                 return found.estimate(confidence), (
                     f"recipes: {old['replicate'].nunique()} → {new['replicate'].nunique()} training replicates, "
                     f"paired over {len(subjects)} subjects, t interval (df {found.df:.1f})")
