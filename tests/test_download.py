@@ -815,3 +815,47 @@ def test_progress_bar_counts_the_source_bytes_passed_and_shows_the_bytes_read(tm
     bars.clear()
     download.run(params(mirror, max_images=5), tmp_path / "raw5")
     assert bars[-1].unit == "img" and bars[-1].total == 5 and bars[-1].n == 5
+
+
+def folder_with_a_copy_and_an_empty_file(folder, records, root):
+    """Two paintings, a byte-identical copy of the first under another name and an empty file."""
+    source = root / "mine"
+    (source / "n").mkdir(parents=True)
+    first = (folder / records[0]["file_name"]).read_bytes()
+    (source / "a.jpg").write_bytes(first)
+    (source / "b.jpg").write_bytes((folder / records[1]["file_name"]).read_bytes())
+    (source / "n" / "copy of a.jpg").write_bytes(first)
+    (source / "n" / "empty.png").write_bytes(b"")
+    return source, hashlib.sha256(first).hexdigest()[:16]
+
+
+def test_every_dropped_file_is_named_with_its_origin_and_reason(tmp_path, folder_records, capsys):
+    source, first_id = folder_with_a_copy_and_an_empty_file(*folder_records, tmp_path)
+    summary = download.run(params(source, max_images=0), tmp_path / "raw")
+    assert summary.kept == 2 and summary.skipped == {"duplicate": 1, "no image bytes": 1}
+    dropped = pd.read_csv(tmp_path / "raw" / "dropped.csv", keep_default_na=False)
+    assert dropped.to_dict("records") == [
+        {"origin": "n/copy of a.jpg", "reason": "duplicate", "same_bytes_as": first_id, "same_bytes_as_origin": "a.jpg"},
+        {"origin": "n/empty.png", "reason": "no image bytes", "same_bytes_as": "", "same_bytes_as_origin": ""},
+    ]
+    assert str(tmp_path / "raw" / "dropped.csv") in capsys.readouterr().out  # the summary says where
+
+
+def test_dropped_list_survives_an_interruption(tmp_path, monkeypatch, folder_records):
+    source, _ = folder_with_a_copy_and_an_empty_file(*folder_records, tmp_path)
+    download.run(params(source, max_images=0), tmp_path / "uninterrupted")
+    raw = tmp_path / "raw"
+    with monkeypatch.context() as patch:
+        # rows in name order: a.jpg, b.jpg, n/copy of a.jpg, then the interruption
+        flaky_open_stream(patch, fail_after=3, error=KeyboardInterrupt())
+        with pytest.raises(KeyboardInterrupt):
+            download.run(params(source, max_images=0), raw)
+    assert (raw / ".partial" / "dropped.jsonl").read_text().count("copy of a.jpg") == 1
+    download.run(params(source, max_images=0), raw)
+    assert (raw / "dropped.csv").read_bytes() == (tmp_path / "uninterrupted" / "dropped.csv").read_bytes()
+    # A source with nothing dropped still writes the (empty) list: its absence would be ambiguous.
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    (clean / "a.jpg").write_bytes((source / "a.jpg").read_bytes())
+    download.run(params(clean, max_images=0), tmp_path / "raw_clean")
+    assert pd.read_csv(tmp_path / "raw_clean" / "dropped.csv").empty

@@ -13,9 +13,12 @@ scanned and kept and the time taken go to the summary line and to ``metrics/down
 resume the progress of an interrupted run, keep the wanted rows (:func:`wanted_rows`, the
 retry loop), finalise ``metadata.parquet``.
 
-Writes ``data/raw/images/<id>.<ext>`` (the original bytes, never re-encoded) and
-``data/raw/metadata.parquet`` (see docs/layout.md). ``id`` is the first 16 hex digits of the
-image's sha256, so exact duplicates collapse to one file. A Hub dataset is read at
+Writes ``data/raw/images/<id>.<ext>`` (the original bytes, never re-encoded),
+``data/raw/metadata.parquet`` and ``data/raw/dropped.csv`` (see docs/layout.md). ``id`` is the first
+16 hex digits of the image's sha256, so exact duplicates collapse to one file; ``dropped.csv`` names
+every wanted row that left no file (an empty image, or the same bytes as a kept one) by its origin
+in the source, with the reason and, for a copy, the id and origin of the image it repeats. (Rows of
+other styles or artists are only counted: on WikiArt they are most of the dataset.) A Hub dataset is read at
 ``download.revision`` (a branch, tag or commit; "main" by default), resolved once to its commit,
 which the ``revision`` column records: a rerun of the same params reads the same rows, and the
 table says which version of the dataset it came from.
@@ -56,6 +59,9 @@ from .sources import (CAPTION_SUFFIX, SYNTHETIC, DownloadParams, ScannedRow, Sou
 from .tables import METADATA_FILE, RAW_COLUMNS
 
 PARTIAL_DIR = ".partial"
+DROPPED_FILE = "dropped.csv"
+DROPPED_COLUMNS = ["origin", "reason", "same_bytes_as", "same_bytes_as_origin"]
+NO_BYTES, DUPLICATE = "no image bytes", "duplicate"
 SAVE_EVERY_SKIPPED = 200  # rows skipped between saves of the stream position
 # PIL format name -> file extension for the saved original bytes.
 EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
@@ -71,6 +77,7 @@ class DownloadSummary:
     bytes_read: int = 0             # bytes this run read from the source
     seconds: float = 0.0            # this run's time reading the source and writing data/raw
     read_filter: str | None = None  # the filter pushed down into the Parquet reads, if any
+    dropped_list: str = ""          # where the empty and duplicate files are named
 
 
 def image_header(data: bytes) -> tuple[str, int, int]:
@@ -102,8 +109,12 @@ class Progress:
         self.dir = raw_dir / PARTIAL_DIR
         self.rows_file = self.dir / "rows.jsonl"
         self.state_file = self.dir / "state.json"
+        self.dropped_file = self.dir / "dropped.jsonl"
         self.config_key = config_key
         self.rows: list[dict] = []
+        # origin -> the dropped row's record; keyed by origin, so a row read again after a crash
+        # between the record and the saved stream position is listed once
+        self.dropped: dict[str, dict] = {}
         self.ids: set[str] = set()  # of the rows, once started
         self.stream_state: dict | None = None
         self.rows_read = 0  # source rows before stream_state's position (for each row's origin)
@@ -119,12 +130,17 @@ class Progress:
                 raise ValueError("params changed")
             lines = self.rows_file.read_text().splitlines() if self.rows_file.is_file() else []
             rows = [json.loads(line) for line in lines if line.strip()]
+            dropped_lines = self.dropped_file.read_text().splitlines() if self.dropped_file.is_file() else []
+            dropped = [json.loads(line) for line in dropped_lines if line.strip()]
         except (ValueError, OSError) as err:
             print(f"download: discarding unfinished earlier download ({first_line(err)})", file=sys.stderr)
             shutil.rmtree(self.dir, ignore_errors=True)
             return False
         # Drop a row whose image vanished, and a torn last line (JSON error above covers garbage).
         self.rows = [row for row in rows if (self.dir.parent / row["file"]).is_file()]
+        kept_ids = {row["id"] for row in self.rows}
+        self.dropped = {record["origin"]: record for record in dropped
+                        if record["reason"] != DUPLICATE or record["same_bytes_as"] in kept_ids}
         self.stream_state = state.get("stream")
         self.rows_read = int(state.get("rows_read", 0))
         return True
@@ -133,6 +149,7 @@ class Progress:
         self.dir.mkdir(parents=True, exist_ok=True)
         # Rewrite rows.jsonl so that it holds exactly the rows we trust.
         atomic_write_text(self.rows_file, "".join(json.dumps(row) + "\n" for row in self.rows))
+        atomic_write_text(self.dropped_file, "".join(json.dumps(record) + "\n" for record in self.dropped.values()))
         self.ids = {row["id"] for row in self.rows}
         self.save_state(self.stream_state, self.rows_read)
 
@@ -141,6 +158,18 @@ class Progress:
             handle.write(json.dumps(row) + "\n")
         self.rows.append(row)
         self.ids.add(row["id"])
+
+    def drop(self, origin: str, reason: str, same_as: dict | None = None) -> None:
+        """Record a wanted row that leaves no file (for ``dropped.csv``)."""
+        record = {"origin": origin, "reason": reason, "same_bytes_as": same_as["id"] if same_as else "",
+                  "same_bytes_as_origin": same_as["origin"] if same_as else ""}
+        if origin not in self.dropped:
+            with self.dropped_file.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        self.dropped[origin] = record
+
+    def kept_row(self, image_id: str) -> dict:
+        return next(row for row in self.rows if row["id"] == image_id)
 
     def save_state(self, stream_state: dict | None, rows_read: int) -> None:
         self.stream_state, self.rows_read = stream_state, rows_read
@@ -313,13 +342,16 @@ def rows_from_saved_position(reader: SourceReader, progress: Progress, tally: Ta
 
 def keep(row: ScannedRow, reader: SourceReader, progress: Progress, tally: Tally) -> None:
     """Write a wanted row's image and caption (unless an interrupted run already did) and record it."""
+    origin = reader.locate(row.position - 1, row.example)
     if not row.data:
-        tally.skipped["no image bytes"] += 1
+        tally.skipped[NO_BYTES] += 1
+        progress.drop(origin, NO_BYTES)
         return
     digest = hashlib.sha256(row.data).hexdigest()
     image_id = digest[:16]
     if image_id in progress.ids:
-        tally.skipped["duplicate"] += 1
+        tally.skipped[DUPLICATE] += 1
+        progress.drop(origin, DUPLICATE, progress.kept_row(image_id))
         return
     raw_dir = progress.raw_dir
     ext, width, height = image_header(row.data)
@@ -333,7 +365,7 @@ def keep(row: ScannedRow, reader: SourceReader, progress: Progress, tally: Tally
         atomic_write_bytes(raw_dir / caption_file, row.caption)
     progress.add({"id": image_id, "file": relative, **reader.labels(row.example), "width": width, "height": height,
                   "sha256": digest, "source": reader.source.name, "revision": reader.source.revision,
-                  "origin": reader.locate(row.position - 1, row.example),
+                  "origin": origin,
                   "caption_file": caption_file})  # not a metadata column; kept for the sweep in finalise
 
 
@@ -356,6 +388,8 @@ def finalise(raw_dir: Path, progress: Progress, params: DownloadParams) -> pd.Da
         for stray in images_dir.iterdir():
             if stray not in wanted:
                 stray.unlink()
+        dropped = pd.DataFrame(list(progress.dropped.values()), columns=DROPPED_COLUMNS)
+        atomic_write_text(raw_dir / DROPPED_FILE, dropped.to_csv(index=False))
         buffer = io.BytesIO()
         table.to_parquet(buffer, index=False)
         atomic_write_bytes(raw_dir / METADATA_FILE, buffer.getvalue())
@@ -369,6 +403,8 @@ def print_summary(summary: DownloadSummary, reader: SourceReader) -> None:
     skipped_text = ", ".join(f"{count} {why}" for why, count in sorted(summary.skipped.items())) or "none"
     at = f" at {source.revision[:12]}" if source.revision else ""
     pushed = f", filter {summary.read_filter} pushed down to the Parquet reads" if summary.read_filter else ""
+    if summary.skipped.get(NO_BYTES) or summary.skipped.get(DUPLICATE):
+        skipped_text += f" (empty and duplicate files each named with its origin in {summary.dropped_list})"
     print(f"download: kept {summary.kept} images of {params.style} from {params.source}{at} "
           f"({artists_text}); skipped {skipped_text}; scanned {summary.rows_scanned} rows and read "
           f"{format_bytes(summary.bytes_read)} from the source in {summary.seconds:.1f} s{pushed}")
@@ -402,7 +438,8 @@ def run(params: Mapping[str, Any], raw_dir: Path | str = RAW_DIR, *, retries: in
     summary = DownloadSummary(len(table), dict(Counter(table["artist"]).most_common()), dict(tally.skipped),
                               resumed_from, rows_scanned=tally.rows_scanned, bytes_read=reader.meter.bytes_read,
                               seconds=time.perf_counter() - started,
-                              read_filter=repr(reader.read_filter) if reader.read_filter else None)
+                              read_filter=repr(reader.read_filter) if reader.read_filter else None,
+                              dropped_list=str(raw_dir / DROPPED_FILE))
     print_summary(summary, reader)
     if metrics_path is not None:
         write_metrics(summary, Path(metrics_path))
