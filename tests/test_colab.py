@@ -64,6 +64,7 @@ def test_each_colab_gpu_gets_its_recipe(gpu):
     got = tuple(overrides[k] for k in keys)
     assert got == EXPECTED[gpu]
     assert overrides["model.device"] == "cuda"
+    assert overrides["describe.dtype"] == EXPECTED[gpu][0]  # a T4 captions in fp16: it has no bf16
     assert overrides["train.checkpoint_every"] == (50 if EXPECTED[gpu][2] == "nf4" else 100)
 
 
@@ -127,9 +128,14 @@ def test_a_rerun_on_another_gpu_keeps_the_first_runs_training_params(tmp_path):
     kept = colab.keep_first_recipe(path, recipe_for("A100-80"))
     assert kept.overrides == {
         "model.device": "cuda", "model.dtype": "bfloat16", "train.mixed_precision": "bf16",
-        "train.base_quantization": "nf4", "train.optimizer": "adamw8bit",  # the L4's
+        "train.base_quantization": "nf4", "train.optimizer": "adamw8bit", "describe.dtype": "bfloat16",  # the L4's
         "train.gradient_checkpointing": False, "train.checkpoint_every": 50, "sample.offload": "none"}
     assert any("first run" in note for note in kept.notes)
+    # A project begun on a T4 keeps captioning in fp16 on an A100 too (the descriptions' cache key
+    # covers the dtype: another value would describe every painting again).
+    t4_first = tmp_path / "t4" / "recipe.json"
+    colab.keep_first_recipe(t4_first, recipe_for("T4"))
+    assert colab.keep_first_recipe(t4_first, recipe_for("A100-80")).overrides["describe.dtype"] == "float16"
 
     # A T4 has no bf16, and no GPU at all cannot train: one line each, saying how to reset.
     for other, needle in ((recipe_for("T4"), "needs bf16"),

@@ -53,6 +53,14 @@ def training_overrides(bf16: bool, quantized: bool) -> dict[str, Any]:
     }
 
 
+def describe_overrides(model_dtype: str) -> dict[str, Any]:
+    """The captioner runs in the base model's 16-bit dtype: params.yaml's bf16 would stop describe
+    on a GPU without bf16 (a T4), where the trainer already runs in fp16. Derived from the kept
+    ``model.dtype``, so a later runtime's descriptions (their cache key covers the dtype) match the
+    first run's."""
+    return {"describe.dtype": model_dtype}
+
+
 def memory_overrides(memory_gib: float, quantized: bool) -> dict[str, Any]:
     """The GPU recipe's memory and speed settings for a GPU of ``memory_gib`` GiB."""
     return {
@@ -67,6 +75,7 @@ def gpu_overrides(name: str, memory_gib: float,
                   capability: tuple[int, int] | None = None) -> dict[str, Any]:
     """The params overrides for training FLUX.1-dev on one GPU of this name and memory (GiB).
 
+    The VLM of the describe stage runs in the same 16-bit dtype as the base model.
     Training: >= 70 GiB: bf16 base, no gradient checkpointing; 35-70: bf16 + checkpointing; 14-35
     (L4, T4, V100 32 GB): NF4 base (QLoRA) + checkpointing + 8-bit AdamW; fp16 where the GPU has no
     bf16. Sampling (``sample.offload``): >= 70 GiB none; 26-70 model; below 26 sequential.
@@ -75,8 +84,8 @@ def gpu_overrides(name: str, memory_gib: float,
         raise UserError(f"the GPU {name} has {memory_gib:.1f} GiB; training FLUX.1-dev needs at least "
                         f"{MIN_GIB:.0f} GiB (a T4 or better): pick another runtime type")
     quantized = memory_gib < BF16_GIB
-    return {**training_overrides(has_bf16(name, capability), quantized),
-            **memory_overrides(memory_gib, quantized)}
+    training = training_overrides(has_bf16(name, capability), quantized)
+    return {**training, **describe_overrides(training["model.dtype"]), **memory_overrides(memory_gib, quantized)}
 
 
 @dataclass(frozen=True)
@@ -170,7 +179,8 @@ def keep_first_recipe(path: Path | str, recipe: Recipe, ram_gib: float | None = 
                         f"{' and '.join(lacks)} that this runtime's {gpu.name} ({gpu.memory_gib:.0f} GiB) "
                         f"lacks; another recipe would restart training. Pick a runtime with a GPU like the "
                         f"first one (Runtime > Change runtime type), {reset}")
-    overrides = {**training, **memory_overrides(gpu.memory_gib, quantized)}
+    overrides = {**training, **describe_overrides(training["model.dtype"]),
+                 **memory_overrides(gpu.memory_gib, quantized)}
     notes = _sampling_notes(overrides, gpu, ram_gib) + [
         f"kept the training params of this PROJECT's first run ({name}) so that training resumes; "
         f"memory settings for this {gpu.name}"]
