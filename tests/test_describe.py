@@ -31,7 +31,7 @@ def filtered(tmp_path_factory):
 def run_describe(params, filtered, root: Path, **changes) -> pd.DataFrame:
     params = copy.deepcopy(params)
     params["describe"].update(changes)
-    return describe.run(params, filtered, root / "descriptions", root / "describe.json")
+    return describe.run(params, filtered, root / "descriptions", root / "describe.json", partial_dir=root / "partial")
 
 
 def test_every_filtered_image_gets_a_labelled_description(demo_params, filtered, tmp_path):
@@ -47,7 +47,7 @@ def test_every_filtered_image_gets_a_labelled_description(demo_params, filtered,
     metrics = json.loads((tmp_path / "describe.json").read_text())
     assert metrics["images"] == 8 and metrics["described"] == 8 and metrics["resumed_from"] == 0
     assert metrics["synthetic_model"] is True
-    assert not (tmp_path / "descriptions/.partial").exists()
+    assert not (tmp_path / "partial").exists()
     # greedy decoding: a second run writes the same table
     again = run_describe(demo_params, filtered, tmp_path / "again")
     pd.testing.assert_frame_equal(table, again)
@@ -145,7 +145,8 @@ def test_sigkill_then_rerun_gives_the_same_table_and_describes_only_the_rest(dem
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     command = [sys.executable, "-m", "impressionist.describe"]
     proc = subprocess.Popen(command, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    rows = work / "data/descriptions/.partial/rows.jsonl"
+    # the finished rows go to the checkpoint root (on Colab a Drive folder), outside the DVC out
+    rows = work / ".cache/checkpoints/.describe-partial/rows.jsonl"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
         if rows.is_file() and len(rows.read_text().splitlines()) >= 3:
@@ -161,16 +162,28 @@ def test_sigkill_then_rerun_gives_the_same_table_and_describes_only_the_rest(dem
     metrics = json.loads((work / "metrics/describe.json").read_text())
     assert metrics["resumed_from"] == finished and metrics["described"] == 8 - finished
     pd.testing.assert_frame_equal(pd.read_parquet(work / "data/descriptions/descriptions.parquet"), reference)
-    assert not (work / "data/descriptions/.partial").exists()
+    assert not rows.parent.exists() and sorted(p.name for p in (work / "data/descriptions").iterdir()) == \
+        ["descriptions.parquet"]
 
 
 def test_changed_settings_discard_the_unfinished_run(demo_params, filtered, tmp_path):
-    out = tmp_path / "descriptions"
+    out = tmp_path / "partial"
     describe.Partial(out, "another-key").load()
     describe.Partial(out, "another-key").add([("0000000000000000", "stale words")])
     table = run_describe(demo_params, filtered, tmp_path)
     assert "stale words" not in set(table["raw"])
     assert json.loads((tmp_path / "describe.json").read_text())["resumed_from"] == 0
+
+
+def test_unfinished_rows_go_to_the_checkpoint_root(demo_params, filtered, tmp_path, monkeypatch):
+    # IMPRESSIONIST_CHECKPOINTS (or the .cache/checkpoints symlink the Colab notebook points at
+    # Drive) is where a disconnect-surviving run keeps them; kept here by skipping the final cleanup
+    monkeypatch.setenv("IMPRESSIONIST_CHECKPOINTS", str(tmp_path / "drive"))
+    monkeypatch.setattr(describe.Partial, "remove", lambda self: None)
+    table = describe.run(demo_params, filtered, tmp_path / "descriptions", tmp_path / "describe.json")
+    rows = [json.loads(line) for line in (tmp_path / "drive/.describe-partial/rows.jsonl").read_text().splitlines()]
+    assert {row["id"]: row["raw"] for row in rows} == dict(zip(table["id"], table["raw"]))
+    assert sorted(p.name for p in (tmp_path / "descriptions").iterdir()) == ["descriptions.parquet"]
 
 
 def assert_refused(params, filtered, root, match):

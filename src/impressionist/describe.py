@@ -8,12 +8,13 @@ artist name when ``describe.scrub_artists``): the LoRA should learn the style fr
 from words in the caption. The caption stage fills ``{description}`` of ``caption.template`` with
 the cleaned text.
 
-Resumable like ``download``: ``data/descriptions`` is a ``persist`` out, each finished batch is
-appended to ``data/descriptions/.partial/rows.jsonl`` (keyed on the model, its commit, the prompt and
-the decoding settings), and a rerun after a kill describes only the images not in it. Batches are
+Resumable: each finished batch is appended to ``.describe-partial/rows.jsonl`` under the checkpoint
+root (``$IMPRESSIONIST_CHECKPOINTS`` or ``.cache/checkpoints``, which the Colab notebook links to
+Drive: a disconnect keeps the finished batches), keyed on the model, its commit, the prompt and the
+decoding settings, and a rerun after a kill describes only the images not in it. Batches are
 fixed by position in the id-sorted image list, so a resumed run feeds the model exactly the batches an
 uninterrupted one would, and writes the same table. ``descriptions.parquet`` is written last, and
-``.partial`` removed then. What this run described versus resumed is in ``metrics/describe.json``,
+the partial rows removed then. What this run described versus resumed is in ``metrics/describe.json``,
 not in the data (a resumed run must not change the data's hash).
 
 ``describe.enabled: false`` writes an empty table without loading any model (captions then come from
@@ -39,6 +40,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .captioner import Generator, check_takes_images, resolve_captioner
+from .checkpoints import default_root
 from .errors import UserError, atomic_write_bytes, atomic_write_text, first_line, stage_main
 from .layout import DESCRIBE_METRICS, DESCRIPTIONS, DESCRIPTIONS_DIR, FILTERED_DIR
 from .models import DTYPES, ModelParams, resolve_device
@@ -46,7 +48,11 @@ from .params import (ParamsSection, fingerprint, load_params, require_bool, requ
 from .tables import METADATA_FILE, read_table
 from .tokens import CLIP_MAX_TOKENS, count_tokens, load_clip_tokenizer, load_t5_tokenizer
 
-PARTIAL_DIR = ".partial"
+# The unfinished run's rows live beside the training checkpoints (dot-named: not a run folder for
+# clean-checkpoints), not inside the DVC out: on Colab that root is a symlink to Drive, so a
+# disconnect that wipes the local disk keeps them, and neither `dvc exp run`'s checkout nor DVC's
+# removal of a re-run stage's outs touches them.
+PARTIAL_DIR = ".describe-partial"
 COLUMNS = ("id", "raw", "description", "scrubbed", "t5_tokens", "clip_tokens", "clip_truncated", "model",
            "revision", "prompt_fingerprint", "synthetic_model")
 GPU_DTYPES = ("bfloat16", "float16")
@@ -135,11 +141,12 @@ def batches_of(items: list[Item], size: int) -> list[list[Item]]:
 
 
 class Partial:
-    """Finished raw descriptions of an unfinished run, in ``data/descriptions/.partial/``: ``rows.jsonl``
-    gets one line per image, a batch at a time; ``state.json`` names the settings they were made with."""
+    """Finished raw descriptions of an unfinished run, in ``folder`` (by default
+    ``<checkpoint root>/.describe-partial/``): ``rows.jsonl`` gets one line per image, a batch at a
+    time; ``state.json`` names the settings they were made with."""
 
-    def __init__(self, out_dir: Path, key: str):
-        self.dir = out_dir / PARTIAL_DIR
+    def __init__(self, folder: Path, key: str):
+        self.dir = Path(folder)
         self.rows_file, self.state_file, self.key = self.dir / "rows.jsonl", self.dir / "state.json", key
 
     def load(self) -> dict[str, str]:
@@ -207,15 +214,19 @@ def describe_all(generator: Generator, items: list[Item], done: dict[str, str], 
 
 
 def run(params: Mapping[str, Any], filtered_dir: Path | str = FILTERED_DIR, out_dir: Path | str = DESCRIPTIONS_DIR,
-        metrics_path: Path | str = DESCRIBE_METRICS, *, tokenizers=None) -> pd.DataFrame:
-    """Write ``out_dir/descriptions.parquet`` (one row per filtered image, none when disabled)."""
+        metrics_path: Path | str = DESCRIBE_METRICS, *, tokenizers=None, partial_dir: Path | str | None = None
+        ) -> pd.DataFrame:
+    """Write ``out_dir/descriptions.parquet`` (one row per filtered image, none when disabled).
+    ``partial_dir`` holds an unfinished run's rows (default: ``.describe-partial`` under the
+    checkpoint root, ``$IMPRESSIONIST_CHECKPOINTS`` or ``.cache/checkpoints``)."""
     cfg, model = DescribeParams.check(params), ModelParams.check(params)
     filtered_dir, out_dir = Path(filtered_dir), Path(out_dir)
+    partial_dir = Path(partial_dir) if partial_dir is not None else default_root() / PARTIAL_DIR
     table = read_images(filtered_dir)
     started = time.monotonic()
     if not cfg.enabled:
         result = pd.DataFrame({c: pd.Series(dtype=object) for c in COLUMNS})
-        shutil.rmtree(out_dir / PARTIAL_DIR, ignore_errors=True)
+        shutil.rmtree(partial_dir, ignore_errors=True)
         _write(result, out_dir, metrics_path, {"enabled": False, "images": 0})
         print("describe: describe.enabled is false: no captioner loaded, captions come from the template alone")
         return result
@@ -230,7 +241,7 @@ def run(params: Mapping[str, Any], filtered_dir: Path | str = FILTERED_DIR, out_
                       device.type)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / DESCRIPTIONS.name).unlink(missing_ok=True)  # the completion marker must not outlive a rerun
-    partial = Partial(out_dir, key)
+    partial = Partial(partial_dir, key)
     done = {i: r for i, r in partial.load().items() if i in {item.id for item in items}}
     resumed = len(done)
     if resumed:
