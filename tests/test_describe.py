@@ -47,7 +47,7 @@ def test_every_filtered_image_gets_a_labelled_description(demo_params, filtered,
     metrics = json.loads((tmp_path / "describe.json").read_text())
     assert metrics["images"] == 8 and metrics["described"] == 8 and metrics["resumed_from"] == 0
     assert metrics["synthetic_model"] is True
-    assert not (tmp_path / "partial").exists()
+    assert len((tmp_path / "partial/rows.jsonl").read_text().splitlines()) == 8  # kept: the raw cache
     # greedy decoding: a second run writes the same table
     again = run_describe(demo_params, filtered, tmp_path / "again")
     pd.testing.assert_frame_equal(table, again)
@@ -146,7 +146,7 @@ def test_sigkill_then_rerun_gives_the_same_table_and_describes_only_the_rest(dem
     command = [sys.executable, "-m", "impressionist.describe"]
     proc = subprocess.Popen(command, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # the finished rows go to the checkpoint root (on Colab a Drive folder), outside the DVC out
-    rows = work / ".cache/checkpoints/.describe-partial/rows.jsonl"
+    rows = work / ".cache/checkpoints/.describe-raw/rows.jsonl"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
         if rows.is_file() and len(rows.read_text().splitlines()) >= 3:
@@ -162,8 +162,8 @@ def test_sigkill_then_rerun_gives_the_same_table_and_describes_only_the_rest(dem
     metrics = json.loads((work / "metrics/describe.json").read_text())
     assert metrics["resumed_from"] == finished and metrics["described"] == 8 - finished
     pd.testing.assert_frame_equal(pd.read_parquet(work / "data/descriptions/descriptions.parquet"), reference)
-    assert not rows.parent.exists() and sorted(p.name for p in (work / "data/descriptions").iterdir()) == \
-        ["descriptions.parquet"]
+    assert len(rows.read_text().splitlines()) == 8
+    assert sorted(p.name for p in (work / "data/descriptions").iterdir()) == ["descriptions.parquet"]
 
 
 def test_changed_settings_discard_the_unfinished_run(demo_params, filtered, tmp_path):
@@ -175,15 +175,22 @@ def test_changed_settings_discard_the_unfinished_run(demo_params, filtered, tmp_
     assert json.loads((tmp_path / "describe.json").read_text())["resumed_from"] == 0
 
 
-def test_unfinished_rows_go_to_the_checkpoint_root(demo_params, filtered, tmp_path, monkeypatch):
+def test_raw_rows_are_kept_under_the_checkpoint_root_and_reused(demo_params, filtered, tmp_path, monkeypatch):
     # IMPRESSIONIST_CHECKPOINTS (or the .cache/checkpoints symlink the Colab notebook points at
-    # Drive) is where a disconnect-surviving run keeps them; kept here by skipping the final cleanup
+    # Drive) is where a disconnect-surviving run keeps them
     monkeypatch.setenv("IMPRESSIONIST_CHECKPOINTS", str(tmp_path / "drive"))
-    monkeypatch.setattr(describe.Partial, "remove", lambda self: None)
     table = describe.run(demo_params, filtered, tmp_path / "descriptions", tmp_path / "describe.json")
-    rows = [json.loads(line) for line in (tmp_path / "drive/.describe-partial/rows.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "drive/.describe-raw/rows.jsonl").read_text().splitlines()]
     assert {row["id"]: row["raw"] for row in rows} == dict(zip(table["id"], table["raw"]))
     assert sorted(p.name for p in (tmp_path / "descriptions").iterdir()) == ["descriptions.parquet"]
+
+    # A change after the VLM (the scrub here; model.pretrained's tokenizers likewise) re-runs the
+    # stage, which then loads no captioner: every raw text comes from the kept rows.
+    monkeypatch.setattr(describe, "Generator", lambda *a, **k: pytest.fail("the VLM was loaded again"))
+    demo_params["describe"]["scrub"] = demo_params["describe"]["scrub"] + [table["raw"][0].split()[0]]
+    again = describe.run(demo_params, filtered, tmp_path / "again", tmp_path / "again.json")
+    assert again["raw"].tolist() == table["raw"].tolist()
+    assert json.loads((tmp_path / "again.json").read_text())["described"] == 0
 
 
 def assert_refused(params, filtered, root, match):

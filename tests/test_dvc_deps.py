@@ -180,7 +180,7 @@ READS = {
 # Constants a stage's closure imports that the stage itself neither reads nor writes, and why.
 UNUSED_BY_STAGE = {
     ("train", "CHECKPOINT_ROOT"): "git- and DVC-ignored resumable state, outside the pipeline by design",
-    ("describe", "CHECKPOINT_ROOT"): "its unfinished rows (.describe-partial): resumable state outside the out",
+    ("describe", "CHECKPOINT_ROOT"): "its raw VLM rows (.describe-raw): resumable cache outside the out",
     ("sample_base", "LORA_DIR"): "`sample --base` draws without the LoRA",
     ("sample_base", "SAMPLE_GRID"): "only `sample` draws the grid",
     ("encode_latents", "CAPTIONS"): "read by `encode --text` (the encode_text stage) only",

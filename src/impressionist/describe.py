@@ -8,13 +8,15 @@ artist name when ``describe.scrub_artists``): the LoRA should learn the style fr
 from words in the caption. The caption stage fills ``{description}`` of ``caption.template`` with
 the cleaned text.
 
-Resumable: each finished batch is appended to ``.describe-partial/rows.jsonl`` under the checkpoint
-root (``$IMPRESSIONIST_CHECKPOINTS`` or ``.cache/checkpoints``, which the Colab notebook links to
-Drive: a disconnect keeps the finished batches), keyed on the model, its commit, the prompt and the
-decoding settings, and a rerun after a kill describes only the images not in it. Batches are
+Resumable and cached: each finished batch of the VLM's raw text is appended to
+``.describe-raw/rows.jsonl`` under the checkpoint root (``$IMPRESSIONIST_CHECKPOINTS`` or
+``.cache/checkpoints``, which the Colab notebook links to Drive: a disconnect keeps the finished
+batches), keyed on the model, its commit, the prompt and the decoding settings, and a rerun describes
+only the images not in it: after a kill, the rest; after a change of what comes later (the scrub, or
+``model.pretrained``, whose tokenizers count the tokens), none — the VLM is not even loaded. Batches are
 fixed by position in the id-sorted image list, so a resumed run feeds the model exactly the batches an
-uninterrupted one would, and writes the same table. ``descriptions.parquet`` is written last, and
-the partial rows removed then. What this run described versus resumed is in ``metrics/describe.json``,
+uninterrupted one would, and writes the same table. ``descriptions.parquet`` is written last; the raw rows stay
+(they are the cache; other captioner settings replace them). What this run described versus resumed is in ``metrics/describe.json``,
 not in the data (a resumed run must not change the data's hash).
 
 ``describe.enabled: false`` writes an empty table without loading any model (captions then come from
@@ -48,11 +50,11 @@ from .params import (ParamsSection, fingerprint, load_params, require_bool, requ
 from .tables import METADATA_FILE, read_table
 from .tokens import CLIP_MAX_TOKENS, count_tokens, load_clip_tokenizer, load_t5_tokenizer
 
-# The unfinished run's rows live beside the training checkpoints (dot-named: not a run folder for
+# The raw rows live beside the training checkpoints (dot-named: not a run folder for
 # clean-checkpoints), not inside the DVC out: on Colab that root is a symlink to Drive, so a
 # disconnect that wipes the local disk keeps them, and neither `dvc exp run`'s checkout nor DVC's
 # removal of a re-run stage's outs touches them.
-PARTIAL_DIR = ".describe-partial"
+RAW_ROWS_DIR = ".describe-raw"
 COLUMNS = ("id", "raw", "description", "scrubbed", "t5_tokens", "clip_tokens", "clip_truncated", "model",
            "revision", "prompt_fingerprint", "synthetic_model")
 GPU_DTYPES = ("bfloat16", "float16")
@@ -141,8 +143,8 @@ def batches_of(items: list[Item], size: int) -> list[list[Item]]:
 
 
 class Partial:
-    """Finished raw descriptions of an unfinished run, in ``folder`` (by default
-    ``<checkpoint root>/.describe-partial/``): ``rows.jsonl`` gets one line per image, a batch at a
+    """The VLM's raw descriptions made so far with one set of settings, in ``folder`` (by default
+    ``<checkpoint root>/.describe-raw/``): ``rows.jsonl`` gets one line per image, a batch at a
     time; ``state.json`` names the settings they were made with."""
 
     def __init__(self, folder: Path, key: str):
@@ -172,9 +174,6 @@ class Partial:
         with self.rows_file.open("a") as handle:
             handle.write("".join(json.dumps({"id": i, "raw": r}) + "\n" for i, r in rows))
             handle.flush()
-
-    def remove(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def resolve_dtype_for(cfg: DescribeParams, device: torch.device) -> torch.dtype:
@@ -217,16 +216,15 @@ def run(params: Mapping[str, Any], filtered_dir: Path | str = FILTERED_DIR, out_
         metrics_path: Path | str = DESCRIBE_METRICS, *, tokenizers=None, partial_dir: Path | str | None = None
         ) -> pd.DataFrame:
     """Write ``out_dir/descriptions.parquet`` (one row per filtered image, none when disabled).
-    ``partial_dir`` holds an unfinished run's rows (default: ``.describe-partial`` under the
-    checkpoint root, ``$IMPRESSIONIST_CHECKPOINTS`` or ``.cache/checkpoints``)."""
+    ``partial_dir`` holds the raw rows made so far (default: ``.describe-raw`` under the checkpoint
+    root, ``$IMPRESSIONIST_CHECKPOINTS`` or ``.cache/checkpoints``)."""
     cfg, model = DescribeParams.check(params), ModelParams.check(params)
     filtered_dir, out_dir = Path(filtered_dir), Path(out_dir)
-    partial_dir = Path(partial_dir) if partial_dir is not None else default_root() / PARTIAL_DIR
+    partial_dir = Path(partial_dir) if partial_dir is not None else default_root() / RAW_ROWS_DIR
     table = read_images(filtered_dir)
     started = time.monotonic()
     if not cfg.enabled:
         result = pd.DataFrame({c: pd.Series(dtype=object) for c in COLUMNS})
-        shutil.rmtree(partial_dir, ignore_errors=True)
         _write(result, out_dir, metrics_path, {"enabled": False, "images": 0})
         print("describe: describe.enabled is false: no captioner loaded, captions come from the template alone")
         return result
@@ -245,7 +243,8 @@ def run(params: Mapping[str, Any], filtered_dir: Path | str = FILTERED_DIR, out_
     done = {i: r for i, r in partial.load().items() if i in {item.id for item in items}}
     resumed = len(done)
     if resumed:
-        print(f"describe: resuming an unfinished run with {resumed} of {len(items)} images already described",
+        print(f"describe: {resumed} of {len(items)} images already described with these settings "
+              f"({partial_dir}): not described again",
               file=sys.stderr)
     described = 0
     if resumed < len(items):
@@ -271,7 +270,6 @@ def run(params: Mapping[str, Any], filtered_dir: Path | str = FILTERED_DIR, out_
                "model": captioner.name, "revision": captioner.commit,
                "seconds": round(time.monotonic() - started, 2)}
     _write(result, out_dir, metrics_path, metrics)
-    partial.remove()
     label = " (SYNTHETIC: random-weight tiny VLM, its descriptions are gibberish)" if captioner.synthetic else ""
     print(f"describe: {len(result)} descriptions ({described} described now, {resumed} resumed) by "
           f"{captioner.name} at {captioner.commit}{label}; the scrub changed {n_scrubbed}, {n_empty} empty")
