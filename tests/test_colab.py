@@ -565,8 +565,9 @@ def fresh_clone(source: Path, dest: Path) -> Path:
 def test_notebook_resumes_after_a_disconnect_and_skips_finished_stages(tmp_path):
     drive = tmp_path / "drive"
     first = project_checkout(tmp_path / "first")
-    # The demo's 60 steps, checkpointed every 20; fewer samples keep the test short.
-    overrides = {"sample.seeds": [0], "sample.lora_scales": [1.0]}
+    # The demo's 60 steps, checkpointed every 20; fewer samples and one LoRA (no training-seed
+    # replicates: the e2e test covers them) keep the test short.
+    overrides = {"sample.seeds": [0], "sample.lora_scales": [1.0], "replicates.count": 1}
 
     # 1. Run until the first checkpoint reaches "Drive", then kill the kernel and all it started.
     nb, client, env = execute_notebook(first, drive, overrides)

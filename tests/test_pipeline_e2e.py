@@ -136,11 +136,14 @@ def test_demo_graph_reruns_only_what_changed_and_round_trips_through_the_remote(
     assert (clone / "models/lora/pytorch_lora_weights.safetensors").read_bytes() == \
         (repo / "models/lora/pytorch_lora_weights.safetensors").read_bytes()
 
-    # A caption-template edit re-encodes only the text: no describe, no VAE.
+    # A caption-template edit re-encodes only the text: no describe, no VAE. (Reproduced up to
+    # encode_text only, to keep the suite short: `dvc status` then names the stages that read the
+    # new captions or text cache, which a full repro would run, and encode_latents is not one.)
     set_param(repo, "caption.template", "{trigger}: {description}, painted by {artist}")
-    ran = ran_stages(sh(repo, "dvc", "repro").stdout)
-    assert set(ran) == {"caption", "encode_text", "train", "train_replicates", "export", "sample_base", "sample",
-                        "sample_replicates", "evaluate"}, ran
+    ran = ran_stages(sh(repo, "dvc", "repro", "encode_text").stdout)
+    assert ran == ["caption", "encode_text"], ran
+    status = json.loads(sh(repo, "dvc", "status", "--json").stdout)
+    assert set(status) == {"train", "train_replicates", "sample_base", "sample", "sample_replicates"}, status
     # The demo's descriptions give more distinct captions than the template alone on the same images.
     stats = json.loads((repo / "metrics/captions.json").read_text())
     assert stats["distinct_captions"] > stats["distinct_template_only"], stats
@@ -148,8 +151,8 @@ def test_demo_graph_reruns_only_what_changed_and_round_trips_through_the_remote(
     # Another captioner (the same tiny VLM named by its folder) re-runs describe; the captions it
     # gives are the same, so nothing after caption runs.
     set_param(repo, "describe.model", str(Path(os.environ["IMPRESSIONIST_CACHE"]) / f"tiny-vlm-v{BUILDER_VERSION}"))
-    ran = ran_stages(sh(repo, "dvc", "repro").stdout)
-    assert ran[:2] == ["describe", "caption"] and "encode_latents" not in ran, ran
+    ran = ran_stages(sh(repo, "dvc", "repro", "encode_text").stdout)
+    assert ran == ["describe", "caption"], ran
 
 
 def show_set_pixel_differences(repo: Path) -> list[float]:
