@@ -859,3 +859,22 @@ def test_dropped_list_survives_an_interruption(tmp_path, monkeypatch, folder_rec
     (clean / "a.jpg").write_bytes((source / "a.jpg").read_bytes())
     download.run(params(clean, max_images=0), tmp_path / "raw_clean")
     assert pd.read_csv(tmp_path / "raw_clean" / "dropped.csv").empty
+
+
+def test_a_row_read_again_after_a_crash_is_not_listed_as_its_own_copy(tmp_path, monkeypatch, folder_records):
+    source, _ = folder_with_a_copy_and_an_empty_file(*folder_records, tmp_path)
+    raw = tmp_path / "raw"
+    real_save_state = download.Progress.save_state
+
+    def crash_once_the_first_row_is_kept(self, *args):
+        if len(self.rows) == 1:  # a.jpg is recorded, its stream position not yet saved
+            raise KeyboardInterrupt
+        real_save_state(self, *args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(download.Progress, "save_state", crash_once_the_first_row_is_kept)
+        with pytest.raises(KeyboardInterrupt):
+            download.run(params(source, max_images=0), raw)
+    summary = download.run(params(source, max_images=0), raw)  # reads a.jpg again
+    assert summary.kept == 2 and summary.skipped == {"duplicate": 1, "no image bytes": 1}
+    assert pd.read_csv(raw / "dropped.csv")["origin"].tolist() == ["n/copy of a.jpg", "n/empty.png"]

@@ -350,8 +350,12 @@ def keep(row: ScannedRow, reader: SourceReader, progress: Progress, tally: Tally
     digest = hashlib.sha256(row.data).hexdigest()
     image_id = digest[:16]
     if image_id in progress.ids:
-        tally.skipped[DUPLICATE] += 1
-        progress.drop(origin, DUPLICATE, progress.kept_row(image_id))
+        original = progress.kept_row(image_id)
+        # The same row read again (a crash after keeping it, before its stream position was saved)
+        # is no copy: nothing is dropped.
+        if original["origin"] != origin:
+            tally.skipped[DUPLICATE] += 1
+            progress.drop(origin, DUPLICATE, original)
         return
     raw_dir = progress.raw_dir
     ext, width, height = image_header(row.data)
