@@ -31,7 +31,8 @@ def filtered(tmp_path_factory):
 def run_describe(params, filtered, root: Path, **changes) -> pd.DataFrame:
     params = copy.deepcopy(params)
     params["describe"].update(changes)
-    return describe.run(params, filtered, root / "descriptions", root / "describe.json", partial_dir=root / "partial")
+    return describe.run(params, filtered, root / "descriptions", root / "describe.json",
+                        raw_rows_dir=root / "raw_rows")
 
 
 def test_every_filtered_image_gets_a_labelled_description(demo_params, filtered, tmp_path):
@@ -47,7 +48,7 @@ def test_every_filtered_image_gets_a_labelled_description(demo_params, filtered,
     metrics = json.loads((tmp_path / "describe.json").read_text())
     assert metrics["images"] == 8 and metrics["described"] == 8 and metrics["resumed_from"] == 0
     assert metrics["synthetic_model"] is True
-    assert len((tmp_path / "partial/rows.jsonl").read_text().splitlines()) == 8  # kept: the raw cache
+    assert len((tmp_path / "raw_rows/rows.jsonl").read_text().splitlines()) == 8  # kept: the raw cache
     # greedy decoding: a second run writes the same table
     again = run_describe(demo_params, filtered, tmp_path / "again")
     pd.testing.assert_frame_equal(table, again)
@@ -167,9 +168,9 @@ def test_sigkill_then_rerun_gives_the_same_table_and_describes_only_the_rest(dem
 
 
 def test_changed_settings_discard_the_unfinished_run(demo_params, filtered, tmp_path):
-    out = tmp_path / "partial"
-    describe.Partial(out, "another-key").load()
-    describe.Partial(out, "another-key").add([("0000000000000000", "stale words")])
+    out = tmp_path / "raw_rows"
+    describe.RawRows(out, "another-key").load()
+    describe.RawRows(out, "another-key").add([("0000000000000000", "stale words")])
     table = run_describe(demo_params, filtered, tmp_path)
     assert "stale words" not in set(table["raw"])
     assert json.loads((tmp_path / "describe.json").read_text())["resumed_from"] == 0

@@ -835,7 +835,8 @@ def test_every_dropped_file_is_named_with_its_origin_and_reason(tmp_path, folder
     assert summary.kept == 2 and summary.skipped == {"duplicate": 1, "no image bytes": 1}
     dropped = pd.read_csv(tmp_path / "raw" / "dropped.csv", keep_default_na=False)
     assert dropped.to_dict("records") == [
-        {"origin": "n/copy of a.jpg", "reason": "duplicate", "same_bytes_as": first_id, "same_bytes_as_origin": "a.jpg"},
+        {"origin": "n/copy of a.jpg", "reason": "duplicate", "same_bytes_as": first_id,
+         "same_bytes_as_origin": "a.jpg"},
         {"origin": "n/empty.png", "reason": "no image bytes", "same_bytes_as": "", "same_bytes_as_origin": ""},
     ]
     assert str(tmp_path / "raw" / "dropped.csv") in capsys.readouterr().out  # the summary says where

@@ -53,6 +53,7 @@ TRAIN_INPUT_TESTS, EMA_TESTS, ENCODE_TESTS, MULTIRES_TESTS, DVC_DEPS_TESTS = (
     ("tests/test_train_inputs.py",), ("tests/test_ema.py",), ("tests/test_encode.py",),
     ("tests/test_multiresolution.py",), ("tests/test_dvc_deps.py",))
 DESCRIBE, DESCRIBE_TESTS = "src/impressionist/describe.py", ("tests/test_describe.py",)
+DOWNLOAD, DOWNLOAD_TESTS = "src/impressionist/download.py", ("tests/test_download.py",)
 FLUX_MATH_TESTS, SAMPLE_TESTS, CAPTION_TESTS = ("tests/test_flux_math.py",), ("tests/test_sample.py",), \
     ("tests/test_caption.py",)
 DATA_PARALLEL, DATA_PARALLEL_TESTS = "src/impressionist/data_parallel.py", ("tests/test_data_parallel.py",)
@@ -243,6 +244,14 @@ MUTATIONS = [
              DESCRIBE_TESTS, "a rerun after a kill describes every image again"),
     Mutation("resume_forgets_rows", DESCRIBE, 'rows[row["id"]] = row["raw"]', "pass",
              DESCRIBE_TESTS, "the finished batches of a killed run are thrown away"),
+    Mutation("raw_cache_discarded", DESCRIBE, "    _write(result, out_dir, metrics_path, metrics)\n",
+             "    _write(result, out_dir, metrics_path, metrics)\n    shutil.rmtree(raw_rows_dir)\n", DESCRIBE_TESTS,
+             "a scrub or tokenizer change runs the VLM over every image again"),
+    # --- download.py: every dropped file named
+    Mutation("dropped_copy_unlisted", DOWNLOAD, "            progress.drop(origin, DUPLICATE, original)\n",
+             "            pass\n", DOWNLOAD_TESTS, "a byte-identical copy is dropped without its name"),
+    Mutation("reread_row_listed_as_copy", DOWNLOAD, 'if original["origin"] != origin:', "if True:",
+             DOWNLOAD_TESTS, "a row read again after a crash is listed as a copy of itself"),
     Mutation("sidecar_loses_to_description", CAPTION, "if sidecar is not None:", "if sidecar is not None and not described:",
              DESCRIBE_TESTS, "a hand-written sidecar is ignored where the VLM described the image"),
     # --- export.py / lora.py: every client loads the LoRA whole and at the trained strength

@@ -11,13 +11,14 @@ the cleaned text.
 Resumable and cached: each finished batch of the VLM's raw text is appended to
 ``.describe-raw/rows.jsonl`` under the checkpoint root (``$IMPRESSIONIST_CHECKPOINTS`` or
 ``.cache/checkpoints``, which the Colab notebook links to Drive: a disconnect keeps the finished
-batches), keyed on the model, its commit, the prompt and the decoding settings, and a rerun describes
-only the images not in it: after a kill, the rest; after a change of what comes later (the scrub, or
-``model.pretrained``, whose tokenizers count the tokens), none — the VLM is not even loaded. Batches are
-fixed by position in the id-sorted image list, so a resumed run feeds the model exactly the batches an
-uninterrupted one would, and writes the same table. ``descriptions.parquet`` is written last; the raw rows stay
-(they are the cache; other captioner settings replace them). What this run described versus resumed is in ``metrics/describe.json``,
-not in the data (a resumed run must not change the data's hash).
+batches), keyed on the model, its commit, the prompt and the decoding settings, and a rerun
+describes only the images not in it: after a kill, the rest; after a change of what comes later
+(the scrub, or ``model.pretrained``, whose tokenizers count the tokens), none: the VLM is not even
+loaded. Batches are fixed by position in the id-sorted image list, so a resumed run feeds the model
+exactly the batches an uninterrupted one would, and writes the same table. ``descriptions.parquet``
+is written last; the raw rows stay (they are the cache; other captioner settings replace them).
+What this run described versus resumed is in ``metrics/describe.json``, not in the data (a resumed
+run must not change the data's hash).
 
 ``describe.enabled: false`` writes an empty table without loading any model (captions then come from
 the template alone, as before the stage existed).
@@ -142,7 +143,7 @@ def batches_of(items: list[Item], size: int) -> list[list[Item]]:
     return [items[start:start + size] for start in range(0, len(items), size)]
 
 
-class Partial:
+class RawRows:
     """The VLM's raw descriptions made so far with one set of settings, in ``folder`` (by default
     ``<checkpoint root>/.describe-raw/``): ``rows.jsonl`` gets one line per image, a batch at a
     time; ``state.json`` names the settings they were made with."""
@@ -188,7 +189,7 @@ def read_images(filtered_dir: Path) -> pd.DataFrame:
     return read_table(filtered_dir / METADATA_FILE, ("id", "file", "artist"), "filter")
 
 
-def describe_all(generator: Generator, items: list[Item], done: dict[str, str], partial: Partial,
+def describe_all(generator: Generator, items: list[Item], done: dict[str, str], raw_rows: RawRows,
                  batch_size: int, filtered_dir: Path) -> int:
     """Describe every item not in ``done`` (updated in place), a fixed batch at a time; returns how
     many this run described."""
@@ -205,7 +206,7 @@ def describe_all(generator: Generator, items: list[Item], done: dict[str, str], 
                     raise UserError(f"{filtered_dir / item.file} cannot be read as an image ({first_line(err)}); "
                                     "re-run the filter stage (`dvc repro -f filter`)") from err
             texts = generator.describe(images)
-            partial.add([(item.id, text) for item, text in zip(batch, texts, strict=True)])
+            raw_rows.add([(item.id, text) for item, text in zip(batch, texts, strict=True)])
             done.update({item.id: text for item, text in zip(batch, texts)})
             count += len(batch)
             bar.update(len(batch))
@@ -213,14 +214,14 @@ def describe_all(generator: Generator, items: list[Item], done: dict[str, str], 
 
 
 def run(params: Mapping[str, Any], filtered_dir: Path | str = FILTERED_DIR, out_dir: Path | str = DESCRIPTIONS_DIR,
-        metrics_path: Path | str = DESCRIBE_METRICS, *, tokenizers=None, partial_dir: Path | str | None = None
+        metrics_path: Path | str = DESCRIBE_METRICS, *, tokenizers=None, raw_rows_dir: Path | str | None = None
         ) -> pd.DataFrame:
     """Write ``out_dir/descriptions.parquet`` (one row per filtered image, none when disabled).
-    ``partial_dir`` holds the raw rows made so far (default: ``.describe-raw`` under the checkpoint
+    ``raw_rows_dir`` holds the raw rows made so far (default: ``.describe-raw`` under the checkpoint
     root, ``$IMPRESSIONIST_CHECKPOINTS`` or ``.cache/checkpoints``)."""
     cfg, model = DescribeParams.check(params), ModelParams.check(params)
     filtered_dir, out_dir = Path(filtered_dir), Path(out_dir)
-    partial_dir = Path(partial_dir) if partial_dir is not None else default_root() / RAW_ROWS_DIR
+    raw_rows_dir = Path(raw_rows_dir) if raw_rows_dir is not None else default_root() / RAW_ROWS_DIR
     table = read_images(filtered_dir)
     started = time.monotonic()
     if not cfg.enabled:
@@ -239,17 +240,17 @@ def run(params: Mapping[str, Any], filtered_dir: Path | str = FILTERED_DIR, out_
                       device.type)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / DESCRIPTIONS.name).unlink(missing_ok=True)  # the completion marker must not outlive a rerun
-    partial = Partial(partial_dir, key)
-    done = {i: r for i, r in partial.load().items() if i in {item.id for item in items}}
+    raw_rows = RawRows(raw_rows_dir, key)
+    done = {i: r for i, r in raw_rows.load().items() if i in {item.id for item in items}}
     resumed = len(done)
     if resumed:
         print(f"describe: {resumed} of {len(items)} images already described with these settings "
-              f"({partial_dir}): not described again",
+              f"({raw_rows_dir}): not described again",
               file=sys.stderr)
     described = 0
     if resumed < len(items):
         generator = Generator(captioner, cfg.prompt, cfg.max_new_tokens, dtype, device)
-        described = describe_all(generator, items, done, partial, cfg.batch_size, filtered_dir)
+        described = describe_all(generator, items, done, raw_rows, cfg.batch_size, filtered_dir)
 
     artists = {item.id: item.artist for item in items}
     raws = [done[item.id] for item in items]
