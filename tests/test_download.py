@@ -325,6 +325,15 @@ def flaky_open_stream(monkeypatch, fail_after, error, later_fail_after=None):
     return log, opens
 
 
+def interrupted_download(monkeypatch, run_params, raw, fail_after):
+    """A download interrupted (KeyboardInterrupt) after ``fail_after`` rows; returns ``raw``."""
+    with monkeypatch.context() as patch:
+        flaky_open_stream(patch, fail_after=fail_after, error=KeyboardInterrupt())
+        with pytest.raises(KeyboardInterrupt):
+            download.run(run_params, raw)
+    return raw
+
+
 def test_transient_error_restarts_the_stream_and_matches_an_uninterrupted_run(tmp_path, monkeypatch, reference):
     # Opening once to validate names, then the first iteration fails halfway through.
     log, opens = flaky_open_stream(monkeypatch, fail_after=10, error=ConnectionError("reset by peer"))
@@ -724,11 +733,7 @@ def test_pushdown_reads_about_the_wanted_share_of_a_style_grouped_mirror(tmp_pat
 def test_pushdown_resumes_an_interrupted_download_of_a_style_grouped_mirror(tmp_path, monkeypatch, ordered_mirrors):
     mirror = ordered_mirrors["by_style"]
     download.run(params(mirror, max_images=0), tmp_path / "uninterrupted")
-    raw = tmp_path / "raw"
-    with monkeypatch.context() as patch:
-        flaky_open_stream(patch, fail_after=7, error=KeyboardInterrupt())
-        with pytest.raises(KeyboardInterrupt):
-            download.run(params(mirror, max_images=0), raw)
+    raw = interrupted_download(monkeypatch, params(mirror, max_images=0), tmp_path / "raw", fail_after=7)
     kept_before = len((raw / ".partial" / "rows.jsonl").read_text().splitlines())
     assert kept_before == 7
     log, _ = flaky_open_stream(monkeypatch, fail_after=None, error=None)
@@ -845,12 +850,8 @@ def test_every_dropped_file_is_named_with_its_origin_and_reason(tmp_path, folder
 def test_dropped_list_survives_an_interruption(tmp_path, monkeypatch, folder_records):
     source, _ = folder_with_a_copy_and_an_empty_file(*folder_records, tmp_path)
     download.run(params(source, max_images=0), tmp_path / "uninterrupted")
-    raw = tmp_path / "raw"
-    with monkeypatch.context() as patch:
-        # rows in name order: a.jpg, b.jpg, n/copy of a.jpg, then the interruption
-        flaky_open_stream(patch, fail_after=3, error=KeyboardInterrupt())
-        with pytest.raises(KeyboardInterrupt):
-            download.run(params(source, max_images=0), raw)
+    # rows in name order: a.jpg, b.jpg, n/copy of a.jpg, then the interruption
+    raw = interrupted_download(monkeypatch, params(source, max_images=0), tmp_path / "raw", fail_after=3)
     assert (raw / ".partial" / "dropped.jsonl").read_text().count("copy of a.jpg") == 1
     download.run(params(source, max_images=0), raw)
     assert (raw / "dropped.csv").read_bytes() == (tmp_path / "uninterrupted" / "dropped.csv").read_bytes()

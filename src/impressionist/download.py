@@ -115,7 +115,7 @@ class Progress:
         # origin -> the dropped row's record; keyed by origin, so a row read again after a crash
         # between the record and the saved stream position is listed once
         self.dropped: dict[str, dict] = {}
-        self.ids: set[str] = set()  # of the rows, once started
+        self.by_id: dict[str, dict] = {}  # the rows by id, once started
         self.stream_state: dict | None = None
         self.rows_read = 0  # source rows before stream_state's position (for each row's origin)
 
@@ -150,14 +150,14 @@ class Progress:
         # Rewrite rows.jsonl so that it holds exactly the rows we trust.
         atomic_write_text(self.rows_file, "".join(json.dumps(row) + "\n" for row in self.rows))
         atomic_write_text(self.dropped_file, "".join(json.dumps(record) + "\n" for record in self.dropped.values()))
-        self.ids = {row["id"] for row in self.rows}
+        self.by_id = {row["id"]: row for row in self.rows}
         self.save_state(self.stream_state, self.rows_read)
 
     def add(self, row: dict) -> None:
         with self.rows_file.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
         self.rows.append(row)
-        self.ids.add(row["id"])
+        self.by_id[row["id"]] = row
 
     def drop(self, origin: str, reason: str, same_as: dict | None = None) -> None:
         """Record a wanted row that leaves no file (for ``dropped.csv``)."""
@@ -167,9 +167,6 @@ class Progress:
             with self.dropped_file.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
         self.dropped[origin] = record
-
-    def kept_row(self, image_id: str) -> dict:
-        return next(row for row in self.rows if row["id"] == image_id)
 
     def save_state(self, stream_state: dict | None, rows_read: int) -> None:
         self.stream_state, self.rows_read = stream_state, rows_read
@@ -349,8 +346,8 @@ def keep(row: ScannedRow, reader: SourceReader, progress: Progress, tally: Tally
         return
     digest = hashlib.sha256(row.data).hexdigest()
     image_id = digest[:16]
-    if image_id in progress.ids:
-        original = progress.kept_row(image_id)
+    if image_id in progress.by_id:
+        original = progress.by_id[image_id]
         # The same row read again (a crash after keeping it, before its stream position was saved)
         # is no copy: nothing is dropped.
         if original["origin"] != origin:
