@@ -310,7 +310,9 @@ def run_tests(copy: Path, tests: tuple[str, ...], timeout: float,
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, path)), DVC_NO_ANALYTICS="1", **(extra_env or {}))
     started = time.perf_counter()
     try:
-        result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-rf", "-p", "no:cacheprovider",
+        # -n 0: one pytest process (the suite's addopts say -n 2), so -x stops at the first failure
+        # and the reach probe runs in the process that runs the tests
+        result = subprocess.run([sys.executable, "-m", "pytest", "-n", "0", "-x", "-q", "-rf", "-p", "no:cacheprovider",
                                  *(["-p", PROBE_PLUGIN] if plugin else []),
                                  "--basetemp", str(copy.parent / "pytest-tmp"), *tests],
                                 cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
