@@ -22,13 +22,14 @@ import time
 from pathlib import Path
 
 import torch
+from results_file import command_line, publish
 
 from impressionist.flux_math import TimestepSampling
 from impressionist.latent_cache import EMPTY_CAPTION_KEY, INDEX, CacheReader, ShardWriter
 from impressionist.layout import LATENT_CACHE_DIR, TEXT_CACHE_DIR
 from impressionist.params import load_params
-from impressionist.train import MicroBatches, TrainParams, micro_batch_loader
-from results_file import command_line, publish
+from impressionist.params.training import TrainParams
+from impressionist.train import MicroBatches, micro_batch_loader
 
 
 def write_cache(folder: Path, images: int, captions: int, side: int, shard_size: int) -> None:

@@ -11,7 +11,7 @@ Each prints a Markdown table (``--out`` appends it to a results file) with its n
 there are several measurements, and the device's peak memory (``torch.cuda.max_memory_allocated``;
 on the CPU: none). ``--device cpu --model <tiny folder>`` runs the plumbing anywhere.
 
-``sample-dp`` runs the ``sample_base`` stage's own command (``python -m impressionist.sample --base``)
+``sample-dp`` runs the ``sample_base`` stage's own command (``python -m impressionist sample --base``)
 with ``compute.num_processes: 1`` and then N (``auto``: every visible GPU), and reports each run's
 wall time per evaluation-set image (launch and model loading included) and whether the two runs
 wrote the same bytes; it exits non-zero when they differ.
@@ -190,7 +190,7 @@ def run_sample_dp(args) -> list[str]:
         params["compute"] = {"num_processes": int(count)}
         (root / "params.yaml").write_text(yaml.safe_dump(params))
         start = time.perf_counter()
-        result = subprocess.run([sys.executable, "-m", "impressionist.sample", "--base"], cwd=root, env=env,
+        result = subprocess.run([sys.executable, "-m", "impressionist", "sample", "--base"], cwd=root, env=env,
                                 capture_output=True, text=True)
         seconds = time.perf_counter() - start
         if result.returncode:

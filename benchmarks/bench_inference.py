@@ -38,14 +38,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
-from bench_train_step import (CLIP_L, CPU_FLASH_ATTENTION_FLOPS, T5_XXL, PeakTensorMemory, build_full_size, cpu_name,
-                              module_tensors, nf4_quantized_names, peak_tflops, to_fake)
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+from bench_train_step import (
+    CLIP_L,
+    CPU_FLASH_ATTENTION_FLOPS,
+    T5_XXL,
+    PeakTensorMemory,
+    build_full_size,
+    cpu_name,
+    module_tensors,
+    nf4_quantized_names,
+    peak_tflops,
+    to_fake,
+)
 from results_file import command_line, publish
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from impressionist.errors import UserError
-from impressionist.inference import InferenceSettings, build_pipeline, check, lora_applied
+from impressionist.inference import build_pipeline, check, lora_applied
+from impressionist.params.inference import InferenceSettings
 
 PROMPTS = ["impr3ssionism, a harbor at sunset", "impr3ssionism, a woman with a parasol in a field"]
 # bitsandbytes NF4 as build_pipeline loads it (models.nf4_config without double quantisation): 4 bits
@@ -252,8 +262,8 @@ def timing_table(rows: list[dict], args, device, lora_mib: float) -> str:
 
 def clip_scorer(model_name: str, pretrained: str, device: torch.device):
     """The evaluate stage's CLIP scorer (image embeddings, style score)."""
-    from impressionist.image_features import ClipScorer
     from impressionist.feature_nets import load_clip
+    from impressionist.image_features import ClipScorer
 
     model, preprocess, tokenizer = load_clip(model_name, pretrained)
     return ClipScorer(model, preprocess, tokenizer, "cpu")  # on the device only while scoring (scorer_on)

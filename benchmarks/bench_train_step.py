@@ -26,13 +26,14 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+from results_file import command_line, publish
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from impressionist.flux_math import flow_matching_loss
-from impressionist.lora import LoraParams, lora_config
-from results_file import command_line, publish
+from impressionist.lora import lora_config
+from impressionist.params.training import LoraParams
 
 # bf16 dense peak of the GPUs we expect; used for a utilisation estimate only.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "RTX 4090": 165.0}

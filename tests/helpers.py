@@ -25,10 +25,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_train_stage(workdir: Path, kill_after_checkpoint: bool = False) -> subprocess.CompletedProcess | None:
-    """``python -m impressionist.train`` in ``workdir``, as DVC runs it; with ``kill_after_checkpoint``,
+    """``python -m impressionist train`` in ``workdir``, as DVC runs it; with ``kill_after_checkpoint``,
     SIGKILLed as soon as it reports its first checkpoint (no clean-up handlers run, as on a lost Colab VM)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    command = [sys.executable, "-m", "impressionist.train"]
+    command = [sys.executable, "-m", "impressionist", "train"]
     if not kill_after_checkpoint:
         return subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, check=True)
     proc = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE,

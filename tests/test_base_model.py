@@ -12,14 +12,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from huggingface_hub import HfApi, constants
-
 from helpers import committed_params_text, write_filtered_dataset
+from huggingface_hub import HfApi, constants
 
 from impressionist import encode, pin_model, train
 from impressionist.errors import UserError
-from impressionist.models import (BUILTIN_TINY_FLUX, base_model_of_cache, folder_digest, resolve_base_model,
-                                  resolve_pretrained)
+from impressionist.models import base_model_of_cache, folder_digest, resolve_base_model, resolve_pretrained
+from impressionist.params.model import BUILTIN_TINY_FLUX
 
 REPO_ID = "someone/tiny-flux"
 COMMIT_A, COMMIT_B = "a" * 40, "b" * 40

@@ -294,3 +294,19 @@ def test_stored_bytes_counts_nf4_weights_with_their_block_scales():
     # 4 bits a weight + one fp32 absmax per block of 64 (diffusers' inference config: no double quantisation)
     assert bench.stored_bytes(weight) == 128 * 64 // 2 + (128 * 64 // 64) * 4
     assert 128 * 64 * bench.NF4_BYTES_PER_WEIGHT == bench.stored_bytes(weight)
+
+
+def test_param_refusal_benchmark_times_both_commands_and_finds_the_same_line(tmp_path):
+    """bench_param_refusal.py on two stages, one repeat: a row each, both commands refused with one
+    identical line (the script stops on anything else), figures with their min–max."""
+    out = tmp_path / "results.md"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks/bench_param_refusal.py"), "--repeats", "1",
+                             "--stages", "filter", "train", "--out", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in out.read_text().splitlines()
+            if re.match(r"\| (filter|train) ", line)]
+    assert [(row[0], row[1], row[4]) for row in rows] == [("filter", "`filter.bogus_setting`", "yes"),
+                                                          ("train", "`lora.rank: -1`", "yes")]
+    for row in rows:
+        assert re.fullmatch(r"\d+\.\d\d \(\d+\.\d\d–\d+\.\d\d\)", row[2]) and re.fullmatch(r"\d+\.\d\d \(.*\)", row[3])

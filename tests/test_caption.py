@@ -8,7 +8,7 @@ from transformers import T5TokenizerFast
 
 from impressionist import caption, tokens
 from impressionist.errors import UserError
-from impressionist.models import ModelParams
+from impressionist.params.model import ModelParams
 from impressionist.wikiart import ARTISTS, GENRES, STYLES
 
 TEMPLATE = "{trigger}, an impressionist painting of {genre} by {artist}"

@@ -21,7 +21,8 @@ import torch
 import yaml
 
 from impressionist import export
-from impressionist.lora import LoraParams, lora_config
+from impressionist.lora import lora_config
+from impressionist.params.training import LoraParams
 
 SD_SCRIPTS_MIRROR = Path("/work/.mirror/kohya-ss+sd-scripts/repo")
 ROOT = Path(__file__).resolve().parents[1]

@@ -31,6 +31,7 @@ from impressionist import colab
 from impressionist.cli import apply_overrides, demo_overrides
 from impressionist.colab.pipeline_run import _stop
 from impressionist.errors import UserError
+from impressionist.params.training import MIXED_PRECISION, OPTIMIZERS
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "train_colab.ipynb"
@@ -80,14 +81,13 @@ def test_a_gpu_too_small_for_flux_is_refused_with_one_line():
 
 
 def test_gpu_recipes_use_values_the_trainer_and_models_accept():
-    from impressionist import train
     from impressionist.models import BASE_QUANTIZATIONS, DTYPES
 
     params = yaml.safe_load(committed_params_text())
     for gpu in GPUS.values():
         overrides = colab.gpu_overrides(*gpu)
-        assert overrides["train.optimizer"] in train.OPTIMIZERS
-        assert overrides["train.mixed_precision"] in train.MIXED_PRECISION
+        assert overrides["train.optimizer"] in OPTIMIZERS
+        assert overrides["train.mixed_precision"] in MIXED_PRECISION
         assert overrides["model.dtype"] in DTYPES
         assert overrides["train.base_quantization"] in BASE_QUANTIZATIONS
         apply_overrides(yaml.safe_load(committed_params_text()), overrides)  # every key is a param

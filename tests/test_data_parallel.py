@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from helpers import train_tiny_lora, write_filtered_dataset
 
 from impressionist import data_parallel, evaluate, reference, sample
-from impressionist.data_parallel import ComputeParams, assemble, processes_for
+from impressionist.data_parallel import assemble, processes_for
 from impressionist.errors import UserError
+from impressionist.params.model import ComputeParams
 
 
 def compute(n) -> ComputeParams:

@@ -1,7 +1,8 @@
 """dvc.yaml's deps match the code: a stage re-runs whenever code it runs, or data it reads, changes.
 
 Each stage's import closure inside the package is derived from the source alone (AST, nothing is
-imported or run): the stage module is the ``python -m impressionist.X`` of its cmd, and every
+imported or run): the stage module is the one ``python -m impressionist <stage>`` of its cmd runs
+(``cli.COMMANDS``; ``python -m impressionist.X`` names it directly), and every
 ``import impressionist.x``, ``from impressionist import x``, ``from impressionist.x import y`` and
 relative ``from .x import y`` / ``from . import x`` is followed, including imports inside
 functions (the late ones that keep heavy libraries out of start-up). dvc.yaml must list exactly
@@ -23,12 +24,17 @@ SRC = REPO / "src" / PACKAGE
 
 # Plumbing that every stage imports and that does not change what a stage computes; listing it
 # would re-run the whole graph for a reworded error message. Each stays out of dvc.yaml.
+# The sections (params/data.py, params/training.py, ...) are not plumbing: their defaults and
+# choices (e.g. the LoRA target presets) shape what a stage computes, so each stage lists those it imports.
 ALLOWED_UNLISTED = {
-    "__init__.py",  # the package marker (version string, a logging level)
-    "errors.py",    # the one-line `error:` wrapper and atomic writes
-    "params.py",    # reading and validating params.yaml (DVC tracks the values themselves)
-    "layout.py",    # output paths, which dvc.yaml names itself as deps and outs
+    "__init__.py",         # the package marker (version string, a logging level)
+    "errors.py",           # the one-line `error:` wrapper and atomic writes
+    "params/__init__.py",  # reading and validating params.yaml (DVC tracks the values themselves)
+    "layout.py",           # output paths, which dvc.yaml names itself as deps and outs
 }
+# The stage entry (`python -m impressionist <stage>`): it checks the stage's params sections early and
+# imports the stage module; it computes nothing. The closure starts at the stage module.
+ENTRY = ("__main__.py", "cli.py", "params/stages.py")
 
 
 def module_file(module: str) -> Path | None:
@@ -84,9 +90,32 @@ def import_closure(module: str) -> set[str]:
 
 
 def stage_module(cmd: str) -> str:
+    """The module a stage's cmd runs: ``python -m impressionist <stage>`` or ``python -m impressionist.X``."""
+    entry = re.search(rf"python -m {PACKAGE} ([\w-]+)", cmd)
+    if entry:
+        commands = entry_commands()
+        assert entry.group(1) in commands, f"stage cmd {cmd!r}: `{entry.group(1)}` is not a command of cli.py"
+        return commands[entry.group(1)]
     match = re.search(rf"python -m ({PACKAGE}(?:\.\w+)+)", cmd)
-    assert match, f"stage cmd {cmd!r} does not run `python -m {PACKAGE}.<module>`"
+    assert match, f"stage cmd {cmd!r} does not run `python -m {PACKAGE} <stage>` or `python -m {PACKAGE}.<module>`"
     return match.group(1)
+
+
+def entry_commands() -> dict[str, str]:
+    """cli.py's COMMANDS (command -> module), read from its source like everything here."""
+    tree = ast.parse((SRC / "cli.py").read_text())
+    values: dict[str, dict[str, str]] = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict):
+            name = node.targets[0].id
+            merged: dict[str, str] = {}
+            for key, value in zip(node.value.keys, node.value.values):
+                if key is None:  # **STAGES
+                    merged.update(values[value.id])
+                else:
+                    merged[key.value] = value.value
+            values[name] = merged
+    return values["COMMANDS"]
 
 
 def code_deps(stage: dict) -> set[str]:

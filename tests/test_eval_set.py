@@ -7,15 +7,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
-
 from helpers import REPO, committed_params_text, train_tiny_lora
+from PIL import Image
 
 from impressionist import sample
 from impressionist.errors import UserError
-from impressionist.inference import EvalSetParams, SampleParams
 from impressionist.layout import EVAL_SET_TABLE
-from impressionist.models import ModelParams
+from impressionist.params.evaluation import EvalSetParams, SampleParams
+from impressionist.params.model import ModelParams
 
 
 def eval_params(params, tmp_path, subjects=("a harbor at sunset", "a field of poppies", "a bridge at dusk")):

@@ -18,13 +18,13 @@ from unittest import mock
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from helpers import cpu_recipe_params
+from safetensors.torch import load_file
 
 from impressionist import inference, models, train
 from impressionist.errors import UserError
-from impressionist.inference import InferenceSettings
+from impressionist.params.inference import InferenceSettings
+from impressionist.params.training import TrainParams
 
 CPU = torch.device("cpu")
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -148,9 +148,9 @@ def test_nf4_qlora_trains_checkpoints_validates_and_saves(encoded_cache, tmp_pat
 def test_nf4_compile_and_checkpointing_together_are_refused(demo_params):
     demo_params["train"].update(base_quantization="nf4", compile=True, gradient_checkpointing=True)
     with pytest.raises(UserError, match="torch CheckpointError"):
-        train.TrainParams.check(demo_params)
+        TrainParams.check(demo_params)
     demo_params["train"]["gradient_checkpointing"] = False  # each alone, or the pair without nf4, is fine
-    train.TrainParams.check(demo_params)
+    TrainParams.check(demo_params)
 
 
 @pytest.fixture(scope="module")
@@ -240,8 +240,7 @@ def test_fp8_inference_quantizes_the_block_weights_and_draws(tiny_flux_dir, rand
     """inference quantization fp8: torchao's quantize_ with per-row float8 weights and activations;
     the block weights become fp8 data + fp32 row scales, the LoRA factors stay 16-bit, and it
     draws close to bf16. The benchmark counts those weights by their fp8 bytes."""
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
-    from torchao.quantization import Float8Tensor
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8Tensor, PerRow, quantize_
 
     assert {"filter_fn"} <= set(inspect.signature(quantize_).parameters)
     assert "granularity" in inspect.signature(Float8DynamicActivationFloat8WeightConfig).parameters
@@ -358,7 +357,7 @@ def test_the_cuda_only_calls_fit_the_installed_signatures():
     inspect.signature(FluxPipeline.enable_model_cpu_offload).bind(None, device=gpu)  # build_pipeline
     inspect.signature(FluxPipeline.enable_sequential_cpu_offload).bind(None, device=gpu)
     # train.make_optimizer's CUDA AdamW is the fused one: torch runs that kernel on CPU tensors too
-    cfg = train.TrainParams.check({"train": {**cpu_recipe_params()["train"]}})
+    cfg = TrainParams.check({"train": {**cpu_recipe_params()["train"]}})
     param = torch.nn.Parameter(torch.ones(4))
     optimizer = train.make_optimizer(cfg, [param], gpu)
     assert optimizer.defaults["fused"] is True

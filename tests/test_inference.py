@@ -9,12 +9,12 @@ import copy
 import numpy as np
 import pytest
 import torch
-
 from helpers import train_tiny_lora
 
 from impressionist import inference, sample
 from impressionist.errors import UserError
-from impressionist.inference import InferenceSettings
+from impressionist.params.evaluation import SampleParams
+from impressionist.params.inference import InferenceSettings
 
 PROMPT = "impr3ssionism, a harbor at sunset"
 CPU = torch.device("cpu")
@@ -88,7 +88,7 @@ def test_what_the_cpu_cannot_run_is_refused(settings, message):
 def test_bad_values_name_the_setting(demo_params, key, value, message):
     demo_params["sample"][key] = value
     with pytest.raises(UserError, match=message):
-        inference.SampleParams.check(demo_params)
+        SampleParams.check(demo_params)
 
 
 def test_sample_stage_refuses_before_loading_and_draws_fused(demo_params, trained_lora, tmp_path, monkeypatch):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from impressionist.errors import UserError
-from impressionist.models import (BUILTIN_TINY_FLUX, ModelParams, load_pipeline, resolve_device,
-                                  resolve_pretrained)
+from impressionist.models import load_pipeline, resolve_device, resolve_pretrained
+from impressionist.params.model import BUILTIN_TINY_FLUX, ModelParams
 from impressionist.tiny_flux import VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR
 
 

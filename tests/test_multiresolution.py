@@ -9,12 +9,14 @@ from fractions import Fraction
 
 import pytest
 import torch
-
 from helpers import write_filtered_dataset
+
 from impressionist import encode, train
-from impressionist.batch_order import ResolutionMix, parse_mix
+from impressionist.batch_order import ResolutionMix
 from impressionist.errors import UserError
 from impressionist.latent_cache import CacheReader
+from impressionist.params.data import EncodeParams
+from impressionist.params.training import parse_mix
 
 RESOLUTIONS = [32, 64]
 # write_filtered_dataset's images are 96x96, 128x80 and 80x128 (4, 4 and 2 of the 10 training images)
@@ -144,4 +146,4 @@ def test_bad_mixes_are_refused(value, message):
                                                   ([64, 64], "twice")])
 def test_bad_resolution_lists_are_refused(demo_params, resolution, message):
     with pytest.raises(UserError, match=message):
-        encode.EncodeParams.of({**demo_params["encode"], "resolution": resolution})
+        EncodeParams.of({**demo_params["encode"], "resolution": resolution})

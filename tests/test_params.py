@@ -17,19 +17,39 @@ from impressionist.errors import UserError
 from impressionist.params import ParamsSection, require_positive
 
 
-def all_section_classes() -> dict[str, type[ParamsSection]]:
-    """Every ParamsSection subclass the package declares, by its dotted section path."""
+def every_section_class() -> list[type[ParamsSection]]:
+    """Every ParamsSection subclass the package declares (every module imported first)."""
     for module in pkgutil.walk_packages(impressionist.__path__, "impressionist."):
         if module.name.split(".")[-1] != "__main__":
             importlib.import_module(module.name)
-    found, todo = {}, list(ParamsSection.__subclasses__())
+    found, todo = [], list(ParamsSection.__subclasses__())
     while todo:
         cls = todo.pop()
         todo += cls.__subclasses__()
         if cls.__module__.startswith("impressionist."):
+            found.append(cls)
+    return found
+
+
+def all_section_classes() -> dict[str, type[ParamsSection]]:
+    """The sections of the params package (no torch), by dotted section path: one class each."""
+    found: dict[str, type[ParamsSection]] = {}
+    for cls in every_section_class():
+        if cls.__module__.startswith("impressionist.params"):
             assert cls.SECTION not in found, f"{cls.SECTION} is declared twice: {found.get(cls.SECTION)} and {cls}"
             found[cls.SECTION] = cls
     return found
+
+
+def test_sections_live_in_the_params_package_and_code_elsewhere_only_refines_them():
+    """A section declared beside heavy code would be out of reach of the early check (and of any
+    module that must not import torch); a class outside the package may only add checks that need a
+    library (image_features.EvaluateParams: open_clip's registry) to the package's own class."""
+    sections = all_section_classes()
+    for cls in every_section_class():
+        if not cls.__module__.startswith("impressionist.params"):
+            assert issubclass(cls, sections[cls.SECTION]), f"{cls} declares '{cls.SECTION}' outside impressionist.params"
+            assert {f.name for f in dataclasses.fields(cls)} == {f.name for f in dataclasses.fields(sections[cls.SECTION])}
 
 
 def test_every_params_section_has_one_typed_class_declaring_exactly_its_settings():

@@ -13,14 +13,16 @@ base model's image is ``μ_base + a_i + e_is``, the same in both revisions.
 from __future__ import annotations
 
 import sys
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from impressionist import report
 from impressionist.errors import UserError
-from impressionist.replicate_seeds import ReplicateParams, extra_replicates, replicate_params, replicate_seed
-from impressionist.replicates import (RecipePairing, recipe_change, recipe_mean, recipe_sections)
+from impressionist.params.model import ReplicateParams
+from impressionist.replicate_seeds import extra_replicates, replicate_params, replicate_seed
+from impressionist.replicates import RecipePairing, recipe_change, recipe_mean, recipe_sections
 from impressionist.stats import Estimate, mean_estimate, paired_difference
 
 SUBJECTS, SEEDS = 8, 2  # the demo's evaluation set

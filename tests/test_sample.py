@@ -7,16 +7,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
-
 from helpers import train_tiny_lora
+from PIL import Image
 
 from impressionist import sample
 from impressionist.errors import UserError
 from impressionist.grid import sample_grid_figure
-from impressionist.inference import SampleParams
-from impressionist.models import ModelParams
-from impressionist.prompts import CaptionParams
+from impressionist.params.data import CaptionParams
+from impressionist.params.evaluation import SampleParams
+from impressionist.params.model import ModelParams
 
 
 @pytest.fixture(scope="module")

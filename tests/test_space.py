@@ -19,14 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from helpers import REPO, committed_params_text, served_app, train_tiny_lora
 from PIL import Image
-
-from helpers import REPO, committed_params_text, train_tiny_lora
-from helpers import served_app
 from test_app_browser import browser, image_sources  # noqa: F401  (the browser fixture)
 
 from impressionist import app, space
 from impressionist.errors import UserError
+from impressionist.params.shipping import SpaceParams
 
 PROMPT = "impr3ssionism, a harbor at sunset"
 TOKEN = "hf_" + "SecretTestToken" + "7d1e9c"  # looks like a token; must never land in a file or a log
@@ -257,4 +256,4 @@ def test_zerogpu_wrapping(monkeypatch, _demo_params_master):
 ])
 def test_space_settings_are_checked_in_one_line(values, message):
     with pytest.raises(UserError, match=message):
-        space.SpaceParams.of(values)
+        SpaceParams.of(values)

@@ -16,16 +16,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import cpu_recipe_params, killed_and_uninterrupted
 from PIL import Image
 from safetensors.torch import load_file
-
-from helpers import cpu_recipe_params, killed_and_uninterrupted
 
 from impressionist import checkpoints, train
 from impressionist.batch_order import BucketBatches
 from impressionist.errors import UserError
 from impressionist.flux_math import flow_matching_loss
 from impressionist.latent_cache import CacheReader
+from impressionist.params.model import MachinesParams
+from impressionist.params.training import TrainParams
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -564,21 +565,21 @@ def test_process_counts_are_checked_before_any_launch(demo_params):
     assert launcher.processes_to_launch(0, 4, cpu) == 1  # auto: 1 on CPU
     assert launcher.processes_to_launch(2, 4, cpu) == 2
     with pytest.raises(UserError, match="multiple of 3"):
-        train.TrainParams.check({"train": {**demo_params["train"], "gradient_accumulation_steps": 4,
+        TrainParams.check({"train": {**demo_params["train"], "gradient_accumulation_steps": 4,
                                            "num_processes": 3}})
     assert launcher.largest_divisor_up_to(4, 8) == 4 and launcher.largest_divisor_up_to(12, 8) == 6
     assert launcher.under_launcher({"LOCAL_RANK": "0"}) and not launcher.under_launcher({})
     # compute.machines: accelerate's multi-node arguments, the join timeout as the rendezvous timeout
-    two = launcher.MachinesParams.check({"compute": {"machines": {"num_machines": 2, "machine_rank": 1,
+    two = MachinesParams.check({"compute": {"machines": {"num_machines": 2, "machine_rank": 1,
                                                                   "join_timeout_s": 30}}})
     assert two.several and "--machine_rank 1" in " ".join(two.launch_args())
-    assert "timeout=30" in two.launch_args() and not launcher.MachinesParams.check({}).several
+    assert "timeout=30" in two.launch_args() and not MachinesParams.check({}).several
     with pytest.raises(UserError, match=r"machine_rank=2 must be 0 \.\. 1"):
-        launcher.MachinesParams.check({"compute": {"machines": {"num_machines": 2, "machine_rank": 2}}})
+        MachinesParams.check({"compute": {"machines": {"num_machines": 2, "machine_rank": 2}}})
     params = copy.deepcopy(demo_params)
     params["train"]["num_processes"] = -1
     with pytest.raises(UserError, match="train.num_processes"):
-        train.TrainParams.check(params)
+        TrainParams.check(params)
     # LoRA dropout draws each process's own masks: only then does the count enter the run hash
     assert train.run_hash(params, "c", 1) == train.run_hash(params, "c", 2)
     params["lora"]["dropout"] = 0.1

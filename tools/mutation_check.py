@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Hand-picked mutations of the trainer's inputs (train.py, flux_math.py, batch_order.py, ema.py,
-encode.py), the export (export.py, lora.py), the captions (describe.py, caption.py), the sampling (sample.py, data_parallel.py), the evaluation (stats.py,
+encode.py), the export (export.py, the LoRA target presets in params/training.py), the captions (describe.py, caption.py), the sampling (sample.py, data_parallel.py), the evaluation (stats.py,
 image_features.py, evaluate.py, report.py, replicates.py, replicate_seeds.py) and the pipeline's data
 deps (dvc.yaml): does some test notice each one, and does that test run the mutated code at all?
 
@@ -57,7 +57,8 @@ DOWNLOAD, DOWNLOAD_TESTS = "src/impressionist/download.py", ("tests/test_downloa
 FLUX_MATH_TESTS, SAMPLE_TESTS, CAPTION_TESTS = ("tests/test_flux_math.py",), ("tests/test_sample.py",), \
     ("tests/test_caption.py",)
 DATA_PARALLEL, DATA_PARALLEL_TESTS = "src/impressionist/data_parallel.py", ("tests/test_data_parallel.py",)
-EXPORT, LORA = "src/impressionist/export.py", "src/impressionist/lora.py"
+EXPORT = "src/impressionist/export.py"
+TRAINING_PARAMS = "src/impressionist/params/training.py"  # the lora and train sections, their presets
 CLIENT_TESTS = ("tests/test_clients.py",)
 STATS, EVALUATE, REPORT = "src/impressionist/stats.py", "src/impressionist/evaluate.py", "src/impressionist/report.py"
 REPLICATES, REPLICATE_SEEDS = "src/impressionist/replicates.py", "src/impressionist/replicate_seeds.py"
@@ -254,11 +255,11 @@ MUTATIONS = [
              DOWNLOAD_TESTS, "a row read again after a crash is listed as a copy of itself"),
     Mutation("sidecar_loses_to_description", CAPTION, "if sidecar is not None:", "if sidecar is not None and not described:",
              DESCRIBE_TESTS, "a hand-written sidecar is ignored where the VLM described the image"),
-    # --- export.py / lora.py: every client loads the LoRA whole and at the trained strength
+    # --- export.py / params/training.py: every client loads the LoRA whole and at the trained strength
     Mutation("strength_not_baked", EXPORT, 'layers[f"{module}.lora_B.weight"] = (up * scale).contiguous()',
              'layers[f"{module}.lora_B.weight"] = up.contiguous()', CLIENT_TESTS,
              "ComfyUI (scale 1, no metadata) applies the diffusers file at r/alpha times its strength"),
-    Mutation("blocks_preset_adds_final_layer", LORA, r'BLOCK_LINEAR_REGEX = (r"(transformer_blocks|single_transformer_blocks)\.\d+\.("',
+    Mutation("blocks_preset_adds_final_layer", TRAINING_PARAMS, r'BLOCK_LINEAR_REGEX = (r"(transformer_blocks|single_transformer_blocks)\.\d+\.("',
              r'BLOCK_LINEAR_REGEX = (r"((transformer_blocks|single_transformer_blocks)\.\d+\.)?("', CLIENT_TESTS,
              "the default targets adapt the final layer: sd-scripts' strict loader refuses the export"),
 ]

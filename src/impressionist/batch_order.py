@@ -49,30 +49,6 @@ def sample_resolution(sample: dict[str, Any], default: int = 0) -> int:
     return int(sample.get("resolution", default))
 
 
-def parse_mix(mix: Any, name: str = "train.resolution_mix") -> dict[int, Fraction]:
-    """``{resolution: weight}`` from params (YAML or `dvc exp run -S` may give keys as strings);
-    ``{}``/None: every cached resolution in proportion to its batches. Checks needing no cache."""
-    if mix in (None, {}):
-        return {}
-    if not isinstance(mix, dict):
-        raise UserError(f"params.yaml: {name}={mix!r} must be a mapping resolution: weight, e.g. "
-                        "{512: 1, 768: 1, 1024: 2}, or {} (each cached resolution once per epoch)")
-    parsed = {}
-    for key, weight in mix.items():
-        try:
-            resolution = int(key)
-        except (TypeError, ValueError):
-            raise UserError(f"params.yaml: {name} key {key!r} must be a resolution (an integer)") from None
-        # a Fraction: a mix parse_mix already read (TrainParams keeps it parsed)
-        number = isinstance(weight, (int, float, Fraction)) and not isinstance(weight, bool)
-        if not number or weight < 0 or math.isnan(weight):
-            raise UserError(f"params.yaml: {name}[{key}]={weight!r} must be a number >= 0")
-        parsed[resolution] = Fraction(weight)
-    if not any(parsed.values()):
-        raise UserError(f"params.yaml: {name} gives every resolution weight 0; give one a positive weight")
-    return parsed
-
-
 class ResolutionMix:
     """The micro-batch order over a cache of several resolutions.
 

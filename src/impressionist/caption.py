@@ -29,15 +29,14 @@ from typing import Any, Mapping
 import pandas as pd
 
 from .errors import UserError, atomic_dir, atomic_write_text, stage_main
-from .layout import (CAPTION_LENGTHS_PLOT, CAPTION_METRICS, CAPTIONS, CAPTIONS_DIR, DESCRIPTIONS, FILTERED_DIR,
-                     RAW_DIR)
-from .models import ModelParams
+from .layout import CAPTION_LENGTHS_PLOT, CAPTION_METRICS, CAPTIONS, CAPTIONS_DIR, DESCRIPTIONS, FILTERED_DIR, RAW_DIR
 from .params import load_params
+from .params.data import CaptionParams, template_fields
+from .params.model import ModelParams
 from .plotting import new_figure, save_figure
-from .prompts import CaptionParams, template_fields
 from .tables import METADATA_FILE, read_table
-from .tokens import count_tokens as count_t5_tokens
 from .tokens import CLIP_MAX_TOKENS, load_clip_tokenizer, load_t5_tokenizer
+from .tokens import count_tokens as count_t5_tokens
 from .wikiart import UNKNOWN_ARTIST
 
 FILTERED_COLUMNS = ("id", "split", "artist", "genre", "style")  # what captions are made from

@@ -1,5 +1,8 @@
 """``impressionist <stage>`` runs one stage; ``impressionist demo`` runs the whole graph offline.
 
+``python -m impressionist <stage>`` is the same command (dvc.yaml's): the stage's params sections are
+checked before its module (and with it torch and diffusers) is imported, so a bad value is refused at once.
+
 The demo is a DVC experiment of the unchanged ``dvc.yaml`` with the overrides in
 ``configs/demo.yaml`` (a tiny random-weight Flux-architecture model built locally, a SYNTHETIC
 WikiArt-schema source and a tiny random-weight VLM for the descriptions), so ``dvc exp show`` lists it beside real runs.
@@ -20,6 +23,7 @@ import yaml
 
 from .errors import UserError, stage_main
 from .layout import CHECKPOINT_ROOT
+from .params.stages import check_stage_args
 
 # Every module a dvc.yaml stage runs (sample_base is `sample --base`), in graph order.
 STAGES = {
@@ -114,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         if rest:
             demo.error(f"unrecognized arguments: {' '.join(rest)}")
         sys.exit(run_demo(args.name, args.dry_run))
+    check_stage_args(args.command, rest)  # before the stage's heavy imports
     importlib.import_module(COMMANDS[args.command]).main(rest)
 
 

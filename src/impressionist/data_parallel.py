@@ -30,34 +30,17 @@ params, cuda, [n_items, ...]): return`` in ``main``, ``local_device`` for its de
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 import torch
 
 from . import launcher
 from .errors import UserError, atomic_dir
-from .params import ParamsSection
+from .params.model import AUTO_PROCESSES as AUTO
+from .params.model import ComputeParams
 
-AUTO = "auto"
 Item = TypeVar("Item")
-
-
-@dataclass(frozen=True)
-class ComputeParams(ParamsSection):
-    """params.yaml ``compute``: how many processes the inference stages run as."""
-
-    SECTION: ClassVar[str] = "compute"
-    OPTIONAL: ClassVar[bool] = True
-    num_processes: int | str = AUTO  # auto: every visible GPU (1 on the CPU); or a count >= 1
-    machines: launcher.MachinesParams = field(default_factory=launcher.MachinesParams)
-
-    def __post_init__(self) -> None:
-        n = self.num_processes
-        if n != AUTO and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
-            raise UserError(f"params.yaml: compute.num_processes={n!r} must be '{AUTO}' (every visible GPU, "
-                            "one process on the CPU) or a whole number >= 1")
 
 
 def processes_for(cfg: ComputeParams, cuda: bool, items: Sequence[int], stage: str,

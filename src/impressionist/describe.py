@@ -27,15 +27,14 @@ the template alone, as before the stage existed).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, Mapping
 
 import pandas as pd
 import torch
@@ -46,8 +45,10 @@ from .captioner import Generator, check_takes_images, resolve_captioner
 from .checkpoints import default_root
 from .errors import UserError, atomic_write_bytes, atomic_write_text, first_line, stage_main
 from .layout import DESCRIBE_METRICS, DESCRIPTIONS, DESCRIPTIONS_DIR, FILTERED_DIR
-from .models import DTYPES, ModelParams, resolve_device
-from .params import (ParamsSection, fingerprint, load_params, require_bool, require_choice, require_int)
+from .models import DTYPES, resolve_device
+from .params import fingerprint, load_params
+from .params.data import DescribeParams
+from .params.model import ModelParams
 from .tables import METADATA_FILE, read_table
 from .tokens import CLIP_MAX_TOKENS, count_tokens, load_clip_tokenizer, load_t5_tokenizer
 
@@ -59,42 +60,6 @@ RAW_ROWS_DIR = ".describe-raw"
 COLUMNS = ("id", "raw", "description", "scrubbed", "t5_tokens", "clip_tokens", "clip_truncated", "model",
            "revision", "prompt_fingerprint", "synthetic_model")
 GPU_DTYPES = ("bfloat16", "float16")
-
-
-@dataclass(frozen=True)
-class DescribeParams(ParamsSection):
-    """params.yaml ``describe``: the captioner, its prompt and decoding, the scrub list."""
-
-    SECTION: ClassVar[str] = "describe"
-    enabled: bool
-    model: str
-    revision: str | None
-    prompt: str
-    max_new_tokens: int
-    batch_size: int
-    dtype: str = "bfloat16"
-    scrub: list[str] = field(default_factory=list)
-    scrub_artists: bool = True
-
-    def __post_init__(self) -> None:
-        require_bool(self.enabled, "describe.enabled")
-        require_bool(self.scrub_artists, "describe.scrub_artists")
-        if not isinstance(self.model, str) or not self.model.strip():
-            raise UserError("params.yaml: describe.model must be a Hub id, a local transformers folder or "
-                            "builtin:tiny-vlm")
-        if self.revision is not None and not isinstance(self.revision, str):
-            self._set("revision", str(self.revision))
-        if not isinstance(self.prompt, str) or not self.prompt.strip():
-            raise UserError("params.yaml: describe.prompt must be a non-empty string")
-        require_int(self.max_new_tokens, "describe.max_new_tokens", minimum=1)
-        require_int(self.batch_size, "describe.batch_size", minimum=1)
-        require_choice(self.dtype, DTYPES, "describe.dtype")
-        if not isinstance(self.scrub, list) or not all(isinstance(w, str) and w.strip() for w in self.scrub):
-            raise UserError(f"params.yaml: describe.scrub={self.scrub!r} must be a list of words or phrases")
-
-    @property
-    def prompt_fingerprint(self) -> str:
-        return hashlib.sha256(self.prompt.encode("utf-8")).hexdigest()[:12]
 
 
 def artist_phrases(artist: str) -> list[str]:

@@ -53,9 +53,9 @@ from tqdm import tqdm
 from .errors import UserError, atomic_write_bytes, atomic_write_text, first_line, stage_main
 from .layout import DOWNLOAD_METRICS, RAW_DIR
 from .params import fingerprint, load_params
+from .params.data import DownloadParams
 from .source_reads import ReadMeter
-from .sources import (CAPTION_SUFFIX, SYNTHETIC, DownloadParams, ScannedRow, SourceReader, SourceReadError,
-                      open_source)
+from .sources import CAPTION_SUFFIX, SYNTHETIC, ScannedRow, SourceReader, SourceReadError, open_source
 from .tables import METADATA_FILE, RAW_COLUMNS
 
 PARTIAL_DIR = ".partial"

@@ -12,22 +12,11 @@ a while (validation images, saving the LoRA) and restores the trained ones bit f
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-from .errors import UserError
-
-
-def check_decay(decay: Any) -> float:
-    """``train.ema_decay`` (checked by ``TrainParams``): 0 = no EMA; otherwise in (0, 1)."""
-    if not isinstance(decay, (int, float)) or isinstance(decay, bool) or math.isnan(decay) or not 0 <= decay < 1:
-        raise UserError(f"params.yaml: train.ema_decay={decay!r} must be in [0, 1) (0 = no EMA; "
-                        "ai-toolkit's FLUX LoRA default is 0.99)")
-    return float(decay)
 
 
 class LoraEMA:

@@ -17,9 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
@@ -31,11 +30,10 @@ from tqdm import tqdm
 from .errors import UserError, atomic_dir, first_line, stage_main
 from .latent_cache import EMPTY_CAPTION_KEY, INDEX, CacheReader, ShardWriter, caption_key
 from .layout import CACHE_DIR, CAPTIONS, FILTERED_DIR, LATENT_CACHE_DIR, TEXT_CACHE_DIR
-from .models import (ModelParams, encode_prompts, load_vae, resolve_base_model, resolve_device,
-                     resolve_dtype)
-from .params import (ParamsSection, fingerprint, load_params, require_int, require_multiple,
-                     require_positive)
-from .prompts import CaptionParams
+from .models import encode_prompts, load_vae, resolve_base_model, resolve_device, resolve_dtype
+from .params import fingerprint, load_params
+from .params.data import CaptionParams, EncodeParams
+from .params.model import ModelParams
 
 
 def aspect_buckets(resolution: int, min_aspect: float, max_aspect: float) -> list[tuple[int, int]]:
@@ -78,45 +76,11 @@ def to_pixels(images: list[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
-# Keys of encode.* that do not change what is cached (left out of the cache fingerprint and of the
-# DVC stage's params).
-NOT_CACHED = {"dataloader_workers"}
+# Keys of encode.* that do not change what is cached (EncodeParams declares them `operational`): left
+# out of the cache fingerprint and of the DVC stage's params.
+NOT_CACHED = EncodeParams.operational_settings()
 # The encode.* keys the text half reads (the rest shape only the latents).
 TEXT_KEYS = ("batch_size", "shard_size")
-
-
-@dataclass(frozen=True)
-class EncodeParams(ParamsSection):
-    """params.yaml ``encode``: the resolutions and aspect buckets the latents are cached at."""
-
-    SECTION: ClassVar[str] = "encode"
-    resolution: int | list[int]  # one value or several: each image is cached at each
-    bucket_min_aspect: float
-    bucket_max_aspect: float
-    batch_size: int
-    shard_size: int
-    flip: bool = False
-    dataloader_workers: int = 0
-
-    def __post_init__(self) -> None:
-        if not self.resolutions:
-            raise UserError("params.yaml: encode.resolution=[] must name at least one resolution, e.g. 512")
-        for value in self.resolutions:
-            require_multiple(value, 16, "encode.resolution", "FLUX packs 2x2 latents of an 8x VAE")
-        if len(set(self.resolutions)) != len(self.resolutions):
-            raise UserError(f"params.yaml: encode.resolution={self.resolution!r} lists a resolution twice")
-        require_int(self.batch_size, "encode.batch_size", minimum=1)
-        require_int(self.shard_size, "encode.shard_size", minimum=1)
-        require_int(self.dataloader_workers, "encode.dataloader_workers")
-        low = require_positive(self.bucket_min_aspect, "encode.bucket_min_aspect")
-        high = require_positive(self.bucket_max_aspect, "encode.bucket_max_aspect")
-        if not low <= 1 <= high:
-            raise UserError("params.yaml: encode.bucket_min_aspect must be in (0, 1] and bucket_max_aspect >= 1")
-
-    @property
-    def resolutions(self) -> list[int]:
-        """``resolution`` as a list (kept as written in ``resolution``: the cache fingerprint covers it)."""
-        return list(self.resolution) if isinstance(self.resolution, list) else [self.resolution]
 
 
 def _need(path: Path, stage: str) -> None:

@@ -59,24 +59,40 @@ import torch
 from . import data_parallel
 from .errors import UserError, atomic_write_text, stage_main
 from .image_features import EvaluateParams, Extractors, batch_count, load_reference, uses_random_nets
-from .layout import (EVAL_IMAGES, EVAL_METRICS, EVAL_REPLICATES, EVAL_SET_TABLE, FILTERED_DIR, PLOTS_DIR,
-                     REFERENCE_DIR, REPLICATES_MANIFEST, SAMPLES_DIR)
+from .layout import (
+    EVAL_IMAGES,
+    EVAL_METRICS,
+    EVAL_REPLICATES,
+    EVAL_SET_TABLE,
+    FILTERED_DIR,
+    PLOTS_DIR,
+    REFERENCE_DIR,
+    REPLICATES_MANIFEST,
+    SAMPLES_DIR,
+)
 from .params import load_params
-from .stats import (CMMD, CONFIDENCE, KID, MIN_REAL, Estimate, KernelSets, Resampling, mean_estimate,
-                    paired_difference, replicate_difference, set_distance_estimates)
+from .params.evaluation import CONFIDENCE, FID_RELIABLE, PER_IMAGE
 from .replicates import COVERS_WEIGHTS, REPLICATE_COLUMNS, recipe_sections
+from .stats import (
+    CMMD,
+    KID,
+    MIN_REAL,
+    Estimate,
+    KernelSets,
+    Resampling,
+    mean_estimate,
+    paired_difference,
+    replicate_difference,
+    set_distance_estimates,
+)
 from .tables import read_table, validation_split
 
-PER_IMAGE = ("clip_score", "style_score")
 SET_LEVEL = ("kid", "cmmd")
 METRICS = PER_IMAGE + SET_LEVEL  # every one with a CI; FID comes apart
 DISTANCES = {"kid": KID, "cmmd": CMMD}
 EVAL_COLUMNS = ("file", "subject", "prompt_id", "seed", "lora_scale", "eval_set")
 IMAGE_COLUMNS = ["lora_scale", "prompt_id", "seed", "subject", "clip_score", "style_score", "eval_set"]
 MIN_IMAGES = 2  # per generated set: KID's unbiased MMD divides by n(n-1), FID needs a covariance
-# FID's bias falls like 1/n; the literature (Chong & Forsyth 2020, Jayasumana et al. 2024) wants
-# thousands of images before FIDs are comparable. Below this every display flags it as biased.
-FID_RELIABLE = 2000
 SAMPLE_HINT = "run the sample stages first (`dvc repro sample_base sample`)"
 PLOT_DATA, SCALE_PLOT, DELTA_PLOT = "eval_vs_scale.csv", "eval_vs_scale.png", "eval_delta.png"  # in plots/
 

@@ -45,17 +45,17 @@ import math
 import re
 import sys
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, Mapping
 
 import torch
 
 from .errors import UserError, atomic_dir, stage_main
 from .layout import EXPORT_DIR, EXPORT_MANIFEST, LORA_DIR, LORA_WEIGHTS
-from .models import (DTYPES, ModelParams, load_pipeline, resolve_device, resolve_dtype, resolve_pretrained,
-                     without_third_party_noise)
-from .params import ParamsSection, load_params, require_bool, require_choice, require_positive
+from .models import DTYPES, load_pipeline, resolve_device, resolve_dtype, resolve_pretrained, without_third_party_noise
+from .params import load_params
+from .params.model import ModelParams
+from .params.shipping import ExportParams
 
 # Not ending in "pytorch_lora_weights.safetensors": diffusers' load_lora_weights(repo) picks the
 # diffusers file when both sit in one Hub repo.
@@ -237,22 +237,6 @@ def scale_one_lora(modules: dict[str, tuple], config: dict[str, Any]) -> tuple[d
 def file_bytes(path: Path) -> int:
     path = Path(path)
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
-
-
-@dataclass(frozen=True)
-class ExportParams(ParamsSection):
-    """params.yaml ``export``: the kohya file's dtype, and whether to fuse the LoRA into the transformer."""
-
-    SECTION: ClassVar[str] = "export"
-    OPTIONAL: ClassVar[bool] = True
-    fused: bool = False
-    lora_scale: float = 1.0
-    dtype: str = "bfloat16"
-
-    def __post_init__(self) -> None:
-        require_bool(self.fused, "export.fused")
-        require_choice(self.dtype, DTYPES, "export.dtype")
-        require_positive(self.lora_scale, "export.lora_scale")
 
 
 def fuse_into_transformer(model: ModelParams, lora_dir: Path, lora_scale: float, out_dir: Path) -> None:

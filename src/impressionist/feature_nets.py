@@ -37,11 +37,7 @@ from torch import nn
 
 from .errors import DEMO_HINT, UserError, atomic_write_bytes, atomic_write_text, first_line
 from .params import fingerprint
-
-TINY_FID = "builtin:tiny"
-INCEPTION = "inception"
-FID_FEATURE_CHOICES = (INCEPTION, TINY_FID)
-INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
+from .params.evaluation import INCEPTION_WEIGHTS_FILE, TINY_FID
 
 TINY_CLIP = "builtin:tiny-clip"
 TINY_CLIP_NAME = "impressionist-tiny-clip"  # the name it is registered under in open_clip

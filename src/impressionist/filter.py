@@ -30,9 +30,8 @@ import json
 import os
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import pandas as pd
@@ -41,10 +40,10 @@ from tqdm import tqdm
 
 from .errors import UserError, atomic_dir, atomic_write_text, stage_main
 from .layout import DATA_ARTISTS_PLOT, DATA_METRICS, FILTERED_DIR, RAW_DIR
-from .params import ParamsSection, load_params, require_bool, require_positive
+from .params import load_params
+from .params.data import FilterParams
 from .plotting import save_figure
 from .tables import METADATA_FILE, RAW_COLUMNS, read_table
-
 
 REASONS = ["missing_file", "undecodable", "too_small", "extreme_aspect", "grayscale", "near_duplicate"]
 GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
@@ -166,35 +165,6 @@ def near_duplicate_losers(ids: list[str], areas: list[int], hashes: list[int], t
             winner = min(members, key=lambda i: (-areas[i], ids[i]))
             losers.update({ids[i]: ids[winner] for i in members if i != winner})
     return losers
-
-
-@dataclass(frozen=True)
-class FilterParams(ParamsSection):
-    """params.yaml ``filter``: which raw images are kept, and the share of them held out for val."""
-
-    SECTION: ClassVar[str] = "filter"
-    min_side: float       # px, of the shorter side
-    max_aspect: float     # long side / short side
-    drop_grayscale: bool
-    phash_threshold: int
-    val_fraction: float
-
-    def __post_init__(self) -> None:
-        require_positive(self.min_side, "filter.min_side")
-        max_aspect = require_positive(self.max_aspect, "filter.max_aspect")
-        if max_aspect < 1:
-            raise UserError(f"params.yaml: filter.max_aspect={max_aspect!r} must be >= 1 (long side / short side)")
-        self._set("max_aspect", float(max_aspect))
-        require_bool(self.drop_grayscale, "filter.drop_grayscale")
-        threshold = require_positive(self.phash_threshold, "filter.phash_threshold", allow_zero=True)
-        if int(threshold) != threshold or threshold > 64:
-            raise UserError(f"params.yaml: filter.phash_threshold={threshold!r} must be a whole number of bits, 0-64")
-        self._set("phash_threshold", int(threshold))
-        val_fraction = self.val_fraction
-        if not isinstance(val_fraction, (int, float)) or isinstance(val_fraction, bool) or not 0 < val_fraction < 1:
-            raise UserError(f"params.yaml: filter.val_fraction={val_fraction!r} must be between 0 and 1 (exclusive); "
-                            "the evaluate stage needs val images")
-        self._set("val_fraction", float(val_fraction))
 
 
 def read_raw_metadata(raw_dir: Path) -> pd.DataFrame:

@@ -15,11 +15,8 @@ from dataclasses import dataclass
 import torch
 from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-from diffusers.training_utils import (compute_density_for_timestep_sampling,
-                                      compute_loss_weighting_for_sd3)
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
-TIMESTEP_SAMPLINGS = ("logit_normal", "flux_shift", "mode", "uniform", "style")
-LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
 # The smallest noise level the loss weighting sees. diffusers' reference script draws sigma from the
 # scheduler's grid t / num_train_timesteps, t = 1..1000 (FlowMatchEulerDiscreteScheduler), so its
 # sigma_sqrt weights (sigma ** -2) stay <= 1e6; our continuous sigmas reach ~1e-6 under `uniform`

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -32,18 +32,27 @@ from PIL import Image
 
 from . import data_parallel
 from .errors import UserError, first_line
-from .feature_nets import (FID_FEATURE_CHOICES, INCEPTION, INCEPTION_WEIGHTS_FILE, check_clip_params,
-                           fid_feature_extractor, load_clip)
-from .params import ParamsSection, require_choice, require_int
-from .stats import CONFIDENCE, RESAMPLES
+from .feature_nets import check_clip_params, fid_feature_extractor, load_clip
+from .params import evaluation
+from .params.evaluation import CLIP_KEYS, CMMD_KEYS, INCEPTION
 from .wikiart import STYLES
 
 TARGET_STYLE = "Impressionism"
 STYLE_PROMPT = "an {} painting"
 BATCH_SIZE = 16
-CLIP_KEYS = ("clip_model", "clip_pretrained")
-CMMD_KEYS = ("cmmd_clip_model", "cmmd_clip_pretrained")
 FEATURE_KEYS = ("fid_features", "image_size", *CLIP_KEYS, *CMMD_KEYS)
+
+
+@dataclass(frozen=True)
+class EvaluateParams(evaluation.EvaluateParams):
+    """params.yaml ``evaluate`` as the reference and evaluate stages read it: the torch-free checks of
+    :class:`impressionist.params.evaluation.EvaluateParams`, then each CLIP model name and tag looked
+    up in open_clip's registry (cheap, no download)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for model_key, pretrained_key in (CLIP_KEYS, CMMD_KEYS):
+            check_clip_params(getattr(self, model_key), getattr(self, pretrained_key), (model_key, pretrained_key))
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,58 +181,6 @@ class ClipScorer:
 # --------------------------------------------------------------------------------------------
 # The extractors: one pass over a set of image files
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EvaluateParams(ParamsSection):
-    """params.yaml ``evaluate``: the feature networks (the reference and evaluate stages must use the
-    same ones) and the bootstrap behind every interval. Checked cheaply: no model is loaded."""
-
-    SECTION: ClassVar[str] = "evaluate"
-    fid_features: str
-    image_size: int
-    clip_model: str
-    clip_pretrained: str | None  # None is stored as ""
-    cmmd_clip_model: str
-    cmmd_clip_pretrained: str | None
-    inception_weights: str | None = ""  # stored stripped, None as ""
-    bootstrap_resamples: int = RESAMPLES
-    confidence: float = CONFIDENCE
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        self._check_fid_features()
-        require_int(self.image_size, "evaluate.image_size", minimum=1)
-        for model_key, pretrained_key in (CLIP_KEYS, CMMD_KEYS):
-            self._check_clip(model_key, pretrained_key)
-        require_int(self.seed, "evaluate.seed")
-        require_int(self.bootstrap_resamples, "evaluate.bootstrap_resamples", minimum=100)
-        if not isinstance(self.confidence, float) or not 0.5 <= self.confidence < 1.0:
-            raise UserError(f"params.yaml: evaluate.confidence={self.confidence!r} must be a number in "
-                            "[0.5, 1), e.g. 0.95")
-
-    def _check_fid_features(self) -> None:
-        """One line for an unknown ``fid_features`` or an ``inception_weights`` file that does not exist."""
-        require_choice(self.fid_features, FID_FEATURE_CHOICES, "evaluate.fid_features")
-        weights = str(self.inception_weights or "").strip()
-        if self.fid_features == INCEPTION and weights and not Path(weights).expanduser().is_file():
-            raise UserError(
-                f"evaluate.inception_weights={weights!r} does not exist; point it at a local copy of "
-                f"{INCEPTION_WEIGHTS_FILE} (pytorch-fid's pt_inception-2015-12-05-6726825d.pth) or set it to \"\" "
-                "to download it"
-            )
-        self._set("inception_weights", weights)
-
-    def _check_clip(self, model_key: str, pretrained_key: str) -> None:
-        for key in (model_key, pretrained_key):
-            value = getattr(self, key)
-            if value is not None and not isinstance(value, str):
-                raise UserError(f"params.yaml: evaluate.{key}={value!r} must be a string")
-        model_name = getattr(self, model_key)
-        if not (model_name or "").strip():
-            raise UserError(f"params.yaml: evaluate.{model_key} is empty")
-        check_clip_params(model_name, getattr(self, pretrained_key), (model_key, pretrained_key))
-        self._set(pretrained_key, getattr(self, pretrained_key) or "")
 
 
 def feature_config(cfg: EvaluateParams) -> dict[str, Any]:

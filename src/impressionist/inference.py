@@ -23,116 +23,14 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import shutil
-from dataclasses import dataclass, field
-from typing import ClassVar, Iterator, Mapping
+from typing import Iterator
 
 import torch
 
 from .errors import UserError
-from .params import ParamsSection, require_bool, require_choice, require_int, require_multiple, require_positive
+from .params.inference import InferenceSettings
 
 ADAPTER = "impressionist"
-LORA_MODES = ("adapter", "fused")
-QUANTIZATIONS = ("none", "fp8", "nf4")
-OFFLOAD_MODES = ("none", "model", "sequential")
-
-
-@dataclass(frozen=True, kw_only=True)
-class InferenceSettings:
-    """The four settings the sample stages and the app share; ``SampleParams`` and ``AppParams``
-    are InferenceSettings, so these keys, their defaults and checks are written once, here."""
-
-    SECTION: ClassVar[str] = "inference"  # names the settings in messages (sample.*, app.*)
-    lora_mode: str = "adapter"
-    quantization: str = "none"
-    offload: str = "none"
-    compile: bool = False
-
-    def __post_init__(self) -> None:
-        require_choice(self.lora_mode, LORA_MODES, f"{self.SECTION}.lora_mode")
-        require_choice(self.quantization, QUANTIZATIONS, f"{self.SECTION}.quantization")
-        require_choice(self.offload, OFFLOAD_MODES, f"{self.SECTION}.offload")
-        require_bool(self.compile, f"{self.SECTION}.compile")
-
-    def describe(self) -> str:
-        return (f"LoRA {self.lora_mode}, transformer {self.quantization if self.quantization != 'none' else 'unquantized'}, "
-                f"offload {self.offload}{', compiled' if self.compile else ''}")
-
-
-@dataclass(frozen=True)
-class EvalSetParams(ParamsSection):
-    """params.yaml ``sample.eval_set``: the evaluation set the sample stages draw and evaluate measures."""
-
-    SECTION: ClassVar[str] = "sample.eval_set"
-    subjects: str
-    num_subjects: int
-    seeds: list[int]
-    steps: int
-    resolution: int
-    guidance_scale: float
-
-    def __post_init__(self) -> None:
-        require_int(self.num_subjects, "sample.eval_set.num_subjects", minimum=1)
-        require_int(self.steps, "sample.eval_set.steps", minimum=1)
-        require_multiple(self.resolution, 16, "sample.eval_set.resolution")
-        require_positive(self.guidance_scale, "sample.eval_set.guidance_scale", allow_zero=True)
-        seeds = self.seeds
-        if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
-                or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
-            raise UserError("params.yaml: sample.eval_set.seeds must list distinct integer seeds, e.g. [0, 1, 2]")
-        if not isinstance(self.subjects, str) or not self.subjects.strip():
-            raise UserError("params.yaml: sample.eval_set.subjects must name a text file of subjects, one per line")
-
-
-@dataclass(frozen=True)
-class SampleParams(ParamsSection, InferenceSettings):
-    """params.yaml ``sample``: the show set (prompts x seeds at each LoRA scale), how it is drawn, and
-    the evaluation set. It lives beside the inference settings it extends, outside the sample stage,
-    because the app, the Space and the model card read the section too."""
-
-    SECTION: ClassVar[str] = "sample"
-    MISSING_HINTS: ClassVar[Mapping[str, str]] = {
-        "eval_set": "it defines the images the evaluate stage measures (subjects, num_subjects, seeds, "
-                    "steps, resolution, guidance_scale)",
-        "lora_scales": "list LoRA scales > 0, e.g. [0.5, 1.0]",
-        "seeds": "list at least one integer seed, e.g. [0, 1]"}
-    seeds: list[int]
-    steps: int
-    guidance_scale: float
-    resolution: int
-    lora_scales: list[float]
-    max_sequence_length: int
-    eval_set: EvalSetParams
-    prompts: list[str] = field(default_factory=list)  # held-out subjects; the trigger is added to each
-    val_captions: int = 0  # + the first N distinct validation captions (0 = none)
-    vae_tiling: bool = False
-
-    def __post_init__(self) -> None:
-        items = [] if self.prompts is None else self.prompts
-        if not isinstance(items, list) or not all(isinstance(p, str) and p.strip() for p in items):
-            raise UserError("params.yaml: sample.prompts must be a list of non-empty prompts")
-        self._set("prompts", [p.strip() for p in items])
-        count = self.val_captions
-        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
-            raise UserError(f"params.yaml: sample.val_captions={count!r} must be an integer >= 0 "
-                            "(0 = no validation captions in the prompt set)")
-        if not self.prompts and count == 0:
-            raise UserError("the prompt set is empty: params.yaml lists no sample.prompts and sample.val_captions "
-                            "is 0; add held-out subjects to sample.prompts or set sample.val_captions > 0")
-        require_multiple(self.resolution, 16, "sample.resolution")
-        require_int(self.steps, "sample.steps", minimum=1)
-        require_positive(self.guidance_scale, "sample.guidance_scale", allow_zero=True)
-        require_int(self.max_sequence_length, "sample.max_sequence_length", minimum=1)
-        seeds = self.seeds
-        if not seeds or not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool)
-                                                                 for s in seeds):
-            raise UserError("params.yaml: sample.seeds must list at least one integer seed")
-        scales = self.lora_scales
-        if (not scales or not isinstance(scales, list)
-                or any(not isinstance(s, (int, float)) or s <= 0 for s in scales)):
-            raise UserError("params.yaml: sample.lora_scales must list LoRA scales > 0, e.g. [0.5, 1.0]")
-        require_bool(self.vae_tiling, "sample.vae_tiling")
-        super().__post_init__()  # lora_mode, quantization, offload, compile
 
 
 def check(settings: InferenceSettings, device: torch.device, section: str, dtype: torch.dtype) -> None:

@@ -1,6 +1,6 @@
 """Several training processes from inside the train stage, so ``dvc repro`` uses every GPU.
 
-The stage's command stays ``python -m impressionist.train``. When ``train.num_processes`` asks for
+The stage's command stays ``python -m impressionist train``. When ``train.num_processes`` asks for
 more than one process (0, the default, means every visible GPU; one process on the CPU) and this
 process is not already a rank of a launch, the stage hands itself to accelerate's launcher (the
 code behind ``accelerate launch --multi_gpu --num_processes N -m impressionist.train``), which
@@ -25,57 +25,16 @@ the stage runs as the launcher says and launches nothing.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Callable, ClassVar, Mapping
+from typing import Callable, Mapping
 
 import torch
 
 from .errors import UserError
-from .params import ParamsSection
+from .params.model import EVERY_GPU, MachinesParams
 
-AUTO = 0
 # Set for every rank by torchrun / accelerate's launchers (accelerate's single-process launcher
 # sets only the last one).
 LAUNCHER_ENV = ("LOCAL_RANK", "WORLD_SIZE", "ACCELERATE_MIXED_PRECISION")
-
-
-@dataclass(frozen=True)
-class MachinesParams(ParamsSection):
-    """params.yaml ``compute.machines``: accelerate's multi-node settings for ``train`` and the
-    data-parallel stages. One machine (the default) launches as before."""
-
-    SECTION: ClassVar[str] = "compute.machines"
-    OPTIONAL: ClassVar[bool] = True
-    num_machines: int = 1
-    machine_rank: int = 0             # this machine: 0 (it hosts the rendezvous) .. num_machines - 1
-    main_process_ip: str = "127.0.0.1"  # the address of machine 0, reachable from every machine
-    main_process_port: int = 29500    # a free TCP port on machine 0 (the same on every machine)
-    join_timeout_s: int = 600         # how long machine 0 waits for the others (and they for it)
-
-    def __post_init__(self) -> None:
-        for name in ("num_machines", "main_process_port", "join_timeout_s"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise UserError(f"params.yaml: compute.machines.{name}={value!r} must be a whole number >= 1")
-        rank = self.machine_rank
-        if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < self.num_machines:
-            raise UserError(f"params.yaml: compute.machines.machine_rank={rank!r} must be 0 .. "
-                            f"{self.num_machines - 1} (compute.machines.num_machines={self.num_machines})")
-        if not isinstance(self.main_process_ip, str) or not self.main_process_ip:
-            raise UserError("params.yaml: compute.machines.main_process_ip must be the address of machine 0")
-
-    @property
-    def several(self) -> bool:
-        return self.num_machines > 1
-
-    def launch_args(self) -> list[str]:
-        """``accelerate launch`` arguments for these machines."""
-        if not self.several:
-            # a free port: two runs on one machine do not collide
-            return ["--num_machines", "1", "--main_process_port", "0"]
-        return ["--num_machines", str(self.num_machines), "--machine_rank", str(self.machine_rank),
-                "--main_process_ip", self.main_process_ip, "--main_process_port", str(self.main_process_port),
-                "--rdzv_backend", "static", "--rdzv_conf", f"timeout={self.join_timeout_s}"]
 
 
 def under_launcher(environ: Mapping[str, str] | None = None) -> bool:
@@ -97,7 +56,7 @@ def processes_to_launch(requested: int, accumulation: int, device: torch.device,
     leaves GPUs idle; an explicit count that cannot run here is one line.
     """
     visible = torch.cuda.device_count() if device.type == "cuda" else 0
-    if requested == AUTO:
+    if requested == EVERY_GPU:
         if visible <= 1:
             return 1
         usable = largest_divisor_up_to(accumulation, visible)
@@ -112,12 +71,6 @@ def processes_to_launch(requested: int, accumulation: int, device: torch.device,
     return requested
 
 
-def check_split(processes: int, accumulation: int) -> None:
-    """``processes`` ranks can share each step's ``accumulation`` micro-batches evenly."""
-    if accumulation % processes:
-        raise UserError(f"train.gradient_accumulation_steps={accumulation} micro-batches per step cannot be "
-                        f"split over {processes} processes; make it a multiple of {processes} (the recipe "
-                        "counts micro-batches over all processes)")
 
 
 def relaunch(module: str, argv: list[str], processes: int, mixed_precision: str, cpu: bool,

@@ -9,20 +9,17 @@ from the offline demo (tiny random-weight model, synthetic images, random metric
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .hub import BUILTIN_PREFIX, is_hub_id
-from .prompts import CaptionParams, with_trigger
-from .sources import DownloadParams
-
-if TYPE_CHECKING:
-    from .publish import PublishParams
+from .params.data import CaptionParams, DownloadParams, EncodeParams
+from .params.evaluation import FID_RELIABLE, EvaluateParams, SampleParams
+from .params.model import ModelParams
+from .params.shipping import PublishParams
+from .prompts import with_trigger
 
 METRIC_COLUMNS = [("clip_score", "CLIP score (subject) ↑"), ("style_score", "style score ↑"),
                   ("kid", "KID ↓"), ("cmmd", "CMMD ↓")]
-# FID is biased upwards below a few thousand images (mirrors evaluate.FID_RELIABLE; the card is
-# written by `publish`, which does not import the evaluate stage).
-FID_RELIABLE = 2000
 
 
 def _number(value: Any) -> str:
@@ -159,11 +156,6 @@ def build_card(*, repo_id: str, params: dict[str, Any], training: dict[str, Any]
                grid_file: str, data_metrics: dict[str, Any] | None = None):
     """The ``huggingface_hub.ModelCard`` for the upload folder (files named relative to it)."""
     from huggingface_hub import ModelCard, ModelCardData
-
-    from .encode import EncodeParams  # imported late: the card is built only when publishing
-    from .image_features import EvaluateParams
-    from .inference import SampleParams
-    from .models import ModelParams
 
     trigger = CaptionParams.check(params).trigger
     base_model = str(training.get("base_model") or ModelParams.check(params).pretrained)

@@ -19,14 +19,14 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 
 from .errors import DEMO_HINT, UserError, atomic_dir, atomic_write_text, first_line
-from .params import ParamsSection, require_choice
+from .params import require_choice
+from .params.model import BUILTIN_TINY_FLUX, ModelParams
 
-BUILTIN_TINY_FLUX = "builtin:tiny-flux"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Only the diffusers-format subfolders: the Hub repo also holds a 23 GB single-file checkpoint.
 DIFFUSERS_PATTERNS = ["model_index.json", "scheduler/*", "text_encoder/*", "text_encoder_2/*",
@@ -36,26 +36,6 @@ DIFFUSERS_PATTERNS = ["model_index.json", "scheduler/*", "text_encoder/*", "text
 def cache_root() -> Path:
     """Folder for locally built artefacts (tiny models); ``IMPRESSIONIST_CACHE`` overrides it."""
     return Path(os.environ.get("IMPRESSIONIST_CACHE", Path.cwd() / ".cache" / "impressionist"))
-
-
-@dataclass(frozen=True)
-class ModelParams(ParamsSection):
-    """params.yaml ``model``: the base model every stage loads."""
-
-    SECTION: ClassVar[str] = "model"
-    pretrained: str
-    revision: str | None = None
-    dtype: str = "bfloat16"
-    device: str = "cuda"
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.pretrained, str) or not self.pretrained.strip():
-            raise UserError("params.yaml: model.pretrained must be a Hub id, a local diffusers folder or "
-                            f"{BUILTIN_TINY_FLUX}")
-        if self.revision is not None and not isinstance(self.revision, str):
-            self._set("revision", str(self.revision))
-        require_choice(self.dtype, DTYPES, "model.dtype")
-        require_choice(self.device, ["cuda", "cpu"], "model.device")
 
 
 def resolve_device(model: ModelParams) -> torch.device:
@@ -124,8 +104,12 @@ def hub_commit(repo_id: str, revision: str | None) -> str:
     """The commit ``revision`` (a branch, tag or commit; default main) of a Hub model names now, or,
     offline or with the Hub unreachable, the one the local Hugging Face cache last recorded."""
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import (GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError,
-                                        RevisionResolutionError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+        RevisionResolutionError,
+    )
 
     from .hub import hub_offline
 
@@ -357,8 +341,7 @@ CPU_ATTENTION_BACKENDS = ("native", "_native_math", "_native_flash")
 
 def check_attention_backend(name: str, device: torch.device, setting: str = "train.attention_backend") -> str:
     """Refuse an unknown backend, a GPU-only one on the CPU, or one whose package is missing."""
-    from diffusers.models.attention_dispatch import (AttentionBackendName,
-                                                     _check_attention_backend_requirements)
+    from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
 
     require_choice(name, [backend.value for backend in AttentionBackendName], setting)
     if device.type != "cuda" and name not in CPU_ATTENTION_BACKENDS:

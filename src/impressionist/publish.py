@@ -18,46 +18,21 @@ import argparse
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, Mapping
 
 from .errors import UserError, atomic_dir, first_line, stage_main
-from .hub import BUILTIN_PREFIX, TOKEN_HINT, check_access, check_repo_id, refuse_token_keys
-from .layout import (DATA_METRICS, EVAL_METRICS, EXPORT_DIR, EXPORT_MANIFEST, LORA_DIR, LORA_WEIGHTS,
-                     TRAINING_CONFIG)
+from .hub import BUILTIN_PREFIX, TOKEN_HINT, check_access
+from .layout import DATA_METRICS, EVAL_METRICS, EXPORT_DIR, EXPORT_MANIFEST, LORA_DIR, LORA_WEIGHTS, TRAINING_CONFIG
 from .layout import SAMPLE_GRID as GRID
 from .model_card import build_card
-from .params import ParamsSection, load_params, require_bool
+from .params import load_params
+from .params.model import ModelParams
+from .params.shipping import PublishParams
 
 HUB_DIR = Path("build/hub")
 CARD = "README.md"
 GRID_IN_REPO = "images/samples_grid.png"
-@dataclass(frozen=True)
-class PublishParams(ParamsSection):
-    """params.yaml ``publish``: where ``impressionist publish`` uploads, and the card's licence and tags.
-    ``repo_id`` may be empty here: ``--repo-id`` gives it, and ``space`` only reads it."""
-
-    SECTION: ClassVar[str] = "publish"
-    OPTIONAL: ClassVar[bool] = True
-    repo_id: str = ""
-    private: bool = True
-    tags: list[str] = field(default_factory=lambda: [
-        "text-to-image", "diffusers", "lora", "flux", "template:sd-lora", "impressionism"])
-    license: str = "other"
-    license_name: str = "flux-1-dev-non-commercial-license"
-    license_link: str = "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md"
-    commit_message: str = "Upload impressionist LoRA"
-
-    @classmethod
-    def of(cls, values: Mapping[str, Any]) -> PublishParams:
-        refuse_token_keys(values, cls.SECTION)  # before the unknown-key check would name the token's key
-        return super().of(values)
-
-    def __post_init__(self) -> None:
-        if self.repo_id:
-            check_repo_id(self.repo_id, "publish.repo_id")
-        require_bool(self.private, "publish.private")
 
 
 def publish_params(params: Mapping[str, Any], repo_id: str | None = None) -> PublishParams:
@@ -171,8 +146,6 @@ def upload(params: dict[str, Any], cfg: PublishParams, base: str, **paths) -> st
 
 def base_model(params: dict[str, Any]) -> str:
     """``model.pretrained``: what the LoRA was trained on (the model card and the demo check need it)."""
-    from .models import ModelParams  # late: models.py imports torch, which publishing needs nowhere else
-
     return ModelParams.check(params).pretrained
 
 

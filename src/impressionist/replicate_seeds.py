@@ -8,22 +8,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from typing import Any, Mapping
 
-from .params import ParamsSection, require_int
-
-
-@dataclass(frozen=True)
-class ReplicateParams(ParamsSection):
-    """params.yaml ``replicates``: how many LoRAs of the recipe are trained (``count``, R)."""
-
-    SECTION: ClassVar[str] = "replicates"
-    OPTIONAL: ClassVar[bool] = True
-    count: int = 1
-
-    def __post_init__(self) -> None:
-        require_int(self.count, "replicates.count", minimum=1)
+from .params.model import ReplicateParams
 
 
 def replicate_seed(train_seed: int, k: int) -> int:

@@ -41,7 +41,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .stats import CONFIDENCE, Estimate
+from .params.evaluation import CONFIDENCE, PER_IMAGE
+from .stats import Estimate
 
 # What each interval of metrics/eval.json covers (its ``_covers`` key).
 COVERS_WEIGHTS = "images, subjects"
@@ -163,7 +164,6 @@ def cells(table, value: str, subjects: Sequence[str] | None = None) -> np.ndarra
 # eval.json's recipe sections and the PR report's recipe comparison
 # --------------------------------------------------------------------------------------------
 
-PER_IMAGE = ("clip_score", "style_score")
 SET_LEVEL = ("kid", "cmmd")
 # metrics/eval_replicates.csv: the LoRA images of every replicate (0 = models/lora), every scale.
 REPLICATE_COLUMNS = ["replicate", "lora_scale", "prompt_id", "seed", "subject", "clip_score", "style_score",

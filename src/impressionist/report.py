@@ -47,14 +47,16 @@ import yaml
 
 from .dvc_cli import run_dvc
 from .errors import UserError, atomic_write_text, stage_main
-from .layout import EVAL_IMAGES, EVAL_METRICS as EVAL_METRICS_PATH, EVAL_REPLICATES, SAMPLE_GRID as GRID
+from .layout import EVAL_IMAGES, EVAL_REPLICATES
+from .layout import EVAL_METRICS as EVAL_METRICS_PATH
+from .layout import SAMPLE_GRID as GRID
+from .params.evaluation import CONFIDENCE, PER_IMAGE
 from .replicates import RECIPE, RECIPE_DELTA, RecipePairing, read_replicate_table
-from .stats import CONFIDENCE, Estimate, bonferroni, difference_of_independent, mean_estimate
+from .stats import Estimate, bonferroni, difference_of_independent, mean_estimate
 
 EVAL_METRICS = EVAL_METRICS_PATH.as_posix()
 LOWER, HIGHER = "lower", "higher"
 DIRECTIONS = {"kid": LOWER, "cmmd": LOWER, "clip_score": HIGHER, "style_score": HIGHER}
-PER_IMAGE = ("clip_score", "style_score")  # the columns of metrics/eval_images.csv
 CI_SUFFIXES = ("_ci_low", "_ci_high", "_n")
 # Sections of eval.json in reading order: the headline first, the reference never judged.
 SECTION_ORDER = (RECIPE, RECIPE_DELTA, "lora", "delta", "base")

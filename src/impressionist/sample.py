@@ -51,12 +51,24 @@ from tqdm import tqdm
 from . import data_parallel
 from .errors import UserError, atomic_dir, first_line, stage_main
 from .grid import save_sample_grid
-from .inference import EvalSetParams, SampleParams, baked, build_pipeline, check, lora_applied
-from .layout import (CAPTIONS, EVAL_SET_TABLE, LORA_DIR, LORA_WEIGHTS, REPLICATES_DIR, REPLICATES_MANIFEST,
-                     SAMPLE_GRID, SAMPLES_DIR, SAMPLES_REPLICATES_DIR)
-from .models import ModelParams, resolve_device, resolve_dtype, resolve_pretrained, without_third_party_noise
+from .inference import baked, build_pipeline, check, lora_applied
+from .layout import (
+    CAPTIONS,
+    EVAL_SET_TABLE,
+    LORA_DIR,
+    LORA_WEIGHTS,
+    REPLICATES_DIR,
+    REPLICATES_MANIFEST,
+    SAMPLE_GRID,
+    SAMPLES_DIR,
+    SAMPLES_REPLICATES_DIR,
+)
+from .models import resolve_device, resolve_dtype, resolve_pretrained, without_third_party_noise
 from .params import fingerprint, load_params
-from .prompts import CaptionParams, with_trigger
+from .params.data import CaptionParams
+from .params.evaluation import EvalSetParams, SampleParams
+from .params.model import ModelParams
+from .prompts import with_trigger
 from .replicate_seeds import extra_replicates
 
 BASE_DIR = SAMPLES_DIR / "base"

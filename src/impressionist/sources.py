@@ -38,19 +38,18 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, Callable, Iterator
 
 import pandas as pd
 
 from .errors import DEMO_HINT, UserError, first_line
 from .hub import hub_offline
-from .params import ParamsSection, require_int, require_positive
+from .params.data import DEFAULT_REVISION, DownloadParams
 from .source_reads import ReadMeter, local_file_sizes, metering_parquet_reads
 from .wikiart import HUB_DATASET, UNKNOWN_ARTIST, UNKNOWN_GENRE
 
 SYNTHETIC = "synthetic"
 REQUIRED_COLUMNS = ("image", "artist", "genre", "style")  # of the source (huggan/wikiart's schema)
-DEFAULT_REVISION = "main"
 PUSHDOWN_KINDS = ("hub", "parquet")  # sources read by datasets' Parquet builder, which takes filters=
 
 # A plain folder of images (the "imagefolder" source).
@@ -79,47 +78,6 @@ TRANSIENT_ERRORS = _transient_errors()
 HUB_CHECK_TIMEOUT_S = 15
 # How many rows of the synthetic source to paint when download.max_images is 0 ("all").
 SYNTHETIC_DEFAULT_ROWS = 120
-
-
-@dataclass(frozen=True)
-class DownloadParams(ParamsSection):
-    """params.yaml ``download``: which rows of which source the download stage keeps."""
-
-    SECTION: ClassVar[str] = "download"
-    source: str
-    style: str
-    artists: list[str] = field(default_factory=list)  # empty: every artist
-    max_images: int = 0                               # 0: every matching image
-    seed: int = 0                                     # of the synthetic source
-    revision: str = DEFAULT_REVISION                  # of a Hub source
-
-    def __post_init__(self) -> None:
-        self._set("source", str(self.source))
-        if not isinstance(self.style, str) or not self.style:
-            raise UserError("params.yaml: download.style must be a style name such as Impressionism")
-        artists = self.artists or []
-        if isinstance(artists, str):
-            artists = [artists]
-        if not isinstance(artists, list) or not all(isinstance(a, str) for a in artists):
-            raise UserError("params.yaml: download.artists must be a list of artist names, e.g. [claude-monet]")
-        self._set("artists", list(artists))
-        max_images = require_positive(self.max_images, "download.max_images", allow_zero=True)
-        if int(max_images) != max_images:
-            raise UserError(f"params.yaml: download.max_images={max_images!r} must be a whole number")
-        self._set("max_images", int(max_images))
-        require_int(self.seed, "download.seed")
-        revision = self.revision
-        if not isinstance(revision, str) or not revision.strip():
-            raise UserError(f"params.yaml: download.revision={revision!r} must be a branch, tag or commit of the "
-                            f"Hub dataset (default: {DEFAULT_REVISION})")
-        self._set("revision", revision.strip())
-        if not self.source.strip():
-            raise UserError("params.yaml: download.source is empty; set it to huggan/wikiart, a local parquet "
-                            "file or folder, a folder of images, or 'synthetic'")
-
-    def enough(self, kept: int) -> bool:
-        """Whether ``kept`` images are all this download wants (never, with max_images 0)."""
-        return bool(self.max_images) and kept >= self.max_images
 
 
 @dataclass

@@ -22,21 +22,23 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, Mapping
 
 from .errors import UserError, atomic_dir, first_line, stage_main
-from .hub import check_access, check_repo_id, refuse_token_keys
-from .params import ParamsSection, load_params, require_bool
-from .prompts import CaptionParams
-from .publish import PublishParams
+from .hub import check_access
+from .params import load_params
+from .params.data import CaptionParams
+from .params.model import ModelParams
+from .params.shipping import PublishParams, SpaceParams
 
 SPACE_DIR = Path("build/space")
 REPO = Path(".")
 # What app.py imports, directly or not (tests/test_space.py starts the folder alone to prove it).
-MODULES = ("__init__.py", "app.py", "errors.py", "hub.py", "inference.py", "layout.py", "models.py", "params.py",
-           "prompts.py", "tiny_flux.py")
+MODULES = ("__init__.py", "app.py", "errors.py", "hub.py", "inference.py", "layout.py", "models.py",
+           "params/__init__.py", "params/app.py", "params/inference.py", "params/model.py", "prompts.py",
+           "tiny_flux.py")
 # The app's direct needs, pinned from requirements.txt. gradio is also the Space's sdk_version;
 # bitsandbytes serves app.quantization: nf4. `spaces` is preinstalled on ZeroGPU hardware.
 PACKAGES = ("torch", "diffusers", "transformers", "tokenizers", "peft", "accelerate", "huggingface_hub",
@@ -47,35 +49,6 @@ PACKAGES = ("torch", "diffusers", "transformers", "tokenizers", "peft", "acceler
 NF4_HARDWARE = {"t4-small", "t4-medium", "l4x1", "l4x4", "a10g-small", "a10g-large", "a10g-largex2", "a10g-largex4"}
 APP_SECTIONS = {"model": ("pretrained", "revision", "dtype"), "caption": ("trigger",),
                 "sample": ("prompts", "steps", "guidance_scale", "resolution")}
-
-
-@dataclass(frozen=True)
-class SpaceParams(ParamsSection):
-    """params.yaml ``space`` (every key optional; the command line overrides each)."""
-
-    SECTION: ClassVar[str] = "space"
-    OPTIONAL: ClassVar[bool] = True
-    space_id: str = ""        # "" = write the folder only
-    lora_repo: str = ""       # "" = publish.repo_id
-    hardware: str = "zero-a10g"
-    private: bool = True
-    title: str = "Impressionist FLUX.1 LoRA"
-
-    @classmethod
-    def of(cls, values: Mapping[str, Any]) -> SpaceParams:
-        refuse_token_keys(values, cls.SECTION)  # before the unknown-key check would name the token's key
-        return super().of(values)
-
-    def __post_init__(self) -> None:
-        from huggingface_hub import SpaceHardware
-
-        for key in ("space_id", "lora_repo"):
-            if getattr(self, key):
-                check_repo_id(getattr(self, key), f"space.{key}")
-        hardware = [h.value for h in SpaceHardware]
-        if self.hardware not in hardware:
-            raise UserError(f"space.hardware={self.hardware!r} is not a Space hardware; one of {', '.join(hardware)}")
-        require_bool(self.private, "space.private")
 
 
 def space_params_of(params: Mapping[str, Any], overrides: Mapping[str, Any]) -> SpaceParams:
@@ -103,8 +76,6 @@ def pinned_requirements(requirements: Path) -> list[str]:
 
 def base_model(params: Mapping[str, Any]) -> str:
     """``model.pretrained``, the Space's base model."""
-    from .models import ModelParams  # late: models.py imports torch, which writing the Space needs nowhere else
-
     return ModelParams.check(params).pretrained
 
 
@@ -166,6 +137,7 @@ def build_folder(params: dict[str, Any], cfg: SpaceParams, out: Path, repo: Path
         shutil.copy2(repo / "app.py", tmp / "app.py")
         (tmp / "src" / "impressionist").mkdir(parents=True)
         for name in MODULES:
+            (tmp / "src" / "impressionist" / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(package / name, tmp / "src" / "impressionist" / name)
         (tmp / "requirements.txt").write_text(
             "# The Space's own needs, pinned to the tested versions of the project's requirements.txt.\n"

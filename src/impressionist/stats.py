@@ -50,11 +50,11 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from .params.evaluation import CONFIDENCE, RESAMPLES
+
 if TYPE_CHECKING:  # torch is imported where kernels are computed: the PR report runs without it
     import torch
 
-CONFIDENCE = 0.95
-RESAMPLES = 2000
 CMMD_SIGMA = 10.0
 CMMD_SCALE = 1000.0
 # The fewest real paintings an interval of KID / CMMD is computed from (see the module docstring:

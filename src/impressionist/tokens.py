@@ -7,7 +7,8 @@ from __future__ import annotations
 from typing import Iterable
 
 from .errors import DEMO_HINT, UserError, first_line
-from .models import ModelParams, resolve_pretrained
+from .models import resolve_pretrained
+from .params.model import ModelParams
 
 CLIP_MAX_TOKENS = 77  # CLIP's context, <|startoftext|> and <|endoftext|> included: FLUX cuts the rest
 

@@ -21,32 +21,41 @@ import resource
 import sys
 import time
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
+
 # At the top, not in the phase that uses them: a diffusers without them must fail before training,
 # not after it (_collate_lora_metadata is private API).
 from diffusers import FluxPipeline
 from diffusers.training_utils import _collate_lora_metadata, cast_training_params
 
 from . import checkpoints, launcher
-from .batch_order import ResolutionMix, parse_mix
-from .ema import LoraEMA, check_decay
+from .batch_order import ResolutionMix
+from .ema import LoraEMA
 from .errors import UserError, atomic_dir, atomic_write_text, stage_main
-from .flux_math import (LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS, TimestepSampling, flow_matching_loss,
-                        sample_sigmas)
+from .flux_math import TimestepSampling, flow_matching_loss, sample_sigmas
 from .latent_cache import EMPTY_CAPTION_KEY, CacheReader
 from .layout import CACHE_DIR, LORA_DIR, LOSS_PLOT, REPLICATES_DIR, REPLICATES_MANIFEST, TRAIN_METRICS, TRAINING_CONFIG
-from .lora import LoraParams, lora_config
-from .models import (ModelParams, base_model_of_cache, check_attention_backend, check_quantization,
-                     cuda_capability, load_transformer, require_package, resolve_device, resolve_dtype,
-                     use_attention_backend)
-from .params import ParamsSection, fingerprint, load_params, require_choice, require_int, require_positive
+from .lora import lora_config
+from .models import (
+    base_model_of_cache,
+    check_attention_backend,
+    check_quantization,
+    cuda_capability,
+    load_transformer,
+    require_package,
+    resolve_device,
+    resolve_dtype,
+    use_attention_backend,
+)
+from .params import fingerprint, load_params
+from .params.model import MachinesParams, ModelParams, check_split
+from .params.training import MIXED_PRECISION, LoraParams, TrainParams, ValidationParams
 from .plotting import new_figure, save_figure
 from .replicate_seeds import extra_replicates, replicate_params, replicate_seed
-from .validation_images import ValidationParams, ValidationSampler
+from .validation_images import ValidationSampler
 
 LIVE_DIR = Path("dvclive")
 LOG_DIR = Path("logs")
@@ -54,105 +63,14 @@ LORA_STATE = "lora_state.safetensors"  # inside a checkpoint: peft-format LoRA t
 EMA_FILE = "ema.safetensors"  # in each checkpoint folder when train.ema_decay > 0
 RAW_LORA_SUBDIR = "raw"  # models/lora/raw: the last step's LoRA when the saved one is the EMA
 
-# Params that do not change what a training step computes: changing them keeps checkpoints valid.
+# Params that do not change what a training step computes (TrainParams declares them `operational`):
+# changing them keeps checkpoints valid.
 # Gradient checkpointing recomputes activations (with the same RNG state); every attention backend
 # and a compiled block compute the same maths, up to float rounding: a resumed run may switch them
 # (e.g. on another GPU class). ``max_steps`` joins them only under a schedule that ignores it (see
 # run_hash).
-NOT_SHAPING = {"checkpoint_every", "keep_checkpoints", "log_every", "report_to", "validation",
-               "resume_from", "dataloader_workers", "gradient_checkpointing", "attention_backend", "compile",
-               "num_processes"}
-OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
-# diffusers' get_scheduler names (piecewise_constant needs step rules we do not expose).
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
-                 "polynomial")
+NOT_SHAPING = TrainParams.operational_settings()
 STEP_FREE_SCHEDULERS = ("constant", "constant_with_warmup")  # the lr at step k ignores max_steps
-PRODIGY_MIN_LR = 0.1  # Prodigy estimates the step size itself; its lr is a multiplier around 1.0
-MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
-TRACKERS = ("dvclive", "tensorboard")
-
-
-@dataclass(frozen=True)
-class TrainParams(ParamsSection):
-    """params.yaml ``train``: every check that needs neither this machine nor a checkpoint (those
-    are :func:`check_machine` and :func:`check_resume_from`)."""
-
-    SECTION: ClassVar[str] = "train"
-    seed: int
-    max_steps: int
-    batch_size: int
-    gradient_accumulation_steps: int  # micro-batches per optimizer step over all processes
-    learning_rate: float
-    lr_scheduler: str
-    lr_warmup_steps: int
-    optimizer: str
-    adam_weight_decay: float
-    max_grad_norm: float  # 0: no clipping
-    mixed_precision: str
-    gradient_checkpointing: bool
-    guidance_scale: float
-    timestep_sampling: str
-    logit_mean: float
-    logit_std: float
-    mode_scale: float
-    loss_weighting: str
-    caption_dropout: float
-    checkpoint_every: int  # 0: no checkpoints
-    keep_checkpoints: int
-    log_every: int
-    base_quantization: str = "none"
-    compile: bool = False
-    attention_backend: str = "native"
-    dataloader_workers: int = 0
-    num_processes: int = launcher.AUTO
-    ema_decay: float = 0.0  # 0: no EMA
-    # {resolution: weight}, as parse_mix reads it; {}: each cached resolution once per epoch
-    resolution_mix: dict[int, Fraction] | None = None
-    report_to: list[str] = field(default_factory=lambda: list(TRACKERS))
-    resume_from: str | None = None
-    validation: ValidationParams = field(default_factory=ValidationParams)
-
-    def __post_init__(self) -> None:
-        require_int(self.seed, "train.seed")
-        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every", "keep_checkpoints"):
-            require_int(getattr(self, name), f"train.{name}", minimum=1)
-        for name in ("checkpoint_every", "lr_warmup_steps", "dataloader_workers", "num_processes"):
-            require_int(getattr(self, name), f"train.{name}")
-        require_positive(self.learning_rate, "train.learning_rate")
-        require_positive(self.adam_weight_decay, "train.adam_weight_decay", allow_zero=True)
-        require_positive(self.max_grad_norm, "train.max_grad_norm", allow_zero=True)
-        require_positive(self.logit_std, "train.logit_std")
-        require_positive(self.guidance_scale, "train.guidance_scale", allow_zero=True)
-        self._set("ema_decay", check_decay(self.ema_decay))
-        self._set("resolution_mix", parse_mix(self.resolution_mix))
-        require_choice(self.lr_scheduler, LR_SCHEDULERS, "train.lr_scheduler")
-        require_choice(self.optimizer, OPTIMIZERS, "train.optimizer")
-        require_choice(self.mixed_precision, MIXED_PRECISION, "train.mixed_precision")
-        require_choice(self.timestep_sampling, TIMESTEP_SAMPLINGS, "train.timestep_sampling")
-        require_choice(self.loss_weighting, LOSS_WEIGHTINGS, "train.loss_weighting")
-        if not isinstance(self.report_to, list):
-            raise UserError(f"params.yaml: train.report_to={self.report_to!r} must be a list of "
-                            f"{', '.join(TRACKERS)}")
-        for tracker in self.report_to:
-            require_choice(tracker, TRACKERS, "train.report_to[]")
-        dropout = self.caption_dropout
-        if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
-            raise UserError(f"params.yaml: train.caption_dropout={dropout!r} must be in [0, 1]")
-        if self.num_processes != launcher.AUTO:
-            launcher.check_split(self.num_processes, self.gradient_accumulation_steps)
-        if self.base_quantization == "nf4" and self.compile and self.gradient_checkpointing:
-            # Seen with torch 2.14, bitsandbytes 0.50.2 and peft 0.21 (dynamic or static shapes alike):
-            # dynamo breaks the graph inside Linear4bit.forward and recompiles it per weight shape, and
-            # the recomputation then runs another graph than the forward did.
-            raise UserError("train.compile cannot be combined with train.base_quantization=nf4 and "
-                            "train.gradient_checkpointing: torch.compile recompiles inside bitsandbytes' 4-bit "
-                            "layers and checkpointing's recomputation then saves other tensors than the forward "
-                            "(torch CheckpointError); set train.compile: false")
-        if self.optimizer == "prodigy" and self.learning_rate < PRODIGY_MIN_LR:
-            # Prodigy multiplies its own step-size estimate by lr: 1e-4 would barely train at all.
-            raise UserError(f"train.optimizer=prodigy expects train.learning_rate around 1.0 (it "
-                            f"estimates the step size itself), not {self.learning_rate}; set "
-                            "train.learning_rate: 1.0")
 
 
 def check_machine(train: TrainParams, device: torch.device) -> None:
@@ -458,7 +376,7 @@ def make_accelerator(train: TrainParams, device: torch.device, checkpoint_dir: P
         mixed_precision=MIXED_PRECISION[train.mixed_precision], cpu=device.type == "cpu",
         log_with=list(train.report_to) or None,
         project_config=ProjectConfiguration(project_dir=str(checkpoint_dir), logging_dir=str(log_dir)))
-    launcher.check_split(accelerator.num_processes, train.gradient_accumulation_steps)
+    check_split(accelerator.num_processes, train.gradient_accumulation_steps)
     return accelerator
 
 
@@ -813,9 +731,9 @@ def main(argv: list[str] | None = None) -> None:
         model, _, train = checked_sections(params)  # bad params stop here, before any process is launched
         device = resolve_device(model)
         processes = launcher.processes_to_launch(train.num_processes, train.gradient_accumulation_steps, device)
-        machines = launcher.MachinesParams.check(params)
+        machines = MachinesParams.check(params)
         if machines.several:
-            launcher.check_split(processes * machines.num_machines, train.gradient_accumulation_steps)
+            check_split(processes * machines.num_machines, train.gradient_accumulation_steps)
         if processes > 1 or machines.several:
             launcher.relaunch("impressionist.train", sys.argv[1:] if argv is None else argv, processes,
                               MIXED_PRECISION[train.mixed_precision], cpu=device.type != "cuda",

@@ -6,49 +6,11 @@ each validation only the small VAE sits beside the transformer being trained.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import ClassVar
-
 import numpy as np
 import torch
 
-from .errors import UserError
 from .models import encode_prompts, load_vae
-from .params import ParamsSection, require_int, require_keys, require_multiple, require_positive
-
-@dataclass(frozen=True)
-class ValidationParams(ParamsSection):
-    """params.yaml ``train.validation``: images every ``every`` steps (0: off); the other settings
-    are needed only when it is on.
-
-    Every setting is checked here, before training starts, not where it is first used (at step
-    ``every``), so a mistake stops the run before any model loads, on every DDP rank alike.
-    """
-
-    SECTION: ClassVar[str] = "train.validation"
-    every: int = 0
-    prompts: list[str] | None = None
-    seed: int | None = None
-    steps: int | None = None
-    guidance_scale: float | None = None
-    resolution: int | None = None
-
-    def __post_init__(self) -> None:
-        require_int(self.every, "train.validation.every")
-        if not self.every:
-            return
-        # the settings after `every`: all needed once it is on
-        needed = [f.name for f in fields(self) if f.name != "every"]
-        require_keys({name: value for name in needed if (value := getattr(self, name)) is not None},
-                     needed, self.SECTION)
-        prompts = self.prompts
-        if not (isinstance(prompts, list) and prompts and all(isinstance(p, str) and p.strip() for p in prompts)):
-            raise UserError("params.yaml: train.validation.every > 0 needs train.validation.prompts, "
-                            "a list of non-empty prompts")
-        require_int(self.seed, "train.validation.seed")
-        require_int(self.steps, "train.validation.steps", minimum=1)
-        require_positive(self.guidance_scale, "train.validation.guidance_scale", allow_zero=True)
-        require_multiple(self.resolution, 16, "train.validation.resolution")
+from .params.training import ValidationParams
 
 
 class ValidationSampler:

@@ -1,8 +1,11 @@
 """Read ``params.yaml``: each stage reads its own section (plus the shared ``model`` section).
 
-Each section is one frozen dataclass, a :class:`ParamsSection`, declared beside the code that owns it
-(``TrainParams`` in train.py, ``ModelParams`` in models.py, ...). Its fields name every setting and
-hold each default once; ``XParams.check(params)`` is the one way to read a section: it rejects
+Each section is one frozen dataclass, a :class:`ParamsSection`, in this package, which imports no torch
+or diffusers (``params.data``: download, filter, describe, caption, encode; ``params.model``: model,
+compute, replicates; ``params.training``: lora, train; ``params.inference`` and ``params.evaluation``:
+sample, evaluate; ``params.shipping``: export, publish, space; ``params.app``: app). ``params.stages``
+says which sections each stage reads, so a stage's command checks them before its heavy imports.
+Its fields name every setting and hold each default once; ``XParams.check(params)`` is the one way to read a section: it rejects
 unknown and missing keys and runs the class's ``__post_init__`` checks, so a wrong param stops the
 stage with one clear line before any heavy work. params.yaml stays the single place users edit.
 """
@@ -18,9 +21,11 @@ from typing import Any, ClassVar, Iterable, Mapping, TypeVar
 
 import yaml
 
-from .errors import UserError, first_line
+from ..errors import UserError, first_line
 
 DEFAULT_PARAMS = Path("params.yaml")
+# The dtype names model.dtype, describe.dtype and export.dtype accept (models.DTYPES maps them to torch).
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
 
 
 def load_params(path: Path | str = DEFAULT_PARAMS) -> dict[str, Any]:
@@ -86,6 +91,15 @@ def fingerprint(*parts: Any) -> str:
 
 
 SectionT = TypeVar("SectionT", bound="ParamsSection")
+SHAPES_OUTPUT = "shapes_output"  # field metadata: False for a setting that changes how a stage runs only
+
+
+def operational(**field_args: Any) -> Any:
+    """A settings field (``dataclasses.field`` arguments: ``default=``, ``default_factory=`` or none)
+    whose value changes how a stage runs (logging, workers, checkpoints, kernels) but not what it
+    computes: such settings stay out of cache fingerprints and run hashes, so changing one reuses a
+    cache or resumes a checkpoint. :meth:`ParamsSection.operational_settings` lists them."""
+    return dataclasses.field(metadata={SHAPES_OUTPUT: False}, **field_args)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +157,11 @@ class ParamsSection:
     def _set(self, name: str, value: Any) -> None:
         """Store a normalised value from ``__post_init__`` (the instance is frozen afterwards)."""
         object.__setattr__(self, name, value)
+
+    @classmethod
+    def operational_settings(cls) -> frozenset[str]:
+        """The settings declared with :func:`operational`: they shape no output."""
+        return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata.get(SHAPES_OUTPUT) is False)
 
     def as_dict(self) -> dict[str, Any]:
         """Every setting, defaults included, as plain data (JSON records, fingerprints)."""

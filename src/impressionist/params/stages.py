@@ -1,0 +1,54 @@
+"""Which params sections each stage reads, so ``python -m impressionist <stage>`` (the command of every
+dvc.yaml stage, and ``impressionist <stage>``) refuses a bad value in a fraction of a second, before
+the stage module imports torch and diffusers.
+
+A stage still checks its sections itself (and what needs a model or a library's registry: the names of
+an explicit ``lora.targets`` list, open_clip model names, the GPU count); this is the cheap part, done
+first. Only sections a stage reads whatever its options are listed, so the early check never refuses a
+run the stage itself would accept.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Mapping, Sequence
+
+from . import DEFAULT_PARAMS, ParamsSection, load_params
+from .data import CaptionParams, DescribeParams, DownloadParams, EncodeParams, FilterParams
+from .evaluation import EvaluateParams, SampleParams
+from .model import ComputeParams, MachinesParams, ModelParams, ReplicateParams
+from .shipping import ExportParams
+from .training import LoraParams, TrainParams
+
+STAGE_SECTIONS: dict[str, tuple[type[ParamsSection], ...]] = {
+    "download": (DownloadParams,),
+    "filter": (FilterParams,),
+    "describe": (ModelParams, DescribeParams, ComputeParams),
+    "caption": (ModelParams, CaptionParams),
+    "encode": (ModelParams, CaptionParams, EncodeParams, ComputeParams),
+    "train": (ModelParams, LoraParams, TrainParams, ReplicateParams, MachinesParams),
+    "export": (ModelParams, ExportParams),
+    "sample": (ModelParams, CaptionParams, SampleParams, ReplicateParams, ComputeParams),
+    "reference": (EvaluateParams, ComputeParams),
+    "evaluate": (EvaluateParams, ReplicateParams, ComputeParams),
+    "generate": (ModelParams, SampleParams),
+}
+
+
+def params_file(argv: Sequence[str]) -> str:
+    """The ``--params`` a stage's command line names (every stage takes it; default params.yaml)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--params", default=str(DEFAULT_PARAMS))
+    return parser.parse_known_args(list(argv))[0].params
+
+
+def check_stage(stage: str, params: Mapping[str, Any]) -> None:
+    """Every section ``stage`` reads, checked (one UserError line for the first bad value)."""
+    for section in STAGE_SECTIONS.get(stage, ()):
+        section.check(params)
+
+
+def check_stage_args(stage: str, argv: Sequence[str]) -> None:
+    """:func:`check_stage` on the params file ``argv`` names. ``--help`` is left to the stage."""
+    if stage in STAGE_SECTIONS and not {"-h", "--help"} & set(argv):
+        check_stage(stage, load_params(params_file(argv)))

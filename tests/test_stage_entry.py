@@ -1,0 +1,122 @@
+"""``python -m impressionist <stage>`` (every dvc.yaml command) refuses a bad param before torch loads.
+
+The params package imports no heavy library, and the stage entry checks the sections a stage reads
+(``params.stages.STAGE_SECTIONS``) before it imports the stage module. The tests run the entry in a
+subprocess whose import system refuses torch, diffusers and the other heavy libraries: a refusal that
+came from the stage module itself would die on that import instead of printing the one line.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import REPO
+from impressionist import cli
+from impressionist.params.stages import STAGE_SECTIONS, check_stage
+
+HEAVY = ("torch", "torchvision", "diffusers", "transformers", "peft", "accelerate", "open_clip", "pandas",
+         "numpy", "PIL", "datasets", "dvc", "huggingface_hub", "safetensors")
+BLOCKER = f"""
+import importlib.abc, runpy, sys
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {HEAVY!r}:
+            raise ImportError("heavy import before the params were checked: " + name)
+sys.meta_path.insert(0, Refuse())
+"""
+
+
+def run_light(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", BLOCKER + code], cwd=cwd, capture_output=True, text=True,
+                          timeout=60)
+
+
+def run_entry(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return run_light(f"sys.argv = ['impressionist', *{args!r}]\nrunpy.run_module('impressionist', run_name='__main__')",
+                     cwd)
+
+
+def test_the_params_package_imports_no_heavy_library(tmp_path):
+    result = run_light("import pkgutil, importlib, impressionist.params as p\n"
+                       "for m in pkgutil.walk_packages(p.__path__, 'impressionist.params.'):\n"
+                       "    importlib.import_module(m.name)\n"
+                       "print('imported', len(list(pkgutil.walk_packages(p.__path__))))", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("imported ")
+
+
+def section_of(params: dict, dotted: str) -> dict:
+    """The mapping of section ``dotted`` (an optional section left out is added, empty)."""
+    node = params
+    for part in dotted.split("."):
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+    return node
+
+
+CASES = [(stage, section.SECTION) for stage, sections in STAGE_SECTIONS.items() for section in sections]
+
+
+@pytest.mark.parametrize("stage, section", CASES, ids=[f"{s}-{n}" for s, n in CASES])
+def test_each_stage_refuses_a_bad_setting_of_each_of_its_sections_before_any_heavy_import(
+        demo_params, tmp_path, stage, section):
+    bad = copy.deepcopy(demo_params)
+    section_of(bad, section)["bogus_setting"] = 1
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    result = run_entry([stage, "--params", "bad.yaml"], tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert f"'{section}.bogus_setting' is not a setting" in lines[0]
+
+
+def test_a_bad_value_is_refused_by_the_entry_and_by_the_stage_module_alike(demo_params, tmp_path):
+    """The early check is the stage's own check, not a second set of rules: the same line either way."""
+    bad = copy.deepcopy(demo_params)
+    bad["lora"]["rank"] = -1
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    early = run_entry(["train", "--params", "bad.yaml"], tmp_path)
+    late = subprocess.run([sys.executable, "-m", "impressionist.train", "--params", "bad.yaml"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert early.returncode == late.returncode == 2, (early.stderr, late.stderr)
+    assert early.stderr == late.stderr
+    assert "lora.rank=-1 must be a positive integer" in early.stderr
+
+
+def test_the_early_check_accepts_what_the_stages_accept(demo_params):
+    """It never refuses a run the stage itself would take: the demo and the recipe pass every stage."""
+    recipe = yaml.safe_load((REPO / "params.yaml").read_text())
+    for stage in STAGE_SECTIONS:
+        check_stage(stage, demo_params)
+        check_stage(stage, recipe)
+
+
+def checked_in_module(module: str) -> set[str]:
+    """The sections (class names) a stage module checks itself: each ``XParams.check(...)`` call."""
+    path = REPO / "src" / Path(*module.split("."))
+    tree = ast.parse(path.with_suffix(".py").read_text())
+    return {node.func.value.id for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "check"
+            and isinstance(node.func.value, ast.Name) and node.func.value.id.endswith("Params")}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_SECTIONS))
+def test_the_early_check_covers_every_section_the_stage_module_checks(stage):
+    listed = {cls.__name__ for cls in STAGE_SECTIONS[stage]}
+    missing = checked_in_module(cli.COMMANDS[stage]) - listed
+    assert not missing, f"params/stages.py: add {sorted(missing)} to STAGE_SECTIONS[{stage!r}]"
+
+
+def test_every_dvc_stage_runs_through_the_checking_entry():
+    for name, stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].items():
+        words = stage["cmd"].split()
+        assert words[:3] == ["python", "-m", "impressionist"], f"stage {name}: {stage['cmd']}"
+        assert words[3] in STAGE_SECTIONS, f"stage {name}: `{words[3]}` has no early params check"
