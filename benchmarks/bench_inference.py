@@ -38,18 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from bench_train_step import (
-    CLIP_L,
-    CPU_FLASH_ATTENTION_FLOPS,
-    T5_XXL,
-    PeakTensorMemory,
-    build_full_size,
-    cpu_name,
-    module_tensors,
-    nf4_quantized_names,
-    peak_tflops,
-    to_fake,
-)
+from bench_train_step import (CLIP_L, CPU_FLASH_ATTENTION_FLOPS, T5_XXL, PeakTensorMemory, build_full_size,
+                              cpu_name, module_tensors, nf4_quantized_names, peak_tflops, to_fake)
 from results_file import command_line, publish
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 

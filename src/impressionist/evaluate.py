@@ -59,32 +59,13 @@ import torch
 from . import data_parallel
 from .errors import UserError, atomic_write_text, stage_main
 from .image_features import EvaluateParams, Extractors, batch_count, load_reference, uses_random_nets
-from .layout import (
-    EVAL_IMAGES,
-    EVAL_METRICS,
-    EVAL_REPLICATES,
-    EVAL_SET_TABLE,
-    FILTERED_DIR,
-    PLOTS_DIR,
-    REFERENCE_DIR,
-    REPLICATES_MANIFEST,
-    SAMPLES_DIR,
-)
+from .layout import (EVAL_IMAGES, EVAL_METRICS, EVAL_REPLICATES, EVAL_SET_TABLE, FILTERED_DIR, PLOTS_DIR,
+                     REFERENCE_DIR, REPLICATES_MANIFEST, SAMPLES_DIR)
 from .params import load_params
 from .params.evaluation import CONFIDENCE, FID_RELIABLE, PER_IMAGE
 from .replicates import COVERS_WEIGHTS, REPLICATE_COLUMNS, recipe_sections
-from .stats import (
-    CMMD,
-    KID,
-    MIN_REAL,
-    Estimate,
-    KernelSets,
-    Resampling,
-    mean_estimate,
-    paired_difference,
-    replicate_difference,
-    set_distance_estimates,
-)
+from .stats import (CMMD, KID, MIN_REAL, Estimate, KernelSets, Resampling, mean_estimate, paired_difference,
+                    replicate_difference, set_distance_estimates)
 from .tables import read_table, validation_split
 
 SET_LEVEL = ("kid", "cmmd")

@@ -104,12 +104,8 @@ def hub_commit(repo_id: str, revision: str | None) -> str:
     """The commit ``revision`` (a branch, tag or commit; default main) of a Hub model names now, or,
     offline or with the Hub unreachable, the one the local Hugging Face cache last recorded."""
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-        RevisionResolutionError,
-    )
+    from huggingface_hub.errors import (GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError,
+                                        RevisionResolutionError)
 
     from .hub import hub_offline
 

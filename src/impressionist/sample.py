@@ -52,17 +52,8 @@ from . import data_parallel
 from .errors import UserError, atomic_dir, first_line, stage_main
 from .grid import save_sample_grid
 from .inference import baked, build_pipeline, check, lora_applied
-from .layout import (
-    CAPTIONS,
-    EVAL_SET_TABLE,
-    LORA_DIR,
-    LORA_WEIGHTS,
-    REPLICATES_DIR,
-    REPLICATES_MANIFEST,
-    SAMPLE_GRID,
-    SAMPLES_DIR,
-    SAMPLES_REPLICATES_DIR,
-)
+from .layout import (CAPTIONS, EVAL_SET_TABLE, LORA_DIR, LORA_WEIGHTS, REPLICATES_DIR, REPLICATES_MANIFEST,
+                     SAMPLE_GRID, SAMPLES_DIR, SAMPLES_REPLICATES_DIR)
 from .models import resolve_device, resolve_dtype, resolve_pretrained, without_third_party_noise
 from .params import fingerprint, load_params
 from .params.data import CaptionParams

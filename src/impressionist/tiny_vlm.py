@@ -49,14 +49,8 @@ def _tokenizer():
 
 def build_tiny_vlm():
     """The processor and the model, deterministically from :data:`SEED` (the caller's RNG untouched)."""
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
 
     tokenizer = _tokenizer()
     image_processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},

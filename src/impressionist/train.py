@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
-
 # At the top, not in the phase that uses them: a diffusers without them must fail before training,
 # not after it (_collate_lora_metadata is private API).
 from diffusers import FluxPipeline
@@ -39,17 +38,8 @@ from .flux_math import TimestepSampling, flow_matching_loss, sample_sigmas
 from .latent_cache import EMPTY_CAPTION_KEY, CacheReader
 from .layout import CACHE_DIR, LORA_DIR, LOSS_PLOT, REPLICATES_DIR, REPLICATES_MANIFEST, TRAIN_METRICS, TRAINING_CONFIG
 from .lora import lora_config
-from .models import (
-    base_model_of_cache,
-    check_attention_backend,
-    check_quantization,
-    cuda_capability,
-    load_transformer,
-    require_package,
-    resolve_device,
-    resolve_dtype,
-    use_attention_backend,
-)
+from .models import (base_model_of_cache, check_attention_backend, check_quantization, cuda_capability,
+                     load_transformer, require_package, resolve_device, resolve_dtype, use_attention_backend)
 from .params import fingerprint, load_params
 from .params.model import MachinesParams, ModelParams, check_split
 from .params.training import MIXED_PRECISION, LoraParams, TrainParams, ValidationParams

@@ -66,15 +66,8 @@ from .drive import ENV_LOCAL, DriveLayout, Environment, detect_environment, moun
 from .gpu import Gpu, detect_gpu, parse_nvidia_smi
 from .hub_login import login
 from .pipeline_run import apply_params, planned_params, repro_command, run
-from .recipe import (
-                     CHECKPOINT_EVERY_BF16,
-                     CHECKPOINT_EVERY_NF4,
-                     Recipe,
-                     choose_recipe,
-                     gpu_overrides,
-                     keep_first_recipe,
-                     select_recipe,
-)
+from .recipe import (CHECKPOINT_EVERY_BF16, CHECKPOINT_EVERY_NF4, Recipe, choose_recipe, gpu_overrides,
+                     keep_first_recipe, select_recipe)
 from .results import show_results
 from .state_mirror import StateMirror, state_paths
 from .working_copy import drop_incomplete_checkpoints, link_checkpoints, prepare

@@ -9,16 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ..errors import UserError, first_line
-from . import (
-    DTYPE_NAMES,
-    ParamsSection,
-    operational,
-    require_bool,
-    require_choice,
-    require_int,
-    require_multiple,
-    require_positive,
-)
+from . import (DTYPE_NAMES, ParamsSection, operational, require_bool, require_choice, require_int,
+               require_multiple, require_positive)
 
 DEFAULT_REVISION = "main"
 

@@ -104,7 +104,7 @@ class ValidationParams(ParamsSection):
 @dataclass(frozen=True)
 class TrainParams(ParamsSection):
     """params.yaml ``train``: every check that needs neither this machine nor a checkpoint (those
-    are :func:`check_machine` and :func:`check_resume_from`)."""
+    are ``train.check_machine`` and ``train.check_resume_from``)."""
 
     SECTION: ClassVar[str] = "train"
     seed: int
