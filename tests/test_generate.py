@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from PIL import Image
 
 from helpers import train_tiny_lora
@@ -54,7 +55,8 @@ def test_refusals_are_one_line_before_any_model(demo_params, tmp_path, capsys):
         generate.run(demo_params, "a field", tmp_path / "none", 1.0, 0, tmp_path / "x.png")
     with pytest.raises(UserError, match="scale"):
         generate.run(demo_params, "a field", None, -1.0, 0, tmp_path / "x.png")
-    (tmp_path / "params.yaml").write_text("model: {pretrained: builtin:tiny-flux}\n")
+    # valid params (the entry checks `model` and `sample` first), so the refusal is the --out one
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(demo_params))
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["generate", "a field", "--out", str(tmp_path / "x.gif"), "--params", str(tmp_path / "params.yaml")])
     assert exit_info.value.code == 2

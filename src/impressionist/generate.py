@@ -13,6 +13,8 @@ from pathlib import Path
 from .errors import UserError, stage_main
 from .layout import LORA_DIR, LORA_WEIGHTS
 from .params import load_params
+from .params.evaluation import SampleParams
+from .params.model import ModelParams
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -20,8 +22,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 def run(params, prompt: str, lora_dir: Path | None, scale: float, seed: int, out: Path) -> Path:
     """Draw ``prompt`` with the LoRA in ``lora_dir`` at ``scale`` (no LoRA: ``lora_dir`` None or scale 0)."""
     # The sample stage's own loader, settings and draw function, so the image is the stage's image.
-    from .inference import SampleParams, baked, lora_applied
-    from .models import ModelParams, without_third_party_noise
+    from .inference import baked, lora_applied
+    from .models import without_third_party_noise
     from .sample import draw, load, noise_seed, sampling_device, show_sampler
 
     out = Path(out)

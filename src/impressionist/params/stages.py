@@ -23,9 +23,9 @@ from .training import LoraParams, TrainParams
 STAGE_SECTIONS: dict[str, tuple[type[ParamsSection], ...]] = {
     "download": (DownloadParams,),
     "filter": (FilterParams,),
-    "describe": (ModelParams, DescribeParams, ComputeParams),
+    "describe": (ModelParams, DescribeParams),
     "caption": (ModelParams, CaptionParams),
-    "encode": (ModelParams, CaptionParams, EncodeParams, ComputeParams),
+    "encode": (ModelParams, CaptionParams, EncodeParams),
     "train": (ModelParams, LoraParams, TrainParams, ReplicateParams, MachinesParams),
     "export": (ModelParams, ExportParams),
     "sample": (ModelParams, CaptionParams, SampleParams, ReplicateParams, ComputeParams),
