@@ -38,6 +38,7 @@ from impressionist.cli import COMMANDS
 from impressionist.params.stages import STAGE_SECTIONS
 
 REPO = Path(__file__).resolve().parents[1]
+EXTRA_ARGS = {"generate": ["a field", "--out", "out.png"]}  # its required arguments
 
 
 def bad_params(stage: str) -> dict:
@@ -82,7 +83,7 @@ def main() -> None:
             for _ in range(args.repeats):
                 for times, command in ((entry, [sys.executable, "-m", "impressionist", stage]),
                                        (module, [sys.executable, "-m", COMMANDS[stage]])):
-                    seconds, result = timed([*command, "--params", "bad.yaml"], cwd)
+                    seconds, result = timed([*command, *EXTRA_ARGS.get(stage, []), "--params", "bad.yaml"], cwd)
                     if result.returncode != 2 or not result.stderr.startswith("error: "):
                         raise SystemExit(f"{' '.join(command)}: exit {result.returncode}, not a refusal:\n"
                                          f"{result.stderr[-2000:]}")
