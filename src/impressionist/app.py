@@ -33,7 +33,7 @@ from typing import Any, Mapping
 from .errors import UserError, first_line
 from .inference import baked, build_pipeline, check, lora_applied, lora_removed
 from .layout import LORA_WEIGHTS
-from .params import load_params
+from .params import DEFAULT_PARAMS, load_params
 from .params.app import MULTIPLE, AppParams
 from .params.inference import InferenceSettings
 from .params.model import ModelParams
@@ -101,7 +101,7 @@ def load_settings(params: dict[str, Any] | None = None,
 
     environ = os.environ if environ is None else environ
     if params is None:
-        path = Path(environ.get(ENV_PREFIX + "PARAMS", "params.yaml"))
+        path = Path(environ.get(ENV_PREFIX + "PARAMS", str(DEFAULT_PARAMS)))
         params = load_params(path) if path.is_file() else {}
     cfg = app_params(params, environ)
     model = ModelParams.check(params) if params.get("model") else ModelParams(pretrained=RECIPE_BASE_MODEL)

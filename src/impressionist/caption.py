@@ -29,8 +29,9 @@ from typing import Any, Mapping
 import pandas as pd
 
 from .errors import UserError, atomic_dir, atomic_write_text, stage_main
-from .layout import CAPTION_LENGTHS_PLOT, CAPTION_METRICS, CAPTIONS, CAPTIONS_DIR, DESCRIPTIONS, FILTERED_DIR, RAW_DIR
-from .params import load_params
+from .layout import (CAPTION_LENGTHS_PLOT, CAPTION_METRICS, CAPTIONS, CAPTIONS_DIR, DESCRIPTIONS,
+                     FILTERED_DIR, IMAGES_SUBDIR, RAW_DIR)
+from .params import DEFAULT_PARAMS, load_params
 from .params.data import CaptionParams, template_fields
 from .params.model import ModelParams
 from .plotting import new_figure, save_figure
@@ -181,7 +182,7 @@ def run(params: Mapping[str, Any], filtered_dir: Path | str = FILTERED_DIR, raw_
     for row in table.itertuples():
         described = descriptions.get(row.id, "")
         template_only.append(template_caption(template, trigger, row.artist, row.genre, row.style))
-        sidecar = read_sidecar(raw_dir / "images", row.id)
+        sidecar = read_sidecar(raw_dir / IMAGES_SUBDIR, row.id)
         if sidecar is not None:
             captions.append(sidecar)
             sources.append("sidecar")
@@ -273,7 +274,7 @@ def plot_lengths(result: pd.DataFrame, max_tokens: int):
 @stage_main
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write one training caption per filtered image.")
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--params", default=str(DEFAULT_PARAMS), help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
     run(load_params(args.params))
 

@@ -42,7 +42,7 @@ def resolve_captioner(name: str, revision: str | None) -> Captioner:
     cannot be had offline or is not a transformers folder."""
     if name == BUILTIN_TINY_VLM:
         folder = _tiny_vlm_folder()
-        return Captioner(name, str(folder), f"builtin:{folder.name}", True)
+        return Captioner(name, str(folder), f"{BUILTIN_PREFIX}{folder.name}", True)
     if name.startswith(BUILTIN_PREFIX):
         raise UserError(f"describe.model={name!r}: the only builtin captioner is {BUILTIN_TINY_VLM}")
     local = Path(name).expanduser()

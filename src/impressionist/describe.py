@@ -44,9 +44,9 @@ from tqdm import tqdm
 from .captioner import Generator, check_takes_images, resolve_captioner
 from .checkpoints import default_root
 from .errors import UserError, atomic_write_bytes, atomic_write_text, first_line, stage_main
-from .layout import DESCRIBE_METRICS, DESCRIPTIONS, DESCRIPTIONS_DIR, FILTERED_DIR
+from .layout import DESCRIBE_METRICS, DESCRIPTIONS, DESCRIPTIONS_DIR, FILTERED_DIR, RESUME_ROWS, RESUME_STATE
 from .models import DTYPES, resolve_device
-from .params import fingerprint, load_params
+from .params import DEFAULT_PARAMS, fingerprint, load_params
 from .params.data import DescribeParams
 from .params.model import ModelParams
 from .tables import METADATA_FILE, read_table
@@ -115,7 +115,7 @@ class RawRows:
 
     def __init__(self, folder: Path, key: str):
         self.dir = Path(folder)
-        self.rows_file, self.state_file, self.key = self.dir / "rows.jsonl", self.dir / "state.json", key
+        self.rows_file, self.state_file, self.key = self.dir / RESUME_ROWS, self.dir / RESUME_STATE, key
 
     def load(self) -> dict[str, str]:
         """id -> raw text of an earlier run with the same settings ({} and a fresh start otherwise)."""
@@ -255,7 +255,7 @@ def _write(result: pd.DataFrame, out_dir: Path, metrics_path: Path | str, metric
 @stage_main
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--params", default=str(DEFAULT_PARAMS))
     args = parser.parse_args(argv)
     run(load_params(args.params))
 

@@ -51,8 +51,8 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from .errors import UserError, atomic_write_bytes, atomic_write_text, first_line, stage_main
-from .layout import DOWNLOAD_METRICS, RAW_DIR
-from .params import fingerprint, load_params
+from .layout import DOWNLOAD_METRICS, IMAGES_SUBDIR, RAW_DIR, RESUME_ROWS, RESUME_STATE
+from .params import DEFAULT_PARAMS, fingerprint, load_params
 from .params.data import DownloadParams
 from .source_reads import ReadMeter
 from .sources import CAPTION_SUFFIX, SYNTHETIC, ScannedRow, SourceReader, SourceReadError, open_source
@@ -107,8 +107,8 @@ class Progress:
     def __init__(self, raw_dir: Path, config_key: str):
         self.raw_dir = raw_dir
         self.dir = raw_dir / PARTIAL_DIR
-        self.rows_file = self.dir / "rows.jsonl"
-        self.state_file = self.dir / "state.json"
+        self.rows_file = self.dir / RESUME_ROWS
+        self.state_file = self.dir / RESUME_STATE
         self.dropped_file = self.dir / "dropped.jsonl"
         self.config_key = config_key
         self.rows: list[dict] = []
@@ -276,7 +276,7 @@ def resume_progress(raw_dir: Path, reader: SourceReader) -> Progress:
         if max_images:
             progress.rows = progress.rows[:max_images]
         progress.start()
-        (raw_dir / "images").mkdir(parents=True, exist_ok=True)
+        (raw_dir / IMAGES_SUBDIR).mkdir(parents=True, exist_ok=True)
     if resumed:
         print(f"download: resuming an unfinished download with {len(progress.rows)} images already kept",
               file=sys.stderr)
@@ -356,12 +356,12 @@ def keep(row: ScannedRow, reader: SourceReader, progress: Progress, tally: Tally
         return
     raw_dir = progress.raw_dir
     ext, width, height = image_header(row.data)
-    relative = f"images/{image_id}.{ext}"
+    relative = f"{IMAGES_SUBDIR}/{image_id}.{ext}"
     if not (raw_dir / relative).is_file():
         atomic_write_bytes(raw_dir / relative, row.data)
     # The images are renamed to <id>.<ext>, so a sidecar caption follows as <id>.txt, where the
     # caption stage looks for it. Written before the row is recorded, like the image.
-    caption_file = f"images/{image_id}{CAPTION_SUFFIX}" if row.caption is not None else None
+    caption_file = f"{IMAGES_SUBDIR}/{image_id}{CAPTION_SUFFIX}" if row.caption is not None else None
     if row.caption is not None:
         atomic_write_bytes(raw_dir / caption_file, row.caption)
     progress.add({"id": image_id, "file": relative, **reader.labels(row.example), "width": width, "height": height,
@@ -373,7 +373,7 @@ def keep(row: ScannedRow, reader: SourceReader, progress: Progress, tally: Tally
 def finalise(raw_dir: Path, progress: Progress, params: DownloadParams) -> pd.DataFrame:
     """Write ``metadata.parquet``, last: it marks the download complete. Images left over from an
     earlier run with other params are removed first: they are not part of this download."""
-    images_dir = raw_dir / "images"
+    images_dir = raw_dir / IMAGES_SUBDIR
     if not progress.rows:
         progress.remove()
         with contextlib.suppress(OSError):  # leave no empty folders behind
@@ -464,7 +464,7 @@ def write_metrics(summary: DownloadSummary, path: Path) -> None:
 @stage_main
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Download WikiArt images of one style into data/raw.")
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--params", default=str(DEFAULT_PARAMS), help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
     run(load_params(args.params), metrics_path=DOWNLOAD_METRICS)
 

@@ -31,9 +31,10 @@ from .errors import UserError, atomic_dir, first_line, stage_main
 from .latent_cache import EMPTY_CAPTION_KEY, INDEX, CacheReader, ShardWriter, caption_key
 from .layout import CACHE_DIR, CAPTIONS, FILTERED_DIR, LATENT_CACHE_DIR, TEXT_CACHE_DIR
 from .models import encode_prompts, load_vae, resolve_base_model, resolve_device, resolve_dtype
-from .params import fingerprint, load_params
+from .params import DEFAULT_PARAMS, fingerprint, load_params
 from .params.data import CaptionParams, EncodeParams
 from .params.model import ModelParams
+from .tables import METADATA_FILE
 
 
 def aspect_buckets(resolution: int, min_aspect: float, max_aspect: float) -> list[tuple[int, int]]:
@@ -90,7 +91,7 @@ def _need(path: Path, stage: str) -> None:
 
 def _latent_rows(filtered_dir: Path) -> pd.DataFrame:
     """The training split of data/filtered, sorted by id: the images ``encode_latents`` caches."""
-    meta_path = filtered_dir / "metadata.parquet"
+    meta_path = filtered_dir / METADATA_FILE
     _need(meta_path, "filter")
     meta = pd.read_parquet(meta_path)
     rows = meta[meta["split"] == "train"]
@@ -310,7 +311,7 @@ def cache_summary(samples: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 @stage_main
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--params", default=str(DEFAULT_PARAMS))
     half = parser.add_mutually_exclusive_group()
     half.add_argument("--latents", action="store_true", help="only the VAE latents (stage encode_latents)")
     half.add_argument("--text", action="store_true", help="only the text embeddings (stage encode_text)")

@@ -61,7 +61,7 @@ from .errors import UserError, atomic_write_text, stage_main
 from .image_features import EvaluateParams, Extractors, batch_count, load_reference, uses_random_nets
 from .layout import (EVAL_IMAGES, EVAL_METRICS, EVAL_REPLICATES, EVAL_SET_TABLE, FILTERED_DIR, PLOTS_DIR,
                      REFERENCE_DIR, REPLICATES_MANIFEST, SAMPLES_DIR)
-from .params import load_params
+from .params import DEFAULT_PARAMS, load_params
 from .params.evaluation import CONFIDENCE, FID_RELIABLE, PER_IMAGE
 from .replicates import COVERS_WEIGHTS, REPLICATE_COLUMNS, recipe_sections
 from .stats import (CMMD, KID, MIN_REAL, Estimate, KernelSets, Resampling, mean_estimate, paired_difference,
@@ -415,7 +415,7 @@ def summary_lines(metrics: Mapping[str, Any], confidence: float = CONFIDENCE) ->
 @stage_main
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m impressionist.evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="params file (reads its `evaluate` section)")
+    parser.add_argument("--params", default=str(DEFAULT_PARAMS), help="params file (reads its `evaluate` section)")
     args = parser.parse_args(argv)
     params = load_params(args.params)
     cfg = EvaluateParams.check(params)  # the cheap checks, before any process is launched

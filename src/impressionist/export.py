@@ -53,7 +53,7 @@ import torch
 from .errors import UserError, atomic_dir, stage_main
 from .layout import EXPORT_DIR, EXPORT_MANIFEST, LORA_DIR, LORA_WEIGHTS
 from .models import DTYPES, load_pipeline, resolve_device, resolve_dtype, resolve_pretrained, without_third_party_noise
-from .params import load_params
+from .params import DEFAULT_PARAMS, load_params
 from .params.model import ModelParams
 from .params.shipping import ExportParams
 
@@ -310,7 +310,7 @@ def run(params: Mapping[str, Any], lora_dir: Path = LORA_DIR, out_dir: Path = EX
 @stage_main
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--params", default=str(DEFAULT_PARAMS))
     parser.add_argument("--lora-dir", default=str(LORA_DIR))
     parser.add_argument("--out", default=str(EXPORT_DIR))
     args = parser.parse_args(argv)

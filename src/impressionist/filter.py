@@ -39,8 +39,8 @@ from PIL import Image, ImageFile, ImageOps
 from tqdm import tqdm
 
 from .errors import UserError, atomic_dir, atomic_write_text, stage_main
-from .layout import DATA_ARTISTS_PLOT, DATA_METRICS, FILTERED_DIR, RAW_DIR
-from .params import load_params
+from .layout import DATA_ARTISTS_PLOT, DATA_METRICS, FILTERED_DIR, IMAGES_SUBDIR, RAW_DIR
+from .params import DEFAULT_PARAMS, load_params
 from .params.data import FilterParams
 from .plotting import save_figure
 from .tables import METADATA_FILE, RAW_COLUMNS, read_table
@@ -206,8 +206,8 @@ def run(params: Mapping[str, Any], raw_dir: Path | str = RAW_DIR, filtered_dir: 
     raw = read_raw_metadata(raw_dir)
 
     with atomic_dir(filtered_dir) as out:
-        (out / "images").mkdir()
-        tasks = [(row.id, str(raw_dir / row.file), str(out / "images" / f"{row.id}.png"), cfg)
+        (out / IMAGES_SUBDIR).mkdir()
+        tasks = [(row.id, str(raw_dir / row.file), str(out / IMAGES_SUBDIR / f"{row.id}.png"), cfg)
                  for row in raw.itertuples()]
         workers = min(os.cpu_count() or 1, 8)
         if len(tasks) >= PARALLEL_MIN_IMAGES and workers > 1:
@@ -223,7 +223,7 @@ def run(params: Mapping[str, Any], raw_dir: Path | str = RAW_DIR, filtered_dir: 
                                        [r["phash"] for r in passed], cfg.phash_threshold)
         for loser in losers:
             reasons[loser] = "near_duplicate"
-            (out / "images" / f"{loser}.png").unlink()
+            (out / IMAGES_SUBDIR / f"{loser}.png").unlink()
 
         sizes = {r["id"]: (r["width"], r["height"]) for r in passed}
         kept = raw[[reasons[i] is None for i in raw["id"]]].copy()
@@ -231,7 +231,7 @@ def run(params: Mapping[str, Any], raw_dir: Path | str = RAW_DIR, filtered_dir: 
             counts = Counter(reason for reason in reasons.values() if reason)
             raise UserError(f"no image of {len(raw)} survived filtering ({', '.join(f'{n} {r}' for r, n in counts.items())}); "
                             "relax filter.min_side / max_aspect / drop_grayscale or download more images")
-        kept["file"] = [f"images/{i}.png" for i in kept["id"]]
+        kept["file"] = [f"{IMAGES_SUBDIR}/{i}.png" for i in kept["id"]]
         # Sizes as stored in the PNG (after EXIF rotation), which is what later stages read.
         kept["width"] = [sizes[i][0] for i in kept["id"]]
         kept["height"] = [sizes[i][1] for i in kept["id"]]
@@ -274,7 +274,7 @@ def run(params: Mapping[str, Any], raw_dir: Path | str = RAW_DIR, filtered_dir: 
 @stage_main
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Filter data/raw into RGB PNGs with a train/val split.")
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--params", default=str(DEFAULT_PARAMS), help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
     run(load_params(args.params))
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .errors import UserError, stage_main
 from .layout import LORA_DIR, LORA_WEIGHTS
-from .params import load_params
+from .params import DEFAULT_PARAMS, load_params
 from .params.evaluation import SampleParams
 from .params.model import ModelParams
 
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="LoRA strength (0: the base model)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="image file to write (.png, .jpg, .webp)")
-    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--params", default=str(DEFAULT_PARAMS))
     args = parser.parse_args(argv)
     run(load_params(args.params), args.prompt, Path(args.lora), args.scale, args.seed, Path(args.out))
 

@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from .hub import BUILTIN_PREFIX
+from .layout import SAMPLES_TABLE
 from .plotting import new_figure, save_figure
 
 CELL_INCHES = 2.2
@@ -31,7 +32,7 @@ def row_label(prompt: str, seed: int, source: str | None) -> str:
 
 
 def _samples(folder: Path) -> pd.DataFrame:
-    return pd.read_csv(Path(folder) / "samples.csv").assign(folder=str(folder))
+    return pd.read_csv(Path(folder) / SAMPLES_TABLE).assign(folder=str(folder))
 
 
 def save_sample_grid(base_dir: Path, lora_dir: Path, path: Path, base_model: str = "") -> Path:

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+CARD_FILE = "README.md"  # a Hub repo's card (model or Space): the Hub renders it as the repo's page
 BUILTIN_PREFIX = "builtin:"  # locally built models (the demo's tiny networks), never on the Hub
 OFFLINE_VALUES = ("1", "true", "yes", "on")  # what huggingface_hub reads as a set HF_HUB_OFFLINE
 TOKEN_HINT = "set HF_TOKEN in the environment or run `hf auth login`"

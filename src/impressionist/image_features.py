@@ -33,6 +33,7 @@ from PIL import Image
 from . import data_parallel
 from .errors import UserError, first_line
 from .feature_nets import check_clip_params, fid_feature_extractor, load_clip
+from .hub import BUILTIN_PREFIX
 from .params import evaluation
 from .params.evaluation import CLIP_KEYS, CMMD_KEYS, INCEPTION
 from .wikiart import STYLES
@@ -190,7 +191,7 @@ def feature_config(cfg: EvaluateParams) -> dict[str, Any]:
 
 def uses_random_nets(cfg: EvaluateParams) -> bool:
     """The demo's random feature nets: numbers that show the pipeline runs, nothing about paintings."""
-    return cfg.fid_features != INCEPTION or any(model.startswith("builtin:")
+    return cfg.fid_features != INCEPTION or any(model.startswith(BUILTIN_PREFIX)
                                                 for model in (cfg.clip_model, cfg.cmmd_clip_model))
 
 

@@ -7,6 +7,7 @@ more than one module reads or writes is defined here and imported, never spelled
 from pathlib import Path
 
 RAW_DIR = Path("data/raw")
+IMAGES_SUBDIR = "images"  # in RAW_DIR and FILTERED_DIR: the image files, <id>.<ext> (sidecar captions beside)
 FILTERED_DIR = Path("data/filtered")
 DESCRIPTIONS_DIR = Path("data/descriptions")  # describe: one VLM description per filtered image
 DESCRIPTIONS = DESCRIPTIONS_DIR / "descriptions.parquet"
@@ -23,6 +24,7 @@ REPLICATES_MANIFEST = "replicates.json"     # in REPLICATES_DIR and SAMPLES_REPL
 # The file name FluxPipeline.save_lora_weights writes and load_lora_weights looks for.
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 SAMPLES_DIR = Path("samples")
+SAMPLES_TABLE = "samples.csv"  # in each folder the sample stages write: one row per drawn image
 SAMPLES_REPLICATES_DIR = SAMPLES_DIR / "replicates"  # <k>/: replicate k's evaluation set
 EVAL_SET_TABLE = "eval.csv"  # in samples/base and samples/lora: the evaluation set (sample writes, evaluate reads)
 PLOTS_DIR = Path("plots")
@@ -33,6 +35,10 @@ EVAL_REPLICATES = Path("metrics/eval_replicates.csv")  # every training replicat
 EXPORT_DIR = Path("models/export")
 EXPORT_MANIFEST = "export.json"              # in EXPORT_DIR: names the exported files and their sizes
 TRAINING_CONFIG = "training_config.json"     # in LORA_DIR: the params and base-model commit of the run
+DVC_PIPELINE = Path("dvc.yaml")
+# A resumable stage's progress (download in data/raw/.partial, describe's raw-description cache):
+# the rows done so far, one JSON object per line, and the position to resume from.
+RESUME_ROWS, RESUME_STATE = "rows.jsonl", "state.json"
 CHECKPOINT_ROOT = Path(".cache/checkpoints")  # git- and DVC-ignored; <run hash>/step-NNNNNNNN inside
 DOWNLOAD_METRICS = Path("metrics/download.json")
 DATA_METRICS = Path("metrics/data.json")

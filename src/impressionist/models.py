@@ -24,6 +24,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .errors import DEMO_HINT, UserError, atomic_dir, atomic_write_text, first_line
+from .hub import BUILTIN_PREFIX
 from .params import require_choice
 from .params.model import BUILTIN_TINY_FLUX, ModelParams
 
@@ -71,8 +72,8 @@ def resolve_base_model(name: str, revision: str | None = None) -> BaseModel:
     first, and that commit's snapshot is what gets loaded."""
     if name == BUILTIN_TINY_FLUX:
         folder = _tiny_flux_folder()
-        return BaseModel(name, str(folder), f"builtin:{folder.name}")
-    if name.startswith("builtin:"):
+        return BaseModel(name, str(folder), f"{BUILTIN_PREFIX}{folder.name}")
+    if name.startswith(BUILTIN_PREFIX):
         raise UserError(f"model.pretrained={name!r}: the only builtin model is {BUILTIN_TINY_FLUX}")
     local = Path(name).expanduser()
     if local.exists():
@@ -92,7 +93,7 @@ def base_model_of_cache(name: str, revision: str | None, recorded: str | None) -
     """
     if recorded is None:  # a cache from before commits were recorded
         return resolve_base_model(name, revision)
-    is_hub_commit = not recorded.startswith(("sha256:", "builtin:"))
+    is_hub_commit = not recorded.startswith(("sha256:", BUILTIN_PREFIX))
     base = resolve_base_model(name, recorded if is_hub_commit else revision)
     if base.commit != recorded:
         raise UserError(f"data/cache was encoded with {name} at {recorded}, but it is now {base.commit}; "

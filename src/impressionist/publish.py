@@ -22,16 +22,15 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import UserError, atomic_dir, first_line, stage_main
-from .hub import BUILTIN_PREFIX, TOKEN_HINT, check_access
+from .hub import BUILTIN_PREFIX, CARD_FILE, TOKEN_HINT, check_access
 from .layout import DATA_METRICS, EVAL_METRICS, EXPORT_DIR, EXPORT_MANIFEST, LORA_DIR, LORA_WEIGHTS, TRAINING_CONFIG
 from .layout import SAMPLE_GRID as GRID
 from .model_card import build_card
-from .params import load_params
+from .params import DEFAULT_PARAMS, load_params
 from .params.model import ModelParams
 from .params.shipping import PublishParams
 
 HUB_DIR = Path("build/hub")
-CARD = "README.md"
 GRID_IN_REPO = "images/samples_grid.png"
 
 
@@ -92,7 +91,7 @@ def build_folder(params: dict[str, Any], cfg: PublishParams, out: Path, lora_dir
         shutil.copy2(kohya, tmp / kohya.name)
         (tmp / GRID_IN_REPO).parent.mkdir(parents=True)
         shutil.copy2(grid, tmp / GRID_IN_REPO)
-        card.save(tmp / CARD)
+        card.save(tmp / CARD_FILE)
     return sorted(str(p.relative_to(out)) for p in Path(out).rglob("*") if p.is_file())
 
 
@@ -167,7 +166,7 @@ def run(params: dict[str, Any], repo_id: str | None = None, dry_run: bool = Fals
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description="Publish the LoRA, its kohya/ComfyUI file, the sample grid and a model card to the Hub")
-    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--params", default=str(DEFAULT_PARAMS))
     parser.add_argument("--repo-id", help="Hub model repo, e.g. your-name/impressionist-flux-lora "
                         "(default: publish.repo_id)")
     parser.add_argument("--dry-run", action="store_true",

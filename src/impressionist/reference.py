@@ -21,7 +21,7 @@ from . import data_parallel
 from .errors import UserError, atomic_dir, stage_main
 from .image_features import EvaluateParams, Extractors, batch_count, save_reference
 from .layout import FILTERED_DIR, REFERENCE_DIR
-from .params import load_params
+from .params import DEFAULT_PARAMS, load_params
 from .stats import MIN_REAL  # the fewest paintings KID / CMMD intervals are computed from (why: stats.py)
 from .tables import METADATA_FILE, validation_split
 
@@ -59,7 +59,7 @@ def run(params: Mapping[str, Any], filtered_dir: Path | str = FILTERED_DIR,
 @stage_main
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m impressionist.reference", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="params file (reads its `evaluate` section)")
+    parser.add_argument("--params", default=str(DEFAULT_PARAMS), help="params file (reads its `evaluate` section)")
     args = parser.parse_args(argv)
     params = load_params(args.params)
     EvaluateParams.check(params)

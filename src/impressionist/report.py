@@ -47,9 +47,11 @@ import yaml
 
 from .dvc_cli import run_dvc
 from .errors import UserError, atomic_write_text, stage_main
+from .hub import BUILTIN_PREFIX
 from .layout import EVAL_IMAGES, EVAL_REPLICATES
 from .layout import EVAL_METRICS as EVAL_METRICS_PATH
 from .layout import SAMPLE_GRID as GRID
+from .params import DEFAULT_PARAMS
 from .params.evaluation import CONFIDENCE, PER_IMAGE
 from .replicates import RECIPE, RECIPE_DELTA, RecipePairing, read_replicate_table
 from .stats import Estimate, bonferroni, difference_of_independent, mean_estimate
@@ -324,7 +326,7 @@ def report_confidence(root: Path) -> float:
     """``evaluate.confidence`` of the workspace's params (the level of every interval), else 0.95."""
     # Raw and tolerant (not EvaluateParams): no torch here, and an old revision's params may not check.
     try:
-        params = yaml.safe_load((root / "params.yaml").read_text()) or {}
+        params = yaml.safe_load((root / DEFAULT_PARAMS).read_text()) or {}
         value = (params.get("evaluate") or {}).get("confidence", CONFIDENCE)
     except (OSError, yaml.YAMLError, AttributeError):
         return CONFIDENCE
@@ -334,14 +336,14 @@ def report_confidence(root: Path) -> float:
 def random_nets_note(root: Path) -> str | None:
     """The demo's feature nets and model are random: say so next to its verdicts."""
     try:
-        params = yaml.safe_load((root / "params.yaml").read_text()) or {}
+        params = yaml.safe_load((root / DEFAULT_PARAMS).read_text()) or {}
     except (OSError, yaml.YAMLError):
         return None
     # Raw and tolerant (not ModelParams): no torch here, and an old revision's params may not check.
     evaluate, model = params.get("evaluate") or {}, params.get("model") or {}
     builtin = [f"{key}={value}" for key, value in (
         ("model.pretrained", model.get("pretrained")), ("evaluate.fid_features", evaluate.get("fid_features")),
-        ("evaluate.clip_model", evaluate.get("clip_model"))) if str(value or "").startswith("builtin:")]
+        ("evaluate.clip_model", evaluate.get("clip_model"))) if str(value or "").startswith(BUILTIN_PREFIX)]
     if not builtin:
         return None
     return (f"> **Note:** this revision uses random-weight demo networks ({', '.join(builtin)}): the "

@@ -53,9 +53,9 @@ from .errors import UserError, atomic_dir, first_line, stage_main
 from .grid import save_sample_grid
 from .inference import baked, build_pipeline, check, lora_applied
 from .layout import (CAPTIONS, EVAL_SET_TABLE, LORA_DIR, LORA_WEIGHTS, REPLICATES_DIR, REPLICATES_MANIFEST,
-                     SAMPLE_GRID, SAMPLES_DIR, SAMPLES_REPLICATES_DIR)
+                     SAMPLES_DIR, SAMPLES_REPLICATES_DIR, SAMPLES_TABLE, SAMPLE_GRID)
 from .models import resolve_device, resolve_dtype, resolve_pretrained, without_third_party_noise
-from .params import fingerprint, load_params
+from .params import DEFAULT_PARAMS, fingerprint, load_params
 from .params.data import CaptionParams
 from .params.evaluation import EvalSetParams, SampleParams
 from .params.model import ModelParams
@@ -278,14 +278,14 @@ def run_base(params: Mapping[str, Any], out_dir: Path = BASE_DIR, captions_path:
         eval_rows = generate_eval_set(pipe, cfg, trigger, 0.0, tmp)
         if not data_parallel.is_main():
             return
-        pd.DataFrame(rows).to_csv(tmp / "samples.csv", index=False)
+        pd.DataFrame(rows).to_csv(tmp / SAMPLES_TABLE, index=False)
         pd.DataFrame(eval_rows).to_csv(tmp / EVAL_SET_TABLE, index=False)
     print(f"sample_base: {len(rows)} show images and {len(eval_rows)} evaluation-set images -> {out_dir}")
 
 
 def check_base_samples(base_dir: Path, prompt_list: list[tuple[str, str]], seeds: list[Any]) -> None:
     """The base-model samples must show the same prompts and seeds, or the grid compares nothing."""
-    csv = Path(base_dir) / "samples.csv"
+    csv = Path(base_dir) / SAMPLES_TABLE
     if not csv.is_file():
         raise UserError(f"no base-model samples in {base_dir}; run `dvc repro sample_base` first")
     table = pd.read_csv(csv)
@@ -331,7 +331,7 @@ def run_lora(params: Mapping[str, Any], lora_dir: Path = LORA_DIR, base_dir: Pat
                 eval_rows += generate_eval_set(pipe, cfg, trigger, float(scale), tmp) or []
         if not data_parallel.is_main():
             return
-        pd.DataFrame(rows).to_csv(tmp / "samples.csv", index=False)
+        pd.DataFrame(rows).to_csv(tmp / SAMPLES_TABLE, index=False)
         pd.DataFrame(eval_rows).to_csv(tmp / EVAL_SET_TABLE, index=False)
         # Drawn from the finished temporary folder: a failed grid leaves no samples/lora behind.
         save_sample_grid(Path(base_dir), tmp, Path(grid_path), model.pretrained)
@@ -376,7 +376,7 @@ def run_replicates(params: Mapping[str, Any], replicates_dir: Path = REPLICATES_
 @stage_main
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--params", default=str(DEFAULT_PARAMS))
     parser.add_argument("--base", action="store_true", help="sample the base model only (no LoRA)")
     parser.add_argument("--replicates", action="store_true",
                         help="the evaluation sets of the training replicates (models/replicates)")

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import UserError, atomic_dir, first_line, stage_main
-from .hub import check_access
-from .params import load_params
+from .hub import CARD_FILE, check_access
+from .params import DEFAULT_PARAMS, load_params
 from .params.data import CaptionParams
 from .params.model import ModelParams
 from .params.shipping import PublishParams, SpaceParams
@@ -142,8 +142,8 @@ def build_folder(params: dict[str, Any], cfg: SpaceParams, out: Path, repo: Path
         (tmp / "requirements.txt").write_text(
             "# The Space's own needs, pinned to the tested versions of the project's requirements.txt.\n"
             + "\n".join(requirements) + "\n")
-        (tmp / "params.yaml").write_text(yaml.safe_dump(space_params(params, cfg), sort_keys=False))
-        (tmp / "README.md").write_text(space_card(params, cfg, gradio_version), encoding="utf-8")
+        (tmp / DEFAULT_PARAMS).write_text(yaml.safe_dump(space_params(params, cfg), sort_keys=False))
+        (tmp / CARD_FILE).write_text(space_card(params, cfg, gradio_version), encoding="utf-8")
     return sorted(str(p.relative_to(out)) for p in Path(out).rglob("*") if p.is_file())
 
 
@@ -203,7 +203,7 @@ def run(params: dict[str, Any], dry_run: bool = False, out: Path = SPACE_DIR, re
 @stage_main
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write the Gradio app as a Hugging Face Space folder, and deploy it")
-    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--params", default=str(DEFAULT_PARAMS))
     parser.add_argument("--dry-run", action="store_true", help="write the Space folder to --out only")
     parser.add_argument("--out", default=str(SPACE_DIR), help="where --dry-run writes the folder")
     parser.add_argument("--space-id", help="your-name/impressionist (default: space.space_id)")

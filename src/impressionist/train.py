@@ -36,11 +36,12 @@ from .ema import LoraEMA
 from .errors import UserError, atomic_dir, atomic_write_text, stage_main
 from .flux_math import TimestepSampling, flow_matching_loss, sample_sigmas
 from .latent_cache import EMPTY_CAPTION_KEY, CacheReader
-from .layout import CACHE_DIR, LORA_DIR, LOSS_PLOT, REPLICATES_DIR, REPLICATES_MANIFEST, TRAIN_METRICS, TRAINING_CONFIG
+from .layout import (CACHE_DIR, LORA_DIR, LOSS_PLOT, REPLICATES_DIR, REPLICATES_MANIFEST, TRAINING_CONFIG,
+                     TRAIN_METRICS)
 from .lora import lora_config
 from .models import (base_model_of_cache, check_attention_backend, check_quantization, cuda_capability,
                      load_transformer, require_package, resolve_device, resolve_dtype, use_attention_backend)
-from .params import fingerprint, load_params
+from .params import DEFAULT_PARAMS, fingerprint, load_params
 from .params.model import MachinesParams, ModelParams, check_split
 from .params.training import MIXED_PRECISION, LoraParams, TrainParams, ValidationParams
 from .plotting import new_figure, save_figure
@@ -698,7 +699,7 @@ def run_replicates(params: Mapping[str, Any], out_dir: Path = REPLICATES_DIR, ca
     for k in ks:
         logs = out_dir / "logs" / str(k)
         run(replicate_params(params, k), cache_dir, out_dir / str(k), checkpoint_dir,
-            logs / "train.json", logs / "loss.png", logs / "dvclive", logs / "tensorboard")
+            logs / TRAIN_METRICS.name, logs / LOSS_PLOT.name, logs / "dvclive", logs / "tensorboard")
     manifest = {"count": len(ks) + 1, "seeds": [replicate_seed(params["train"]["seed"], k) for k in [0, *ks]]}
     if int(os.environ.get("RANK", "0")) == 0:  # one writer under a multi-process launch
         atomic_write_text(out_dir / REPLICATES_MANIFEST, json.dumps(manifest, indent=1) + "\n")
@@ -709,7 +710,7 @@ def run_replicates(params: Mapping[str, Any], out_dir: Path = REPLICATES_DIR, ca
 @stage_main
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--params", default=str(DEFAULT_PARAMS))
     parser.add_argument("--replicates", action="store_true",
                         help="train replicates 1..R-1 of the recipe (replicates.count) into models/replicates")
     args = parser.parse_args(argv)

@@ -17,6 +17,8 @@ import yaml
 from ..cli import apply_overrides, hydra_value
 from ..dvc_cli import dvc_executable
 from ..errors import UserError
+from ..layout import DVC_PIPELINE
+from ..params import DEFAULT_PARAMS
 from .console import say
 from .drive import DriveLayout
 from .state_mirror import StateMirror, state_paths
@@ -33,7 +35,7 @@ def repro_command() -> list[str]:
 
 def planned_params(repo: Path | str, overrides: dict[str, Any]) -> dict[str, Any]:
     """params.yaml as the run will see it; an override naming no existing param stops here."""
-    params = yaml.safe_load((Path(repo) / "params.yaml").read_text()) or {}
+    params = yaml.safe_load((Path(repo) / DEFAULT_PARAMS).read_text()) or {}
     for key, value in overrides.items():
         try:
             apply_overrides(params, {key: value})
@@ -50,7 +52,7 @@ def apply_params(repo: Path | str, overrides: dict[str, Any]) -> None:
 
     planned_params(repo, overrides)
     if overrides:
-        dvc_apply_overrides(Path(repo) / "params.yaml",
+        dvc_apply_overrides(Path(repo) / DEFAULT_PARAMS,
                             [f"{key}={hydra_value(value)}" for key, value in overrides.items()])
 
 
@@ -70,7 +72,7 @@ def run(repo: Path | str, layout: DriveLayout, overrides: dict[str, Any], *,
     log_path = layout.logs / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"
     layout.logs.mkdir(parents=True, exist_ok=True)
     say(f"params.yaml: {len(overrides)} overrides set; {' '.join(command)}; full log: {log_path}")
-    mirror = StateMirror(repo, layout.state, state_paths(repo / "dvc.yaml"), mirror_interval)
+    mirror = StateMirror(repo, layout.state, state_paths(repo / DVC_PIPELINE), mirror_interval)
     with mirror, open(log_path, "ab") as log:
         # Its own process group: a stop reaches dvc and the stage it runs, and nothing else.
         process = subprocess.Popen([dvc, *command[1:]], cwd=repo,

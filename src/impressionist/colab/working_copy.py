@@ -10,7 +10,7 @@ from typing import Callable
 
 from ..dvc_cli import dvc_environment, run_dvc
 from ..errors import UserError
-from ..layout import CHECKPOINT_ROOT
+from ..layout import CHECKPOINT_ROOT, DVC_PIPELINE
 from .console import say
 from .drive import DriveLayout
 from .state_mirror import StateMirror, state_paths
@@ -87,7 +87,7 @@ def prepare(repo: Path | str, layout: DriveLayout) -> None:
     """Point the working copy at Drive: DVC cache, checkpoint folder, and (in a fresh clone) the
     dvc.lock and uncached outs of the last session."""
     repo = Path(repo).resolve()
-    if not (repo / "dvc.yaml").is_file() or not (repo / ".git").exists():
+    if not (repo / DVC_PIPELINE).is_file() or not (repo / ".git").exists():
         raise UserError(f"{repo} is not a checkout of the project (no dvc.yaml or .git)")
     layout.create()
     # --local: .dvc/config.local is git-ignored, so the committed config stays as it is. Workspace
@@ -103,7 +103,7 @@ def prepare(repo: Path | str, layout: DriveLayout) -> None:
         # The same runtime, prepared before: the local files are the newest (the mirror copies them).
         say(f"working copy {repo} already set up in this runtime")
     else:
-        mirror = StateMirror(repo, layout.state, state_paths(repo / "dvc.yaml"))
+        mirror = StateMirror(repo, layout.state, state_paths(repo / DVC_PIPELINE))
         restored = mirror.restore()
         if restored:
             say(f"restored dvc.lock and {len(restored) - ('dvc.lock' in restored)} uncached outputs "
