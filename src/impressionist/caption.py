@@ -35,7 +35,7 @@ from .params import DEFAULT_PARAMS, load_params
 from .params.data import CaptionParams, template_fields
 from .params.model import ModelParams
 from .plotting import new_figure, save_figure
-from .tables import METADATA_FILE, read_table
+from .tables import read_filtered, read_table
 from .tokens import CLIP_MAX_TOKENS, load_clip_tokenizer, load_t5_tokenizer
 from .tokens import count_tokens as count_t5_tokens
 from .wikiart import UNKNOWN_ARTIST
@@ -138,10 +138,6 @@ def read_sidecar(raw_images_dir: Path, image_id: str) -> str | None:
     return text or None
 
 
-def read_filtered_metadata(filtered_dir: Path) -> pd.DataFrame:
-    return read_table(filtered_dir / METADATA_FILE, FILTERED_COLUMNS, "filter")
-
-
 def read_descriptions(path: Path, template: str) -> dict[str, str]:
     """id -> cleaned description, when the template uses ``{description}``; {} otherwise, and when
     describe is disabled (its table is empty): ``{description}`` then gets the genre phrase."""
@@ -166,7 +162,7 @@ def run(params: Mapping[str, Any], filtered_dir: Path | str = FILTERED_DIR, raw_
     cfg, model = CaptionParams.check(params), ModelParams.check(params)
     trigger, template, max_tokens = cfg.trigger, cfg.template, cfg.max_sequence_length
     filtered_dir, raw_dir = Path(filtered_dir), Path(raw_dir)
-    table = read_filtered_metadata(filtered_dir)
+    table = read_filtered(filtered_dir, FILTERED_COLUMNS)
     descriptions = read_descriptions(Path(descriptions_path), template)
     if descriptions:
         missing = [i for i in table["id"] if i not in descriptions]

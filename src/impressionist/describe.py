@@ -49,7 +49,7 @@ from .models import DTYPES, resolve_device
 from .params import DEFAULT_PARAMS, fingerprint, load_params
 from .params.data import DescribeParams
 from .params.model import ModelParams
-from .tables import METADATA_FILE, read_table
+from .tables import read_filtered
 from .tokens import CLIP_MAX_TOKENS, count_tokens, load_clip_tokenizer, load_t5_tokenizer
 
 # The raw rows live beside the training checkpoints (dot-named: not a run folder for
@@ -151,7 +151,7 @@ def resolve_dtype_for(cfg: DescribeParams, device: torch.device) -> torch.dtype:
 
 
 def read_images(filtered_dir: Path) -> pd.DataFrame:
-    return read_table(filtered_dir / METADATA_FILE, ("id", "file", "artist"), "filter")
+    return read_filtered(filtered_dir, ("id", "file", "artist"))
 
 
 def describe_all(generator: Generator, items: list[Item], done: dict[str, str], raw_rows: RawRows,

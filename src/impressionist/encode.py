@@ -34,7 +34,7 @@ from .models import encode_prompts, load_vae, resolve_base_model, resolve_device
 from .params import DEFAULT_PARAMS, fingerprint, load_params
 from .params.data import CaptionParams, EncodeParams
 from .params.model import ModelParams
-from .tables import METADATA_FILE
+from .tables import read_captions, read_filtered
 
 
 def aspect_buckets(resolution: int, min_aspect: float, max_aspect: float) -> list[tuple[int, int]]:
@@ -84,16 +84,9 @@ NOT_CACHED = EncodeParams.operational_settings()
 TEXT_KEYS = ("batch_size", "shard_size")
 
 
-def _need(path: Path, stage: str) -> None:
-    if not path.is_file():
-        raise UserError(f"{path} not found; run the {stage} stage first (`dvc repro {stage}`)")
-
-
 def _latent_rows(filtered_dir: Path) -> pd.DataFrame:
     """The training split of data/filtered, sorted by id: the images ``encode_latents`` caches."""
-    meta_path = filtered_dir / METADATA_FILE
-    _need(meta_path, "filter")
-    meta = pd.read_parquet(meta_path)
+    meta = read_filtered(filtered_dir, ("id", "file", "split"))
     rows = meta[meta["split"] == "train"]
     if rows.empty:
         raise UserError("no training images after filtering; add images or relax filter params")
@@ -102,8 +95,7 @@ def _latent_rows(filtered_dir: Path) -> pd.DataFrame:
 
 def _text_rows(captions_path: Path) -> pd.DataFrame:
     """The training split's captions, sorted by id: what ``encode_text`` embeds."""
-    _need(captions_path, "caption")
-    captions = pd.read_parquet(captions_path)
+    captions = read_captions(captions_path, ("id", "split", "caption"))
     rows = captions[captions["split"] == "train"][["id", "caption"]]
     if rows["caption"].isna().any():
         missing = rows.loc[rows["caption"].isna(), "id"].iloc[0]

@@ -43,7 +43,7 @@ from .layout import DATA_ARTISTS_PLOT, DATA_METRICS, FILTERED_DIR, IMAGES_SUBDIR
 from .params import DEFAULT_PARAMS, load_params
 from .params.data import FilterParams
 from .plotting import save_figure
-from .tables import METADATA_FILE, RAW_COLUMNS, read_table
+from .tables import METADATA_FILE, read_raw
 
 REASONS = ["missing_file", "undecodable", "too_small", "extreme_aspect", "grayscale", "near_duplicate"]
 GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
@@ -168,7 +168,7 @@ def near_duplicate_losers(ids: list[str], areas: list[int], hashes: list[int], t
 
 
 def read_raw_metadata(raw_dir: Path) -> pd.DataFrame:
-    return read_table(raw_dir / METADATA_FILE, RAW_COLUMNS, "download")
+    return read_raw(raw_dir)
 
 
 def plot_artists(table: pd.DataFrame, top: int = 30):

@@ -49,7 +49,7 @@ import torch
 from tqdm import tqdm
 
 from . import data_parallel
-from .errors import UserError, atomic_dir, first_line, stage_main
+from .errors import UserError, atomic_dir, stage_main
 from .grid import save_sample_grid
 from .inference import baked, build_pipeline, check, lora_applied
 from .layout import (CAPTIONS, EVAL_SET_TABLE, LORA_DIR, LORA_WEIGHTS, REPLICATES_DIR, REPLICATES_MANIFEST,
@@ -61,6 +61,7 @@ from .params.evaluation import EvalSetParams, SampleParams
 from .params.model import ModelParams
 from .prompts import with_trigger
 from .replicate_seeds import extra_replicates
+from .tables import read_captions
 
 BASE_DIR = SAMPLES_DIR / "base"
 LORA_SAMPLES_DIR = SAMPLES_DIR / "lora"
@@ -103,13 +104,7 @@ def validation_captions(count: int, captions_path: Path | str = CAPTIONS) -> lis
     if not captions_path.is_file():
         raise UserError(f"{captions_path} not found, but sample.val_captions={count} takes prompts from "
                         "it; run the caption stage first (`dvc repro caption`) or set sample.val_captions: 0")
-    try:
-        table = pd.read_parquet(captions_path)
-    except Exception as err:
-        raise UserError(f"{captions_path} could not be read: {first_line(err)}") from err
-    missing = [c for c in ("id", "split", "caption") if c not in table.columns]
-    if missing:
-        raise UserError(f"{captions_path} lacks column(s) {', '.join(missing)}; re-run the caption stage")
+    table = read_captions(captions_path, ("id", "split", "caption"))
     val = table[table["split"] == "val"].sort_values("id", kind="stable")
     captions = [c.strip() for c in val["caption"].dropna().astype(str) if c.strip()]
     distinct = list(dict.fromkeys(captions))

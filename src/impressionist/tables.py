@@ -1,4 +1,4 @@
-"""The tables the stages hand each other (docs/layout.md), and one checked reader.
+"""The tables the stages hand each other (docs/layout.md), and one checked reader for each.
 
 Every reader of a table wants the same four checks before any work: the file exists, it is a
 readable table (parquet, or the CSV the sample stages write), it has the columns the reader needs,
@@ -48,8 +48,23 @@ def read_table(path: Path | str, columns: Iterable[str], stage: str) -> pd.DataF
     return table
 
 
+def read_raw(raw_dir: Path | str, columns: Iterable[str] = RAW_COLUMNS) -> pd.DataFrame:
+    """``data/raw``'s table (download writes it), checked to hold ``columns``."""
+    return read_table(Path(raw_dir) / METADATA_FILE, columns, "download")
+
+
+def read_filtered(filtered_dir: Path | str, columns: Iterable[str]) -> pd.DataFrame:
+    """``data/filtered``'s table (filter writes it), checked to hold ``columns``."""
+    return read_table(Path(filtered_dir) / METADATA_FILE, columns, "filter")
+
+
+def read_captions(captions_path: Path | str, columns: Iterable[str]) -> pd.DataFrame:
+    """``data/captions/captions.parquet`` (caption writes it), checked to hold ``columns``."""
+    return read_table(captions_path, columns, "caption")
+
+
 def validation_split(filtered_dir: Path | str) -> pd.DataFrame:
     """The validation rows (``split == "val"``) of ``data/filtered``'s table, sorted by id: the real
     paintings the reference stage extracts and evaluate must score against."""
-    table = read_table(Path(filtered_dir) / METADATA_FILE, ("id", "file", "split"), "filter")
+    table = read_filtered(filtered_dir, ("id", "file", "split"))
     return table[table["split"] == "val"].sort_values("id", kind="stable")
