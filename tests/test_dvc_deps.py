@@ -50,8 +50,8 @@ def module_file(module: str) -> Path | None:
 
 def imported_modules(path: Path) -> set[str]:
     """Dotted names of the package modules ``path`` imports anywhere (functions included)."""
-    package = PACKAGE if path.name == "__init__.py" else ".".join(
-        [PACKAGE, *path.relative_to(SRC).with_suffix("").parts[:-1]])
+    # a relative import resolves against the file's package: its folder (an __init__.py's own package)
+    package = ".".join([PACKAGE, *path.relative_to(SRC).parent.parts])
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):

@@ -19,7 +19,7 @@ import yaml
 
 from helpers import REPO
 from impressionist import cli
-from impressionist.params.stages import STAGE_SECTIONS, check_stage
+from impressionist.params.stages import OPTION_SECTIONS, STAGE_SECTIONS, check_stage
 
 HEAVY = ("torch", "torchvision", "diffusers", "transformers", "peft", "accelerate", "open_clip", "pandas",
          "numpy", "PIL", "datasets", "dvc", "huggingface_hub", "safetensors")
@@ -62,16 +62,17 @@ def section_of(params: dict, dotted: str) -> dict:
     return node
 
 
-CASES = [(stage, section.SECTION) for stage, sections in STAGE_SECTIONS.items() for section in sections]
+CASES = [(stage, (), section.SECTION) for stage, sections in STAGE_SECTIONS.items() for section in sections] + [
+    (stage, (option,), section.SECTION) for (stage, option), sections in OPTION_SECTIONS.items() for section in sections]
 
 
-@pytest.mark.parametrize("stage, section", CASES, ids=[f"{s}-{n}" for s, n in CASES])
+@pytest.mark.parametrize("stage, options, section", CASES, ids=[" ".join([s, *o, n]) for s, o, n in CASES])
 def test_each_stage_refuses_a_bad_setting_of_each_of_its_sections_before_any_heavy_import(
-        demo_params, tmp_path, stage, section):
+        demo_params, tmp_path, stage, options, section):
     bad = copy.deepcopy(demo_params)
     section_of(bad, section)["bogus_setting"] = 1
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
-    result = run_entry([stage, "--params", "bad.yaml"], tmp_path)
+    result = run_entry([stage, *options, "--params", "bad.yaml"], tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
@@ -99,13 +100,24 @@ def test_the_early_check_accepts_what_the_stages_accept(demo_params):
         check_stage(stage, recipe)
 
 
-def checked_in_module(module: str) -> set[str]:
-    """The sections (class names) a stage module checks itself: each ``XParams.check(...)`` call."""
-    path = REPO / "src" / Path(*module.split("."))
-    tree = ast.parse(path.with_suffix(".py").read_text())
+def checked_in_file(path: Path) -> set[str]:
+    """The sections (class names) a file checks: each ``XParams.check(...)`` call."""
+    tree = ast.parse(path.read_text())
     return {node.func.value.id for node in ast.walk(tree)
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "check"
             and isinstance(node.func.value, ast.Name) and node.func.value.id.endswith("Params")}
+
+
+def checked_in_module(module: str) -> set[str]:
+    """The sections a stage module checks itself."""
+    return checked_in_file((REPO / "src" / Path(*module.split("."))).with_suffix(".py"))
+
+
+def checked_in_closure(module: str) -> set[str]:
+    """The sections checked anywhere the stage module's code reaches (its import closure)."""
+    from test_dvc_deps import SRC, import_closure
+
+    return set().union(*(checked_in_file(SRC / name) for name in import_closure(module)))
 
 
 @pytest.mark.parametrize("stage", sorted(STAGE_SECTIONS))
@@ -113,6 +125,29 @@ def test_the_early_check_covers_every_section_the_stage_module_checks(stage):
     listed = {cls.__name__ for cls in STAGE_SECTIONS[stage]}
     missing = checked_in_module(cli.COMMANDS[stage]) - listed
     assert not missing, f"params/stages.py: add {sorted(missing)} to STAGE_SECTIONS[{stage!r}]"
+
+
+@pytest.mark.parametrize("stage, options", [(s, ()) for s in sorted(STAGE_SECTIONS)] + [(s, (o,)) for s, o in OPTION_SECTIONS])
+def test_the_early_check_lists_only_sections_the_stage_reads(stage, options):
+    """A section the stage never checks must not be checked early: that would refuse a run the stage
+    itself accepts (e.g. a `replicates` section that evaluate does not read)."""
+    sections = OPTION_SECTIONS.get((stage, *options), STAGE_SECTIONS[stage]) if options else STAGE_SECTIONS[stage]
+    listed = {cls.__name__ for cls in sections}
+    unread = listed - checked_in_closure(cli.COMMANDS[stage])
+    assert not unread, f"params/stages.py lists {sorted(unread)} for {stage} {' '.join(options)}, which it never checks"
+
+
+def test_an_option_changes_the_sections_checked(demo_params, tmp_path):
+    """`sample --replicates` reads `replicates` only: a bad `sample` section is the plain run's problem."""
+    bad = copy.deepcopy(demo_params)
+    bad["sample"]["bogus_setting"] = 1
+    bad["replicates"] = {"count": 1}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    refused = run_entry(["sample", "--params", "bad.yaml"], tmp_path)
+    assert refused.returncode == 2 and "'sample.bogus_setting' is not a setting" in refused.stderr
+    with_option = run_entry(["sample", "--replicates", "--params", "bad.yaml"], tmp_path)
+    # past the early check: the stage module is imported, which the blocked torch stops
+    assert with_option.returncode == 1 and "heavy import before the params were checked: " in with_option.stderr
 
 
 def test_every_dvc_stage_runs_through_the_checking_entry():

@@ -414,7 +414,7 @@ def summary_lines(metrics: Mapping[str, Any], confidence: float = CONFIDENCE) ->
 
 @stage_main
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m impressionist.evaluate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m impressionist evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default=str(DEFAULT_PARAMS), help="params file (reads its `evaluate` section)")
     args = parser.parse_args(argv)
     params = load_params(args.params)

@@ -71,8 +71,6 @@ def processes_to_launch(requested: int, accumulation: int, device: torch.device,
     return requested
 
 
-
-
 def relaunch(module: str, argv: list[str], processes: int, mixed_precision: str, cpu: bool,
              stage: str = "train", machines: MachinesParams | None = None) -> None:
     """Run ``module`` as ``processes`` ranks on this machine (on each of ``machines``) through

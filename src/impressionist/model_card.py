@@ -13,6 +13,8 @@ from typing import Any
 
 from .hub import BUILTIN_PREFIX, is_hub_id
 from .params.data import CaptionParams, DownloadParams, EncodeParams
+# The torch-free EvaluateParams: the card names the feature networks, it does not load them (the
+# evaluate stage checked them against open_clip's registry when it ran).
 from .params.evaluation import FID_RELIABLE, EvaluateParams, SampleParams
 from .params.model import ModelParams
 from .params.shipping import PublishParams

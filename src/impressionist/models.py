@@ -25,10 +25,10 @@ import torch
 
 from .errors import DEMO_HINT, UserError, atomic_dir, atomic_write_text, first_line
 from .hub import BUILTIN_PREFIX
-from .params import require_choice
+from .params import DTYPE_NAMES, require_choice
 from .params.model import BUILTIN_TINY_FLUX, ModelParams
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # the names params accept, as torch dtypes
 # Only the diffusers-format subfolders: the Hub repo also holds a 23 GB single-file checkpoint.
 DIFFUSERS_PATTERNS = ["model_index.json", "scheduler/*", "text_encoder/*", "text_encoder_2/*",
                       "tokenizer/*", "tokenizer_2/*", "transformer/*", "vae/*"]

@@ -58,7 +58,7 @@ def run(params: Mapping[str, Any], filtered_dir: Path | str = FILTERED_DIR,
 
 @stage_main
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m impressionist.reference", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m impressionist reference", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default=str(DEFAULT_PARAMS), help="params file (reads its `evaluate` section)")
     args = parser.parse_args(argv)
     params = load_params(args.params)

@@ -20,18 +20,25 @@ from .model import ComputeParams, MachinesParams, ModelParams, ReplicateParams
 from .shipping import ExportParams
 from .training import LoraParams, TrainParams
 
+# The sections of each stage's plain run (`sample --base` reads the same as `sample`).
 STAGE_SECTIONS: dict[str, tuple[type[ParamsSection], ...]] = {
     "download": (DownloadParams,),
     "filter": (FilterParams,),
     "describe": (ModelParams, DescribeParams),
     "caption": (ModelParams, CaptionParams),
     "encode": (ModelParams, CaptionParams, EncodeParams),
-    "train": (ModelParams, LoraParams, TrainParams, ReplicateParams, MachinesParams),
+    "train": (ModelParams, LoraParams, TrainParams, MachinesParams),
     "export": (ModelParams, ExportParams),
-    "sample": (ModelParams, CaptionParams, SampleParams, ReplicateParams, ComputeParams),
+    "sample": (ModelParams, CaptionParams, SampleParams, ComputeParams),
     "reference": (EvaluateParams, ComputeParams),
-    "evaluate": (EvaluateParams, ReplicateParams, ComputeParams),
+    "evaluate": (EvaluateParams, ComputeParams),
     "generate": (ModelParams, SampleParams),
+}
+# An option that changes what a stage reads: `--replicates` (train_replicates, sample_replicates) reads
+# `replicates` first and, with count 1, nothing else; with more it checks the rest itself.
+OPTION_SECTIONS: dict[tuple[str, str], tuple[type[ParamsSection], ...]] = {
+    ("train", "--replicates"): (ReplicateParams,),
+    ("sample", "--replicates"): (ReplicateParams,),
 }
 
 
@@ -42,13 +49,21 @@ def params_file(argv: Sequence[str]) -> str:
     return parser.parse_known_args(list(argv))[0].params
 
 
-def check_stage(stage: str, params: Mapping[str, Any]) -> None:
-    """Every section ``stage`` reads, checked (one UserError line for the first bad value)."""
-    for section in STAGE_SECTIONS.get(stage, ()):
+def sections_read(stage: str, argv: Sequence[str] = ()) -> tuple[type[ParamsSection], ...]:
+    """The sections ``stage`` run with ``argv`` reads whatever its params say."""
+    for (name, option), sections in OPTION_SECTIONS.items():
+        if name == stage and option in argv:
+            return sections
+    return STAGE_SECTIONS.get(stage, ())
+
+
+def check_stage(stage: str, params: Mapping[str, Any], argv: Sequence[str] = ()) -> None:
+    """Every section ``stage`` (with ``argv``) reads, checked (one UserError line for the first bad value)."""
+    for section in sections_read(stage, argv):
         section.check(params)
 
 
 def check_stage_args(stage: str, argv: Sequence[str]) -> None:
     """:func:`check_stage` on the params file ``argv`` names. ``--help`` is left to the stage."""
     if stage in STAGE_SECTIONS and not {"-h", "--help"} & set(argv):
-        check_stage(stage, load_params(params_file(argv)))
+        check_stage(stage, load_params(params_file(argv)), argv)
