@@ -4,8 +4,9 @@ the stage module imports torch and diffusers.
 
 A stage still checks its sections itself (and what needs a model or a library's registry: the names of
 an explicit ``lora.targets`` list, open_clip model names, the GPU count); this is the cheap part, done
-first. Only sections a stage reads whatever its options are listed, so the early check never refuses a
-run the stage itself would accept.
+first. Only sections the stage reads on every run with those options are listed (tests/test_stage_entry.py
+finds each one checked in the stage's code), so the early check never refuses a run the stage itself
+would accept; it only refuses sooner.
 """
 
 from __future__ import annotations
