@@ -92,12 +92,14 @@ def test_a_bad_value_is_refused_by_the_entry_and_by_the_stage_module_alike(demo_
     assert "lora.rank=-1 must be a positive integer" in early.stderr
 
 
-def test_the_early_check_accepts_what_the_stages_accept(demo_params):
-    """It never refuses a run the stage itself would take: the demo and the recipe pass every stage."""
+def test_the_early_check_accepts_the_demo_and_the_recipe(demo_params):
+    """Both pass every stage's early check, with and without its options (with the test below, that each
+    listed section is one the stage reads, this keeps the early check from refusing a run the stage takes)."""
     recipe = yaml.safe_load((REPO / "params.yaml").read_text())
-    for stage in STAGE_SECTIONS:
-        check_stage(stage, demo_params)
-        check_stage(stage, recipe)
+    runs = [(stage, ()) for stage in STAGE_SECTIONS] + [(stage, (option,)) for stage, option in OPTION_SECTIONS]
+    for stage, options in runs:
+        check_stage(stage, demo_params, options)
+        check_stage(stage, recipe, options)
 
 
 def checked_in_file(path: Path) -> set[str]:

@@ -5,9 +5,11 @@ or diffusers (``params.data``: download, filter, describe, caption, encode; ``pa
 compute, replicates; ``params.training``: lora, train; ``params.inference`` and ``params.evaluation``:
 sample, evaluate; ``params.shipping``: export, publish, space; ``params.app``: app). ``params.stages``
 says which sections each stage reads, so a stage's command checks them before its heavy imports.
-Its fields name every setting and hold each default once; ``XParams.check(params)`` is the one way to read a section: it rejects
-unknown and missing keys and runs the class's ``__post_init__`` checks, so a wrong param stops the
-stage with one clear line before any heavy work. params.yaml stays the single place users edit.
+
+A section's fields name every setting and hold each default once (``operational`` marks those that
+shape no output); ``XParams.check(params)`` is the one way to read a section: it rejects unknown and
+missing keys and runs the class's ``__post_init__`` checks, so a wrong param stops the stage with one
+clear line before any heavy work. params.yaml stays the single place users edit.
 """
 
 from __future__ import annotations
