@@ -18,7 +18,8 @@ from impressionist.params import ParamsSection, require_positive
 
 
 def every_section_class() -> list[type[ParamsSection]]:
-    """Every ParamsSection subclass the package declares (every module imported first)."""
+    """Every ParamsSection subclass the package declares (every module imported first); a shared base
+    that names no section (``shipping.HubSection``) is not one."""
     for module in pkgutil.walk_packages(impressionist.__path__, "impressionist."):
         if module.name.split(".")[-1] != "__main__":
             importlib.import_module(module.name)
@@ -26,7 +27,7 @@ def every_section_class() -> list[type[ParamsSection]]:
     while todo:
         cls = todo.pop()
         todo += cls.__subclasses__()
-        if cls.__module__.startswith("impressionist."):
+        if cls.__module__.startswith("impressionist.") and cls.SECTION:
             found.append(cls)
     return found
 

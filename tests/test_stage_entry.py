@@ -19,7 +19,7 @@ import yaml
 
 from helpers import REPO
 from impressionist import cli
-from impressionist.params.stages import OPTION_SECTIONS, STAGE_SECTIONS, check_stage
+from impressionist.params.stages import OPTION_SECTIONS, STAGE_SECTIONS, check_stage, sections_read
 
 HEAVY = ("torch", "torchvision", "diffusers", "transformers", "peft", "accelerate", "open_clip", "pandas",
          "numpy", "PIL", "datasets", "dvc", "huggingface_hub", "safetensors")
@@ -133,8 +133,7 @@ def test_the_early_check_covers_every_section_the_stage_module_checks(stage):
 def test_the_early_check_lists_only_sections_the_stage_reads(stage, options):
     """A section the stage never checks must not be checked early: that would refuse a run the stage
     itself accepts (e.g. a `replicates` section that evaluate does not read)."""
-    sections = OPTION_SECTIONS.get((stage, *options), STAGE_SECTIONS[stage]) if options else STAGE_SECTIONS[stage]
-    listed = {cls.__name__ for cls in sections}
+    listed = {cls.__name__ for cls in sections_read(stage, options)}
     unread = listed - checked_in_closure(cli.COMMANDS[stage])
     assert not unread, f"params/stages.py lists {sorted(unread)} for {stage} {' '.join(options)}, which it never checks"
 

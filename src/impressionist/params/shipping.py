@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Mapping
 
 from ..errors import UserError
 from ..hub import check_repo_id, refuse_token_keys
-from . import DTYPE_NAMES, ParamsSection, require_bool, require_choice, require_positive
+from . import DTYPE_NAMES, ParamsSection, SectionT, require_bool, require_choice, require_positive
 
 
 @dataclass(frozen=True)
@@ -26,8 +26,18 @@ class ExportParams(ParamsSection):
         require_positive(self.lora_scale, "export.lora_scale")
 
 
+class HubSection(ParamsSection):
+    """A section naming Hub repos: a key holding a token is refused before anything else, since a token
+    in params would end up in git and DVC."""
+
+    @classmethod
+    def of(cls: type[SectionT], values: Mapping[str, Any]) -> SectionT:
+        refuse_token_keys(values, cls.SECTION)  # before the unknown-key check would name the token's key
+        return super().of(values)
+
+
 @dataclass(frozen=True)
-class PublishParams(ParamsSection):
+class PublishParams(HubSection):
     """params.yaml ``publish``: where ``impressionist publish`` uploads, and the card's licence and tags.
     ``repo_id`` may be empty here: ``--repo-id`` gives it, and ``space`` only reads it."""
 
@@ -42,11 +52,6 @@ class PublishParams(ParamsSection):
     license_link: str = "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md"
     commit_message: str = "Upload impressionist LoRA"
 
-    @classmethod
-    def of(cls, values: Mapping[str, Any]) -> PublishParams:
-        refuse_token_keys(values, cls.SECTION)  # before the unknown-key check would name the token's key
-        return super().of(values)
-
     def __post_init__(self) -> None:
         if self.repo_id:
             check_repo_id(self.repo_id, "publish.repo_id")
@@ -54,7 +59,7 @@ class PublishParams(ParamsSection):
 
 
 @dataclass(frozen=True)
-class SpaceParams(ParamsSection):
+class SpaceParams(HubSection):
     """params.yaml ``space`` (every key optional; the command line overrides each)."""
 
     SECTION: ClassVar[str] = "space"
@@ -64,11 +69,6 @@ class SpaceParams(ParamsSection):
     hardware: str = "zero-a10g"
     private: bool = True
     title: str = "Impressionist FLUX.1 LoRA"
-
-    @classmethod
-    def of(cls, values: Mapping[str, Any]) -> SpaceParams:
-        refuse_token_keys(values, cls.SECTION)  # before the unknown-key check would name the token's key
-        return super().of(values)
 
     def __post_init__(self) -> None:
         from huggingface_hub import SpaceHardware
