@@ -32,9 +32,9 @@ ALLOWED_UNLISTED = {
     "params/__init__.py",  # reading and validating params.yaml (DVC tracks the values themselves)
     "layout.py",           # output paths, which dvc.yaml names itself as deps and outs
 }
-# The stage entry (`python -m impressionist <stage>`): it checks the stage's params sections early and
-# imports the stage module; it computes nothing. The closure starts at the stage module.
-ENTRY = ("__main__.py", "cli.py", "params/stages.py")
+# The stage entry (`python -m impressionist <stage>`: __main__.py, cli.py, params/stages.py) checks the
+# stage's params sections early and imports the stage module; it computes nothing, so a stage's closure
+# starts at the stage module and the entry is no dep.
 
 
 def module_file(module: str) -> Path | None:
